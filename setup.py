@@ -1,0 +1,25 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vil_kernels",
+    version="0.1.0",
+    description="Fused Triton kernels for the chunkwise mLSTM and the Vision-LSTM (ViL) built on them",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["vil_kernels", "vil_kernels.*", "vil", "vil.*"]),
+    python_requires=">=3.10",
+    # A bare torch requirement would pull a multi-GB CUDA build onto CPU machines: any torch
+    # already installed that is new enough is kept (install the build you want first).
+    install_requires=[
+        "torch>=2.4",
+        "einops>=0.7",
+        "numpy",
+        'triton>=3.2; platform_system == "Linux" and (platform_machine == "x86_64" or platform_machine == "aarch64")',
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "bench": ["tqdm>=4.60", "matplotlib>=3.7"],
+    },
+)

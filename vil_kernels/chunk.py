@@ -1,0 +1,239 @@
+"""The PyTorch chunkwise path: forward and exact backward without any S x S tensor.
+
+Runs anywhere PyTorch runs (CPU, or CUDA without Triton). The sequence is cut into chunks of L
+positions; the (C, n, m) state is carried between chunks by a short scan and everything inside a
+chunk is batched matmuls over all chunks at once. Memory is O(S * (L + D) + S / L * DK * DV).
+
+The backward follows ../shared/spec/mlstm.md, "Exact gradients": every stabilizer m is held
+constant, the normalizer is treated as one more value column, gate gradients come from the
+identities  i_j -> k_j . dk_j  and  F_t -> q_t . dq_t - k_t . dk_t,  and the eps term (the only
+way h depends on m) is routed back to the argmax recorded for every row in the forward.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .utils import NEG, compute_dtype, default_chunk_size, pad_seq
+
+
+def _chunk_gates(fl, i, NC, L):
+    """Per-chunk cumulative log-forget b, its total g and the log-weight a of each key in its chunk."""
+    B, NH = fl.shape[:2]
+    b = fl.view(B, NH, NC, L).cumsum(-1)                               # [B, NH, NC, L]
+    g = b[..., -1]                                                     # [B, NH, NC]
+    a = g[..., None] - b + i.view(B, NH, NC, L)                        # [B, NH, NC, L]
+    return b, g, a
+
+
+def _intra_logits(b, i_c):
+    """log D inside each chunk, NEG above the diagonal."""
+    L = b.shape[-1]
+    log_d = b[..., :, None] - b[..., None, :] + i_c[..., None, :]      # [B, NH, NC, L, L]
+    causal = torch.ones(L, L, dtype=torch.bool, device=b.device).tril()
+    return log_d.masked_fill_(~causal, NEG)
+
+
+def _forward(q, k, v, i, fl, c0, n0, m0, eps, L):
+    """All inputs padded to NC * L positions and in the compute dtype. Returns h and what the
+    backward needs: per-row m, signed normalizer and argmax; per-chunk entry states."""
+    B, NH, Sp, DK = q.shape
+    DV = v.shape[-1]
+    NC = Sp // L
+    scale = DK ** -0.5
+    qc, kc, vc = (x.view(B, NH, NC, L, -1) for x in (q, k, v))
+    b, g, a = _chunk_gates(fl, i, NC, L)
+    m_loc, j_loc = a.max(-1)                                           # [B, NH, NC]
+    kw = kc * torch.exp(a - m_loc[..., None])[..., None]               # [B, NH, NC, L, DK]
+    c_loc = kw.transpose(-1, -2) @ vc                                  # [B, NH, NC, DK, DV]
+    n_loc = kw.sum(-2)                                                 # [B, NH, NC, DK]
+    chunk_start = torch.arange(NC, device=q.device) * L                # [NC]
+    j_loc = j_loc + chunk_start
+
+    # Inter-chunk scan; entry states of every chunk are kept for the outputs and the backward.
+    c_in = q.new_empty(B, NH, NC, DK, DV)
+    n_in = q.new_empty(B, NH, NC, DK)
+    m_in = q.new_empty(B, NH, NC)
+    arg_in = torch.empty(B, NH, NC, dtype=torch.long, device=q.device)
+    if c0 is None:
+        c_s, n_s = q.new_zeros(B, NH, DK, DV), q.new_zeros(B, NH, DK)
+        m_s = q.new_full((B, NH), NEG)
+    else:
+        c_s, n_s, m_s = c0, n0, m0[..., 0]
+    arg_s = torch.full((B, NH), -1, dtype=torch.long, device=q.device)   # -1: the initial state
+    for c in range(NC):
+        c_in[:, :, c], n_in[:, :, c], m_in[:, :, c], arg_in[:, :, c] = c_s, n_s, m_s, arg_s
+        carried = g[..., c] + m_s
+        m_new = torch.maximum(carried, m_loc[..., c])
+        arg_s = torch.where(carried >= m_loc[..., c], arg_s, j_loc[..., c])
+        decay, gain = torch.exp(carried - m_new), torch.exp(m_loc[..., c] - m_new)
+        c_s = decay[..., None, None] * c_s + gain[..., None, None] * c_loc[:, :, c]
+        n_s = decay[..., None] * n_s + gain[..., None] * n_loc[:, :, c]
+        m_s = m_new
+
+    # Outputs inside the chunks, the row max taken over the carried state and the chunk's keys.
+    log_d = _intra_logits(b, i.view(B, NH, NC, L))
+    m_intra, j_intra = log_d.max(-1)                                   # [B, NH, NC, L]
+    carried = b + m_in[..., None]                                      # [B, NH, NC, L]
+    m_row = torch.maximum(carried, m_intra)
+    arg_row = torch.where(carried >= m_intra, arg_in[..., None], j_intra + chunk_start[:, None])
+    w_carried = torch.exp(carried - m_row)                             # [B, NH, NC, L]
+    qs = qc * scale
+    scores = (qs @ kc.transpose(-1, -2)).mul_(torch.exp(log_d - m_row[..., None]))
+    num = scores @ vc + w_carried[..., None] * (qs @ c_in)             # [B, NH, NC, L, DV]
+    n_row = scores.sum(-1) + w_carried * (qs * n_in[..., None, :]).sum(-1)
+    den = torch.maximum(n_row.abs(), torch.exp(-m_row)) + eps
+    h = num / den[..., None]
+    rows = lambda x: x.reshape(B, NH, Sp)
+    saved = (rows(m_row), rows(n_row), rows(arg_row), c_in, n_in, m_in)
+    return h.view(B, NH, Sp, DV), (c_s, n_s, m_s[..., None], arg_s), saved
+
+
+def _backward(q, k, v, i, fl, c0, n0, m0, eps, L, h, dh, saved, last, dlast):
+    """Gradients of (q, k, v, i, fl, c0, n0, m0) with every input padded to NC * L positions."""
+    B, NH, Sp, DK = q.shape
+    DV = v.shape[-1]
+    NC = Sp // L
+    scale = DK ** -0.5
+    m_row, n_row, arg_row, c_in, n_in, m_in = saved
+    c_last, n_last, m_last, arg_last = last
+    dc_last, dn_last, dm_last = dlast
+
+    # The normalizer as one more value column (m held constant); dm from the eps term.
+    den = torch.maximum(n_row.abs(), torch.exp(-m_row)) + eps           # [B, NH, Sp]
+    dden = -(dh * h).sum(-1) / den
+    dnum = dh / den[..., None]                                          # [B, NH, Sp, DV]
+    dn_row = torch.where(n_row.abs() >= torch.exp(-m_row), dden * torch.sign(n_row), 0.0)
+    dm_row = eps * dden
+
+    qc, kc, vc, dnum_c = (x.view(B, NH, NC, L, -1) for x in (q, k, v, dnum))
+    dn_c = dn_row.view(B, NH, NC, L)
+    b, g, a = _chunk_gates(fl, i, NC, L)
+    log_d = _intra_logits(b, i.view(B, NH, NC, L))
+    m_c = m_row.view(B, NH, NC, L)
+    weights = torch.exp(log_d - m_c[..., None])                        # [B, NH, NC, L, L]
+    w_carried = torch.exp(b + m_in[..., None] - m_c)                   # [B, NH, NC, L]
+    qs = qc * scale
+
+    # Inside the chunks: gated linear attention with values [v, 1].
+    dscores = (dnum_c @ vc.transpose(-1, -2)).add_(dn_c[..., None]).mul_(weights)
+    dq = (dscores @ kc) * scale
+    dk = (dscores.transpose(-1, -2) @ qc) * scale
+    scores = (qs @ kc.transpose(-1, -2)).mul_(weights)
+    dv = scores.transpose(-1, -2) @ dnum_c
+    del dscores, scores, weights, log_d
+    # Through the entry state of each chunk.
+    wdn = w_carried[..., None] * dnum_c                                 # [B, NH, NC, L, DV]
+    dq += scale * w_carried[..., None] * (dnum_c @ c_in.transpose(-1, -2)
+                                          + dn_c[..., None] * n_in[..., None, :])
+    dc_direct = qs.transpose(-1, -2) @ wdn                             # [B, NH, NC, DK, DV]
+    dn_direct = (qs * (w_carried * dn_c)[..., None]).sum(-2)           # [B, NH, NC, DK]
+
+    # Reverse scan: the gradient of the state leaving chunk c, then of the state entering it.
+    m_out = torch.cat([m_in[..., 1:], m_last], dim=-1)                 # [B, NH, NC]
+    decay = torch.exp(g + m_in - m_out)
+    dc_out = q.new_empty(B, NH, NC, DK, DV)
+    dn_out = q.new_empty(B, NH, NC, DK)
+    dc_s, dn_s = dc_last, dn_last
+    for c in reversed(range(NC)):
+        dc_out[:, :, c], dn_out[:, :, c] = dc_s, dn_s
+        dc_s = decay[..., c, None, None] * dc_s + dc_direct[:, :, c]
+        dn_s = decay[..., c, None] * dn_s + dn_direct[:, :, c]
+    gain = torch.exp(a - m_out[..., None])[..., None]                  # [B, NH, NC, L, 1]
+    dk += gain * (vc @ dc_out.transpose(-1, -2) + dn_out[..., None, :])
+    dv += gain * (kc @ dc_out)
+
+    dq, dk, dv = (x.reshape(B, NH, Sp, -1) for x in (dq, dk, dv))
+    di = (k * dk).sum(-1)                                              # [B, NH, Sp]
+    dF = (q * dq).sum(-1) - di
+    dm0 = None
+    if c0 is not None:
+        dm0 = (dc_s * c0).sum((-2, -1)) + (dn_s * n0).sum(-1)            # [B, NH]
+    # The last state's stabilizer: F_last enters it with weight one; what is left of dm_last
+    # after removing the m-constant part goes to the key that set m_last (its argmax).
+    dm_last = dm_last[..., 0]
+    dm_last_eff = dm_last - (dc_last * c_last).sum((-2, -1)) - (dn_last * n_last).sum(-1)
+    dF += dm_row
+    dF[..., -1] += dm_last
+    _route_to_argmax(dm_row, arg_row, di, dF, dm0)
+    _route_to_argmax(dm_last_eff[..., None], arg_last[..., None], di, dF, dm0)
+    dfl = dF.flip(-1).cumsum(-1).flip(-1)
+    return dq, dk, dv, di, dfl, (dc_s, dn_s, None if dm0 is None else dm0[..., None])
+
+
+def _route_to_argmax(dm, arg, di, dF, dm0):
+    """Add dm to the log-weight F_t - F_j + i_j of the argmax key j (or to m0 when arg is -1).
+    The F_t part is the caller's; here: di_j += dm and dF_j -= dm."""
+    to_key = arg >= 0
+    val = torch.where(to_key, dm, 0.0)
+    idx = arg.clamp(min=0)
+    di.scatter_add_(-1, idx, val)
+    dF.scatter_add_(-1, idx, -val)
+    if dm0 is not None:
+        dm0 += (dm - val).sum(-1)
+
+
+class MLSTMChunkwise(torch.autograd.Function):
+    """Chunkwise mLSTM on forward-ordered inputs; gates (B, NH, S); returns h, c, n, m."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, L):
+        S = q.shape[2]
+        ct = compute_dtype(q)
+        has_init = c0 is not None
+        qp, kp, vp = (pad_seq(x.to(ct), L) for x in (q, k, v))
+        ip = pad_seq(i.to(ct), L, NEG)
+        flp = pad_seq(F.logsigmoid(f.to(ct)), L)                       # padding keeps the state
+        states = tuple(x.to(ct) for x in (c0, n0, m0)) if has_init else (None,) * 3
+        h, last, saved = _forward(qp, kp, vp, ip, flp, *states, eps, L)
+        h = h[:, :, :S]
+        out = h.to(q.dtype)
+        ctx.save_for_backward(q, k, v, i, f, *(states if has_init else ()), h, *last, *saved)
+        ctx.meta = (eps, L, has_init, ct)
+        ctx.mark_non_differentiable(last[3])
+        return out, last[0], last[1], last[2]
+
+    @staticmethod
+    def backward(ctx, dh, dc_last, dn_last, dm_last):
+        eps, L, has_init, ct = ctx.meta
+        tensors = list(ctx.saved_tensors)
+        q, k, v, i, f = tensors[:5]
+        states = tuple(tensors[5:8]) if has_init else (None,) * 3
+        rest = tensors[8:] if has_init else tensors[5:]
+        h, last, saved = rest[0], tuple(rest[1:5]), tuple(rest[5:])
+        B, NH, S, DK = q.shape
+        DV = v.shape[-1]
+        qp, kp, vp = (pad_seq(x.to(ct), L) for x in (q, k, v))
+        ip = pad_seq(i.to(ct), L, NEG)
+        fc = f.to(ct)
+        flp = pad_seq(F.logsigmoid(fc), L)
+        hp = pad_seq(h, L)
+        dhp = pad_seq(dh.to(ct), L) if dh is not None else torch.zeros_like(hp)
+        dlast = (dc_last if dc_last is not None else q.new_zeros(B, NH, DK, DV, dtype=ct),
+                 dn_last if dn_last is not None else q.new_zeros(B, NH, DK, dtype=ct),
+                 dm_last if dm_last is not None else q.new_zeros(B, NH, 1, dtype=ct))
+        dlast = tuple(x.to(ct) for x in dlast)
+        dq, dk, dv, di, dfl, dstates = _backward(qp, kp, vp, ip, flp, *states, eps, L, hp, dhp,
+                                                 saved, last, dlast)
+        cut = lambda x, like: x[:, :, :S].to(like.dtype)
+        df = dfl[..., :S] * torch.sigmoid(-fc)
+        grads = [cut(dq, q), cut(dk, k), cut(dv, v), cut(di, i), df.to(f.dtype)]
+        if has_init:
+            grads += [g.to(x.dtype) for g, x in zip(dstates, states)]
+        else:
+            grads += [None] * 3
+        return (*grads, None, None)
+
+
+def mlstm_chunkwise_torch(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, eps=1e-6,
+                          chunk_size=None, reverse=False, return_last_states=False):
+    """Validated inputs, gates (B, NH, S). Returns (h, (c, n, m) or None)."""
+    S = q.shape[2]
+    L = chunk_size or default_chunk_size(S, q.shape[-1], v.shape[-1], q.device)
+    if reverse:
+        q, k, v, i, f = (x.flip(2) for x in (q, k, v, i, f))
+    h, c, n, m = MLSTMChunkwise.apply(q, k, v, i, f, c_initial, n_initial, m_initial, eps, L)
+    if reverse:
+        h = h.flip(2)
+    return h, ((c, n, m) if return_last_states else None)

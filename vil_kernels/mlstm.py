@@ -1,0 +1,176 @@
+"""The public operator: argument checks, backend choice, dispatch."""
+
+import os
+
+import torch
+
+from . import naive
+from .chunk import mlstm_chunkwise_torch
+
+BACKENDS = ("auto", "triton", "torch", "parallel", "recurrent")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _check_gate(name, g, B, NH, S):
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"mlstm: {name} must be a torch.Tensor, got {type(g).__name__}")
+    if not g.is_floating_point():
+        raise TypeError(f"mlstm: {name} must be a floating-point tensor, got {g.dtype}")
+    if g.dim() == 4 and g.shape[-1] == 1:
+        g = g[..., 0]
+    if tuple(g.shape) != (B, NH, S):
+        raise ValueError(
+            f"mlstm: {name} must have shape (B, NH, S) = {(B, NH, S)} or (B, NH, S, 1), "
+            f"got {tuple(g.shape)}")
+    return g
+
+
+def _check_states(c, n, m, B, NH, DK, DV):
+    given = [x is not None for x in (c, n, m)]
+    if not any(given):
+        return None
+    if not all(given):
+        missing = [name for name, g in zip(("c_initial", "n_initial", "m_initial"), given) if not g]
+        raise ValueError(
+            "mlstm: initial states must be given together (c_initial, n_initial, m_initial); "
+            f"missing {', '.join(missing)}")
+    expected = {"c_initial": (B, NH, DK, DV), "n_initial": (B, NH, DK), "m_initial": (B, NH, 1)}
+    for (name, shape), x in zip(expected.items(), (c, n, m)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"mlstm: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"mlstm: {name} must be a floating-point tensor, got {x.dtype}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"mlstm: {name} must have shape {shape}, got {tuple(x.shape)}")
+    return c, n, m
+
+
+def _check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial, eps, chunk_size, backend):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"mlstm: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"mlstm: {name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+        if x.dim() != 4:
+            raise ValueError(f"mlstm: {name} must have 4 dims (B, NH, S, D), got shape {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"mlstm: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, NH, S, DK = q.shape
+    if tuple(k.shape) != (B, NH, S, DK):
+        raise ValueError(f"mlstm: k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != (B, NH, S):
+        raise ValueError(
+            f"mlstm: v must have shape (B, NH, S, DHV) with (B, NH, S) = {(B, NH, S)}, got {tuple(v.shape)}")
+    DV = v.shape[-1]
+    if S < 1 or DK < 1 or DV < 1 or B < 1 or NH < 1:
+        raise ValueError(f"mlstm: empty dimension in q {tuple(q.shape)} / v {tuple(v.shape)}")
+    devices = {x.device for x in (q, k, v, i, f) if isinstance(x, torch.Tensor)}
+    i = _check_gate("i", i, B, NH, S)
+    f = _check_gate("f", f, B, NH, S)
+    states = _check_states(c_initial, n_initial, m_initial, B, NH, DK, DV)
+    if states is not None:
+        devices |= {x.device for x in states}
+    if len(devices) > 1:
+        raise ValueError(f"mlstm: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"mlstm: eps must be a non-negative number, got {eps!r}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"mlstm: chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        if chunk_size < 16 or chunk_size & (chunk_size - 1):
+            raise ValueError(f"mlstm: chunk_size must be a power of two >= 16, got {chunk_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"mlstm: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton" and q.device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"mlstm: backend='triton' needs CUDA tensors (got {q.device.type}); set TRITON_INTERPRET=1 "
+            "before importing triton to run the kernels on the CPU, or use backend='torch'")
+    return i, f, states
+
+
+# Below this length the parallel form does less work than chunking on a CPU (bench/kernels.py).
+_PARALLEL_MAX_S = 64
+
+
+def _choose_backend(q, S):
+    if q.device.type == "cuda":
+        return "triton"
+    return "parallel" if S <= _PARALLEL_MAX_S else "torch"
+
+
+def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False,
+          eps=1e-6, chunk_size=None, reverse=False, backend="auto"):
+    """The mLSTM with exponential gating and stabilizer (xLSTM), chunkwise-parallel.
+
+    Computes, per batch element and head, with s = DHQK ** -0.5, fl = logsigmoid(f),
+    F_t = fl_1 + ... + fl_t and log-weights logD_tj = F_t - F_j + i_j (j <= t)::
+
+        m_t = max_j logD_tj
+        h_t = sum_j s (q_t . k_j) exp(logD_tj - m_t) v_j / (max(|n_t|, exp(-m_t)) + eps)
+        n_t = sum_j s (q_t . k_j) exp(logD_tj - m_t)
+
+    the function of NX-AI's ``parallel_stabilized_simple`` (Vision-LSTM) and ``mlstm_chunkwise``
+    (mlstm_kernels), with the same keyword names and state convention.
+
+    Args:
+        q, k: (B, NH, S, DHQK) queries and keys; float16, bfloat16, float32 or float64.
+        v: (B, NH, S, DHV) values, same dtype as q.
+        i, f: (B, NH, S) or (B, NH, S, 1) input and forget gate pre-activations.
+        c_initial, n_initial, m_initial: optional state to start from, all three or none:
+            (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH, 1). Gradients flow into them.
+        return_last_states: also return the state ``(c, n, m)`` after the last position
+            (float32; float64 for float64 inputs). Feeding it back as the initial state of the
+            next segment reproduces the whole sequence.
+        eps: added to the normalizer's denominator.
+        chunk_size: positions per chunk of the chunkwise backends, a power of two >= 16;
+            None picks one by head dims and sequence length.
+        reverse: traverse the sequence from its end (ViL's odd blocks); equals flipping
+            every input and the output along S, without materialising the flips in the kernels.
+        backend: "triton" (fused kernels, CUDA or TRITON_INTERPRET=1), "torch" (chunkwise
+            PyTorch), "parallel" and "recurrent" (the references), or "auto": triton on CUDA
+            tensors, otherwise the fastest PyTorch path for the sequence length.
+
+    Returns:
+        h of shape (B, NH, S, DHV) in q's dtype, or ``(h, (c, n, m))`` with return_last_states.
+
+    Raises:
+        TypeError, ValueError: for inputs of the wrong type, dtype, rank or shape, a partial
+        initial state, a bad chunk size or an unknown or unavailable backend.
+    """
+    i, f, states = _check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial, eps, chunk_size,
+                                 backend)
+    c_initial, n_initial, m_initial = states if states is not None else (None, None, None)
+    if backend == "auto":
+        backend = _choose_backend(q, q.shape[2])
+    if backend == "triton":
+        from .triton import mlstm_triton
+        h, last = mlstm_triton(q, k, v, i, f, c_initial, n_initial, m_initial, eps=float(eps),
+                               chunk_size=chunk_size, reverse=reverse,
+                               return_last_states=return_last_states)
+    elif backend == "torch":
+        h, last = mlstm_chunkwise_torch(q, k, v, i, f, c_initial, n_initial, m_initial,
+                                        eps=float(eps), chunk_size=chunk_size, reverse=reverse,
+                                        return_last_states=return_last_states)
+    else:
+        h, last = _reference(backend, q, k, v, i, f, states, float(eps), reverse,
+                             return_last_states)
+    if return_last_states:
+        return h, last
+    return h
+
+
+def _reference(backend, q, k, v, i, f, states, eps, reverse, return_last_states):
+    """Run a reference in float32 (float64 for float64 inputs); h back in q's dtype."""
+    fn = naive.mlstm_parallel if backend == "parallel" else naive.mlstm_recurrent
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    args = [x.to(ct) for x in (q, k, v, i, f)]
+    kw = {}
+    if states is not None:
+        kw = dict(zip(("c_initial", "n_initial", "m_initial"), (x.to(ct) for x in states)))
+    out = fn(*args, **kw, return_last_states=return_last_states, eps=eps, reverse=reverse)
+    h, last = out if return_last_states else (out, None)
+    return h.to(q.dtype), last
