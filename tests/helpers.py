@@ -1,0 +1,52 @@
+"""Shared test utilities: random inputs, one forward+backward through any backend, error metric."""
+
+import torch
+
+import vil_kernels
+
+STATE_NAMES = ("c", "n", "m")
+
+
+def make_inputs(B=1, NH=2, S=65, DK=16, DV=24, dtype=torch.float64, init=False, seed=0,
+                i_range=None, f_range=None, gate_shape4=False):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    uni = lambda lo, hi, *s: lo + (hi - lo) * torch.rand(*s, generator=g, dtype=torch.float64)
+    q, k, v = rnd(B, NH, S, DK), rnd(B, NH, S, DK), rnd(B, NH, S, DV)
+    i = uni(*i_range, B, NH, S) if i_range else rnd(B, NH, S)
+    f = uni(*f_range, B, NH, S) if f_range else rnd(B, NH, S) + 3.0
+    if gate_shape4:
+        i, f = i[..., None], f[..., None]
+    x = {"q": q, "k": k, "v": v, "i": i, "f": f}
+    if init:
+        x.update(c_initial=rnd(B, NH, DK, DV), n_initial=rnd(B, NH, DK), m_initial=rnd(B, NH, 1))
+    return {name: t.to(dtype) for name, t in x.items()}
+
+
+def run(inputs, backend, reverse=False, chunk_size=None, eps=1e-6, compute=torch.float64):
+    """Forward and backward of a fixed random loss over h and the last states.
+
+    Inputs are cast to `compute` first; returns {name: tensor} of outputs and gradients in float64.
+    """
+    leaves = {n: t.detach().to(compute).requires_grad_() for n, t in inputs.items()}
+    h, (c, n, m) = vil_kernels.mlstm(**leaves, return_last_states=True, eps=eps, reverse=reverse,
+                                    chunk_size=chunk_size, backend=backend)
+    g = torch.Generator().manual_seed(123)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (h, c, n, m)]
+    loss = sum((t.double() * w).sum() for t, w in zip((h, c, n, m), weights))
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    out = {"h": h, "c": c, "n": n, "m": m}
+    out.update({"d" + name: gr for name, gr in zip(leaves, grads)})
+    return {name: t.detach().double() for name, t in out.items()}
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b| (the spec's metric); an all-zero reference (df at S = 1) falls back
+    to absolute error over 1e-6."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item()
+
+
+def assert_close(got, ref, tol, what=""):
+    for name in ref:
+        err = rel_err(got[name], ref[name])
+        assert err <= tol, f"{what}{name}: error {err:.3e} > {tol:.1e}"

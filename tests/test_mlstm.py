@@ -1,0 +1,215 @@
+"""The PyTorch paths against the float64 parallel reference; splitting; numerics; bad input."""
+
+import math
+
+import pytest
+import torch
+
+import vil_kernels
+from vil_kernels import naive
+
+from helpers import assert_close, make_inputs, rel_err, run
+
+SEQ_LENS = [1, 7, 63, 64, 65, 196, 200, 784]
+F64_TOL = 1e-9
+
+
+@pytest.mark.parametrize("S", SEQ_LENS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("init", [False, True])
+def test_torch_chunkwise_matches_parallel_float64(S, reverse, init):
+    x = make_inputs(S=S, init=init, seed=S)
+    ref = run(x, "parallel", reverse=reverse)
+    for chunk_size in (16, None):
+        got = run(x, "torch", reverse=reverse, chunk_size=chunk_size)
+        assert_close(got, ref, F64_TOL, f"S={S} L={chunk_size} ")
+
+
+@pytest.mark.parametrize("S", [1, 7, 33])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("init", [False, True])
+def test_recurrent_matches_parallel_float64(S, reverse, init):
+    x = make_inputs(S=S, init=init, seed=S, DK=8, DV=4)
+    assert_close(run(x, "recurrent", reverse=reverse), run(x, "parallel", reverse=reverse),
+                 F64_TOL)
+
+
+@pytest.mark.parametrize("DK,DV", [(96, 96), (96, 64), (16, 96)])
+def test_head_dims(DK, DV):
+    x = make_inputs(B=2, S=70, DK=DK, DV=DV, init=True)
+    assert_close(run(x, "torch", chunk_size=32), run(x, "parallel"), F64_TOL)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_extreme_gates_float64(reverse):
+    x = make_inputs(S=200, init=True, i_range=(-80, 80), f_range=(-20, 20), seed=7)
+    ref = run(x, "parallel", reverse=reverse)
+    assert all(torch.isfinite(t).all() for t in ref.values())
+    assert_close(run(x, "torch", reverse=reverse, chunk_size=32), ref, F64_TOL)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradcheck(reverse):
+    x = make_inputs(B=1, NH=1, S=21, DK=4, DV=3, init=True, seed=3)
+    names = list(x)
+
+    def fn(*tensors):
+        kw = dict(zip(names, tensors))
+        h, (c, n, m) = vil_kernels.mlstm(**kw, return_last_states=True, chunk_size=16,
+                                        reverse=reverse, backend="torch")
+        return h, c, n, m
+
+    leaves = [t.clone().requires_grad_() for t in x.values()]
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_eps_term_reaches_gate_gradients():
+    """With a tiny normalizer the eps term matters; a backward without it would miss this."""
+    x = make_inputs(S=40, DK=8, DV=8, seed=11)
+    x["q"] = x["q"] * 1e-3                          # |n| << exp(-m): the max picks exp(-m)
+    ref = run(x, "parallel", eps=0.5)
+    got = run(x, "torch", eps=0.5, chunk_size=16)
+    assert_close(got, ref, F64_TOL)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-4), (torch.bfloat16, 5e-2)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_low_precision_against_float64(dtype, tol, reverse):
+    x = make_inputs(B=2, S=196, DK=32, DV=32, init=True, seed=5)
+    ref = run(x, "parallel", reverse=reverse)
+    lowp = {n: t.to(dtype) for n, t in x.items()}
+    ref_on_rounded = run({n: t.double() for n, t in lowp.items()}, "parallel", reverse=reverse)
+    got = run(lowp, "torch", reverse=reverse, compute=dtype)
+    assert got["h"].dtype == torch.float64
+    # bf16 rounds the inputs themselves: judge the computation against the reference on the
+    # rounded inputs, and the whole against the exact one loosely.
+    assert_close(got, ref_on_rounded, tol, f"{dtype} ")
+    assert rel_err(got["h"], ref["h"]) <= 5 * tol
+
+
+def test_float32_extreme_gates_within_spec():
+    x = make_inputs(S=512, init=True, i_range=(-80, 80), f_range=(-20, 20), seed=9)
+    ref = run(x, "parallel")
+    got32 = run(x, "torch", compute=torch.float32)
+    par32 = run(x, "parallel", compute=torch.float32)
+    for name in ref:
+        err, base = rel_err(got32[name], ref[name]), rel_err(par32[name], ref[name])
+        assert err <= max(2e-4, 4 * base), f"{name}: {err:.2e} (float32 parallel: {base:.2e})"
+
+
+def test_output_dtypes_and_gate_shapes():
+    x = make_inputs(S=20, dtype=torch.bfloat16, gate_shape4=True)
+    h, (c, n, m) = vil_kernels.mlstm(**x, return_last_states=True, backend="torch")
+    assert h.dtype == torch.bfloat16 and h.shape == (1, 2, 20, 24)
+    assert c.dtype == n.dtype == m.dtype == torch.float32
+    assert (c.shape, n.shape, m.shape) == ((1, 2, 16, 24), (1, 2, 16), (1, 2, 1))
+    h3 = vil_kernels.mlstm(**{k: t[..., 0] if k in "if" else t for k, t in x.items()})
+    torch.testing.assert_close(h3, h)
+
+
+@pytest.mark.parametrize("S", [7, 64, 100, 784])
+def test_auto_backend_matches_reference(S):
+    x = make_inputs(S=S, seed=S)
+    h_auto = vil_kernels.mlstm(**x)
+    torch.testing.assert_close(h_auto, naive.mlstm_parallel(**x), rtol=1e-10, atol=1e-12)
+
+
+def _split_run(x, cuts, backend, reverse=False):
+    """Run the sequence in pieces, carrying the last states from one piece into the next."""
+    bounds = [0, *cuts, x["q"].shape[2]]
+    pieces = list(zip(bounds[:-1], bounds[1:]))
+    if reverse:
+        pieces = pieces[::-1]
+    states, hs = {}, {}
+    for a, b in pieces:
+        seg = {n: x[n][:, :, a:b] for n in "qkvif"}
+        h, (c, n, m) = vil_kernels.mlstm(**seg, **states, return_last_states=True,
+                                        reverse=reverse, backend=backend, chunk_size=16)
+        states = dict(c_initial=c, n_initial=n, m_initial=m)
+        hs[a] = h
+    return torch.cat([hs[a] for a, _ in zip(bounds[:-1], bounds[1:])], dim=2), states
+
+
+@pytest.mark.parametrize("backend", ["torch", "parallel", "recurrent"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_split_sequence_carries_state(backend, reverse):
+    x = make_inputs(S=90, seed=4)
+    h_whole, (c, n, m) = vil_kernels.mlstm(**x, return_last_states=True, reverse=reverse,
+                                          backend=backend)
+    h_split, last = _split_run(x, [1, 17, 40, 41, 77], backend, reverse)
+    torch.testing.assert_close(h_split, h_whole, rtol=1e-9, atol=1e-11)
+    # States are equal up to the stabilizer: compare (C e^m, n e^m) and m.
+    shift = (last["m_initial"] - m)[..., None]
+    torch.testing.assert_close(last["m_initial"], m, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(last["c_initial"] * shift.exp(), c, rtol=1e-9, atol=1e-11)
+
+
+def test_reverse_equals_flipped():
+    x = make_inputs(S=50, seed=8)
+    h_rev = vil_kernels.mlstm(**x, reverse=True, backend="torch")
+    flipped = {n: t.flip(2) for n, t in x.items()}
+    h_flip = vil_kernels.mlstm(**flipped, backend="torch").flip(2)
+    torch.testing.assert_close(h_rev, h_flip, rtol=1e-12, atol=1e-12)
+
+
+def test_long_sequence_chunkwise_runs_without_quadratic_memory():
+    x = make_inputs(B=1, NH=1, S=4096, DK=16, DV=16, dtype=torch.float32,
+                    i_range=(-80, 80), f_range=(-20, 20))
+    h = vil_kernels.mlstm(**x, backend="torch")
+    assert torch.isfinite(h).all()
+
+
+# ---------------------------------------------------------------- bad input
+
+def _good():
+    return make_inputs(B=2, NH=3, S=10, DK=8, DV=6, dtype=torch.float32)
+
+
+def _bad_cases():
+    g = _good()
+    st = make_inputs(B=2, NH=3, S=10, DK=8, DV=6, dtype=torch.float32, init=True)
+    states = {k: st[k] for k in ("c_initial", "n_initial", "m_initial")}
+    return [
+        ("q rank", dict(q=g["q"][0]), ValueError, r"q must have 4 dims"),
+        ("v rank", dict(v=g["v"][..., 0]), ValueError, r"v must have 4 dims"),
+        ("k shape", dict(k=g["k"][:, :, :, :4]), ValueError, r"k must have the shape of q"),
+        ("v batch", dict(v=g["v"][:1]), ValueError, r"v must have shape \(B, NH, S, DHV\)"),
+        ("v seq", dict(v=g["v"][:, :, :5]), ValueError, r"v must have shape"),
+        ("dtypes", dict(k=g["k"].double()), TypeError, r"share one dtype"),
+        ("int q", dict(q=g["q"].long(), k=g["k"].long(), v=g["v"].long()), TypeError,
+         r"q must be float16, bfloat16, float32 or float64"),
+        ("not a tensor", dict(q=g["q"].numpy()), TypeError, r"q must be a torch.Tensor"),
+        ("i shape", dict(i=g["i"][:, :, :9]), ValueError, r"i must have shape \(B, NH, S\)"),
+        ("f shape", dict(f=g["f"][..., None, None]), ValueError, r"f must have shape"),
+        ("f 4d wrong", dict(f=g["f"][..., None].expand(2, 3, 10, 2)), ValueError, r"f must have shape"),
+        ("int gate", dict(i=g["i"].long()), TypeError, r"i must be a floating-point tensor"),
+        ("partial states", dict(c_initial=states["c_initial"]), ValueError,
+         r"given together.*missing n_initial, m_initial"),
+        ("c shape", dict(states, c_initial=states["c_initial"][..., :5]), ValueError,
+         r"c_initial must have shape \(2, 3, 8, 6\)"),
+        ("n shape", dict(states, n_initial=states["n_initial"][..., None]), ValueError,
+         r"n_initial must have shape"),
+        ("m shape", dict(states, m_initial=states["m_initial"][..., 0]), ValueError,
+         r"m_initial must have shape \(2, 3, 1\)"),
+        ("int state", dict(states, m_initial=states["m_initial"].long()), TypeError,
+         r"m_initial must be a floating-point tensor"),
+        ("chunk 24", dict(chunk_size=24), ValueError, r"chunk_size must be a power of two >= 16"),
+        ("chunk 8", dict(chunk_size=8), ValueError, r"chunk_size must be a power of two >= 16"),
+        ("chunk float", dict(chunk_size=64.0), TypeError, r"chunk_size must be an int"),
+        ("backend", dict(backend="cuda"), ValueError, r"unknown backend 'cuda'"),
+        ("eps", dict(eps=-1.0), ValueError, r"eps must be a non-negative number"),
+        ("empty seq", {n: t[:, :, :0] for n, t in g.items()}, ValueError, r"empty dimension"),
+    ]
+
+
+@pytest.mark.parametrize("name,override,exc,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input(name, override, exc, match):
+    kw = {**_good(), **override}
+    with pytest.raises(exc, match=match):
+        vil_kernels.mlstm(**kw)
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors"):
+        vil_kernels.mlstm(**_good(), backend="triton")
