@@ -1,0 +1,246 @@
+"""Operator micro-benchmarks: time and peak memory of each mLSTM path at ViL shapes.
+
+    python bench/kernels.py                      # this machine's device, default shapes
+    python bench/kernels.py --shapes 8,4,784,96  # B,NH,S,D (repeatable)
+    python bench/kernels.py --results-file bench/results/kernels-cpu.json
+
+On CPU it compares the PyTorch chunkwise path against the parallel form (the published
+formulation); on CUDA the Triton kernels against both, PyTorch SDPA attention at the same shape
+and NX-AI's mlstm_kernels when it is installed, in bfloat16, with TFLOP/s and the fraction of
+the device's peak. Peak memory on CPU is the growth of the process's peak resident set over the
+inputs (Linux: /proc/self/clear_refs); on CUDA, torch.cuda.max_memory_allocated over the inputs.
+"""
+
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import vil_kernels  # noqa: E402
+
+CPU_SHAPES = [(8, 4, 196, 96), (8, 4, 784, 96), (8, 4, 196, 192), (8, 4, 784, 192),
+              (1, 4, 16384, 96)]
+GPU_SHAPES = [(64, 4, S, D) for S in (196, 784, 3136) for D in (96, 192, 384)] + [(1, 4, 16384, 384),
+                                                                                  (8, 4, 16384, 96)]
+# Dense bf16 tensor-core peaks (TFLOP/s) used for the roofline fraction.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def _cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
+
+
+class PeakMemory:
+    """Peak memory growth of one call, in bytes (None where it cannot be measured)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.cpu_ok = False
+        if device.type == "cpu" and Path("/proc/self/clear_refs").exists():
+            try:
+                # A fixed mmap threshold returns large frees to the OS at once, so the peak of
+                # one call is not hidden by memory that malloc kept from the call before.
+                ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)       # M_MMAP_THRESHOLD
+                self.cpu_ok = True
+            except OSError:
+                pass
+
+    @staticmethod
+    def _status(key):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def measure(self, fn):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        if not self.cpu_ok:
+            return None
+        Path("/proc/self/clear_refs").write_text("5")             # reset the peak (VmHWM)
+        base = self._status("VmRSS")
+        fn()
+        return self._status("VmHWM") - base
+
+
+def time_call(fn, device, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def mlstm_flops(B, NH, S, DK, DV, L):
+    """Matmul FLOPs of the chunkwise forward (intra-chunk causal blocks, chunk states, inter
+    outputs); the backward is counted as 2.5 times this, as for attention."""
+    intra = 2 * S * L * (DK + DV + 1) / 2          # causal half of QK^T and of SV (plus n)
+    states = 2 * S * DK * (DV + 1) * 2             # K^T V into the states, Q C out of them
+    return B * NH * (intra + states)
+
+
+def make_inputs(B, NH, S, D, dtype, device, requires_grad):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+    x = dict(q=mk(B, NH, S, D), k=mk(B, NH, S, D), v=mk(B, NH, S, D),
+             i=mk(B, NH, S), f=mk(B, NH, S) + 3.0)
+    for t in x.values():
+        t.requires_grad_(requires_grad)
+    return x
+
+
+def parallel_fits(B, NH, S, device):
+    """The parallel form holds about eight S x S float32 matrices per head in fwd+bwd."""
+    need = 8 * B * NH * S * S * 4
+    if device.type == "cuda":
+        avail = torch.cuda.mem_get_info(device)[0]
+    else:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return need < 0.8 * avail, need
+
+
+def candidates(device, dtype):
+    """(name, callable(x) -> output) for every path that runs here."""
+    paths = []
+    if device.type == "cuda":
+        paths.append(("triton", lambda x: vil_kernels.mlstm(**x, backend="triton")))
+    paths.append(("torch-chunkwise", lambda x: vil_kernels.mlstm(**x, backend="torch")))
+    paths.append(("parallel", lambda x: vil_kernels.mlstm(**x, backend="parallel")))
+    if device.type == "cuda":
+        paths.append(("sdpa-attention", lambda x: F.scaled_dot_product_attention(
+            x["q"], x["k"], x["v"], is_causal=True)))
+        try:
+            from mlstm_kernels.torch import get_mlstm_kernel  # optional peer
+            kernel = get_mlstm_kernel("chunkwise--triton_xl_chunk")
+            paths.append(("mlstm_kernels-xl_chunk", lambda x: kernel(
+                x["q"], x["k"], x["v"], x["i"], x["f"], chunk_size=128)))
+        except Exception:  # noqa: BLE001 - absent or incompatible: no row
+            pass
+    return paths
+
+
+def bench_shape(shape, device, dtype, warmup, iters, mem):
+    B, NH, S, D = shape
+    rows = []
+    peak = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    for name, fn in candidates(device, dtype):
+        row = dict(path=name, B=B, NH=NH, S=S, D=D, dtype=str(dtype).replace("torch.", ""))
+        if name == "parallel":
+            fits, need = parallel_fits(B, NH, S, device)
+            if not fits:
+                row["note"] = f"cannot run: needs ~{need / 2**30:.0f} GiB of S x S matrices"
+                rows.append(row)
+                continue
+        for mode in ("fwd", "fwd+bwd"):
+            x = make_inputs(B, NH, S, D, dtype, device, requires_grad=mode != "fwd")
+
+            def call():
+                if mode == "fwd":
+                    with torch.no_grad():
+                        fn(x)
+                else:
+                    fn(x).float().sum().backward()
+
+            try:
+                t = time_call(call, device, warmup, iters)
+                row[f"{mode}_ms"] = t * 1e3
+                row[f"{mode}_peak_mib"] = (mem.measure(call) or 0) / 2**20
+                flops = mlstm_flops(B, NH, S, D, D, 64) * (1 if mode == "fwd" else 3.5)
+                row[f"{mode}_tflops"] = flops / t / 1e12
+                if peak:
+                    row[f"{mode}_roofline"] = row[f"{mode}_tflops"] / peak
+            except (RuntimeError, MemoryError) as e:
+                row["note"] = f"failed: {str(e).splitlines()[0][:80]}"
+            del x
+        rows.append(row)
+    return rows
+
+
+def print_table(rows):
+    cols = ["path", "B", "NH", "S", "D", "fwd_ms", "fwd+bwd_ms", "fwd_peak_mib", "fwd+bwd_peak_mib",
+            "fwd+bwd_tflops", "note"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)
+    table = [[fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(t[j]) for t in table)) for j, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for t in table:
+        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="input dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--shapes", action="append", default=None, metavar="B,NH,S,D")
+    p.add_argument("--num-warm-iter", type=int, default=1)
+    p.add_argument("--num-bench-iter", type=int, default=3)
+    p.add_argument("--results-file", default=None)
+    args = p.parse_args(argv)
+    try:
+        args.shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else None
+    except ValueError:
+        p.error("--shapes takes B,NH,S,D as four integers")
+    if args.shapes and any(len(s) != 4 for s in args.shapes):
+        p.error("--shapes takes B,NH,S,D as four integers")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    mem = PeakMemory(device)
+    print(f"# device: {device_name(device)} | torch {torch.__version__} | dtype {dtype}", flush=True)
+    rows = []
+    for shape in shapes:
+        rows += bench_shape(shape, device, dtype, args.num_warm_iter, args.num_bench_iter, mem)
+        print(f"  done {shape}", file=sys.stderr, flush=True)
+    print_table(rows)
+    if args.results_file:
+        meta = dict(device=device_name(device), torch=torch.__version__, dtype=str(dtype))
+        Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results_file).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
