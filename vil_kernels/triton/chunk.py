@@ -1,0 +1,133 @@
+"""Launchers, torch.library ops and the autograd Function of the fused chunkwise mLSTM.
+
+Forward: mlstm_fwd_state_kernel (the (C, n, m) scan, entry state of every chunk) then
+mlstm_fwd_out_kernel (outputs per chunk; m, signed normalizer and argmax per row).
+Backward: a short O(S * DV) prologue (den, dden, dn, dm per row), mlstm_bwd_state_kernel (reverse
+scan of dC, dn), mlstm_bwd_intra_kernel (dq, dk, dv and q.dq, k.dk per row), then the O(S) gate
+epilogue of the spec: di = k.dk, dF = q.dq - k.dk + dm, eps term routed to the recorded argmax,
+reverse cumsum, times sigmoid(-f). No atomics anywhere: two runs give identical bits.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ..utils import NEG
+from . import heuristics
+from ._interp import interpreting, patch_interpreter
+from .kernels import (mlstm_bwd_intra_kernel, mlstm_bwd_state_kernel, mlstm_fwd_out_kernel,
+                      mlstm_fwd_state_kernel)
+
+patch_interpreter()
+
+_TL = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
+assert NEG == -1e30  # the kernels' _NEG
+
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _dot_args(dtype):
+    mma, acc, prec = heuristics.dot_config(dtype)
+    return dict(MMA=_TL[mma], ACC=_TL[acc], PREC=prec, INTERP=interpreting())
+
+
+def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
+    p = heuristics.launch_params(name, DK, DV, BT, dtype, arch)
+    meta = dict(BT=BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
+    grid = grid(p["BK"], p["BV"]) if callable(grid) else grid
+    kernel[grid](*args, **meta, num_warps=p["num_warps"], num_stages=p["num_stages"])
+
+
+def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
+    """Contiguous (B, NH, S, D) inputs and (B, NH, S) gates. Returns h and the saved tensors."""
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    NC = triton.cdiv(S, BT)
+    ad = _acc_dtype(q)
+    arch = heuristics.device_arch(q.device)
+    has_init = c0 is not None
+    kw = dict(device=q.device)
+    c_in = torch.empty(B, NH, NC, DK, DV, dtype=ad, **kw)
+    n_in = torch.empty(B, NH, NC, DK, dtype=ad, **kw)
+    m_in = torch.empty(B, NH, NC, dtype=ad, **kw)
+    a_in = torch.empty(B, NH, NC, dtype=torch.int32, **kw)
+    c_last = torch.empty(B, NH, DK, DV, dtype=ad, **kw)
+    n_last = torch.empty(B, NH, DK, dtype=ad, **kw)
+    m_last = torch.empty(B, NH, 1, dtype=ad, **kw)
+    a_last = torch.empty(B, NH, dtype=torch.int32, **kw)
+    h = torch.empty(B, NH, S, DV, dtype=q.dtype, **kw)
+    m_row = torch.empty(B, NH, S, dtype=ad, **kw)
+    n_row = torch.empty(B, NH, S, dtype=ad, **kw)
+    a_row = torch.empty(B, NH, S, dtype=torch.int32, **kw)
+    init = (c0, n0, m0) if has_init else (c_last, n_last, m_last)   # unread placeholders
+    rev = int(bool(reverse))
+    _launch(mlstm_fwd_state_kernel, "fwd_state",
+            lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
+            (k, v, i, f, *init, c_in, n_in, m_in, a_in, c_last, n_last, m_last, a_last,
+             S, NC, DK, DV, rev), DK, DV, BT, q.dtype, arch, HAS_INIT=has_init)
+    _launch(mlstm_fwd_out_kernel, "fwd_out",
+            lambda BK, BV: (triton.cdiv(DV, BV), NC, B * NH),
+            (q, k, v, i, f, c_in, n_in, m_in, a_in, h, m_row, n_row, a_row,
+             S, NC, DK, DV, rev, DK ** -0.5, eps), DK, DV, BT, q.dtype, arch)
+    return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in
+
+
+def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
+              c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in,
+              eps, BT, reverse):
+    """Gradients (dq, dk, dv, di, df, dc0, dn0, dm0); the state gradients are those of the
+    initial state (zeros-free placeholders when there is none)."""
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    NC = triton.cdiv(S, BT)
+    ad = _acc_dtype(q)
+    arch = heuristics.device_arch(q.device)
+    rev = int(bool(reverse))
+    scale = DK ** -0.5
+    # Prologue, O(S * DV): the normalizer as one more value column, dm from the eps term.
+    den = torch.maximum(n_row.abs(), torch.exp(-m_row)) + eps                # [B, NH, S]
+    dden = -(dh.to(ad) * h.to(ad)).sum(-1) / den
+    dn = torch.where(n_row.abs() >= torch.exp(-m_row), dden * torch.sign(n_row), 0.0)
+    dm_row = eps * dden
+
+    kw = dict(device=q.device)
+    dc_out = torch.empty(B, NH, NC, DK, DV, dtype=ad, **kw)
+    dn_out = torch.empty(B, NH, NC, DK, dtype=ad, **kw)
+    dc0 = torch.empty(B, NH, DK, DV, dtype=ad, **kw)
+    dn0 = torch.empty(B, NH, DK, dtype=ad, **kw)
+    _launch(mlstm_bwd_state_kernel, "bwd_state",
+            lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
+            (q, dh, i, f, m_row, den, dn, m_in, m_last, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
+             S, NC, DK, DV, rev, scale), DK, DV, BT, q.dtype, arch)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    rq = torch.empty(B, NH, S, dtype=ad, **kw)
+    rk = torch.empty(B, NH, S, dtype=ad, **kw)
+    _launch(mlstm_bwd_intra_kernel, "bwd_intra", (NC, B * NH),
+            (q, k, v, i, f, dh, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
+             dq, dk, dv, rq, rk, S, NC, DK, DV, rev, scale), DK, DV, BT, q.dtype, arch)
+
+    # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse).
+    di = rk
+    dF = rq - rk + dm_row
+    last_p = 0 if reverse else S - 1
+    dF[..., last_p] += dm_last[..., 0].to(ad)
+    dm0 = torch.zeros(B, NH, dtype=ad, **kw)
+    dm_last_eff = (dm_last[..., 0].to(ad) - (dc_last.to(ad) * c_last).sum((-2, -1))
+                   - (dn_last.to(ad) * n_last).sum(-1))
+    for dm, arg in ((dm_row, a_row), (dm_last_eff[..., None], a_last[..., None])):
+        to_key = arg >= 0
+        val = torch.where(to_key, dm, 0.0)
+        idx = arg.clamp(min=0).long()
+        if reverse:
+            idx = S - 1 - idx
+        di = di.scatter_add(-1, idx, val)
+        dF = dF.scatter_add(-1, idx, -val)
+        dm0 = dm0 + (dm - val).sum(-1)
+    # reverse cumsum in logical order = forward cumsum in physical order when reversed
+    dfl = dF.cumsum(-1) if reverse else dF.flip(-1).cumsum(-1).flip(-1)   # (B, NH, S) only
+    df = dfl * torch.sigmoid(-f.to(ad))
+    if c0 is not None:
+        dm0 = dm0 + (dc0 * c0.to(ad)).sum((-2, -1)) + (dn0 * n0.to(ad)).sum(-1)
+    return dq, dk, dv, di.to(i.dtype), df.to(f.dtype), dc0, dn0, dm0[..., None]

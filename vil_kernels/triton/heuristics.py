@@ -1,0 +1,68 @@
+"""Launch parameters of the chunkwise mLSTM kernels, keyed on (head dims, dtype, arch).
+
+Without a GPU to autotune on, the table encodes the constraints we can check ahead of time
+(``python -m vil_kernels.compile_check``: no spills, shared memory under the arch's limit, tensor
+cores used for 16-bit inputs): head dims are tiled by the largest of 64 / 32 / 16 that divides
+them (96 -> 3 x 32, 192 -> 3 x 64, 384 -> 6 x 64: no padding of 96 up to 128), one chunk of 64
+positions by default (fewer for short sequences), 4 warps up to 64 positions and 8 warps for 128.
+On a GPU, entries can be refined per arch from bench/kernels.py measurements.
+"""
+
+import torch
+
+from ..utils import next_power_of_2
+
+# Largest chunk the fused kernels run: the backward holds several [BT, BT] float32 tiles, and
+# BT = 256 cannot keep them in registers. A larger requested chunk_size runs as 128, which
+# computes the same function (the chunk length only changes the rounding).
+MAX_BT = 128
+DEFAULT_BT = 64
+KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_intra")
+
+
+def device_arch(device):
+    """sm version as an int (80, 90, ...) for CUDA devices; 0 for the interpreter on the CPU."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 0
+
+
+def head_block(D):
+    """Tile of a head dim: 64, 32 or 16 if it divides D (no masked lanes), else 64 or less, masked."""
+    for blk in (64, 32, 16):
+        if D % blk == 0:
+            return blk
+    return min(64, max(16, next_power_of_2(D)))
+
+
+def chunk_len(S, DK, DV, dtype, arch, requested=None):
+    """Positions per chunk BT: the requested power of two (capped at MAX_BT), else the default
+    shortened for sequences that fit one smaller chunk."""
+    if requested is not None:
+        return min(int(requested), MAX_BT)
+    return max(16, min(DEFAULT_BT, next_power_of_2(S)))
+
+
+def launch_params(kernel, DK, DV, BT, dtype, arch):
+    """BK, BV, num_warps, num_stages for one kernel. dtype: the inputs' torch dtype."""
+    assert kernel in KERNELS, kernel
+    BK, BV = head_block(DK), head_block(DV)
+    num_warps = 8 if BT >= 128 else 4
+    num_stages = 2 if arch >= 80 else 1
+    if kernel == "bwd_intra" and BT >= 128:
+        # five [BT, BT] / [BT, B*] fp32 tiles live at once: halve the head-dim tiles
+        BK, BV = min(BK, 32), min(BV, 32)
+    return dict(BK=BK, BV=BV, num_warps=num_warps, num_stages=num_stages)
+
+
+def dot_config(dtype):
+    """(MMA operand dtype, accumulator dtype, tl.dot input_precision) names for an input dtype.
+    float32 inputs use IEEE float32 products (TF32 would miss the 2e-4 contract)."""
+    if dtype == torch.float64:
+        return "fp64", "fp64", "ieee"
+    if dtype == torch.float32:
+        return "fp32", "fp32", "ieee"
+    if dtype == torch.float16:
+        return "fp16", "fp32", "ieee"
+    return "bf16", "fp32", "ieee"

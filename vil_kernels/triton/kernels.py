@@ -1,0 +1,331 @@
+"""Triton kernels of the chunkwise mLSTM (forward and exact backward).
+
+Conventions: logical position t counts in processing order (t = 0 is the first position the
+recurrence sees); physical position p indexes memory, p = t forward and p = S - 1 - t with
+REVERSE, so reverse=True walks the sequence from its end without flipped copies. Chunk c holds
+logical positions [c * BT, (c + 1) * BT); positions t >= S are masked (log forget 0, input gate
+NEG: they keep the state and contribute nothing). All of m, n, gates, cumsums and states are in
+ACC (float32; float64 only under the interpreter); tl.dot operands are cast to MMA (the input
+dtype), products accumulate in ACC. Head dims are tiled by BK / BV with masks; DK, DV, S are
+runtime values, so one compiled kernel serves every head dim with the same tiles.
+
+Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
+  m_row, n_row  [S]            per-row stabilizer and signed normalizer (physical order)
+  a_row         [S] int32      logical index of the row's argmax key, -1 = the initial state
+  c_in, n_in    [NC, DK(, DV)] state entering each chunk, m_in / a_in [NC] its m and argmax
+  dc_out, dn_out [NC, DK(, DV)] gradient of the state leaving each chunk
+"""
+
+import triton
+import triton.language as tl
+
+_NEG = tl.constexpr(-1e30)
+
+
+@triton.jit
+def _dot(a, b, MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """a @ b with operands rounded to MMA (tensor cores for 16-bit types), accumulated in ACC.
+    The interpreter's tl.dot is wrong for 16-bit operands: there the rounded operands are widened
+    to ACC first, which is exact (products of 16-bit floats are exact in float32)."""
+    a = a.to(MMA)
+    b = b.to(MMA)
+    if INTERP:
+        a = a.to(ACC)
+        b = b.to(ACC)
+    return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _rows(i_c, S, REVERSE, BT: tl.constexpr):
+    """Logical positions of chunk i_c, their physical positions and the in-sequence mask."""
+    o_t = i_c * BT + tl.arange(0, BT)
+    m_t = o_t < S
+    o_p = tl.where(REVERSE != 0, S - 1 - o_t, o_t)
+    o_p = tl.where(m_t, o_p, 0)
+    return o_t, o_p, m_t
+
+
+@triton.jit
+def _gates(p_i, p_f, o_p, m_t, BT: tl.constexpr, ACC: tl.constexpr):
+    """Input gates (NEG when masked), local inclusive cumsum b of logsigmoid(f), and its total g."""
+    b_f = tl.load(p_f + o_p, mask=m_t, other=0.).to(ACC)
+    b_i = tl.load(p_i + o_p, mask=m_t, other=0.).to(ACC)
+    # logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)), log1p by Goldberg's trick (accurate to ulps)
+    b_x = tl.exp(-tl.abs(b_f))
+    b_u = 1. + b_x
+    b_l1p = tl.where(b_u == 1., b_x, tl.log(b_u) * b_x / (b_u - 1.))
+    b_fl = tl.where(m_t, tl.minimum(b_f, 0.) - b_l1p, 0.)
+    b_i = tl.where(m_t, b_i, _NEG)
+    b_b = tl.cumsum(b_fl, axis=0)                                   # [BT]
+    b_g = tl.sum(tl.where(tl.arange(0, BT) == BT - 1, b_b, 0.), axis=0)
+    return b_i, b_b, b_g
+
+
+@triton.jit
+def mlstm_fwd_state_kernel(
+    k, v, i, f, c0, n0, m0, c_in, n_in, m_in, a_in, c_last, n_last, m_last, a_last,
+    S, NC, DK, DV, REVERSE,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
+    MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Inter-chunk scan: grid (cdiv(DK, BK), cdiv(DV, BV), B * NH). Writes every chunk's entry
+    state (C block, n block from the i_v == 0 programs, m and argmax from program (0, 0))."""
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < DK, o_v < DV
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * DV + o_v[None, :]
+    first_v = i_v == 0
+    first_kv = (i_k == 0) & first_v
+    p_k, p_v = k + i_bh * S * DK, v + i_bh * S * DV
+    p_i, p_f = i + i_bh * S, f + i_bh * S
+    if HAS_INIT:
+        b_c = tl.load(c0 + i_bh * DK * DV + o_kv, mask=m_kv, other=0.).to(ACC)   # [BK, BV]
+        b_n = tl.load(n0 + i_bh * DK + o_k, mask=m_k, other=0.).to(ACC)         # [BK]
+        b_m = tl.load(m0 + i_bh).to(ACC)
+    else:
+        b_c = tl.zeros([BK, BV], dtype=ACC)
+        b_n = tl.zeros([BK], dtype=ACC)
+        b_m = tl.full([], _NEG, ACC)
+    b_a = tl.full([], -1, tl.int32)
+    for i_c in range(NC):
+        o_s = i_bh * NC + i_c
+        tl.store(c_in + o_s * DK * DV + o_kv, b_c.to(c_in.dtype.element_ty), mask=m_kv)
+        tl.store(n_in + o_s * DK + o_k, b_n.to(n_in.dtype.element_ty), mask=m_k & first_v)
+        tl.store(m_in + o_s, b_m.to(m_in.dtype.element_ty), mask=first_kv)
+        tl.store(a_in + o_s, b_a, mask=first_kv)
+        o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
+        b_i, b_b, b_g = _gates(p_i, p_f, o_p, m_t, BT, ACC)
+        b_lw = b_g - b_b + b_i                                      # [BT] key log-weights
+        b_mloc, b_jloc = tl.max(b_lw, axis=0, return_indices=True)
+        b_carry = b_g + b_m
+        b_mnew = tl.maximum(b_carry, b_mloc)
+        b_a = tl.where(b_carry >= b_mloc, b_a, (b_jloc + i_c * BT).to(tl.int32))
+        b_decay = tl.exp(b_carry - b_mnew)
+        b_gain = tl.exp(b_lw - b_mnew)                              # [BT]
+        b_kt = tl.load(p_k + o_p[:, None] * DK + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                       other=0.)                                    # [BT, BK]
+        b_vt = tl.load(p_v + o_p[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                       other=0.)                                    # [BT, BV]
+        b_kg = b_kt.to(ACC) * b_gain[:, None]                       # [BT, BK]
+        b_c = b_c * b_decay + _dot(tl.trans(b_kg), b_vt, MMA, ACC, PREC, INTERP)
+        b_n = b_n * b_decay + tl.sum(b_kg, axis=0)
+        b_m = b_mnew
+    tl.store(c_last + i_bh * DK * DV + o_kv, b_c.to(c_last.dtype.element_ty), mask=m_kv)
+    tl.store(n_last + i_bh * DK + o_k, b_n.to(n_last.dtype.element_ty), mask=m_k & first_v)
+    tl.store(m_last + i_bh, b_m.to(m_last.dtype.element_ty), mask=first_kv)
+    tl.store(a_last + i_bh, b_a, mask=first_kv)
+
+
+@triton.jit
+def mlstm_fwd_out_kernel(
+    q, k, v, i, f, c_in, n_in, m_in, a_in, h, m_row, n_row, a_row,
+    S, NC, DK, DV, REVERSE, scale, eps,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Outputs of one chunk and V block: grid (cdiv(DV, BV), NC, B * NH). The row max is taken
+    over the carried state and the chunk's keys; the normalizer, m and argmax of every row are
+    stored by the i_v == 0 programs."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    o_i = tl.arange(0, BT)
+    o_s = i_bh * NC + i_c
+    o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
+    b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
+    b_min = tl.load(m_in + o_s).to(ACC)
+    b_ain = tl.load(a_in + o_s)
+    causal = o_i[:, None] >= o_i[None, :]
+    b_ld = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :], _NEG)   # [BT, BT]
+    b_mintra, b_jintra = tl.max(b_ld, axis=1, return_indices=True)
+    b_carry = b_b + b_min
+    b_m = tl.maximum(b_carry, b_mintra)                             # [BT]
+    b_arg = tl.where(b_carry >= b_mintra, b_ain, (b_jintra + i_c * BT).to(tl.int32))
+    b_w = tl.exp(b_carry - b_m) * scale                             # [BT]
+
+    p_q, p_k = q + i_bh * S * DK, k + i_bh * S * DK
+    b_qk = tl.zeros([BT, BT], dtype=ACC)
+    b_qc = tl.zeros([BT, BV], dtype=ACC)
+    b_qn = tl.zeros([BT], dtype=ACC)
+    for i_k in range(tl.cdiv(DK, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < DK
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(p_q + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)   # [BT, BK]
+        b_k = tl.load(p_k + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)   # [BT, BK]
+        b_c = tl.load(c_in + o_s * DK * DV + o_k[:, None] * DV + o_v[None, :],
+                      mask=m_k[:, None] & m_v[None, :], other=0.)                    # [BK, BV]
+        b_n = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)             # [BK]
+        b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
+        b_qc += _dot(b_q, b_c, MMA, ACC, PREC, INTERP)
+        b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
+    b_s = b_qk * scale * tl.exp(b_ld - b_m[:, None])                # [BT, BT]
+    b_vt = tl.load(v + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :],
+                   mask=m_t[:, None] & m_v[None, :], other=0.)      # [BT, BV]
+    b_num = _dot(b_s, b_vt, MMA, ACC, PREC, INTERP) + b_w[:, None] * b_qc
+    b_nrow = tl.sum(b_s, axis=1) + b_w * b_qn
+    b_den = tl.maximum(tl.abs(b_nrow), tl.exp(-b_m)) + eps
+    b_h = b_num / b_den[:, None]
+    tl.store(h + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], b_h.to(h.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+    m_row0 = m_t & (i_v == 0)
+    tl.store(m_row + i_bh * S + o_p, b_m.to(m_row.dtype.element_ty), mask=m_row0)
+    tl.store(n_row + i_bh * S + o_p, b_nrow.to(n_row.dtype.element_ty), mask=m_row0)
+    tl.store(a_row + i_bh * S + o_p, b_arg, mask=m_row0)
+
+
+@triton.jit
+def mlstm_bwd_state_kernel(
+    q, dh, i, f, m_row, den, dn, m_in, m_last, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
+    S, NC, DK, DV, REVERSE, scale,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Reverse scan of the state gradients: grid (cdiv(DK, BK), cdiv(DV, BV), B * NH). Stores
+    the gradient of the state leaving every chunk, and at the end that of the initial state."""
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < DK, o_v < DV
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * DV + o_v[None, :]
+    first_v = i_v == 0
+    p_q, p_dh = q + i_bh * S * DK, dh + i_bh * S * DV
+    b_dc = tl.load(dc_last + i_bh * DK * DV + o_kv, mask=m_kv, other=0.).to(ACC)   # [BK, BV]
+    b_dn = tl.load(dn_last + i_bh * DK + o_k, mask=m_k, other=0.).to(ACC)         # [BK]
+    b_mlast = tl.load(m_last + i_bh).to(ACC)
+    for i_r in range(NC):
+        i_c = NC - 1 - i_r
+        o_s = i_bh * NC + i_c
+        tl.store(dc_out + o_s * DK * DV + o_kv, b_dc.to(dc_out.dtype.element_ty), mask=m_kv)
+        tl.store(dn_out + o_s * DK + o_k, b_dn.to(dn_out.dtype.element_ty), mask=m_k & first_v)
+        o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
+        b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
+        b_min = tl.load(m_in + o_s).to(ACC)
+        b_mout = tl.load(m_in + o_s + 1, mask=i_c + 1 < NC, other=0.).to(ACC)
+        b_mout = tl.where(i_c + 1 < NC, b_mout, b_mlast)
+        b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+        b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
+        b_dnr = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+        b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale   # [BT]
+        b_q = tl.load(p_q + o_p[:, None] * DK + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                      other=0.)                                      # [BT, BK]
+        b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                       other=0.)                                     # [BT, BV]
+        b_qw = b_q.to(ACC) * b_w[:, None]                            # [BT, BK]
+        b_dnum = b_dh.to(ACC) / b_den[:, None]                       # [BT, BV]
+        b_decay = tl.exp(b_g + b_min - b_mout)
+        b_dc = b_dc * b_decay + _dot(tl.trans(b_qw), b_dnum, MMA, ACC, PREC, INTERP)
+        b_dn = b_dn * b_decay + tl.sum(b_qw * b_dnr[:, None], axis=0)
+    tl.store(dc0 + i_bh * DK * DV + o_kv, b_dc.to(dc0.dtype.element_ty), mask=m_kv)
+    tl.store(dn0 + i_bh * DK + o_k, b_dn.to(dn0.dtype.element_ty), mask=m_k & first_v)
+
+
+@triton.jit
+def mlstm_bwd_intra_kernel(
+    q, k, v, i, f, dh, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
+    dq, dk, dv, rq, rk,
+    S, NC, DK, DV, REVERSE, scale,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """dq, dk, dv of one chunk, all head-dim blocks: grid (NC, B * NH), no atomics. Inside the
+    chunk: gated linear attention with values [v, 1]; plus the paths through the entry state
+    (dq) and the exit state (dk, dv). Also stores rq = q . dq and rk = k . dk per row."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_i = tl.arange(0, BT)
+    o_s = i_bh * NC + i_c
+    o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
+    b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
+    b_min = tl.load(m_in + o_s).to(ACC)
+    b_mout = tl.load(m_in + o_s + 1, mask=i_c + 1 < NC, other=0.).to(ACC)
+    b_mout = tl.where(i_c + 1 < NC, b_mout, tl.load(m_last + i_bh).to(ACC))
+    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
+    b_dnr = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
+    b_wt = tl.where(causal, tl.exp(b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None]),
+                    0.)                                              # [BT, BT]
+    b_wc = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale      # [BT] entry-state weight
+    b_gain = tl.exp(b_g - b_b + b_i - b_mout)                        # [BT] exit-state weight
+
+    p_q, p_k = q + i_bh * S * DK, k + i_bh * S * DK
+    p_v, p_dh = v + i_bh * S * DV, dh + i_bh * S * DV
+    p_c, p_dc = c_in + o_s * DK * DV, dc_out + o_s * DK * DV
+    b_qk = tl.zeros([BT, BT], dtype=ACC)
+    for i_k in range(tl.cdiv(DK, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < DK)[None, :]
+        b_q = tl.load(p_q + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)
+        b_k = tl.load(p_k + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)
+        b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
+    b_ds = tl.zeros([BT, BT], dtype=ACC)
+    for i_v in range(tl.cdiv(DV, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < DV)[None, :]
+        b_dnum = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(ACC)
+        b_dnum = b_dnum / b_den[:, None]
+        b_v = tl.load(p_v + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
+        b_ds += _dot(b_dnum, tl.trans(b_v), MMA, ACC, PREC, INTERP)
+    b_ds = (b_ds + b_dnr[:, None]) * b_wt                            # [BT, BT] dS * weights
+    b_s = b_qk * scale * b_wt                                        # [BT, BT] scores
+
+    # dv = S^T dnum + gain * (k dC_out)
+    for i_v in range(tl.cdiv(DV, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < DV
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_dnum = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(ACC)
+        b_dnum = b_dnum / b_den[:, None]
+        b_kdc = tl.zeros([BT, BV], dtype=ACC)
+        for i_k in range(tl.cdiv(DK, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < DK
+            b_k = tl.load(p_k + o_p[:, None] * DK + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
+                          other=0.)
+            b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :],
+                            mask=m_k[:, None] & m_v[None, :], other=0.)          # [BK, BV]
+            b_kdc += _dot(b_k, b_dco, MMA, ACC, PREC, INTERP)
+        b_dv = _dot(tl.trans(b_s), b_dnum, MMA, ACC, PREC, INTERP) + b_gain[:, None] * b_kdc
+        tl.store(dv + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :],
+                 b_dv.to(dv.dtype.element_ty), mask=m_tv)
+
+    # dq = dS k s + wc (dnum C_in^T + dn n_in);  dk = dS^T q s + gain (v dC_out^T + dn_out)
+    b_rq = tl.zeros([BT], dtype=ACC)
+    b_rk = tl.zeros([BT], dtype=ACC)
+    for i_k in range(tl.cdiv(DK, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < DK
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(p_q + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)   # [BT, BK]
+        b_k = tl.load(p_k + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)   # [BT, BK]
+        b_dqc = tl.zeros([BT, BK], dtype=ACC)
+        b_dkc = tl.zeros([BT, BK], dtype=ACC)
+        for i_v in range(tl.cdiv(DV, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < DV
+            m_tv = m_t[:, None] & m_v[None, :]
+            m_kv = m_k[:, None] & m_v[None, :]
+            b_dnum = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
+            b_dnum = b_dnum.to(ACC) / b_den[:, None]                                 # [BT, BV]
+            b_v = tl.load(p_v + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
+            b_c = tl.load(p_c + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)
+            b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)
+            b_dqc += _dot(b_dnum, tl.trans(b_c), MMA, ACC, PREC, INTERP)
+            b_dkc += _dot(b_v, tl.trans(b_dco), MMA, ACC, PREC, INTERP)
+        b_nin = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
+        b_dno = tl.load(dn_out + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
+        b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale \
+            + b_wc[:, None] * (b_dqc + b_dnr[:, None] * b_nin[None, :])
+        b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale \
+            + b_gain[:, None] * (b_dkc + b_dno[None, :])
+        tl.store(dq + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :],
+                 b_dq.to(dq.dtype.element_ty), mask=m_tk)
+        tl.store(dk + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :],
+                 b_dk.to(dk.dtype.element_ty), mask=m_tk)
+        b_rq += tl.sum(b_q.to(ACC) * b_dq, axis=1)
+        b_rk += tl.sum(b_k.to(ACC) * b_dk, axis=1)
+    tl.store(rq + i_bh * S + o_p, b_rq.to(rq.dtype.element_ty), mask=m_t)
+    tl.store(rk + i_bh * S + o_p, b_rk.to(rk.dtype.element_ty), mask=m_t)
