@@ -35,42 +35,49 @@ def _intra_logits(b, i_c):
     return log_d.masked_fill_(~causal, NEG)
 
 
-def _forward(q, k, v, i, fl, c0, n0, m0, eps, L):
-    """All inputs padded to NC * L positions and in the compute dtype. Returns h and what the
-    backward needs: per-row m, signed normalizer and argmax; per-chunk entry states."""
+def _forward(q, k, v, i, fl, c0, n0, m0, eps, L, need_last):
+    """All inputs padded to NC * L positions and in the compute dtype. Returns h, the last state
+    (c, n, m, argmax) when need_last, and what the backward needs: per-row m, signed normalizer
+    and argmax, and the entry state of every chunk."""
     B, NH, Sp, DK = q.shape
     DV = v.shape[-1]
     NC = Sp // L
     scale = DK ** -0.5
+    has_init = c0 is not None
     qc, kc, vc = (x.view(B, NH, NC, L, -1) for x in (q, k, v))
     b, g, a = _chunk_gates(fl, i, NC, L)
-    m_loc, j_loc = a.max(-1)                                           # [B, NH, NC]
-    kw = kc * torch.exp(a - m_loc[..., None])[..., None]               # [B, NH, NC, L, DK]
-    c_loc = kw.transpose(-1, -2) @ vc                                  # [B, NH, NC, DK, DV]
-    n_loc = kw.sum(-2)                                                 # [B, NH, NC, DK]
     chunk_start = torch.arange(NC, device=q.device) * L                # [NC]
-    j_loc = j_loc + chunk_start
 
-    # Inter-chunk scan; entry states of every chunk are kept for the outputs and the backward.
-    c_in = q.new_empty(B, NH, NC, DK, DV)
-    n_in = q.new_empty(B, NH, NC, DK)
-    m_in = q.new_empty(B, NH, NC)
-    arg_in = torch.empty(B, NH, NC, dtype=torch.long, device=q.device)
-    if c0 is None:
-        c_s, n_s = q.new_zeros(B, NH, DK, DV), q.new_zeros(B, NH, DK)
-        m_s = q.new_full((B, NH), NEG)
-    else:
-        c_s, n_s, m_s = c0, n0, m0[..., 0]
-    arg_s = torch.full((B, NH), -1, dtype=torch.long, device=q.device)   # -1: the initial state
-    for c in range(NC):
-        c_in[:, :, c], n_in[:, :, c], m_in[:, :, c], arg_in[:, :, c] = c_s, n_s, m_s, arg_s
-        carried = g[..., c] + m_s
-        m_new = torch.maximum(carried, m_loc[..., c])
-        arg_s = torch.where(carried >= m_loc[..., c], arg_s, j_loc[..., c])
-        decay, gain = torch.exp(carried - m_new), torch.exp(m_loc[..., c] - m_new)
-        c_s = decay[..., None, None] * c_s + gain[..., None, None] * c_loc[:, :, c]
-        n_s = decay[..., None] * n_s + gain[..., None] * n_loc[:, :, c]
-        m_s = m_new
+    # Inter-chunk scan. Chunk c's keys are needed in a state only if a later chunk or the
+    # returned last state reads it.
+    c_in = q.new_zeros(B, NH, NC, DK, DV)
+    n_in = q.new_zeros(B, NH, NC, DK)
+    m_in = q.new_full((B, NH, NC), NEG)
+    arg_in = torch.full((B, NH, NC), -1, dtype=torch.long, device=q.device)  # -1: initial state
+    if has_init:
+        c_in[:, :, 0], n_in[:, :, 0], m_in[:, :, 0] = c0, n0, m0[..., 0]
+    NS = NC if need_last else NC - 1
+    last = None
+    if NS > 0:
+        m_loc, j_loc = a[:, :, :NS].max(-1)                            # [B, NH, NS]
+        j_loc += chunk_start[:NS]
+        kw = kc[:, :, :NS] * torch.exp(a[:, :, :NS] - m_loc[..., None])[..., None]
+        c_loc = kw.transpose(-1, -2) @ vc[:, :, :NS]                   # [B, NH, NS, DK, DV]
+        n_loc = kw.sum(-2)                                             # [B, NH, NS, DK]
+        c_s, n_s, m_s, arg_s = c_in[:, :, 0], n_in[:, :, 0], m_in[:, :, 0], arg_in[:, :, 0]
+        for c in range(NS):
+            carried = g[..., c] + m_s
+            m_new = torch.maximum(carried, m_loc[..., c])
+            arg_s = torch.where(carried >= m_loc[..., c], arg_s, j_loc[..., c])
+            decay, gain = torch.exp(carried - m_new), torch.exp(m_loc[..., c] - m_new)
+            c_s = torch.addcmul(gain[..., None, None] * c_loc[:, :, c], decay[..., None, None], c_s)
+            n_s = torch.addcmul(gain[..., None] * n_loc[:, :, c], decay[..., None], n_s)
+            m_s = m_new
+            if c + 1 < NC:
+                c_in[:, :, c + 1], n_in[:, :, c + 1] = c_s, n_s
+                m_in[:, :, c + 1], arg_in[:, :, c + 1] = m_s, arg_s
+        if need_last:
+            last = (c_s, n_s, m_s[..., None], arg_s)
 
     # Outputs inside the chunks, the row max taken over the carried state and the chunk's keys.
     log_d = _intra_logits(b, i.view(B, NH, NC, L))
@@ -78,27 +85,31 @@ def _forward(q, k, v, i, fl, c0, n0, m0, eps, L):
     carried = b + m_in[..., None]                                      # [B, NH, NC, L]
     m_row = torch.maximum(carried, m_intra)
     arg_row = torch.where(carried >= m_intra, arg_in[..., None], j_intra + chunk_start[:, None])
-    w_carried = torch.exp(carried - m_row)                             # [B, NH, NC, L]
     qs = qc * scale
     scores = (qs @ kc.transpose(-1, -2)).mul_(torch.exp(log_d - m_row[..., None]))
-    num = scores @ vc + w_carried[..., None] * (qs @ c_in)             # [B, NH, NC, L, DV]
-    n_row = scores.sum(-1) + w_carried * (qs * n_in[..., None, :]).sum(-1)
+    num = scores @ vc                                                  # [B, NH, NC, L, DV]
+    n_row = scores.sum(-1)                                             # [B, NH, NC, L]
+    first = 0 if has_init else 1                                       # chunk 0 starts empty
+    if first < NC:
+        w_carried = torch.exp(carried[:, :, first:] - m_row[:, :, first:])
+        qs_i = qs[:, :, first:]
+        num[:, :, first:] += w_carried[..., None] * (qs_i @ c_in[:, :, first:])
+        n_row[:, :, first:] += w_carried * (qs_i * n_in[:, :, first:, None, :]).sum(-1)
     den = torch.maximum(n_row.abs(), torch.exp(-m_row)) + eps
     h = num / den[..., None]
     rows = lambda x: x.reshape(B, NH, Sp)
     saved = (rows(m_row), rows(n_row), rows(arg_row), c_in, n_in, m_in)
-    return h.view(B, NH, Sp, DV), (c_s, n_s, m_s[..., None], arg_s), saved
+    return h.view(B, NH, Sp, DV), last, saved
 
 
 def _backward(q, k, v, i, fl, c0, n0, m0, eps, L, h, dh, saved, last, dlast):
-    """Gradients of (q, k, v, i, fl, c0, n0, m0) with every input padded to NC * L positions."""
+    """Gradients of (q, k, v, i, fl, c0, n0, m0) with every input padded to NC * L positions.
+    `last` and `dlast` are None when the last state was not returned."""
     B, NH, Sp, DK = q.shape
-    DV = v.shape[-1]
     NC = Sp // L
     scale = DK ** -0.5
+    has_init = c0 is not None
     m_row, n_row, arg_row, c_in, n_in, m_in = saved
-    c_last, n_last, m_last, arg_last = last
-    dc_last, dn_last, dm_last = dlast
 
     # The normalizer as one more value column (m held constant); dm from the eps term.
     den = torch.maximum(n_row.abs(), torch.exp(-m_row)) + eps           # [B, NH, Sp]
@@ -112,52 +123,65 @@ def _backward(q, k, v, i, fl, c0, n0, m0, eps, L, h, dh, saved, last, dlast):
     b, g, a = _chunk_gates(fl, i, NC, L)
     log_d = _intra_logits(b, i.view(B, NH, NC, L))
     m_c = m_row.view(B, NH, NC, L)
-    weights = torch.exp(log_d - m_c[..., None])                        # [B, NH, NC, L, L]
-    w_carried = torch.exp(b + m_in[..., None] - m_c)                   # [B, NH, NC, L]
+    weights = torch.exp(log_d.sub_(m_c[..., None]))                    # [B, NH, NC, L, L]
+    del log_d
     qs = qc * scale
 
     # Inside the chunks: gated linear attention with values [v, 1].
     dscores = (dnum_c @ vc.transpose(-1, -2)).add_(dn_c[..., None]).mul_(weights)
-    dq = (dscores @ kc) * scale
-    dk = (dscores.transpose(-1, -2) @ qc) * scale
+    dq = (dscores @ kc).mul_(scale)
+    dk = (dscores.transpose(-1, -2) @ qc).mul_(scale)
+    del dscores
     scores = (qs @ kc.transpose(-1, -2)).mul_(weights)
     dv = scores.transpose(-1, -2) @ dnum_c
-    del dscores, scores, weights, log_d
-    # Through the entry state of each chunk.
-    wdn = w_carried[..., None] * dnum_c                                 # [B, NH, NC, L, DV]
-    dq += scale * w_carried[..., None] * (dnum_c @ c_in.transpose(-1, -2)
-                                          + dn_c[..., None] * n_in[..., None, :])
-    dc_direct = qs.transpose(-1, -2) @ wdn                             # [B, NH, NC, DK, DV]
-    dn_direct = (qs * (w_carried * dn_c)[..., None]).sum(-2)           # [B, NH, NC, DK]
+    del scores, weights
+
+    # Through the entry state of each chunk (chunk 0's is empty without an initial state).
+    first = 0 if has_init else 1
+    dc_direct = q.new_zeros(B, NH, NC, *c_in.shape[-2:])               # [B, NH, NC, DK, DV]
+    dn_direct = q.new_zeros(B, NH, NC, DK)
+    if first < NC:
+        sl = slice(first, None)
+        w_carried = torch.exp(b[:, :, sl] + m_in[:, :, sl, None] - m_c[:, :, sl])
+        dq[:, :, sl] += scale * w_carried[..., None] * (
+            dnum_c[:, :, sl] @ c_in[:, :, sl].transpose(-1, -2)
+            + dn_c[:, :, sl, :, None] * n_in[:, :, sl, None, :])
+        dc_direct[:, :, sl] = qs[:, :, sl].transpose(-1, -2) @ (w_carried[..., None] * dnum_c[:, :, sl])
+        dn_direct[:, :, sl] = (qs[:, :, sl] * (w_carried * dn_c[:, :, sl])[..., None]).sum(-2)
 
     # Reverse scan: the gradient of the state leaving chunk c, then of the state entering it.
+    if last is None:
+        m_last = torch.maximum(g[..., -1] + m_in[..., -1], a[:, :, -1].amax(-1))[..., None]
+        dc_s, dn_s = torch.zeros_like(c_in[:, :, 0]), torch.zeros_like(n_in[:, :, 0])
+    else:
+        m_last = last[2]
+        dc_s, dn_s = dlast[0], dlast[1]
     m_out = torch.cat([m_in[..., 1:], m_last], dim=-1)                 # [B, NH, NC]
     decay = torch.exp(g + m_in - m_out)
-    dc_out = q.new_empty(B, NH, NC, DK, DV)
-    dn_out = q.new_empty(B, NH, NC, DK)
-    dc_s, dn_s = dc_last, dn_last
+    dc_out = torch.empty_like(c_in)
+    dn_out = torch.empty_like(n_in)
     for c in reversed(range(NC)):
         dc_out[:, :, c], dn_out[:, :, c] = dc_s, dn_s
-        dc_s = decay[..., c, None, None] * dc_s + dc_direct[:, :, c]
-        dn_s = decay[..., c, None] * dn_s + dn_direct[:, :, c]
+        dc_s = torch.addcmul(dc_direct[:, :, c], decay[..., c, None, None], dc_s)
+        dn_s = torch.addcmul(dn_direct[:, :, c], decay[..., c, None], dn_s)
     gain = torch.exp(a - m_out[..., None])[..., None]                  # [B, NH, NC, L, 1]
     dk += gain * (vc @ dc_out.transpose(-1, -2) + dn_out[..., None, :])
     dv += gain * (kc @ dc_out)
 
     dq, dk, dv = (x.reshape(B, NH, Sp, -1) for x in (dq, dk, dv))
     di = (k * dk).sum(-1)                                              # [B, NH, Sp]
-    dF = (q * dq).sum(-1) - di
-    dm0 = None
-    if c0 is not None:
-        dm0 = (dc_s * c0).sum((-2, -1)) + (dn_s * n0).sum(-1)            # [B, NH]
-    # The last state's stabilizer: F_last enters it with weight one; what is left of dm_last
-    # after removing the m-constant part goes to the key that set m_last (its argmax).
-    dm_last = dm_last[..., 0]
-    dm_last_eff = dm_last - (dc_last * c_last).sum((-2, -1)) - (dn_last * n_last).sum(-1)
-    dF += dm_row
-    dF[..., -1] += dm_last
+    dF = (q * dq).sum(-1) - di + dm_row
+    dm0 = (dc_s * c0).sum((-2, -1)) + (dn_s * n0).sum(-1) if has_init else None   # [B, NH]
     _route_to_argmax(dm_row, arg_row, di, dF, dm0)
-    _route_to_argmax(dm_last_eff[..., None], arg_last[..., None], di, dF, dm0)
+    if last is not None:
+        # The last state's stabilizer: F_last enters it with weight one; what is left of dm_last
+        # after the m-constant part goes to the key that set m_last (its argmax).
+        c_last, n_last, _, arg_last = last
+        dc_last, dn_last, dm_last = dlast
+        dm_last = dm_last[..., 0]
+        dF[..., -1] += dm_last
+        dm_eff = dm_last - (dc_last * c_last).sum((-2, -1)) - (dn_last * n_last).sum(-1)
+        _route_to_argmax(dm_eff[..., None], arg_last[..., None], di, dF, dm0)
     dfl = dF.flip(-1).cumsum(-1).flip(-1)
     return dq, dk, dv, di, dfl, (dc_s, dn_s, None if dm0 is None else dm0[..., None])
 
@@ -175,10 +199,11 @@ def _route_to_argmax(dm, arg, di, dF, dm0):
 
 
 class MLSTMChunkwise(torch.autograd.Function):
-    """Chunkwise mLSTM on forward-ordered inputs; gates (B, NH, S); returns h, c, n, m."""
+    """Chunkwise mLSTM on forward-ordered inputs, gates (B, NH, S).
+    Returns h, and the last state c, n, m when need_last."""
 
     @staticmethod
-    def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, L):
+    def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, L, need_last):
         S = q.shape[2]
         ct = compute_dtype(q)
         has_init = c0 is not None
@@ -186,44 +211,42 @@ class MLSTMChunkwise(torch.autograd.Function):
         ip = pad_seq(i.to(ct), L, NEG)
         flp = pad_seq(F.logsigmoid(f.to(ct)), L)                       # padding keeps the state
         states = tuple(x.to(ct) for x in (c0, n0, m0)) if has_init else (None,) * 3
-        h, last, saved = _forward(qp, kp, vp, ip, flp, *states, eps, L)
+        h, last, saved = _forward(qp, kp, vp, ip, flp, *states, eps, L, need_last)
         h = h[:, :, :S]
         out = h.to(q.dtype)
-        ctx.save_for_backward(q, k, v, i, f, *(states if has_init else ()), h, *last, *saved)
-        ctx.meta = (eps, L, has_init, ct)
+        ctx.save_for_backward(q, k, v, i, f, *states, h, *(last or (None,) * 4), *saved)
+        ctx.meta = (eps, L, ct)
+        if not need_last:
+            return out
         ctx.mark_non_differentiable(last[3])
-        return out, last[0], last[1], last[2]
+        return out, *last[:3]
 
     @staticmethod
-    def backward(ctx, dh, dc_last, dn_last, dm_last):
-        eps, L, has_init, ct = ctx.meta
-        tensors = list(ctx.saved_tensors)
-        q, k, v, i, f = tensors[:5]
-        states = tuple(tensors[5:8]) if has_init else (None,) * 3
-        rest = tensors[8:] if has_init else tensors[5:]
-        h, last, saved = rest[0], tuple(rest[1:5]), tuple(rest[5:])
-        B, NH, S, DK = q.shape
-        DV = v.shape[-1]
+    def backward(ctx, dh, *dlast):
+        eps, L, ct = ctx.meta
+        q, k, v, i, f, c0, n0, m0, h, *rest = ctx.saved_tensors
+        last, saved = rest[:4], tuple(rest[4:])
+        last = None if last[0] is None else tuple(last)
+        S = q.shape[2]
         qp, kp, vp = (pad_seq(x.to(ct), L) for x in (q, k, v))
         ip = pad_seq(i.to(ct), L, NEG)
         fc = f.to(ct)
         flp = pad_seq(F.logsigmoid(fc), L)
         hp = pad_seq(h, L)
         dhp = pad_seq(dh.to(ct), L) if dh is not None else torch.zeros_like(hp)
-        dlast = (dc_last if dc_last is not None else q.new_zeros(B, NH, DK, DV, dtype=ct),
-                 dn_last if dn_last is not None else q.new_zeros(B, NH, DK, dtype=ct),
-                 dm_last if dm_last is not None else q.new_zeros(B, NH, 1, dtype=ct))
-        dlast = tuple(x.to(ct) for x in dlast)
-        dq, dk, dv, di, dfl, dstates = _backward(qp, kp, vp, ip, flp, *states, eps, L, hp, dhp,
-                                                 saved, last, dlast)
+        if last is not None:
+            dlast = tuple(torch.zeros_like(x) if d is None else d.to(ct)
+                          for d, x in zip(dlast, last[:3]))
+        dq, dk, dv, di, dfl, dstates = _backward(qp, kp, vp, ip, flp, c0, n0, m0, eps, L, hp, dhp,
+                                                 saved, last, dlast if last else None)
         cut = lambda x, like: x[:, :, :S].to(like.dtype)
         df = dfl[..., :S] * torch.sigmoid(-fc)
         grads = [cut(dq, q), cut(dk, k), cut(dv, v), cut(di, i), df.to(f.dtype)]
-        if has_init:
-            grads += [g.to(x.dtype) for g, x in zip(dstates, states)]
+        if c0 is not None:
+            grads += [g.to(x.dtype) for g, x in zip(dstates, (c0, n0, m0))]
         else:
             grads += [None] * 3
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def mlstm_chunkwise_torch(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, eps=1e-6,
@@ -233,7 +256,9 @@ def mlstm_chunkwise_torch(q, k, v, i, f, c_initial=None, n_initial=None, m_initi
     L = chunk_size or default_chunk_size(S, q.shape[-1], v.shape[-1], q.device)
     if reverse:
         q, k, v, i, f = (x.flip(2) for x in (q, k, v, i, f))
-    h, c, n, m = MLSTMChunkwise.apply(q, k, v, i, f, c_initial, n_initial, m_initial, eps, L)
+    out = MLSTMChunkwise.apply(q, k, v, i, f, c_initial, n_initial, m_initial, eps, L,
+                               return_last_states)
+    h, last = (out[0], tuple(out[1:])) if return_last_states else (out, None)
     if reverse:
         h = h.flip(2)
-    return h, ((c, n, m) if return_last_states else None)
+    return h, last
