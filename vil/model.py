@@ -1,0 +1,582 @@
+"""Vision-LSTM (ViL, NX-AI's ``VisionLSTM2``) on ``vil_kernels.mlstm``.
+
+Same constructor keywords, module tree, state_dict names and shapes, initialisation and outputs as
+the reference (vision_lstm/vision_lstm2.py); faster layers, both traversal directions through
+``mlstm(..., reverse=True)`` (no token flips), any input size divisible by the patch stride, and
+a timm-style interface (``forward_features``, ``forward_head``, ``forward_intermediates``).
+
+How a layer runs (``ViLLayer.forward``); ``inner = 2 * dim``, cell heads NH = 4, DH = inner / 4:
+
+1. ``proj_up``: one GEMM -> x_mlstm, z (views, no copies).
+2. Depthwise conv over the actual token grid, ``a = silu(conv(x_mlstm))``.
+3. q, k and the input/forget gate pre-activations in one batched matmul per cell head: the
+   block-diagonal (4 x 4 blocks) q/k projections are applied as dense (DH, DH) matrices per head,
+   which also writes q, k directly in the (B, NH, S, DH) layout the cell wants, and the gate
+   linear on cat(q, k, v) is folded into 8 extra output columns (gate = Wg_q q + Wg_k k + Wg_v v
+   + b, and q, k, v are linear in a and x_mlstm). v and its gate columns likewise from x_mlstm.
+   cat(q, k, v) is never built; the folded weights are rebuilt every call (tiny) so gradients
+   reach the stored parameters.
+4. ``vil_kernels.mlstm`` with ``reverse=True`` for the blocks walking from the bottom right.
+5. Output norm (per-head layer norm) + learnable skip + silu(z) gating: three passes in
+   inference (in the conv activation's buffer), plain autograd ops in training.
+6. ``proj_down``.
+"""
+
+import math
+import warnings
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vil_kernels
+
+from .layers import (CausalConv1d, DropPath, LayerNorm, LinearHeadwiseExpand, MultiHeadLayerNorm,
+                     SequenceConv2d, gated_outnorm, interpolate_pos_embed, to_2tuple)
+
+__all__ = ["VisionLSTM", "ViLBlockPair", "ViLBlock", "ViLLayer", "MatrixLSTMCell",
+           "SequenceTraversal", "PatchEmbed", "PosEmbed2d"]
+
+
+class SequenceTraversal(Enum):
+    ROWWISE_FROM_TOP_LEFT = "rowwise_from_top_left"
+    ROWWISE_FROM_BOT_RIGHT = "rowwise_from_bot_right"
+
+
+def _small_init_(param, dim):
+    nn.init.normal_(param, mean=0.0, std=math.sqrt(2 / (5 * dim)))
+
+
+def _wang_init_(param, dim, num_blocks):
+    nn.init.normal_(param, mean=0.0, std=2 / num_blocks / math.sqrt(dim))
+
+
+class MatrixLSTMCell(nn.Module):
+    """Holds the gate linears (on the 3 * inner channels of cat(q, k, v)) and the output norm.
+    ``forward(q, k, v)`` with (B, S, inner) inputs is the reference's plain path (kept for
+    completeness); ViLLayer calls the fused path."""
+
+    def __init__(self, dim, num_heads, norm_bias=True):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.igate = nn.Linear(3 * dim, num_heads)
+        self.fgate = nn.Linear(3 * dim, num_heads)
+        self.outnorm = MultiHeadLayerNorm(ndim=dim, weight=True, bias=norm_bias)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        self.outnorm.reset_parameters()
+        nn.init.zeros_(self.fgate.weight)
+        with torch.no_grad():
+            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, self.num_heads))
+        nn.init.zeros_(self.igate.weight)
+        nn.init.normal_(self.igate.bias, mean=0.0, std=0.1)
+
+    def forward(self, q, k, v, reverse=False, backend="auto", chunk_size=None):
+        B, S, _ = q.shape
+        NH = self.num_heads
+        qkv = torch.cat([q, k, v], dim=-1)
+        i = self.igate(qkv).transpose(1, 2)
+        f = self.fgate(qkv).transpose(1, 2)
+        heads = lambda x: x.view(B, S, NH, -1).transpose(1, 2)
+        h = vil_kernels.mlstm(heads(q), heads(k), heads(v), i, f, reverse=reverse,
+                              backend=backend, chunk_size=chunk_size)
+        return self.outnorm(h)
+
+
+class ViLLayer(nn.Module):
+    def __init__(self, dim, direction, expansion=2, qkv_block_size=4, proj_bias=True,
+                 norm_bias=True, conv_bias=True, conv_kernel_size=3, conv_kind="2d",
+                 init_weights="original", seqlens=None, num_blocks=None, mlstm_backend="auto",
+                 mlstm_chunk_size=None):
+        super().__init__()
+        if dim % qkv_block_size:
+            raise ValueError(f"dim {dim} must be divisible by qkv_block_size {qkv_block_size}")
+        self.dim = dim
+        self.direction = direction
+        self.expansion = expansion
+        self.qkv_block_size = qkv_block_size
+        self.proj_bias = proj_bias
+        self.conv_bias = conv_bias
+        self.conv_kernel_size = conv_kernel_size
+        self.conv_kind = conv_kind
+        self.init_weights = init_weights
+        self.num_blocks = num_blocks
+        self.mlstm_backend = mlstm_backend
+        self.mlstm_chunk_size = mlstm_chunk_size
+        self.reverse = direction == SequenceTraversal.ROWWISE_FROM_BOT_RIGHT
+
+        inner = expansion * dim
+        self.inner_dim = inner
+        nb = inner // qkv_block_size
+        self.proj_up = nn.Linear(dim, 2 * inner, bias=proj_bias)
+        self.q_proj = LinearHeadwiseExpand(inner, nb, bias=proj_bias)
+        self.k_proj = LinearHeadwiseExpand(inner, nb, bias=proj_bias)
+        self.v_proj = LinearHeadwiseExpand(inner, nb, bias=proj_bias)
+        if conv_kind == "causal1d":
+            self.conv = CausalConv1d(inner, kernel_size=conv_kernel_size, bias=conv_bias)
+        elif conv_kind == "2d":
+            if conv_kernel_size % 2 != 1:
+                raise ValueError(f"conv_kind='2d' needs an odd conv_kernel_size, got {conv_kernel_size}")
+            self.conv = SequenceConv2d(inner, inner, kernel_size=conv_kernel_size,
+                                       padding=conv_kernel_size // 2, groups=inner, bias=conv_bias)
+        else:
+            raise ValueError(f"conv_kind must be '2d' or 'causal1d', got {conv_kind!r}")
+        self.mlstm_cell = MatrixLSTMCell(inner, num_heads=qkv_block_size, norm_bias=norm_bias)
+        if (inner // self.mlstm_cell.num_heads) % qkv_block_size:
+            raise ValueError("the cell's head dim must be a multiple of qkv_block_size")
+        self.learnable_skip = nn.Parameter(torch.ones(inner))
+        self.proj_down = nn.Linear(inner, dim, bias=proj_bias)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        _small_init_(self.proj_up.weight, dim=self.dim)
+        if self.proj_up.bias is not None:
+            nn.init.zeros_(self.proj_up.bias)
+        if self.init_weights == "original":
+            _wang_init_(self.proj_down.weight, dim=self.dim, num_blocks=1)
+        elif self.init_weights == "original-fixed":
+            _wang_init_(self.proj_down.weight, dim=self.dim, num_blocks=self.num_blocks)
+        else:
+            raise ValueError(f"init_weights must be 'original' or 'original-fixed', "
+                             f"got {self.init_weights!r}")
+        if self.proj_down.bias is not None:
+            nn.init.zeros_(self.proj_down.bias)
+        nn.init.ones_(self.learnable_skip)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            _small_init_(proj.weight, dim=self.dim)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+        self.mlstm_cell.reset_parameters()
+
+    def _fused_weights(self):
+        """Per cell head: [Wq | Wk | gate cols] (NH, DH, 2 DH + 8) applied to a, [Wv | gate cols]
+        (NH, DH, DH + 8) applied to x_mlstm, their biases, and the gates' constant (8,)."""
+        cell = self.mlstm_cell
+        NH = cell.num_heads
+        inner = self.inner_dim
+        DH = inner // NH
+        G = 2 * NH                                                     # i and f gates
+        wg = torch.cat([cell.igate.weight, cell.fgate.weight], 0)      # (G, 3 inner)
+        bg = torch.cat([cell.igate.bias, cell.fgate.bias], 0)          # (G,)
+        gq, gk, gv = (x.reshape(G, NH, DH).transpose(0, 1) for x in wg.split(inner, dim=1))
+        wq, wk, wv = (p.dense_per_group(DH) for p in (self.q_proj, self.k_proj, self.v_proj))
+        # gate_from_q = q @ gq^T = a @ (wq @ gq^T) + bq @ gq^T  (per head, summed over heads)
+        w_a = torch.cat([wq, wk, wq @ gq.transpose(1, 2) + wk @ gk.transpose(1, 2)], dim=2)
+        w_x = torch.cat([wv, wv @ gv.transpose(1, 2)], dim=2)
+        if self.q_proj.bias is not None:
+            bq, bk, bv = (p.bias.view(NH, DH) for p in (self.q_proj, self.k_proj, self.v_proj))
+            zeros = bq.new_zeros(NH, G)
+            b_a = torch.cat([bq, bk, zeros], dim=1)[:, None, :]        # (NH, 1, 2 DH + G)
+            b_x = torch.cat([bv, zeros], dim=1)[:, None, :]
+            const = bg + (gq @ bq[..., None] + gk @ bk[..., None] + gv @ bv[..., None]).sum((0, 2))
+        else:
+            b_a = b_x = None
+            const = bg
+        return w_a, w_x, b_a, b_x, const
+
+    def forward(self, x, grid=None):
+        B, S, _ = x.shape
+        inner = self.inner_dim
+        NH = self.mlstm_cell.num_heads
+        DH = inner // NH
+        G = 2 * NH
+        xz = self.proj_up(x)
+        x_m, z = xz[..., :inner], xz[..., inner:]
+        c = self.conv(x_m, grid, reverse=self.reverse)
+        a = F.silu(c, inplace=not torch.is_grad_enabled())
+        w_a, w_x, b_a, b_x, const = self._fused_weights()
+        heads = lambda t: t.view(B, S, NH, DH).transpose(1, 2)         # (B, NH, S, DH) view
+        qkg = heads(a) @ w_a                                           # (B, NH, S, 2 DH + G)
+        vg = heads(x_m) @ w_x                                          # (B, NH, S, DH + G)
+        if b_a is not None:
+            qkg = qkg.add_(b_a)
+            vg = vg.add_(b_x)
+        gates = (qkg[..., 2 * DH:].sum(1) + vg[..., DH:].sum(1) + const).transpose(1, 2)
+        q, k, v = qkg[..., :DH], qkg[..., DH:2 * DH], vg[..., :DH]
+        if x.is_cuda:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        gates = gates.contiguous()                                     # (B, G, S), tiny
+        h = vil_kernels.mlstm(q, k, v, gates[:, :NH], gates[:, NH:], reverse=self.reverse,
+                              backend=self.mlstm_backend, chunk_size=self.mlstm_chunk_size)
+        out = gated_outnorm(h, self.mlstm_cell.outnorm, self.learnable_skip, a, z)
+        return self.proj_down(out)
+
+    def forward_reference(self, x, grid=None):
+        """The reference's op order (cat(q, k, v) gate linear, headwise einsums), for checks."""
+        inner = self.inner_dim
+        xz = self.proj_up(x)
+        x_m, z = xz[..., :inner], xz[..., inner:]
+        a = F.silu(self.conv(x_m, grid, reverse=self.reverse))
+        q, k, v = self.q_proj(a), self.k_proj(a), self.v_proj(x_m)
+        h = self.mlstm_cell(q, k, v, reverse=self.reverse, backend=self.mlstm_backend,
+                            chunk_size=self.mlstm_chunk_size)
+        return self.proj_down((h + self.learnable_skip * a) * F.silu(z))
+
+
+class ViLBlock(nn.Module):
+    def __init__(self, dim, direction, drop_path=0.0, conv_kind="2d", conv_kernel_size=3,
+                 proj_bias=True, norm_bias=True, seqlens=None, num_blocks=None,
+                 init_weights="original", mlstm_backend="auto", mlstm_chunk_size=None):
+        super().__init__()
+        self.dim = dim
+        self.direction = direction
+        self.drop_path = DropPath(drop_prob=drop_path)
+        self.norm = LayerNorm(dim, weight=True, bias=norm_bias)
+        self.layer = ViLLayer(dim, direction, conv_kind=conv_kind,
+                              conv_kernel_size=conv_kernel_size, seqlens=seqlens,
+                              norm_bias=norm_bias, proj_bias=proj_bias, num_blocks=num_blocks,
+                              init_weights=init_weights, mlstm_backend=mlstm_backend,
+                              mlstm_chunk_size=mlstm_chunk_size)
+
+    def reset_parameters(self):
+        self.layer.reset_parameters()
+        self.norm.reset_parameters()
+
+    def _forward_path(self, x, grid=None):
+        return self.layer(self.norm(x), grid)
+
+    def forward(self, x, grid=None):
+        return self.drop_path(x, self._forward_path, grid=grid)
+
+
+class ViLBlockPair(nn.Module):
+    def __init__(self, dim, drop_path=0.0, **kwargs):
+        super().__init__()
+        self.rowwise_from_top_left = ViLBlock(
+            dim, SequenceTraversal.ROWWISE_FROM_TOP_LEFT, drop_path=drop_path, **kwargs)
+        self.rowwise_from_bot_right = ViLBlock(
+            dim, SequenceTraversal.ROWWISE_FROM_BOT_RIGHT, drop_path=drop_path, **kwargs)
+
+    def forward(self, x, grid=None):
+        return self.rowwise_from_bot_right(self.rowwise_from_top_left(x, grid), grid)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch embedding (key ``patch_embed.proj``); any input whose size minus the patch is a
+    multiple of the stride (for stride == patch: a multiple of the patch)."""
+
+    def __init__(self, dim, num_channels, resolution, patch_size, stride=None):
+        super().__init__()
+        self.resolution = to_2tuple(resolution)
+        self.patch_size = to_2tuple(patch_size)
+        self.stride = to_2tuple(stride) if stride is not None else self.patch_size
+        for r, p in zip(self.resolution, self.patch_size):
+            if r % p:
+                raise ValueError(f"resolution {self.resolution} is not divisible by the patch "
+                                 f"size {self.patch_size}")
+        # The position embedding's stored grid (the reference's `seqlens`): resolution / patch.
+        self.seqlens = [r // p for r, p in zip(self.resolution, self.patch_size)]
+        self.grid = self.grid_size(self.resolution)                   # tokens at `resolution`
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.proj = nn.Conv2d(num_channels, dim, kernel_size=self.patch_size, stride=self.stride)
+        self.reset_parameters()
+
+    def grid_size(self, hw):
+        out = []
+        for n, p, s in zip(hw, self.patch_size, self.stride):
+            if n < p or (n - p) % s:
+                raise ValueError(
+                    f"input size {tuple(hw)} does not fit patch size {self.patch_size} and stride "
+                    f"{self.stride}: each side must be >= the patch and (side - patch) a multiple "
+                    f"of the stride")
+            out.append((n - p) // s + 1)
+        return tuple(out)
+
+    def reset_parameters(self):
+        w = self.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        self.grid_size(x.shape[-2:])
+        return self.proj(x)                                            # (B, dim, H', W')
+
+
+class PosEmbed2d(nn.Module):
+    """Learnable (1, H, W, dim) position embedding (key ``pos_embed.embed``), bicubically resized
+    to the token grid of the input; the resized copy is cached per grid while it needs no grad."""
+
+    def __init__(self, seqlens, dim):
+        super().__init__()
+        self.seqlens = list(seqlens)
+        self.dim = dim
+        self.embed = nn.Parameter(torch.zeros(1, *seqlens, dim))
+        self._cache = {}
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.trunc_normal_(self.embed, std=0.02)
+        self._cache = {}
+
+    def get(self, grid, dtype=None):
+        """The embedding at ``grid`` as (1, H, W, dim)."""
+        grid = tuple(int(g) for g in grid)
+        if grid == tuple(self.embed.shape[1:3]):
+            e = self.embed
+        elif torch.compiler.is_compiling() or (torch.is_grad_enabled() and self.embed.requires_grad):
+            e = interpolate_pos_embed(self.embed, grid)
+        else:
+            key = (grid, self.embed.device, self.embed.dtype, torch.is_inference_mode_enabled())
+            hit = self._cache.get(key)
+            if hit is None or hit[0] != self.embed._version or hit[1] != self.embed.data_ptr():
+                with torch.no_grad():
+                    e = interpolate_pos_embed(self.embed, grid)
+                self._cache[key] = (self.embed._version, self.embed.data_ptr(), e)
+            else:
+                e = hit[2]
+        return e if dtype is None else e.to(dtype)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = {}
+        return super()._apply(fn, *args, **kwargs)
+
+
+_POOLINGS = ("bilateral_flatten", "bilateral_avg", "to_image", None)
+
+
+class VisionLSTM(nn.Module):
+    """Vision-LSTM (ViL) = NX-AI's ``VisionLSTM2``, on ``vil_kernels.mlstm``.
+
+    Every constructor keyword of the reference, with its default, plus:
+
+    Args:
+        mlstm_backend: passed to ``vil_kernels.mlstm`` ("auto", "triton", "torch", "parallel",
+            "recurrent").
+        mlstm_chunk_size: chunk length for the chunkwise backends (None: the operator picks).
+        img_size, num_classes, in_chans: timm-style aliases overriding ``input_shape[1:]``,
+            ``output_shape`` and ``input_shape[0]``.
+        out_indices: single-block indices (0 .. 2 * depth - 1) whose outputs
+            ``forward_intermediates`` returns by default (e.g. (7, 11, 15, 23) for ViL-T/S/B).
+
+    ``depth`` counts block *pairs* (ViL-T/S/B: 12 pairs = 24 blocks). Inputs of any size whose
+    sides fit the patch stride run without rebuilding the model.
+    """
+
+    def __init__(self, dim=192, input_shape=(3, 224, 224), patch_size=16, depth=12,
+                 output_shape=(1000,), mode="classifier", pooling="bilateral_flatten",
+                 drop_path_rate=0.0, drop_path_decay=False, stride=None, legacy_norm=False,
+                 conv_kind="2d", conv_kernel_size=3, proj_bias=True, norm_bias=True,
+                 init_weights="original", mlstm_backend="auto", mlstm_chunk_size=None,
+                 img_size=None, num_classes=None, in_chans=None, out_indices=None):
+        if depth == 24 and dim < 1024:
+            warnings.warn("VisionLSTM depth counts block pairs: ViL-T/S/B use depth=12 (24 blocks); "
+                          "are you sure you want depth=24?")
+        super().__init__()
+        input_shape = tuple(input_shape)
+        if in_chans is not None:
+            input_shape = (in_chans,) + input_shape[1:]
+        if img_size is not None:
+            input_shape = (input_shape[0],) + to_2tuple(img_size)
+        if num_classes is not None:
+            output_shape = (num_classes,)
+        if len(input_shape) != 3:
+            raise ValueError(f"input_shape must be (channels, height, width), got {input_shape}")
+        if mode not in ("classifier", "features"):
+            raise ValueError(f"mode must be 'classifier' or 'features', got {mode!r}")
+        if pooling not in _POOLINGS:
+            raise ValueError(f"pooling must be one of {_POOLINGS}, got {pooling!r}")
+        if mlstm_backend not in vil_kernels.BACKENDS:
+            raise ValueError(f"mlstm_backend must be one of {vil_kernels.BACKENDS}, got {mlstm_backend!r}")
+        self.input_shape = input_shape
+        self.output_shape = tuple(output_shape) if output_shape is not None else None
+        self.patch_size = to_2tuple(patch_size)
+        self.dim = dim
+        self.depth = depth
+        self.stride = stride
+        self.mode = mode
+        self.pooling = pooling
+        self.drop_path_rate = drop_path_rate
+        self.drop_path_decay = drop_path_decay
+        self.legacy_norm_enabled = legacy_norm
+        self.conv_kind = conv_kind
+        self.conv_kernel_size = conv_kernel_size
+        self.proj_bias = proj_bias
+        self.norm_bias = norm_bias
+        self.init_weights = init_weights
+        self.mlstm_backend = mlstm_backend
+        self.mlstm_chunk_size = mlstm_chunk_size
+        self.num_blocks = 2 * depth
+        self.out_indices = tuple(out_indices) if out_indices is not None else None
+        self.num_features = self.embed_dim = dim
+
+        self.patch_embed = PatchEmbed(dim, input_shape[0], input_shape[1:], self.patch_size,
+                                      stride=stride)
+        self.pos_embed = PosEmbed2d(self.patch_embed.seqlens, dim)
+        if drop_path_decay and drop_path_rate > 0.0:
+            dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        else:
+            dpr = [drop_path_rate] * depth
+        self.blocks = nn.ModuleList([
+            ViLBlockPair(dim, drop_path=dpr[p], conv_kind=conv_kind,
+                         conv_kernel_size=conv_kernel_size, seqlens=self.patch_embed.grid,
+                         proj_bias=proj_bias, norm_bias=norm_bias, num_blocks=2 * depth,
+                         init_weights=init_weights, mlstm_backend=mlstm_backend,
+                         mlstm_chunk_size=mlstm_chunk_size)
+            for p in range(depth)])
+        head_dim = 2 * dim if (pooling == "bilateral_flatten" and mode == "classifier") else dim
+        self.head_dim = head_dim
+        self.norm = LayerNorm(dim, bias=norm_bias, eps=1e-6)
+        self.legacy_norm = nn.LayerNorm(head_dim) if legacy_norm else nn.Identity()
+        if mode == "features":
+            self.head = None
+            if pooling not in ("to_image", None):
+                warnings.warn(f"mode='features' supports pooling None or 'to_image'; "
+                              f"ignoring pooling={pooling!r}")
+                self.pooling = None
+            g = self.patch_embed.grid
+            self.output_shape = ((g[0] * g[1], dim) if self.pooling is None else (dim, *g))
+        else:
+            if self.output_shape is None or len(self.output_shape) != 1:
+                raise ValueError("mode='classifier' needs output_shape=(num_classes,)")
+            self.head = nn.Linear(head_dim, self.output_shape[0])
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+        self.num_classes = self.output_shape[0] if mode == "classifier" else 0
+
+    # ----------------------------------------------------------------------------------- utils
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {"pos_embed.embed"}
+
+    def set_mlstm_backend(self, backend, chunk_size=None):
+        """Switch every block's cell backend (and chunk size) in place."""
+        if backend not in vil_kernels.BACKENDS:
+            raise ValueError(f"backend must be one of {vil_kernels.BACKENDS}, got {backend!r}")
+        self.mlstm_backend, self.mlstm_chunk_size = backend, chunk_size
+        for m in self.modules():
+            if isinstance(m, ViLLayer):
+                m.mlstm_backend, m.mlstm_chunk_size = backend, chunk_size
+        return self
+
+    def grid_size(self, img_hw):
+        """Token grid (H', W') for an input of spatial size ``img_hw``."""
+        return self.patch_embed.grid_size(img_hw)
+
+    def iter_blocks(self):
+        """The 2 * depth single blocks in execution order."""
+        for pair in self.blocks:
+            yield pair.rowwise_from_top_left
+            yield pair.rowwise_from_bot_right
+
+    # --------------------------------------------------------------------------------- forward
+    def _embed(self, x):
+        x = self.patch_embed(x)                                        # (B, dim, H', W')
+        B, D, H, W = x.shape
+        x = x.permute(0, 2, 3, 1) + self.pos_embed.get((H, W), x.dtype)
+        return x.reshape(B, H * W, D), (H, W)
+
+    def _resolve_indices(self, indices):
+        n = self.num_blocks
+        if indices is None:
+            indices = self.out_indices if self.out_indices is not None else (n - 1,)
+        if isinstance(indices, int):                                   # timm: the last n blocks
+            indices = tuple(range(n - indices, n))
+        out = []
+        for i in indices:
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise IndexError(f"block index {i} out of range for {n} blocks")
+            out.append(j)
+        return sorted(set(out))
+
+    def forward_features(self, x, return_intermediates=False, out_indices=None,
+                         output_fmt="NCHW", norm=False):
+        """Tokens after the final norm, (B, S, dim), row-major over the token grid.
+
+        With ``return_intermediates=True``, returns ``(tokens, intermediates)``, the outputs of
+        the single blocks ``out_indices`` (default: the constructor's ``out_indices``, else the
+        last block) as (B, dim, H', W') maps (``output_fmt="NCHW"``) or (B, S, dim) tokens
+        (``"NLC"``); ``norm=True`` applies the final norm to them.
+        """
+        grid_hw = None
+        x, grid_hw = self._embed(x)
+        want = set(self._resolve_indices(out_indices)) if return_intermediates else ()
+        inter = []
+        for idx, block in enumerate(self.iter_blocks()):
+            x = block(x, grid_hw)
+            if idx in want:
+                inter.append(self._format(self.norm(x) if norm else x, grid_hw, output_fmt))
+        x = self.norm(x)
+        return (x, inter) if return_intermediates else x
+
+    def _format(self, x, grid_hw, output_fmt):
+        if output_fmt == "NLC":
+            return x
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        B, S, D = x.shape
+        return x.transpose(1, 2).reshape(B, D, *grid_hw)
+
+    def forward_intermediates(self, x, indices=None, norm=False, output_fmt="NCHW",
+                              intermediates_only=False):
+        """timm-style: ``(final, intermediates)`` or only the intermediates. ``indices``: list of
+        single-block indices (negative from the end) or an int n for the last n blocks."""
+        grid_hw = self.grid_size(x.shape[-2:])
+        feats, inter = self.forward_features(x, True, indices, output_fmt, norm)
+        if intermediates_only:
+            return inter
+        return self.forward_head(feats, grid=grid_hw), inter
+
+    def forward_head(self, x, pre_logits=False, grid=None):
+        """Pooling, legacy norm and head on (B, S, dim) tokens from ``forward_features``."""
+        if self.pooling is None:
+            x = self.legacy_norm(x)
+        elif self.pooling == "to_image":
+            x = self.legacy_norm(x)
+            B, S, D = x.shape
+            H, W = grid if grid is not None else _square(S)
+            x = x.transpose(1, 2).reshape(B, D, H, W)
+        elif self.pooling == "bilateral_avg":
+            x = self.legacy_norm((x[:, 0] + x[:, -1]) / 2)
+        else:  # bilateral_flatten
+            x = self.legacy_norm(torch.cat([x[:, 0], x[:, -1]], dim=1))
+        if pre_logits or self.head is None:
+            return x
+        return self.head(x)
+
+    def forward(self, x):
+        grid_hw = self.grid_size(x.shape[-2:])
+        return self.forward_head(self.forward_features(x), grid=grid_hw)
+
+    # --------------------------------------------------------------------------- checkpoints
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """``nn.Module.load_state_dict`` after adapting a ViL state_dict to this model: the
+        position embedding is resized to this model's grid; in ``mode="features"`` the
+        classifier's head and legacy norm are dropped (with or without ``legacy_norm``). The
+        caller's dict is not modified."""
+        return super().load_state_dict(self.adapt_state_dict(state_dict), strict=strict,
+                                       assign=assign)
+
+    def adapt_state_dict(self, state_dict):
+        sd = dict(state_dict)
+        key = "pos_embed.embed"
+        if key in sd and tuple(sd[key].shape) != tuple(self.pos_embed.embed.shape):
+            old = sd[key]
+            if old.dim() != 4 or old.shape[0] != 1 or old.shape[-1] != self.dim:
+                raise ValueError(f"{key} of shape {tuple(old.shape)} cannot be resized to "
+                                 f"{tuple(self.pos_embed.embed.shape)}")
+            with torch.no_grad():
+                sd[key] = interpolate_pos_embed(old.float(), self.pos_embed.seqlens).to(old.dtype)
+        if self.mode == "features":
+            sd.pop("head.weight", None)
+            sd.pop("head.bias", None)
+            own = self.state_dict()
+            for k in ("legacy_norm.weight", "legacy_norm.bias"):
+                # The classifier's legacy norm acts on the pooled features (2 * dim wide for
+                # bilateral_flatten): features use this model's own, as in the reference; and a
+                # model without legacy_norm simply drops it (the reference fails there).
+                if k in own:
+                    sd[k] = own[k]
+                else:
+                    sd.pop(k, None)
+        return sd
+
+
+def _square(S):
+    H = math.isqrt(S)
+    if H * H != S:
+        raise ValueError(f"{S} tokens are not a square grid; pass grid=(H, W)")
+    return H, H
