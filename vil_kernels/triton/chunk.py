@@ -131,3 +131,102 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     if c0 is not None:
         dm0 = dm0 + (dc0 * c0.to(ad)).sum((-2, -1)) + (dn0 * n0.to(ad)).sum(-1)
     return dq, dk, dv, di.to(i.dtype), df.to(f.dtype), dc0, dn0, dm0[..., None]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library ops (opaque to torch.compile, with fake implementations) and autograd.
+
+_T = torch.Tensor
+_T8 = tuple[_T, _T, _T, _T, _T, _T, _T, _T]
+_T11 = tuple[_T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T]
+
+@torch.library.custom_op("vil_kernels::mlstm_chunk_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+            c0: torch.Tensor | None, n0: torch.Tensor | None, m0: torch.Tensor | None,
+            eps: float, chunk: int, reverse: bool) -> _T11:
+    return mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse):
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    NC = -(-S // chunk)
+    ad, i32 = _acc_dtype(q), torch.int32
+    e = lambda *shape, dtype=ad: q.new_empty(shape, dtype=dtype)
+    return (e(B, NH, S, DV, dtype=q.dtype), e(B, NH, DK, DV), e(B, NH, DK), e(B, NH, 1),
+            e(B, NH, dtype=i32), e(B, NH, S), e(B, NH, S), e(B, NH, S, dtype=i32),
+            e(B, NH, NC, DK, DV), e(B, NH, NC, DK), e(B, NH, NC))
+
+
+@torch.library.custom_op("vil_kernels::mlstm_chunk_bwd", mutates_args=())
+def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
+            c0: torch.Tensor | None, n0: torch.Tensor | None, m0: torch.Tensor | None,
+            h: torch.Tensor, dh: torch.Tensor, dc_last: torch.Tensor, dn_last: torch.Tensor,
+            dm_last: torch.Tensor, c_last: torch.Tensor, n_last: torch.Tensor,
+            m_last: torch.Tensor, a_last: torch.Tensor, m_row: torch.Tensor, n_row: torch.Tensor,
+            a_row: torch.Tensor, c_in: torch.Tensor, n_in: torch.Tensor, m_in: torch.Tensor,
+            eps: float, chunk: int, reverse: bool) -> _T8:
+    return mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last, c_last, n_last,
+                     m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, eps, chunk, reverse)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, *rest):
+    B, NH, S, DK = q.shape
+    ad = _acc_dtype(q)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(i),
+            torch.empty_like(f), q.new_empty(dc_last.shape, dtype=ad),
+            q.new_empty(B, NH, DK, dtype=ad), q.new_empty(B, NH, 1, dtype=ad))
+
+
+class MLSTMTritonFunction(torch.autograd.Function):
+    """Forward-order or reverse mLSTM on (B, NH, S) gates; returns h, c_last, n_last, m_last."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, chunk, reverse):
+        q, k, v, i, f = (x.contiguous() for x in (q, k, v, i, f))
+        has_init = c0 is not None
+        if has_init:
+            c0, n0, m0 = (x.contiguous() for x in (c0, n0, m0))
+        out = _fwd_op(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse)
+        h, c_last, n_last, m_last = out[:4]
+        ctx.save_for_backward(q, k, v, i, f, *((c0, n0, m0) if has_init else ()), *out)
+        ctx.meta = (eps, chunk, reverse, has_init)
+        return h, c_last, n_last, m_last
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dh, dc_last, dn_last, dm_last):
+        eps, chunk, reverse, has_init = ctx.meta
+        saved = list(ctx.saved_tensors)
+        q, k, v, i, f = saved[:5]
+        init = tuple(saved[5:8]) if has_init else (None, None, None)
+        out = saved[8:] if has_init else saved[5:]
+        h, c_last, n_last, m_last = out[:4]
+        dh = torch.zeros_like(h) if dh is None else dh.to(h.dtype).contiguous()
+        dc_last = torch.zeros_like(c_last) if dc_last is None else dc_last.contiguous()
+        dn_last = torch.zeros_like(n_last) if dn_last is None else dn_last.contiguous()
+        dm_last = torch.zeros_like(m_last) if dm_last is None else dm_last.contiguous()
+        dq, dk, dv, di, df, dc0, dn0, dm0 = _bwd_op(q, k, v, i, f, *init, h, dh, dc_last, dn_last,
+                                                    dm_last, *out[1:], eps, chunk, reverse)
+        if has_init:
+            dstates = tuple(g.to(x.dtype) for g, x in zip((dc0, dn0, dm0), init))
+        else:
+            dstates = (None, None, None)
+        return dq, dk, dv, di, df, *dstates, None, None, None
+
+
+def mlstm_triton(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, eps=1e-6,
+                 chunk_size=None, reverse=False, return_last_states=False):
+    """Fused chunkwise mLSTM. Validated inputs (vil_kernels.mlstm checks them), gates (B, NH, S).
+    Returns (h, (c, n, m)) with return_last_states, else (h, None); states float32 (float64 for
+    float64 inputs, supported under the interpreter only)."""
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    arch = heuristics.device_arch(q.device)
+    BT = heuristics.chunk_len(S, DK, DV, q.dtype, arch, chunk_size)
+    h, c, n, m = MLSTMTritonFunction.apply(q, k, v, i, f, c_initial, n_initial, m_initial,
+                                           float(eps), BT, bool(reverse))
+    return h, ((c, n, m) if return_last_states else None)
