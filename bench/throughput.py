@@ -511,6 +511,7 @@ class Progress:
             except ImportError:
                 pass
         self.total, self.done, self.desc = total, 0, ""
+        self.t0 = time.perf_counter()
 
     def set(self, desc):
         self.desc = desc
@@ -523,6 +524,9 @@ class Progress:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
+        elif self.enabled and n == 1:
+            print(f"[{self.done}/{self.total}] {self.desc}: step done "
+                  f"({time.perf_counter() - self.t0:.0f} s)", file=sys.stderr, flush=True)
 
     def write(self, msg):
         if self.bar is not None:
@@ -573,6 +577,7 @@ def run_row(spec, model_key, resolution, args, mem, progress):
         for mode in modes:
             progress.set(f"{label} @{resolution}: {mode}, batch {batch}")
             while True:
+                oom = False
                 try:
                     t, peak = measure(runner, mode, batch, args.num_warm_iter,
                                       args.num_bench_iter, mem, progress.tick)
@@ -580,7 +585,10 @@ def run_row(spec, model_key, resolution, args, mem, progress):
                 except Exception as e:  # noqa: BLE001 - only out-of-memory is retried
                     if not is_oom(e):
                         raise
+                    oom = True
+                if oom:   # outside the except clause, so the traceback's tensors are freed
                     runner.opt = None
+                    runner.model.zero_grad(set_to_none=True)
                     _free(args.device)
                     if batch == 1:
                         notes.append(f"{mode}: out of memory at batch 1")
@@ -593,6 +601,7 @@ def run_row(spec, model_key, resolution, args, mem, progress):
                     batch //= 2
             row["batch_size"] = batch
             key = "infer" if mode == "inference" else "train"
+            row[f"{key}_batch_size"] = batch
             row[f"{key}_ms_per_step"] = None if t is None else t * 1e3
             row[f"{key}_img_s"] = None if t is None else batch / t
             row[f"{key}_peak_mib"] = None if peak is None else peak / 2**20
@@ -639,6 +648,8 @@ def format_table(rows):
             v = r.get(key)
             if key.endswith("_vs_ours") and v is not None:
                 cells.append(f"x{v:.2f}")
+            elif key == "batch_size" and r.get("infer_batch_size", v) != r.get("train_batch_size", v):
+                cells.append(f"{r['infer_batch_size']}/{r['train_batch_size']}")
             else:
                 cells.append(_fmt(v, d))
         body.append(cells)
