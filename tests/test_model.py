@@ -511,3 +511,23 @@ def test_training_step_float32_torch_backend():
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
     opt.step()
+
+
+def test_inference_weight_cache_follows_parameter_updates():
+    """The folded gate/projection weights are cached in inference and rebuilt when a parameter
+    changes (optimizer step, load_state_dict, dtype change)."""
+    m = tiny()
+    x = images(1, 64)
+    with torch.no_grad():
+        m(x)
+        layer = m.blocks[0].rowwise_from_bot_right.layer
+        layer.mlstm_cell.igate.weight.add_(0.5)
+        layer.q_proj.bias.mul_(-1)
+        assert rel(m(x), ref_out(m, x)) < 1e-4
+    other = tiny(seed=3)
+    m.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        assert rel(m(x), other(x)) < 1e-6
+    m64 = m.double()
+    with torch.no_grad():
+        assert rel(m64(x.double()), ref_out(m64, x.double())) < 1e-10

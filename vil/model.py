@@ -177,6 +177,23 @@ class ViLLayer(nn.Module):
             const = bg
         return w_a, w_x, b_a, b_x, const
 
+    def _cached_fused_weights(self):
+        """``_fused_weights`` rebuilt only when a parameter changed, while no gradient is
+        needed (inference); with autograd or under torch.compile they are rebuilt every call."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._fused_weights()
+        cell = self.mlstm_cell
+        params = [cell.igate.weight, cell.igate.bias, cell.fgate.weight, cell.fgate.bias]
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            params += [proj.weight] + ([proj.bias] if proj.bias is not None else [])
+        key = (torch.is_inference_mode_enabled(),) + tuple((p._version, p.data_ptr(), p.dtype)
+                                                           for p in params)
+        cache = self.__dict__.get("_fused_cache")
+        if cache is None or cache[0] != key:
+            cache = (key, self._fused_weights())
+            self.__dict__["_fused_cache"] = cache
+        return cache[1]
+
     def forward(self, x, grid=None):
         B, S, _ = x.shape
         inner = self.inner_dim
@@ -187,7 +204,7 @@ class ViLLayer(nn.Module):
         x_m, z = xz[..., :inner], xz[..., inner:]
         c = self.conv(x_m, grid, reverse=self.reverse)
         a = F.silu(c, inplace=not torch.is_grad_enabled())
-        w_a, w_x, b_a, b_x, const = self._fused_weights()
+        w_a, w_x, b_a, b_x, const = self._cached_fused_weights()
         heads = lambda t: t.view(B, S, NH, DH).transpose(1, 2)         # (B, NH, S, DH) view
         qkg = heads(a) @ w_a                                           # (B, NH, S, 2 DH + G)
         vg = heads(x_m) @ w_x                                          # (B, NH, S, DH + G)
