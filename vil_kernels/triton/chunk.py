@@ -3,7 +3,7 @@
 Forward: mlstm_fwd_state_kernel (the (C, n, m) scan, entry state of every chunk) then
 mlstm_fwd_out_kernel (outputs per chunk; m, signed normalizer and argmax per row).
 Backward: a short O(S * DV) prologue (den, dden, dn, dm per row), mlstm_bwd_state_kernel (reverse
-scan of dC, dn), mlstm_bwd_intra_kernel (dq, dk, dv and q.dq, k.dk per row), then the O(S) gate
+scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv), then the O(S) gate
 epilogue of the spec: di = k.dk, dF = q.dq - k.dk + dm, eps term routed to the recorded argmax,
 reverse cumsum, times sigmoid(-f). No atomics anywhere: two runs give identical bits.
 """
@@ -15,8 +15,8 @@ import triton.language as tl
 from ..utils import NEG
 from . import heuristics
 from ._interp import interpreting, patch_interpreter
-from .kernels import (mlstm_bwd_intra_kernel, mlstm_bwd_state_kernel, mlstm_fwd_out_kernel,
-                      mlstm_fwd_state_kernel)
+from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_state_kernel,
+                      mlstm_fwd_out_kernel, mlstm_fwd_state_kernel)
 
 patch_interpreter()
 
@@ -34,6 +34,7 @@ def _dot_args(dtype):
 
 
 def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
+    patch_interpreter()
     p = heuristics.launch_params(name, DK, DV, BT, dtype, arch)
     meta = dict(BT=BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
     grid = grid(p["BK"], p["BV"]) if callable(grid) else grid
@@ -102,11 +103,18 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
             (q, dh, i, f, m_row, den, dn, m_in, m_last, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
              S, NC, DK, DV, rev, scale), DK, DV, BT, q.dtype, arch)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    rq = torch.empty(B, NH, S, dtype=ad, **kw)
-    rk = torch.empty(B, NH, S, dtype=ad, **kw)
-    _launch(mlstm_bwd_intra_kernel, "bwd_intra", (NC, B * NH),
+    p = heuristics.launch_params("bwd_dqk", DK, DV, BT, q.dtype, arch)
+    NK = triton.cdiv(DK, p["BK"])
+    rq = torch.empty(NK, B, NH, S, dtype=ad, **kw)
+    rk = torch.empty(NK, B, NH, S, dtype=ad, **kw)
+    _launch(mlstm_bwd_dqk_kernel, "bwd_dqk", (NK, NC, B * NH),
             (q, k, v, i, f, dh, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
-             dq, dk, dv, rq, rk, S, NC, DK, DV, rev, scale), DK, DV, BT, q.dtype, arch)
+             dq, dk, rq, rk, S, NC, DK, DV, rev, scale), DK, DV, BT, q.dtype, arch)
+    _launch(mlstm_bwd_dv_kernel, "bwd_dv",
+            lambda BK, BV: (triton.cdiv(DV, BV), NC, B * NH),
+            (q, k, dh, i, f, m_row, den, m_in, m_last, dc_out, dv,
+             S, NC, DK, DV, rev, scale), DK, DV, BT, q.dtype, arch)
+    rq, rk = rq.sum(0), rk.sum(0)                                  # fixed order: deterministic
 
     # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse).
     di = rk

@@ -17,7 +17,7 @@ from ..utils import next_power_of_2
 # computes the same function (the chunk length only changes the rounding).
 MAX_BT = 128
 DEFAULT_BT = 64
-KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_intra")
+KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv")
 
 
 def device_arch(device):
@@ -48,21 +48,25 @@ def launch_params(kernel, DK, DV, BT, dtype, arch):
     """BK, BV, num_warps, num_stages for one kernel. dtype: the inputs' torch dtype."""
     assert kernel in KERNELS, kernel
     BK, BV = head_block(DK), head_block(DV)
-    num_warps = 8 if BT >= 128 else 4
-    num_stages = 2 if arch >= 80 else 1
-    if kernel == "bwd_intra" and BT >= 128:
-        # five [BT, BT] / [BT, B*] fp32 tiles live at once: halve the head-dim tiles
+    if dtype == torch.float32:
+        # tf32x3 splits every fp32 operand into two tf32 tiles: half-size head-dim tiles
+        BK, BV = min(BK, 32), min(BV, 32)
+    num_warps = 8 if BT >= 64 else 4
+    num_stages = 1
+    if BT >= 128 and kernel != "fwd_state" and kernel != "bwd_state":
+        # a [128, 128] fp32 tile is 64 registers a thread at 8 warps: halve the head-dim tiles
         BK, BV = min(BK, 32), min(BV, 32)
     return dict(BK=BK, BV=BV, num_warps=num_warps, num_stages=num_stages)
 
 
 def dot_config(dtype):
     """(MMA operand dtype, accumulator dtype, tl.dot input_precision) names for an input dtype.
-    float32 inputs use IEEE float32 products (TF32 would miss the 2e-4 contract)."""
+    float32 inputs use tf32x3 (three TF32 tensor-core products, float32-level accuracy; plain
+    TF32 would miss the 2e-4 contract)."""
     if dtype == torch.float64:
         return "fp64", "fp64", "ieee"
     if dtype == torch.float32:
-        return "fp32", "fp32", "ieee"
+        return "fp32", "fp32", "tf32x3"
     if dtype == torch.float16:
         return "fp16", "fp32", "ieee"
     return "bf16", "fp32", "ieee"

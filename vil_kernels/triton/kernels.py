@@ -14,6 +14,7 @@ Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
   a_row         [S] int32      logical index of the row's argmax key, -1 = the initial state
   c_in, n_in    [NC, DK(, DV)] state entering each chunk, m_in / a_in [NC] its m and argmax
   dc_out, dn_out [NC, DK(, DV)] gradient of the state leaving each chunk
+  rq, rk        [NK, S]        per K block: q . dq and k . dk per row (for the gate gradients)
 """
 
 import triton
@@ -135,15 +136,6 @@ def mlstm_fwd_out_kernel(
     o_s = i_bh * NC + i_c
     o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
     b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
-    b_min = tl.load(m_in + o_s).to(ACC)
-    b_ain = tl.load(a_in + o_s)
-    causal = o_i[:, None] >= o_i[None, :]
-    b_ld = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :], _NEG)   # [BT, BT]
-    b_mintra, b_jintra = tl.max(b_ld, axis=1, return_indices=True)
-    b_carry = b_b + b_min
-    b_m = tl.maximum(b_carry, b_mintra)                             # [BT]
-    b_arg = tl.where(b_carry >= b_mintra, b_ain, (b_jintra + i_c * BT).to(tl.int32))
-    b_w = tl.exp(b_carry - b_m) * scale                             # [BT]
 
     p_q, p_k = q + i_bh * S * DK, k + i_bh * S * DK
     b_qk = tl.zeros([BT, BT], dtype=ACC)
@@ -161,6 +153,15 @@ def mlstm_fwd_out_kernel(
         b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
         b_qc += _dot(b_q, b_c, MMA, ACC, PREC, INTERP)
         b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
+    b_min = tl.load(m_in + o_s).to(ACC)
+    b_ain = tl.load(a_in + o_s)
+    causal = o_i[:, None] >= o_i[None, :]
+    b_ld = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :], _NEG)   # [BT, BT]
+    b_mintra, b_jintra = tl.max(b_ld, axis=1, return_indices=True)
+    b_carry = b_b + b_min
+    b_m = tl.maximum(b_carry, b_mintra)                             # [BT]
+    b_arg = tl.where(b_carry >= b_mintra, b_ain, (b_jintra + i_c * BT).to(tl.int32))
+    b_w = tl.exp(b_carry - b_m) * scale                             # [BT]
     b_s = b_qk * scale * tl.exp(b_ld - b_m[:, None])                # [BT, BT]
     b_vt = tl.load(v + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :],
                    mask=m_t[:, None] & m_v[None, :], other=0.)      # [BT, BV]
@@ -224,108 +225,113 @@ def mlstm_bwd_state_kernel(
 
 
 @triton.jit
-def mlstm_bwd_intra_kernel(
+def mlstm_bwd_dqk_kernel(
     q, k, v, i, f, dh, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
-    dq, dk, dv, rq, rk,
+    dq, dk, rq, rk,
     S, NC, DK, DV, REVERSE, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """dq, dk, dv of one chunk, all head-dim blocks: grid (NC, B * NH), no atomics. Inside the
-    chunk: gated linear attention with values [v, 1]; plus the paths through the entry state
-    (dq) and the exit state (dk, dv). Also stores rq = q . dq and rk = k . dk per row."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    """dq, dk of one chunk and K block: grid (cdiv(DK, BK), NC, B * NH), no atomics.
+        dq = (dS * W) k s + wc (dnum C_in^T + dn n_in)
+        dk = (dS * W)^T q s + gain (v dC_out^T + dn_out),   dS = dnum v^T + dn
+    (gated linear attention with values [v, 1], plus the paths through the chunk's entry and
+    exit states). Also stores this K block's part of q . dq and k . dk per row in rq / rk
+    [NK, B * NH, S] (summed over blocks by the caller)."""
+    i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_i = tl.arange(0, BT)
     o_s = i_bh * NC + i_c
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < DK
     o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
+    m_tk = m_t[:, None] & m_k[None, :]
+    p_dh, p_v = dh + i_bh * S * DV, v + i_bh * S * DV
+    p_c, p_dc = c_in + o_s * DK * DV, dc_out + o_s * DK * DV
+    b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
+    b_ds = tl.zeros([BT, BT], dtype=ACC)
+    b_dqc = tl.zeros([BT, BK], dtype=ACC)
+    b_dkc = tl.zeros([BT, BK], dtype=ACC)
+    for i_v in range(tl.cdiv(DV, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < DV
+        m_tv = m_t[:, None] & m_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        b_dnum = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
+        b_dnum = b_dnum.to(ACC) / b_den[:, None]                                     # [BT, BV]
+        b_v = tl.load(p_v + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)   # [BT, BV]
+        b_c = tl.load(p_c + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)   # [BK, BV]
+        b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)
+        b_ds += _dot(b_dnum, tl.trans(b_v), MMA, ACC, PREC, INTERP)
+        b_dqc += _dot(b_dnum, tl.trans(b_c), MMA, ACC, PREC, INTERP)
+        b_dkc += _dot(b_v, tl.trans(b_dco), MMA, ACC, PREC, INTERP)
     b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
     b_min = tl.load(m_in + o_s).to(ACC)
     b_mout = tl.load(m_in + o_s + 1, mask=i_c + 1 < NC, other=0.).to(ACC)
     b_mout = tl.where(i_c + 1 < NC, b_mout, tl.load(m_last + i_bh).to(ACC))
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
     b_dnr = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
-    b_wt = tl.where(causal, tl.exp(b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None]),
-                    0.)                                              # [BT, BT]
     b_wc = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale      # [BT] entry-state weight
     b_gain = tl.exp(b_g - b_b + b_i - b_mout)                        # [BT] exit-state weight
+    causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
+    b_ds = tl.where(causal, (b_ds + b_dnr[:, None])
+                    * tl.exp(b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None]), 0.)
+    b_q = tl.load(q + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)
+    b_k = tl.load(k + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)
+    b_nin = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
+    b_dno = tl.load(dn_out + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
+    b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale \
+        + b_wc[:, None] * (b_dqc + b_dnr[:, None] * b_nin[None, :])
+    b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale \
+        + b_gain[:, None] * (b_dkc + b_dno[None, :])
+    tl.store(dq + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :], b_dq.to(dq.dtype.element_ty),
+             mask=m_tk)
+    tl.store(dk + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :], b_dk.to(dk.dtype.element_ty),
+             mask=m_tk)
+    o_r = (i_k * tl.num_programs(2) + i_bh) * S + o_p
+    tl.store(rq + o_r, tl.sum(b_q.to(ACC) * b_dq, axis=1).to(rq.dtype.element_ty), mask=m_t)
+    tl.store(rk + o_r, tl.sum(b_k.to(ACC) * b_dk, axis=1).to(rk.dtype.element_ty), mask=m_t)
 
-    p_q, p_k = q + i_bh * S * DK, k + i_bh * S * DK
-    p_v, p_dh = v + i_bh * S * DV, dh + i_bh * S * DV
-    p_c, p_dc = c_in + o_s * DK * DV, dc_out + o_s * DK * DV
+
+@triton.jit
+def mlstm_bwd_dv_kernel(
+    q, k, dh, i, f, m_row, den, m_in, m_last, dc_out, dv,
+    S, NC, DK, DV, REVERSE, scale,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """dv of one chunk and V block: grid (cdiv(DV, BV), NC, B * NH), no atomics.
+        dv = (s q k^T * W)^T dnum + gain (k dC_out)"""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_i = tl.arange(0, BT)
+    o_s = i_bh * NC + i_c
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
+    m_tv = m_t[:, None] & m_v[None, :]
+    p_q, p_k, p_dc = q + i_bh * S * DK, k + i_bh * S * DK, dc_out + o_s * DK * DV
     b_qk = tl.zeros([BT, BT], dtype=ACC)
-    for i_k in range(tl.cdiv(DK, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_tk = m_t[:, None] & (o_k < DK)[None, :]
-        b_q = tl.load(p_q + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)
-        b_k = tl.load(p_k + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)
-        b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
-    b_ds = tl.zeros([BT, BT], dtype=ACC)
-    for i_v in range(tl.cdiv(DV, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v < DV)[None, :]
-        b_dnum = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(ACC)
-        b_dnum = b_dnum / b_den[:, None]
-        b_v = tl.load(p_v + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
-        b_ds += _dot(b_dnum, tl.trans(b_v), MMA, ACC, PREC, INTERP)
-    b_ds = (b_ds + b_dnr[:, None]) * b_wt                            # [BT, BT] dS * weights
-    b_s = b_qk * scale * b_wt                                        # [BT, BT] scores
-
-    # dv = S^T dnum + gain * (k dC_out)
-    for i_v in range(tl.cdiv(DV, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < DV
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_dnum = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(ACC)
-        b_dnum = b_dnum / b_den[:, None]
-        b_kdc = tl.zeros([BT, BV], dtype=ACC)
-        for i_k in range(tl.cdiv(DK, BK)):
-            o_k = i_k * BK + tl.arange(0, BK)
-            m_k = o_k < DK
-            b_k = tl.load(p_k + o_p[:, None] * DK + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                          other=0.)
-            b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :],
-                            mask=m_k[:, None] & m_v[None, :], other=0.)          # [BK, BV]
-            b_kdc += _dot(b_k, b_dco, MMA, ACC, PREC, INTERP)
-        b_dv = _dot(tl.trans(b_s), b_dnum, MMA, ACC, PREC, INTERP) + b_gain[:, None] * b_kdc
-        tl.store(dv + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :],
-                 b_dv.to(dv.dtype.element_ty), mask=m_tv)
-
-    # dq = dS k s + wc (dnum C_in^T + dn n_in);  dk = dS^T q s + gain (v dC_out^T + dn_out)
-    b_rq = tl.zeros([BT], dtype=ACC)
-    b_rk = tl.zeros([BT], dtype=ACC)
+    b_kdc = tl.zeros([BT, BV], dtype=ACC)
     for i_k in range(tl.cdiv(DK, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < DK
         m_tk = m_t[:, None] & m_k[None, :]
         b_q = tl.load(p_q + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)   # [BT, BK]
         b_k = tl.load(p_k + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)   # [BT, BK]
-        b_dqc = tl.zeros([BT, BK], dtype=ACC)
-        b_dkc = tl.zeros([BT, BK], dtype=ACC)
-        for i_v in range(tl.cdiv(DV, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < DV
-            m_tv = m_t[:, None] & m_v[None, :]
-            m_kv = m_k[:, None] & m_v[None, :]
-            b_dnum = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
-            b_dnum = b_dnum.to(ACC) / b_den[:, None]                                 # [BT, BV]
-            b_v = tl.load(p_v + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
-            b_c = tl.load(p_c + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)
-            b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)
-            b_dqc += _dot(b_dnum, tl.trans(b_c), MMA, ACC, PREC, INTERP)
-            b_dkc += _dot(b_v, tl.trans(b_dco), MMA, ACC, PREC, INTERP)
-        b_nin = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
-        b_dno = tl.load(dn_out + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
-        b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale \
-            + b_wc[:, None] * (b_dqc + b_dnr[:, None] * b_nin[None, :])
-        b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale \
-            + b_gain[:, None] * (b_dkc + b_dno[None, :])
-        tl.store(dq + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :],
-                 b_dq.to(dq.dtype.element_ty), mask=m_tk)
-        tl.store(dk + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :],
-                 b_dk.to(dk.dtype.element_ty), mask=m_tk)
-        b_rq += tl.sum(b_q.to(ACC) * b_dq, axis=1)
-        b_rk += tl.sum(b_k.to(ACC) * b_dk, axis=1)
-    tl.store(rq + i_bh * S + o_p, b_rq.to(rq.dtype.element_ty), mask=m_t)
-    tl.store(rk + i_bh * S + o_p, b_rk.to(rk.dtype.element_ty), mask=m_t)
+        b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :],
+                        mask=m_k[:, None] & m_v[None, :], other=0.)                  # [BK, BV]
+        b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
+        b_kdc += _dot(b_k, b_dco, MMA, ACC, PREC, INTERP)
+    b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
+    b_mout = tl.load(m_in + o_s + 1, mask=i_c + 1 < NC, other=0.).to(ACC)
+    b_mout = tl.where(i_c + 1 < NC, b_mout, tl.load(m_last + i_bh).to(ACC))
+    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
+    b_gain = tl.exp(b_g - b_b + b_i - b_mout)                        # [BT] exit-state weight
+    causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
+    b_s = tl.where(causal, b_qk * scale
+                   * tl.exp(b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None]), 0.)
+    b_dnum = tl.load(dh + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
+    b_dnum = b_dnum.to(ACC) / b_den[:, None]                                         # [BT, BV]
+    b_dv = _dot(tl.trans(b_s), b_dnum, MMA, ACC, PREC, INTERP) + b_gain[:, None] * b_kdc
+    tl.store(dv + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+             mask=m_tv)

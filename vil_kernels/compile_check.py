@@ -1,0 +1,226 @@
+"""Ahead-of-time compile check of the Triton mLSTM kernels, no GPU needed.
+
+    python -m vil_kernels.compile_check            # every configuration the dispatcher can pick
+    python -m vil_kernels.compile_check --quick    # a representative subset (the test suite)
+
+Enumerates what vil_kernels.triton's dispatcher can launch: input dtypes (float32, float16,
+bfloat16) x head dims (DQK, DV) in {64, 96, 128, 192, 256, 384, 512}^2 x chunk lengths
+(16, 32, 64, 128) x the four kernels, maps each to its compiled variant (tiles, warps, stages,
+dtypes: head dims are runtime values, so many head dims share one binary), and compiles every
+distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
+registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, and the head dims
+each binary serves. Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
+sm_90: 227 KB), when a 16-bit build has no HMMA/HGMMA instruction, or on a compile error.
+"""
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+HEAD_DIMS = (64, 96, 128, 192, 256, 384, 512)
+CHUNKS = (16, 32, 64, 128)
+DTYPES = ("float32", "float16", "bfloat16")
+ARCHS = (80, 90)
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+_PTR = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _signature(name, dt, has_init):
+    """Argument types of each kernel (pointer dtypes for an input dtype dt; accumulators fp32)."""
+    x, a, i32 = f"*{_PTR[dt]}", "*fp32", "*i32"
+    if name == "fwd_state":
+        ptrs = [x, x, x, x] + [a] * 3 + [a, a, a, i32, a, a, a, i32]
+        scalars = ["i32"] * 5
+    elif name == "fwd_out":
+        ptrs = [x] * 5 + [a, a, a, i32, x, a, a, i32]
+        scalars = ["i32"] * 5 + ["fp32", "fp32"]
+    elif name == "bwd_state":
+        ptrs = [x, x, x, x] + [a] * 11
+        scalars = ["i32"] * 5 + ["fp32"]
+    elif name == "bwd_dqk":
+        ptrs = [x] * 6 + [a] * 9 + [x, x, a, a]
+        scalars = ["i32"] * 5 + ["fp32"]
+    else:  # bwd_dv
+        ptrs = [x, x, x, x, x] + [a] * 5 + [x]
+        scalars = ["i32"] * 5 + ["fp32"]
+    return ptrs, scalars
+
+
+def variants(quick=False, dims=None, chunks=None, dtypes=None):
+    """Distinct compiled variants the dispatcher can choose, each with the head dims it serves."""
+    import torch
+
+    from .triton import heuristics
+    out = {}
+    dims = dims or ((192,) if quick else HEAD_DIMS)
+    chunks = chunks or ((64,) if quick else CHUNKS)
+    dtypes = dtypes or (("bfloat16",) if quick else DTYPES)
+    for dt in dtypes:
+        for DK in dims:
+            for DV in dims:
+                for requested in chunks:
+                    BT = heuristics.chunk_len(4096, DK, DV, getattr(torch, dt), 90, requested)
+                    for name in heuristics.KERNELS:
+                        for arch in ARCHS:
+                            p = heuristics.launch_params(name, DK, DV, BT, getattr(torch, dt), arch)
+                            for has_init in ((False, True) if name == "fwd_state" else (None,)):
+                                key = (name, dt, arch, BT, p["BK"], p["BV"], p["num_warps"],
+                                       p["num_stages"], has_init)
+                                out.setdefault(key, set()).add((DK, DV))
+    return out
+
+
+def _bin(tool):
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def compile_one(key):
+    """Compile one variant; returns a result row (dict)."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton import knobs
+
+    from .triton import kernels
+    from .triton.heuristics import dot_config
+
+    name, dt, arch, BT, BK, BV, warps, stages, has_init = key
+    fn = getattr(kernels, f"mlstm_{name}_kernel")
+    import torch
+    mma, acc, prec = dot_config(getattr(torch, dt))
+    tl_of = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
+    ptrs, scalars = _signature(name, dt, has_init)
+    const_names = ["BT", "BK", "BV"] + (["HAS_INIT"] if name == "fwd_state" else []) + \
+        ["MMA", "ACC", "PREC", "INTERP"]
+    const_vals = [BT, BK, BV] + ([bool(has_init)] if name == "fwd_state" else []) + \
+        [tl_of[mma], tl_of[acc], prec, False]
+    arg_names = fn.arg_names
+    n_rt = len(arg_names) - len(const_names)
+    assert n_rt == len(ptrs) + len(scalars), (name, n_rt, len(ptrs), len(scalars))
+    sig = dict(zip(arg_names[:n_rt], ptrs + scalars))
+    sig.update({c: "constexpr" for c in const_names})
+    consts = dict(zip(const_names, const_vals))
+    # pointers are 16-byte aligned; DK and DV (scalars 2 and 3) are multiples of 16, which the
+    # JIT specializes on at launch as well
+    attrs = {(j,): [["tt.divisibility", 16]] for j in range(len(ptrs))}
+    attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in (2, 3)})
+    src = ASTSource(fn, sig, consts, attrs)
+    row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, BK=BK, BV=BV, warps=warps, stages=stages,
+               has_init=has_init, error=None)
+    t0 = time.time()
+    try:
+        knobs.cache.dir = tempfile.mkdtemp(prefix="vil_cc_")   # a fresh cache: ptxas runs, logs
+        knobs.nvidia.dump_ptxas_log = True
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                options=dict(num_warps=warps, num_stages=stages))
+        log = buf.getvalue()
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        return row
+    regs = re.findall(r"Used (\d+) registers", log)
+    spill_st = re.findall(r"(\d+) bytes spill stores", log)
+    spill_ld = re.findall(r"(\d+) bytes spill loads", log)
+    row["regs"] = int(regs[-1]) if regs else -1
+    row["spill"] = (int(spill_st[-1]) if spill_st else 0) + (int(spill_ld[-1]) if spill_ld else 0)
+    row["smem"] = int(ck.metadata.shared)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
+        fh.write(ck.asm["cubin"])
+        path = fh.name
+    try:
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.remove(path)
+    row["hmma"] = len(re.findall(r"\bHMMA\b", sass))
+    row["hgmma"] = len(re.findall(r"\bHGMMA\b", sass))
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
+
+
+def problems(row):
+    bad = []
+    if row["error"]:
+        return [row["error"]]
+    if row["spill"] > 0:
+        bad.append(f"spills {row['spill']} B")
+    if row["smem"] > SMEM_LIMIT[row["arch"]]:
+        bad.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[row['arch']]}")
+    if row["dtype"] in ("bfloat16", "float16") and row["hmma"] + row["hgmma"] == 0:
+        bad.append("no tensor-core MMA in SASS")
+    return bad
+
+
+def _dims_str(dims):
+    ks = sorted({d[0] for d in dims})
+    vs = sorted({d[1] for d in dims})
+    return f"DK{{{','.join(map(str, ks))}}} DV{{{','.join(map(str, vs))}}}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="head dim 192 (3 x 64 tiles), chunk 64, bfloat16, both archs: the "
+                         "ViL-S configuration, a representative subset for the test suite")
+    ap.add_argument("--dims", type=int, nargs="+", help="head dims (DQK and DV from these)")
+    ap.add_argument("--chunks", type=int, nargs="+", help="requested chunk sizes")
+    ap.add_argument("--arch", type=int, choices=ARCHS, action="append",
+                    help="only this arch (repeatable)")
+    ap.add_argument("--kernel", action="append", help="only this kernel (repeatable)")
+    ap.add_argument("--dtype", action="append", choices=DTYPES, help="only this dtype (repeatable)")
+    ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    todo = variants(args.quick, args.dims, args.chunks, args.dtype)
+    todo = {k: v for k, v in todo.items()
+            if (not args.arch or k[2] in args.arch) and (not args.kernel or k[0] in args.kernel)
+            and (not args.dtype or k[1] in args.dtype)}
+    keys = sorted(todo, key=lambda k: (k[0], k[1], k[2], k[3], k[4], k[5], str(k[8])))
+    env_had = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        if args.jobs > 1:
+            with ProcessPoolExecutor(args.jobs) as pool:
+                rows = list(pool.map(compile_one, keys))
+        else:
+            rows = [compile_one(k) for k in keys]
+    finally:
+        if env_had is not None:
+            os.environ["TRITON_INTERPRET"] = env_had
+    hdr = (f"{'kernel':<10} {'dtype':<8} {'arch':<5} {'BT':>3} {'BK':>3} {'BV':>3} {'w':>2} "
+           f"{'st':>2} {'init':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6}  head dims / status")
+    print(hdr)
+    print("-" * len(hdr))
+    failed = 0
+    for key, row in zip(keys, rows):
+        bad = problems(row)
+        failed += bool(bad)
+        init = "" if row["has_init"] is None else str(row["has_init"])[0]
+        if row["error"]:
+            print(f"{row['kernel']:<10} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>3} "
+                  f"{row['BK']:>3} {row['BV']:>3} {row['warps']:>2} {row['stages']:>2} {init:<5} "
+                  f"FAIL {row['error']}")
+            continue
+        mma = f"G{row['hgmma']}" if row["hgmma"] else (f"H{row['hmma']}" if row["hmma"] else "-")
+        status = "FAIL " + "; ".join(bad) if bad else "ok"
+        print(f"{row['kernel']:<10} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>3} "
+              f"{row['BK']:>3} {row['BV']:>3} {row['warps']:>2} {row['stages']:>2} {init:<5} "
+              f"{row['regs']:>4} {row['spill']:>5} {row['smem']:>7} {mma:>6}  "
+              f"{_dims_str(todo[key])} {status}")
+    print(f"\n{len(rows)} variants compiled in {time.time() - t0:.0f} s with {args.jobs} "
+          f"process(es); {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
