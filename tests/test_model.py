@@ -531,3 +531,13 @@ def test_inference_weight_cache_follows_parameter_updates():
     m64 = m.double()
     with torch.no_grad():
         assert rel(m64(x.double()), ref_out(m64, x.double())) < 1e-10
+
+
+def test_reset_classifier():
+    m = tiny()
+    m.reset_classifier(3)
+    x = images(2, 64)
+    with torch.no_grad():
+        assert m(x).shape == (2, 3)
+        m.reset_classifier(0)
+        assert m(x).shape == (2, 64)                                   # pooled, 2 * dim

@@ -205,14 +205,12 @@ class ViLLayer(nn.Module):
         c = self.conv(x_m, grid, reverse=self.reverse)
         a = F.silu(c, inplace=not torch.is_grad_enabled())
         w_a, w_x, b_a, b_x, const = self._cached_fused_weights()
-        heads = lambda t: t.view(B, S, NH, DH).transpose(1, 2)         # (B, NH, S, DH) view
-        qkg = heads(a) @ w_a                                           # (B, NH, S, 2 DH + G)
-        vg = heads(x_m) @ w_x                                          # (B, NH, S, DH + G)
-        if b_a is not None:
-            qkg = qkg.add_(b_a)
-            vg = vg.add_(b_x)
-        gates = (qkg[..., 2 * DH:].sum(1) + vg[..., DH:].sum(1) + const).transpose(1, 2)
-        q, k, v = qkg[..., :DH], qkg[..., DH:2 * DH], vg[..., :DH]
+        qkg = _per_head_linear(a, w_a, b_a)                            # (NH, B*S, 2 DH + G)
+        vg = _per_head_linear(x_m, w_x, b_x)                           # (NH, B*S, DH + G)
+        gates = qkg[..., 2 * DH:].sum(0) + vg[..., DH:].sum(0) + const  # (B*S, G)
+        gates = gates.view(B, S, G).transpose(1, 2)
+        heads = lambda t: t.view(NH, B, S, -1).transpose(0, 1)         # (B, NH, S, .) view
+        q, k, v = heads(qkg[..., :DH]), heads(qkg[..., DH:2 * DH]), heads(vg[..., :DH])
         if x.is_cuda:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         gates = gates.contiguous()                                     # (B, G, S), tiny
@@ -231,6 +229,18 @@ class ViLLayer(nn.Module):
         h = self.mlstm_cell(q, k, v, reverse=self.reverse, backend=self.mlstm_backend,
                             chunk_size=self.mlstm_chunk_size)
         return self.proj_down((h + self.learnable_skip * a) * F.silu(z))
+
+
+def _per_head_linear(t, w, b):
+    """(B, S, NH * DH) -> (NH, B * S, P): ``t_h @ w[h] + b[h]`` for each head h, one batched GEMM
+    reading ``t`` in place (its (B, S) dims must merge: contiguous rows, any row stride), bias
+    fused. The (NH, B*S, .) result viewed as (B, NH, S, .) is what the cell takes."""
+    B, S, C = t.shape
+    NH, DH, P = w.shape
+    A = t.reshape(B * S, NH, DH).transpose(0, 1)                      # (NH, B*S, DH) view
+    if b is None:
+        return torch.bmm(A, w)
+    return torch.baddbmm(b, A, w)
 
 
 class ViLBlock(nn.Module):
@@ -457,6 +467,23 @@ class VisionLSTM(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         return {"pos_embed.embed"}
+
+    def get_classifier(self):
+        return self.head
+
+    def reset_classifier(self, num_classes):
+        """timm-style: a fresh head for ``num_classes`` classes (0: no head, pooled features)."""
+        if self.mode != "classifier":
+            raise ValueError("reset_classifier needs mode='classifier'")
+        self.num_classes = num_classes
+        if num_classes > 0:
+            self.head = nn.Linear(self.head_dim, num_classes).to(self.norm.weight)
+            nn.init.trunc_normal_(self.head.weight, std=2e-5)
+            nn.init.zeros_(self.head.bias)
+            self.output_shape = (num_classes,)
+        else:
+            self.head = None
+            self.output_shape = (self.head_dim,)
 
     def set_mlstm_backend(self, backend, chunk_size=None):
         """Switch every block's cell backend (and chunk size) in place."""
