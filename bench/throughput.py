@@ -6,7 +6,7 @@
 
 Measures the machine's device (CUDA if present, else the CPU). Defaults: on a GPU ViL-T, ViL-S and
 ViL-B in bfloat16 (autocast), batch 256 (halved on out-of-memory); on a CPU ViL-T in float32,
-batch 4, a run of a few minutes. For each model, one row per way of running it:
+batch 2, a run of a few minutes. For each model, one row per way of running it:
 
   ours          ViL on vil_kernels (mlstm_backend="auto": the Triton kernels on CUDA, the
                 chunkwise PyTorch path on a CPU)
@@ -97,7 +97,7 @@ def build_parser():
                    help="run every resolution in the list (e.g. 224,448,768,1024) and plot "
                         "images/s and memory against resolution (PNG next to --results-file)")
     p.add_argument("--batch-size", "-b", type=int, default=None,
-                   help="images per step (default: 256 on GPU, 4 on CPU); halved on out-of-memory")
+                   help="images per step (default: 256 on GPU, 2 on CPU); halved on out-of-memory")
     p.add_argument("--dtype", "--precision", type=str, default=None, dest="dtype",
                    choices=sorted(DTYPES),
                    help="compute precision (default: bfloat16 on GPU, float32 on CPU)")
@@ -182,7 +182,7 @@ def resolve_args(argv=None):
 
     # sizes
     if args.batch_size is None:
-        args.batch_size = 256 if gpu else 4
+        args.batch_size = 256 if gpu else 2
     if args.num_warm_iter is None:
         args.num_warm_iter = 10 if gpu else 1
     if args.num_bench_iter is None:
@@ -766,6 +766,9 @@ def main(argv=None):
     print()
     print(format_table(rows))
     print(f"\nmemory: {mem.kind}. GFLOPs: {header['gflops']}.")
+    if header["load_avg_after"] and device.type == "cpu":
+        print(f"load average (1 min) before/after: {header['load_avg_before'][0]:.1f} / "
+              f"{header['load_avg_after'][0]:.1f} on {os.cpu_count()} cores")
     if args.results_file:
         write_results(args.results_file, header, rows)
         print(f"results written to {args.results_file}")
