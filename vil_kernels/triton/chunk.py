@@ -8,6 +8,8 @@ epilogue of the spec: di = k.dk, dF = q.dq - k.dk + dm, eps term routed to the r
 reverse cumsum, times sigmoid(-f). No atomics anywhere: two runs give identical bits.
 """
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +33,11 @@ def _acc_dtype(x):
 def _dot_args(dtype):
     mma, acc, prec = heuristics.dot_config(dtype)
     return dict(MMA=_TL[mma], ACC=_TL[acc], PREC=prec, INTERP=interpreting())
+
+
+def _device(x):
+    """Launch on x's GPU (not the current one) in multi-GPU processes."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
@@ -152,7 +159,8 @@ _T11 = tuple[_T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T]
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
             c0: torch.Tensor | None, n0: torch.Tensor | None, m0: torch.Tensor | None,
             eps: float, chunk: int, reverse: bool) -> _T11:
-    return mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse)
+    with _device(q):
+        return mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse)
 
 
 @_fwd_op.register_fake
@@ -175,8 +183,10 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, 
             m_last: torch.Tensor, a_last: torch.Tensor, m_row: torch.Tensor, n_row: torch.Tensor,
             a_row: torch.Tensor, c_in: torch.Tensor, n_in: torch.Tensor, m_in: torch.Tensor,
             eps: float, chunk: int, reverse: bool) -> _T8:
-    return mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last, c_last, n_last,
-                     m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, eps, chunk, reverse)
+    with _device(q):
+        return mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last, c_last, n_last,
+                         m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, eps, chunk,
+                         reverse)
 
 
 @_bwd_op.register_fake

@@ -4,7 +4,8 @@ Without a GPU to autotune on, the table encodes the constraints we can check ahe
 (``python -m vil_kernels.compile_check``: no spills, shared memory under the arch's limit, tensor
 cores used for 16-bit inputs): head dims are tiled by the largest of 64 / 32 / 16 that divides
 them (96 -> 3 x 32, 192 -> 3 x 64, 384 -> 6 x 64: no padding of 96 up to 128), one chunk of 64
-positions by default (fewer for short sequences), 4 warps up to 64 positions and 8 warps for 128.
+positions by default (fewer for short sequences; float32 inputs at most 32), 4 warps below 64
+positions, 8 from 64.
 On a GPU, entries can be refined per arch from bench/kernels.py measurements.
 """
 
@@ -36,12 +37,20 @@ def head_block(D):
     return min(64, max(16, next_power_of_2(D)))
 
 
+def max_chunk(dtype):
+    """Largest chunk the kernels run without register spills for an input dtype: float32 operands
+    (tf32x3: every tile split in two) need twice the registers of 16-bit ones."""
+    return 32 if dtype == torch.float32 else MAX_BT
+
+
 def chunk_len(S, DK, DV, dtype, arch, requested=None):
-    """Positions per chunk BT: the requested power of two (capped at MAX_BT), else the default
-    shortened for sequences that fit one smaller chunk."""
+    """Positions per chunk BT: the requested power of two (capped at max_chunk(dtype)), else the
+    default, shortened for sequences that fit one smaller chunk. The chunk length only changes
+    the rounding, never the function."""
+    cap = max_chunk(dtype)
     if requested is not None:
-        return min(int(requested), MAX_BT)
-    return max(16, min(DEFAULT_BT, next_power_of_2(S)))
+        return min(int(requested), cap)
+    return max(16, min(DEFAULT_BT, cap, next_power_of_2(S)))
 
 
 def launch_params(kernel, DK, DV, BT, dtype, arch):
@@ -53,9 +62,12 @@ def launch_params(kernel, DK, DV, BT, dtype, arch):
         BK, BV = min(BK, 32), min(BV, 32)
     num_warps = 8 if BT >= 64 else 4
     num_stages = 1
-    if BT >= 128 and kernel != "fwd_state" and kernel != "bwd_state":
-        # a [128, 128] fp32 tile is 64 registers a thread at 8 warps: halve the head-dim tiles
+    if BT >= 128:
+        # a [128, 128] fp32 tile is 64 registers a thread at 8 warps: halve the head-dim tiles;
+        # fwd_out keeps three such tiles (q k^T, log weights, scores) alive: 16 warps
         BK, BV = min(BK, 32), min(BV, 32)
+        if kernel == "fwd_out":
+            num_warps = 16
     return dict(BK=BK, BV=BV, num_warps=num_warps, num_stages=num_stages)
 
 

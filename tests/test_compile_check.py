@@ -1,0 +1,44 @@
+"""Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90 (no GPU needed).
+
+Runs `python -m vil_kernels.compile_check --quick` (the ViL-S configuration: head dim 192,
+chunk 64, bfloat16, all five kernels, both archs) in a subprocess without TRITON_INTERPRET:
+it fails on a compile error, a register spill, shared memory over the arch limit or a
+bfloat16 build without tensor-core MMA. The full matrix is `python -m vil_kernels.compile_check`.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_variants_cover_every_kernel_and_head_dim():
+    from vil_kernels import compile_check
+    from vil_kernels.triton import heuristics, kernels
+
+    for name in heuristics.KERNELS:
+        assert hasattr(kernels, f"mlstm_{name}_kernel")
+    todo = compile_check.variants()
+    served = set().union(*todo.values())
+    dims = compile_check.HEAD_DIMS
+    assert served == {(a, b) for a in dims for b in dims}
+    assert {k[0] for k in todo} == set(heuristics.KERNELS)
+    assert {k[2] for k in todo} == {80, 90}
+
+
+def test_compile_check_quick():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", "vil_kernels.compile_check", "--quick"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out
+    rows = [line for line in out.splitlines() if line.endswith(" ok")]
+    kernels = {line.split()[0] for line in rows}
+    assert kernels == {"fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv"}, out
+    assert {line.split()[2] for line in rows} == {"sm80", "sm90"}, out
+    assert "0 failed" in out
