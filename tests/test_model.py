@@ -541,3 +541,14 @@ def test_reset_classifier():
         assert m(x).shape == (2, 3)
         m.reset_classifier(0)
         assert m(x).shape == (2, 64)                                   # pooled, 2 * dim
+
+
+def test_bfloat16_model_and_autocast():
+    m = tiny(mlstm_backend="torch")
+    x = images(2, 64)
+    with torch.no_grad():
+        want = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert rel(m(x).float(), want) < 5e-2
+        got = m.to(torch.bfloat16)(x.bfloat16())
+    assert got.dtype == torch.bfloat16 and rel(got.float(), want) < 5e-2
