@@ -148,11 +148,7 @@ def test_torchrun_two_ranks_match_single_process(data, tmp_path):
     single = str(tmp_path / "single")
     vt.main(common + ["--out", single, "--batch-size", "8"])
     ddp = str(tmp_path / "ddp")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vil.train"] + common + ["--out", ddp, "--batch-size", "4"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _torchrun(common + ["--out", ddp, "--batch-size", "4"])
     a, b = _ckpt(single), _ckpt(ddp)
     assert b["world_size"] == 2 and len(b["rng"]) == 2
     assert a["step"] == b["step"] == 1
@@ -165,6 +161,75 @@ def test_torchrun_two_ranks_match_single_process(data, tmp_path):
     config = _records(ddp, "config")[0]
     assert config["world_size"] == 2 and config["global_batch"] == 8
     assert len(_records(ddp, "config")) == 1                          # rank 0 logs alone
+
+
+def _torchrun(args, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(nproc), "-m", "vil.train"] + args
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def test_torchrun_fsdp_resume_matches_single_process(data, tmp_path):
+    """FSDP2 (gloo, 2 ranks x batch 4) with activation checkpointing and gradient clipping,
+    stopped after one step and resumed for a second == one process, batch 8, two steps."""
+    common = ["--data", data, "--epochs", "1", "--no-augment", "--clip-grad", "0.5"] + TINY
+    single = str(tmp_path / "single")
+    vt.main(common + ["--out", single, "--batch-size", "8", "--max-steps", "2"])
+    fsdp = str(tmp_path / "fsdp")
+    fs = common + ["--out", fsdp, "--batch-size", "4", "--fsdp", "--grad-checkpointing"]
+    _torchrun(fs + ["--max-steps", "1"])
+    assert _ckpt(fsdp)["step"] == 1
+    _torchrun(fs + ["--max-steps", "2", "--resume", "auto"])
+    a, b = _ckpt(single), _ckpt(fsdp)
+    assert a["step"] == b["step"] == 2
+    assert all(type(v) is torch.Tensor for v in b["model"].values())   # full, not sharded
+    _assert_state_equal(a["model"], b["model"], atol=1e-6)
+
+
+def test_gradient_accumulation_equals_larger_batch(data, tmp_path):
+    common = ["--data", data, "--epochs", "1", "--max-steps", "2", "--no-augment"] + TINY
+    vt.main(common + ["--out", str(tmp_path / "big"), "--batch-size", "8"])
+    vt.main(common + ["--out", str(tmp_path / "acc"), "--batch-size", "4", "--accum-steps", "2"])
+    a, b = _ckpt(str(tmp_path / "big")), _ckpt(str(tmp_path / "acc"))
+    assert a["step"] == b["step"] == 2 and b["batch_in_epoch"] == 4
+    _assert_state_equal(a["model"], b["model"], atol=1e-6)
+
+
+def test_signals_checkpoint_and_stop(data, tmp_path):
+    """SIGUSR1 writes a checkpoint and training goes on; SIGTERM writes one and stops cleanly."""
+    import signal
+    import time
+    out = str(tmp_path / "sig")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "vil.train", "--data", data, "--out", out,
+                             "--epochs", "1000", "--batch-size", "8", "--log-every", "1"] + TINY,
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        def wait_for(pred, timeout=60):
+            t0 = time.time()
+            while time.time() - t0 < timeout:
+                if os.path.exists(os.path.join(out, "log.jsonl")) and pred(_records(out)):
+                    return
+                time.sleep(0.1)
+            raise AssertionError(f"timed out; log: {_records(out)[-3:]}")
+
+        wait_for(lambda r: any(x["event"] == "train" for x in r))
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda r: any(x["event"] == "checkpoint" for x in r))
+        n = max(x["step"] for x in _records(out, "checkpoint"))
+        wait_for(lambda r: max([x["step"] for x in r if x["event"] == "train"]) > n + 1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    end = _records(out, "end")[-1]
+    assert end["stopped"] and _ckpt(out)["step"] == end["step"] > n
 
 
 def test_finetune_from_smaller_resolution(data, tmp_path):

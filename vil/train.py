@@ -140,7 +140,10 @@ def build_parser():
                    help="continue a run from its checkpoint.pt ('auto': OUT/checkpoint.pt if it "
                         "exists)")
     g.add_argument("--save-every", type=int, default=0, metavar="STEPS",
-                   help="also checkpoint every this many optimizer steps (0: only per epoch)")
+                   help="also checkpoint every this many optimizer steps (0: off)")
+    g.add_argument("--save-minutes", type=float, default=30.0, metavar="MIN",
+                   help="also checkpoint when this long has passed since the last one (0: off); "
+                        "a killed run loses at most this much work")
     g.add_argument("--max-steps", type=int, default=None,
                    help="stop (and checkpoint) after this many optimizer steps in total; the "
                         "schedule still spans --epochs")
@@ -247,6 +250,10 @@ def apply_activation_checkpointing(model):
 
 def build_model(args, num_classes):
     kwargs = dict(args.model_kwargs)
+    for k, flag in (("img_size", "--img-size"), ("num_classes", "the class folders"),
+                    ("input_shape", "--img-size"), ("output_shape", "the class folders")):
+        if k in kwargs:
+            raise SystemExit(f"--model-kwargs {k}: set by {flag}")
     kwargs.setdefault("drop_path_rate", args.drop_path)
     kwargs.setdefault("mlstm_backend", args.mlstm_backend)
     return create_model(args.model, img_size=args.img_size, num_classes=num_classes, **kwargs)
@@ -354,6 +361,7 @@ def _atomic_save(obj, path):
 
 
 def save_checkpoint(path, model, optimizer, scheduler, scaler, state, args, rank, runlog):
+    state["saved_at"] = time.monotonic()
     model_sd, optim_sd = _full_state_dicts(model, optimizer)
     rng = _gather_objects(_rng_state())                                # every rank's RNG
     if rank == 0:
@@ -381,10 +389,12 @@ def save_model(path, model, rank):
 
 
 def load_resume(path, model, optimizer, scheduler, scaler, rank, world):
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    # Full (unsharded) tensors on every rank; FSDP re-shards them.
     set_state_dict(model, optimizer, model_state_dict=ckpt["model"],
-                   optim_state_dict=ckpt["optimizer"])
+                   optim_state_dict=ckpt["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     rng = ckpt.get("rng") or []
@@ -568,7 +578,8 @@ def _run(args, rank, world, device, runlog, signals):
         optimizer, partial(lr_factor, total_steps=total_steps, warmup_steps=warmup_steps,
                            lr=args.lr, warmup_lr=args.warmup_lr, min_lr=args.min_lr))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "best_top1": None}
+    state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "best_top1": None,
+             "saved_at": time.monotonic()}
     if args.resume:
         state.update(load_resume(args.resume, model, optimizer, scheduler, scaler, rank, world))
         log.info(f"resumed {args.resume} at epoch {state['epoch']}, step {state['step']}, "
@@ -581,7 +592,8 @@ def _run(args, rank, world, device, runlog, signals):
                   val_images=len(val_set) if val_set is not None else 0,
                   global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                   total_steps=total_steps, torchvision=HAS_TORCHVISION,
-                  resumed_at=dict(state) if args.resume else None)
+                  resumed_at=({k: v for k, v in state.items() if k != "saved_at"}
+                              if args.resume else None))
     runlog.record("config", **config)
     log.info(f"{args.model} {n_params / 1e6:.2f}M params, {num_classes} classes, "
              f"{len(train_set)} train / {config['val_images']} val images, {world} rank(s) "
@@ -672,6 +684,9 @@ def _run(args, rank, world, device, runlog, signals):
                     log.info(f"epoch {epoch + 1} step {state['step']} "
                              f"({micro // args.accum_steps}/{steps_per_epoch}) loss "
                              f"{loss.item():.4f} lr {lr:.3e} {ips:.0f} img/s")
+            if (rank == 0 and args.save_minutes
+                    and time.monotonic() - state["saved_at"] > 60 * args.save_minutes):
+                signals.save = True                                    # rank 0's clock decides
             want_save, want_stop = signals.poll(device)
             if args.max_steps is not None and state["step"] >= args.max_steps:
                 want_stop = True
