@@ -4,8 +4,8 @@ Without a GPU to autotune on, the table encodes the constraints we can check ahe
 (``python -m vil_kernels.compile_check``: no spills, shared memory under the arch's limit, tensor
 cores used for 16-bit inputs): head dims are tiled by the largest of 64 / 32 / 16 that divides
 them (96 -> 3 x 32, 192 -> 3 x 64, 384 -> 6 x 64: no padding of 96 up to 128), one chunk of 64
-positions by default (fewer for short sequences; float32 inputs at most 32), 4 warps below 64
-positions, 8 from 64.
+positions by default and at most (fewer for short sequences; float32 inputs at most 32), 4 warps
+below 64 positions, 8 at 64.
 On a GPU, entries can be refined per arch from bench/kernels.py measurements.
 """
 
@@ -13,10 +13,11 @@ import torch
 
 from ..utils import next_power_of_2
 
-# Largest chunk the fused kernels run: the backward holds several [BT, BT] float32 tiles, and
-# BT = 256 cannot keep them in registers. A larger requested chunk_size runs as 128, which
-# computes the same function (the chunk length only changes the rounding).
-MAX_BT = 128
+# Largest chunk the fused kernels run: the outputs kernel holds three [BT, BT] float32 tiles
+# (q k^T, log weights, scores), which spill at BT = 128 on sm_80 and sm_90 (compile_check). A
+# larger requested chunk_size runs as 64: the same function (the chunk length only changes the
+# rounding), with 2x more entry states in memory than 128 would need.
+MAX_BT = 64
 DEFAULT_BT = 64
 KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv")
 
@@ -62,12 +63,6 @@ def launch_params(kernel, DK, DV, BT, dtype, arch):
         BK, BV = min(BK, 32), min(BV, 32)
     num_warps = 8 if BT >= 64 else 4
     num_stages = 1
-    if BT >= 128:
-        # a [128, 128] fp32 tile is 64 registers a thread at 8 warps: halve the head-dim tiles;
-        # fwd_out keeps three such tiles (q k^T, log weights, scores) alive: 16 warps
-        BK, BV = min(BK, 32), min(BV, 32)
-        if kernel == "fwd_out":
-            num_warps = 16
     return dict(BK=BK, BV=BV, num_warps=num_warps, num_stages=num_stages)
 
 

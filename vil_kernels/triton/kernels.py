@@ -54,7 +54,8 @@ def _gates(p_i, p_f, o_p, m_t, BT: tl.constexpr, ACC: tl.constexpr):
     # logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)), log1p by Goldberg's trick (accurate to ulps)
     b_x = tl.exp(-tl.abs(b_f))
     b_u = 1. + b_x
-    b_l1p = tl.where(b_u == 1., b_x, tl.log(b_u) * b_x / (b_u - 1.))
+    b_d = tl.where(b_u == 1., 1., b_u - 1.)
+    b_l1p = tl.where(b_u == 1., b_x, tl.log(b_u) * (b_x / b_d))
     b_fl = tl.where(m_t, tl.minimum(b_f, 0.) - b_l1p, 0.)
     b_i = tl.where(m_t, b_i, _NEG)
     b_b = tl.cumsum(b_fl, axis=0)                                   # [BT]
@@ -273,8 +274,8 @@ def mlstm_bwd_dqk_kernel(
     b_wc = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale      # [BT] entry-state weight
     b_gain = tl.exp(b_g - b_b + b_i - b_mout)                        # [BT] exit-state weight
     causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
-    b_ds = tl.where(causal, (b_ds + b_dnr[:, None])
-                    * tl.exp(b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None]), 0.)
+    b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
+    b_ds = (b_ds + b_dnr[:, None]) * tl.exp(b_lw)                   # [BT, BT] dS * weights
     b_q = tl.load(q + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)
     b_k = tl.load(k + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)
     b_nin = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
@@ -328,8 +329,8 @@ def mlstm_bwd_dv_kernel(
     b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
     b_gain = tl.exp(b_g - b_b + b_i - b_mout)                        # [BT] exit-state weight
     causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
-    b_s = tl.where(causal, b_qk * scale
-                   * tl.exp(b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None]), 0.)
+    b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
+    b_s = b_qk * scale * tl.exp(b_lw)                               # [BT, BT] scores
     b_dnum = tl.load(dh + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
     b_dnum = b_dnum.to(ACC) / b_den[:, None]                                         # [BT, BV]
     b_dv = _dot(tl.trans(b_s), b_dnum, MMA, ACC, PREC, INTERP) + b_gain[:, None] * b_kdc
