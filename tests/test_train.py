@@ -174,19 +174,26 @@ def _torchrun(args, nproc=2):
 
 def test_torchrun_fsdp_resume_matches_single_process(data, tmp_path):
     """FSDP2 (gloo, 2 ranks x batch 4) with activation checkpointing and gradient clipping,
-    stopped after one step and resumed for a second == one process, batch 8, two steps."""
+    stopped after one step and resumed to the end of the epoch (6 steps, evaluation) == one
+    process, batch 8."""
     common = ["--data", data, "--epochs", "1", "--no-augment", "--clip-grad", "0.5"] + TINY
     single = str(tmp_path / "single")
-    vt.main(common + ["--out", single, "--batch-size", "8", "--max-steps", "2"])
+    vt.main(common + ["--out", single, "--batch-size", "8"])
     fsdp = str(tmp_path / "fsdp")
     fs = common + ["--out", fsdp, "--batch-size", "4", "--fsdp", "--grad-checkpointing"]
     _torchrun(fs + ["--max-steps", "1"])
     assert _ckpt(fsdp)["step"] == 1
-    _torchrun(fs + ["--max-steps", "2", "--resume", "auto"])
+    _torchrun(fs + ["--resume", "auto"])
     a, b = _ckpt(single), _ckpt(fsdp)
-    assert a["step"] == b["step"] == 2
+    assert a["step"] == b["step"] == 6 and a["epoch"] == b["epoch"] == 1
     assert all(type(v) is torch.Tensor for v in b["model"].values())   # full, not sharded
-    _assert_state_equal(a["model"], b["model"], atol=1e-6)
+    _assert_state_equal(a["model"], b["model"], atol=1e-5)
+    ea, eb = _records(single, "epoch")[-1], _records(fsdp, "epoch")[-1]
+    assert ea["val_images"] == eb["val_images"] == 12
+    assert ea["val_top1"] == eb["val_top1"]
+    assert ea["val_loss"] == pytest.approx(eb["val_loss"], rel=1e-4)
+    final = torch.load(os.path.join(fsdp, "model_final.pt"), weights_only=True)["model"]
+    _assert_state_equal(final, b["model"])
 
 
 def test_gradient_accumulation_equals_larger_batch(data, tmp_path):

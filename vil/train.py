@@ -150,7 +150,9 @@ def build_parser():
     g.add_argument("--eval-only", action="store_true", help="evaluate the model and exit")
     g.add_argument("--log-every", type=int, default=20, metavar="STEPS",
                    help="JSON log (and plain log line without a progress bar) interval")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none without tqdm or a terminal: log lines "
+                        "every --log-every steps instead)")
     g.add_argument("--fsdp", action="store_true",
                    help="FullyShardedDataParallel (FSDP2, one unit per block) instead of DDP")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -388,7 +390,7 @@ def save_model(path, model, rank):
         dist.barrier()
 
 
-def load_resume(path, model, optimizer, scheduler, scaler, rank, world):
+def load_resume(path, model, optimizer, scheduler, scaler, rank, world, args):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     # Full (unsharded) tensors on every rank; FSDP re-shards them.
@@ -397,6 +399,14 @@ def load_resume(path, model, optimizer, scheduler, scaler, rank, world):
                    options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
+    old = ckpt.get("args") or {}
+    changed = [k for k in ("batch_size", "accum_steps", "epochs", "seed")
+               if k in old and old[k] != vars(args)[k]]
+    if ckpt.get("world_size", world) != world:
+        changed.append("world size")
+    if changed and ckpt.get("batch_in_epoch"):
+        log.warning(f"resuming mid-epoch with another {', '.join(changed)} than {path}: the data "
+                    f"order and schedule of the rest of the run differ from an uninterrupted one")
     rng = ckpt.get("rng") or []
     if len(rng) == world:
         _set_rng_state(rng[rank])
@@ -581,7 +591,8 @@ def _run(args, rank, world, device, runlog, signals):
     state = {"epoch": 0, "step": 0, "batch_in_epoch": 0, "best_top1": None,
              "saved_at": time.monotonic()}
     if args.resume:
-        state.update(load_resume(args.resume, model, optimizer, scheduler, scaler, rank, world))
+        state.update(load_resume(args.resume, model, optimizer, scheduler, scaler, rank, world,
+                                 args))
         log.info(f"resumed {args.resume} at epoch {state['epoch']}, step {state['step']}, "
                  f"batch {state['batch_in_epoch']}")
 
@@ -618,6 +629,9 @@ def _run(args, rank, world, device, runlog, signals):
     stopped = False
     result = {}
     model.train()
+    if args.max_steps is not None and state["step"] >= args.max_steps:
+        log.info(f"--max-steps {args.max_steps} already reached (step {state['step']})")
+        stopped = True
     while state["epoch"] < args.epochs and not stopped:
         epoch = state["epoch"]
         train_set.set_epoch(epoch)
@@ -625,7 +639,7 @@ def _run(args, rank, world, device, runlog, signals):
         start_micro = state["batch_in_epoch"]
         train_sampler.set_start(start_micro * args.batch_size)
         bar = None
-        if rank == 0 and tqdm is not None and not args.no_progress:
+        if rank == 0 and tqdm is not None and not args.no_progress and sys.stderr.isatty():
             bar = tqdm(total=steps_per_epoch, initial=start_micro // args.accum_steps,
                        desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", dynamic_ncols=True,
                        file=sys.stderr)
