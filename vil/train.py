@@ -65,39 +65,54 @@ def _kv(text):
     return k.replace("-", "_"), v
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each option; the examples keep their line breaks."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Meaningful defaults shown after each option; description and examples keep their lines."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and "default" not in text
+                and action.default not in (None, False, [], argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
 
 
 def build_parser():
     p = argparse.ArgumentParser(
         prog="python -m vil.train",
-        description="Train or fine-tune a Vision-LSTM (ViL) on an image folder "
-                    "(DIR/train/<class>/*, DIR/val/<class>/*). Runs as one process or under "
-                    "torchrun (DistributedDataParallel, or FSDP with --fsdp).",
+        description="Train or fine-tune a Vision-LSTM (ViL) on an image folder\n"
+                    "(DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg), in one process or under\n"
+                    "torchrun (DistributedDataParallel; FullyShardedDataParallel with --fsdp).",
         formatter_class=_HelpFormatter,
-        epilog="Examples:\n"
+        epilog="examples:\n"
+               "  # train from scratch, one process (one GPU)\n"
                "  python -m vil.train --data DIR --model vil2-tiny --img-size 224 --out runs/t\n"
-               "  torchrun --nproc_per_node 8 -m vil.train --data DIR --model vil2-small "
-               "--batch-size 128\n"
-               "  python -m vil.train --data DIR --model vil2-tiny --img-size 448 "
-               "--checkpoint vil2_tiny16_e800_in1k.th --epochs 20 --lr 5e-5 --warmup-epochs 1 "
-               "--layer-decay 0.65\n"
-               "  python -m vil.train ... --resume runs/t/checkpoint.pt",
+               "  # 8 GPUs, DDP; --batch-size is per GPU\n"
+               "  torchrun --nproc_per_node 8 -m vil.train --data DIR --model vil2-small \\\n"
+               "      --batch-size 128 --out runs/s\n"
+               "  # fine-tune a published 224 px checkpoint at 448 px\n"
+               "  torchrun --nproc_per_node 8 -m vil.train --data DIR --model vil2-tiny \\\n"
+               "      --img-size 448 --checkpoint vil2_tiny16_e800_in1k.th --epochs 20 \\\n"
+               "      --lr 5e-5 --warmup-epochs 1 --layer-decay 0.65 --drop-path 0.1 \\\n"
+               "      --batch-size 32 --grad-checkpointing --out runs/t448\n"
+               "  # continue a stopped or killed run\n"
+               "  python -m vil.train ...same flags... --resume auto\n"
+               "\n"
+               "signals: SIGUSR1 writes a checkpoint; SIGTERM / Ctrl-C writes one and stops.",
     )
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, metavar="DIR",
                    help="image folder with train/ and val/ (one sub-folder per class)")
-    g.add_argument("--img-size", type=int, default=224, help="training and evaluation resolution")
-    g.add_argument("--crop-pct", type=float, default=0.875,
+    g.add_argument("--img-size", type=int, default=224, metavar="PX",
+                   help="training and evaluation resolution")
+    g.add_argument("--crop-pct", type=float, default=0.875, metavar="F",
                    help="evaluation: resize the shorter side to img-size / crop-pct, then "
                         "center-crop img-size")
-    g.add_argument("--min-scale", type=float, default=0.08,
+    g.add_argument("--min-scale", type=float, default=0.08, metavar="F",
                    help="smallest area fraction of the random resized crop")
     g.add_argument("--no-augment", action="store_true",
                    help="train on the deterministic evaluation transform (no crop/flip)")
-    g.add_argument("--workers", type=int, default=None,
-                   help="data loader processes per rank (default: min(8, cpus per rank))")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="data loader processes per rank (default: min(8, cpus per rank - 1))")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vil2-tiny", choices=sorted(MODEL_CONFIGS),
                    help="named configuration")
@@ -107,32 +122,42 @@ def build_parser():
                    help="initial weights (published .th or a state_dict) for fine-tuning; the "
                         "position embedding is resized to --img-size, a head of another class "
                         "count is re-initialised")
-    g.add_argument("--drop-path", type=float, default=0.0, help="drop path (stochastic depth) rate")
+    g.add_argument("--drop-path", type=float, default=0.0, metavar="P",
+                   help="drop path (stochastic depth) rate")
     g.add_argument("--mlstm-backend", default="auto", choices=list(vil_kernels.BACKENDS),
                    help="mLSTM backend (auto: Triton on GPU, the PyTorch paths on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=300)
-    g.add_argument("--batch-size", type=int, default=128,
+    g.add_argument("--epochs", type=int, default=300, metavar="N",
+                   help="length of the run and of the lr schedule")
+    g.add_argument("--batch-size", type=int, default=128, metavar="N",
                    help="images per rank per micro-batch")
-    g.add_argument("--accum-steps", type=int, default=1,
+    g.add_argument("--accum-steps", type=int, default=1, metavar="N",
                    help="micro-batches per optimizer step (gradient accumulation)")
-    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="end of the cosine decay")
-    g.add_argument("--warmup-epochs", type=float, default=5.0, help="linear warm-up length")
-    g.add_argument("--warmup-lr", type=float, default=1e-6, help="learning rate at step 0")
-    g.add_argument("--weight-decay", type=float, default=0.05,
+    g.add_argument("--lr", type=float, default=1e-3, metavar="LR",
+                   help="peak learning rate (AdamW), used as given for the global batch")
+    g.add_argument("--min-lr", type=float, default=1e-6, metavar="LR",
+                   help="end of the cosine decay")
+    g.add_argument("--warmup-epochs", type=float, default=5.0, metavar="E",
+                   help="linear warm-up length (fractions allowed)")
+    g.add_argument("--warmup-lr", type=float, default=1e-6, metavar="LR",
+                   help="learning rate at step 0")
+    g.add_argument("--weight-decay", type=float, default=0.05, metavar="WD",
                    help="AdamW weight decay (not on biases, norms, position embedding)")
-    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    g.add_argument("--layer-decay", type=float, default=None,
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("B1", "B2"),
+                   help="AdamW betas")
+    g.add_argument("--layer-decay", type=float, default=None, metavar="F",
                    help="layer-wise lr decay: block pair i gets lr * decay^(depth - i), the "
                         "embeddings decay^(depth + 1), norm and head the full lr")
-    g.add_argument("--label-smoothing", type=float, default=0.1)
-    g.add_argument("--clip-grad", type=float, default=None, help="max gradient norm")
+    g.add_argument("--label-smoothing", type=float, default=0.1, metavar="F",
+                   help="label smoothing of the cross entropy")
+    g.add_argument("--clip-grad", type=float, default=None, metavar="NORM",
+                   help="clip the gradient norm (default: off)")
     g.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                    help="autocast dtype (auto: bf16 on GPU, fp32 on CPU); fp16 uses a grad scaler")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0,
+                   help="initialisation, data order and augmentation (per rank where it matters)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="runs/vil", metavar="DIR",
                    help="checkpoints and log.jsonl")
@@ -144,7 +169,7 @@ def build_parser():
     g.add_argument("--save-minutes", type=float, default=30.0, metavar="MIN",
                    help="also checkpoint when this long has passed since the last one (0: off); "
                         "a killed run loses at most this much work")
-    g.add_argument("--max-steps", type=int, default=None,
+    g.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop (and checkpoint) after this many optimizer steps in total; the "
                         "schedule still spans --epochs")
     g.add_argument("--eval-only", action="store_true", help="evaluate the model and exit")
@@ -156,7 +181,7 @@ def build_parser():
     g.add_argument("--fsdp", action="store_true",
                    help="FullyShardedDataParallel (FSDP2, one unit per block) instead of DDP")
     g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch intra-op CPU threads per process (default: torch's choice; "
                         "torchrun sets OMP_NUM_THREADS=1)")
     return p
@@ -556,12 +581,17 @@ def _run(args, rank, world, device, runlog, signals):
     torch.manual_seed(args.seed)
     model = build_model(args, num_classes)
     if args.checkpoint:
-        res = load_checkpoint(model, args.checkpoint, strict=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            res = load_checkpoint(model, args.checkpoint, strict=False)
+        notes = [str(w.message) for w in caught]
+        for note in notes:
+            log.warning(f"{args.checkpoint}: {note}")
         log.info(f"loaded {args.checkpoint} (missing: {list(res.missing_keys)}, "
                  f"unexpected: {list(res.unexpected_keys)}); position embedding at "
                  f"{tuple(model.pos_embed.embed.shape[1:3])}")
         runlog.record("load_checkpoint", path=args.checkpoint, missing=list(res.missing_keys),
-                      unexpected=list(res.unexpected_keys),
+                      unexpected=list(res.unexpected_keys), warnings=notes,
                       pos_embed_grid=list(model.pos_embed.embed.shape[1:3]))
     if args.grad_checkpointing:
         apply_activation_checkpointing(model)
@@ -646,6 +676,7 @@ def _run(args, rank, world, device, runlog, signals):
         loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # this epoch, this rank
         skipped = []
         t_step = time.perf_counter()
+        ips = None
         micro = start_micro
         end_micro = steps_per_epoch * args.accum_steps                # drops a partial last step
         it = iter(train_loader)
@@ -683,7 +714,8 @@ def _run(args, rank, world, device, runlog, signals):
             state["step"] += 1
             state["batch_in_epoch"] = micro
             now = time.perf_counter()
-            ips = global_batch / max(now - t_step, 1e-9)
+            rate = global_batch / max(now - t_step, 1e-9)
+            ips = rate if ips is None else 0.9 * ips + 0.1 * rate      # smoothed images/s
             t_step = now
             lr = optimizer.param_groups[-1]["lr"]
             if bar is not None:
