@@ -43,6 +43,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,11 @@ def build_parser():
     p.add_argument("--rows", type=str, default=",".join(ROW_KINDS),
                    help=f"which rows per model, comma-separated from {','.join(ROW_KINDS)}")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the rows of a model round-robin, one step each in turn, and report "
+                        "medians, so that load from other processes hits every row alike "
+                        "(default: on for CPU, off for GPU, where rows run one after the other "
+                        "with out-of-memory retries)")
     p.add_argument("--device", type=str, default=None,
                    help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--num-warm-iter", type=int, default=None,
@@ -183,6 +189,8 @@ def resolve_args(argv=None):
     # sizes
     if args.batch_size is None:
         args.batch_size = 256 if gpu else 2
+    if args.interleave is None:
+        args.interleave = not gpu
     if args.num_warm_iter is None:
         args.num_warm_iter = 10 if gpu else 1
     if args.num_bench_iter is None:
@@ -539,16 +547,15 @@ class Progress:
             self.bar.close()
 
 
-def run_row(spec, model_key, resolution, args, mem, progress):
+def prepare_row(spec, model_key, resolution, args, progress):
+    """The row's description and a Runner for it (None for a skipped row)."""
     kind, label, factory, skip = spec
     row = {"model": model_key, "row": kind, "label": label, "resolution": resolution,
            "batch_size": None, "dtype": str(args.dtype).replace("torch.", ""),
            "amp": args.amp, "compile": args.compile}
-    steps = (args.num_warm_iter + args.num_bench_iter) * (2 if args.bench == "both" else 1)
     if skip:
         row["note"] = skip
-        progress.tick(steps)
-        return row
+        return row, None
     torch.manual_seed(args.seed)
     progress.set(f"{label} @{resolution}: building")
     model, impl, backend = factory(resolution)
@@ -563,13 +570,25 @@ def run_row(spec, model_key, resolution, args, mem, progress):
     except Exception as e:  # noqa: BLE001 - a FLOP count is optional
         row["gflops"] = None
         progress.write(f"note: FLOP count failed for {label}: {e}")
-    ctx = contextlib.nullcontext()
-    if backend == "mlstm_kernels":
-        cell = peers.mlstm_kernels_cell()
-        ctx = patched(vil_kernels, "mlstm", lambda q, k, v, i, f, reverse=False, **kw:
-                      cell(q, k, v, i, f, reverse=reverse))
     runner = Runner(model, args.device, args.dtype, args.amp, args.compile)
     runner.res = resolution
+    runner.ctx = contextlib.nullcontext
+    if backend == "mlstm_kernels":
+        cell = peers.mlstm_kernels_cell()
+        runner.ctx = lambda: patched(vil_kernels, "mlstm", lambda q, k, v, i, f, reverse=False,
+                                     **kw: cell(q, k, v, i, f, reverse=reverse))
+    return row, runner
+
+
+def run_row(spec, model_key, resolution, args, mem, progress):
+    """Measure one row on its own: warm-up, then the timed steps (with out-of-memory retries)."""
+    steps = (args.num_warm_iter + args.num_bench_iter) * (2 if args.bench == "both" else 1)
+    row, runner = prepare_row(spec, model_key, resolution, args, progress)
+    if runner is None:
+        progress.tick(steps)
+        return row
+    label = row["label"]
+    ctx = runner.ctx()
     modes = ["inference", "train"] if args.bench == "both" else [args.bench]
     batch = args.batch_size
     notes = []
@@ -607,9 +626,63 @@ def run_row(spec, model_key, resolution, args, mem, progress):
             row[f"{key}_peak_mib"] = None if peak is None else peak / 2**20
     if notes:
         row["note"] = "; ".join(notes)
-    del runner, model
+    del runner
     _free(args.device)
     return row
+
+
+def run_group_interleaved(group, resolution, args, mem, progress):
+    """Measure the rows of one model round-robin, one timed step of each row in turn, so that
+    other processes competing for a shared CPU slow every row alike and the ratios hold.
+    Per row: median seconds per step, and the largest peak of its steps."""
+    prepared = [prepare_row(spec, model_key, resolution, args, progress)
+                for model_key, spec in group]
+    active = [(row, runner) for row, runner in prepared if runner is not None]
+    steps = (args.num_warm_iter + args.num_bench_iter) * (2 if args.bench == "both" else 1)
+    progress.tick(steps * (len(prepared) - len(active)))
+    modes = ["inference", "train"] if args.bench == "both" else [args.bench]
+    batch = args.batch_size
+    for mode in modes:
+        key = "infer" if mode == "inference" else "train"
+        times = {id(r): [] for r, _ in active}
+        peaks = {id(r): [] for r, _ in active}
+        data = {}
+        for row, runner in active:
+            runner.model.train(mode == "train")
+            data[id(row)] = runner.inputs(batch)
+        for it in range(args.num_warm_iter + args.num_bench_iter):
+            timed = it >= args.num_warm_iter
+            for row, runner in active:
+                progress.set(f"{row['label']} @{resolution}: {mode}, batch {batch}"
+                             f"{'' if timed else ' (warm-up)'}")
+                step = runner.infer_step if mode == "inference" else runner.train_step
+                with runner.ctx():
+                    _sync(runner.device)
+                    gc.collect()
+                    mem.start()
+                    t0 = time.perf_counter()
+                    step(*data[id(row)])
+                    _sync(runner.device)
+                    dt = time.perf_counter() - t0
+                    peak = mem.stop()
+                if timed:
+                    times[id(row)].append(dt)
+                    if peak is not None:
+                        peaks[id(row)].append(peak)
+                progress.tick()
+        for row, _ in active:
+            t = statistics.median(times[id(row)])
+            row["batch_size"] = batch
+            row[f"{key}_batch_size"] = batch
+            row[f"{key}_ms_per_step"] = t * 1e3
+            row[f"{key}_ms_per_step_all"] = [x * 1e3 for x in times[id(row)]]
+            row[f"{key}_img_s"] = batch / t
+            row[f"{key}_peak_mib"] = max(peaks[id(row)]) / 2**20 if peaks[id(row)] else None
+        del data
+    rows = [row for row, _ in prepared]
+    del prepared, active
+    _free(args.device)
+    return rows
 
 
 def add_ratios(rows):
@@ -648,6 +721,8 @@ def format_table(rows):
             v = r.get(key)
             if key.endswith("_vs_ours") and v is not None:
                 cells.append(f"x{v:.2f}")
+            elif key == "gflops" and v is not None:
+                cells.append(f"{v:.4g}")
             elif key == "batch_size" and r.get("infer_batch_size", v) != r.get("train_batch_size", v):
                 cells.append(f"{r['infer_batch_size']}/{r['train_batch_size']}")
             else:
@@ -735,6 +810,10 @@ def main(argv=None):
         "versions": versions(), "dtype": str(args.dtype).replace("torch.", ""),
         "amp": args.amp, "compile": args.compile, "bench": args.bench,
         "num_warm_iter": args.num_warm_iter, "num_bench_iter": args.num_bench_iter,
+        "interleave": args.interleave,
+        "timing": ("median seconds per step over the timed steps, rows of a model interleaved "
+                   "step by step" if args.interleave else
+                   "total time of the timed steps / their number, rows one after another"),
         "memory": mem.kind,
         "gflops": "forward per image; FlopCounterMode + analytic mLSTM cell / attention",
         "load_avg_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -757,8 +836,29 @@ def main(argv=None):
     rows = []
     try:
         for resolution in args.resolutions:
-            for model_key, spec in specs:
-                rows.append(run_row(spec, model_key, resolution, args, mem, progress))
+            if args.interleave:
+                for model_key in args.models:
+                    group = [(m, spec) for m, spec in specs if m == model_key]
+                    oom = False
+                    try:
+                        rows += run_group_interleaved(group, resolution, args, mem, progress)
+                    except Exception as e:  # noqa: BLE001 - only out-of-memory falls back
+                        if not is_oom(e):
+                            raise
+                        oom = True
+                    if oom:
+                        _free(device)
+                        progress.write(f"out of memory with the rows of {model_key} interleaved "
+                                       f"at batch {args.batch_size}: measuring them one after "
+                                       "another, halving the batch as needed")
+                        for model_key_, spec in group:
+                            row = run_row(spec, model_key_, resolution, args, mem, progress)
+                            row["note"] = "; ".join(filter(None, [
+                                "not interleaved (out of memory)", row.get("note")]))
+                            rows.append(row)
+            else:
+                for model_key, spec in specs:
+                    rows.append(run_row(spec, model_key, resolution, args, mem, progress))
     finally:
         progress.close()
     add_ratios(rows)

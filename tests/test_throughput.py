@@ -34,7 +34,7 @@ def test_smoke_sweep_json_and_plot(tmp_path):
     data = json.loads(results.read_text())
     header, rows = data["header"], data["results"]
     assert header["device_type"] == "cpu" and header["versions"]["torch"] == torch.__version__
-    assert header["dtype"] == "float32"
+    assert header["dtype"] == "float32" and header["interleave"] is True   # CPU default
     assert [(x["row"], x["resolution"]) for x in rows] == [
         (k, res) for res in (32, 64) for k in ("ours", "parallel", "deit", "mlstm_kernels")]
     for row in rows:
@@ -44,6 +44,7 @@ def test_smoke_sweep_json_and_plot(tmp_path):
         assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()
         assert row["infer_img_s"] > 0 and row["train_img_s"] > 0
         assert row["gflops"] > 0 and row["batch_size"] == 2
+        assert len(row["infer_ms_per_step_all"]) == len(row["train_ms_per_step_all"]) == 1
         assert row["tokens"] == (row["resolution"] // 16) ** 2 + (row["row"] == "deit")
     ours = [x for x in rows if x["row"] == "ours"]
     assert all(x["infer_vs_ours"] == pytest.approx(1.0) for x in ours)
