@@ -120,7 +120,8 @@ def test_single_process_learns_checkpoints_and_skips_corrupt(corrupt_data, tmp_p
 
 def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path):
     # Augmentation and drop path on: the resumed run must restore data order, per-sample
-    # augmentation and the RNG. 6 steps per epoch: stop at 4 (mid-epoch), continue to 9.
+    # augmentation and the RNG. 6 steps per epoch: stop at 4 (mid-epoch), continue to 9
+    # (through the end-of-epoch evaluation and checkpoint).
     common = ["--data", data, "--epochs", "2", "--batch-size", "8", "--drop-path", "0.1",
               "--log-every", "1"] + TINY + ["--warmup-epochs", "0.5"]
     full = str(tmp_path / "full")
@@ -129,7 +130,8 @@ def test_resume_mid_epoch_equals_uninterrupted(data, tmp_path):
     vt.main(common + ["--out", part, "--max-steps", "4"])
     ck = _ckpt(part)
     assert (ck["epoch"], ck["step"], ck["batch_in_epoch"]) == (0, 4, 4)
-    vt.main(common + ["--out", part, "--max-steps", "9", "--resume", "auto"])
+    # ... with two loader processes: augmentation does not depend on who loads a sample.
+    vt.main(common + ["--out", part, "--max-steps", "9", "--resume", "auto", "--workers", "2"])
     a, b = _ckpt(full), _ckpt(part)
     assert (a["epoch"], a["step"], a["batch_in_epoch"]) == (1, 9, 3)
     assert (b["epoch"], b["step"], b["batch_in_epoch"]) == (1, 9, 3)

@@ -204,6 +204,8 @@ def setup_distributed(args):
     if want.startswith("cuda"):
         device = torch.device("cuda", local_rank if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True                   # fp32 leftovers of autocast
+        torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device(want)
     if world > 1 and not dist.is_initialized():
