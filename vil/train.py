@@ -463,6 +463,7 @@ def evaluate(model, loader, device, autocast, num_classes):
                              hit[:, 0].sum().double(), hit.any(1).sum().double(),
                              valid.sum().double()])
     sums = _all_reduce(sums).cpu()
+    skipped = sum(_gather_objects(skipped), [])                       # every rank's
     model.train()
     n = max(sums[3].item(), 1)
     return {"val_loss": sums[0].item() / n, "val_top1": 100 * sums[1].item() / n,
@@ -651,7 +652,7 @@ def _run(args, rank, world, device, runlog, signals):
         if val_loader is None:
             raise SystemExit(f"--eval-only needs {val_dir}")
         metrics, skipped = evaluate(model, val_loader, device, autocast, num_classes)
-        _log_skipped(skipped, runlog, state["epoch"], rank)
+        _log_skipped(skipped if rank == 0 else [], runlog, state["epoch"], rank)
         runlog.record("eval", **metrics)
         log.info("eval " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return metrics
@@ -763,7 +764,7 @@ def _run(args, rank, world, device, runlog, signals):
             state["batch_in_epoch"] = 0
             if val_loader is not None:
                 metrics, vskipped = evaluate(model, val_loader, device, autocast, num_classes)
-                _log_skipped(vskipped, runlog, epoch, rank)
+                _log_skipped(vskipped if rank == 0 else [], runlog, epoch, rank)
                 record.update(metrics, skipped_val_images=vskipped)
                 top1 = metrics["val_top1"]
                 if state["best_top1"] is None or top1 > state["best_top1"]:
@@ -771,8 +772,14 @@ def _run(args, rank, world, device, runlog, signals):
                     save_model(os.path.join(args.out, "model_best.pt"), model, rank)
             save()
         runlog.record("epoch", **record)
-        log.info(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in record.items() if k != "skipped_images"))
+        shown = {k: v for k, v in record.items()
+                 if k in ("train_loss", "lr", "val_loss", "val_images") or k.startswith("val_top")}
+        log.info(f"epoch {epoch + 1}/{args.epochs} {'done' if epoch_done else 'stopped'} at step "
+                 f"{state['step']}: " + ", ".join(
+                     f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                     for k, v in shown.items())
+                 + (f", {len(all_skipped)} unreadable training image(s) skipped"
+                    if all_skipped else ""))
         result = record
     if not stopped:
         save_model(os.path.join(args.out, "model_final.pt"), model, rank)
