@@ -31,7 +31,16 @@ except Exception:                                                      # pragma:
     torchvision = _T = None
     HAS_TORCHVISION = False
 
-from PIL import Image
+try:
+    from PIL import Image
+except ImportError:                                                    # pragma: no cover
+    Image = None
+
+
+def _need_pillow():
+    if Image is None:
+        raise ImportError("vil.train reads images with Pillow: pip install pillow "
+                          "(or the project's 'train' extra)")
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMG_EXTENSIONS", "ImageFolder", "build_transform",
            "ShardedSampler", "HAS_TORCHVISION"]
@@ -75,6 +84,7 @@ class ImageFolder(Dataset):
     """
 
     def __init__(self, root, transform, seed=0, classes=None):
+        _need_pillow()
         self.root = root
         self.transform = transform
         self.seed = seed
@@ -186,6 +196,7 @@ def build_transform(train, img_size, augment=True, crop_pct=0.875, scale=(0.08, 
     Otherwise (evaluation, or ``augment=False``): resize the shorter side to
     ``floor(img_size / crop_pct)`` and center-crop ``img_size``. Returns (3, img_size, img_size)
     normalized float tensors. torchvision's transforms when it imports, else PIL + torch."""
+    _need_pillow()
     use_tv = HAS_TORCHVISION if use_torchvision is None else use_torchvision
     resize = int(math.floor(img_size / crop_pct))
     if use_tv:
