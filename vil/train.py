@@ -472,7 +472,8 @@ def evaluate(model, loader, device, autocast, num_classes):
 
 # ------------------------------------------------------------------------------------- main
 class _Signals:
-    """SIGUSR1: checkpoint at the next step; SIGTERM/SIGINT: checkpoint and stop."""
+    """SIGUSR1: checkpoint at the next step; SIGTERM/SIGINT: checkpoint and stop (within 10
+    steps under torchrun, where the ranks agree on it)."""
 
     def __init__(self):
         self.save = False
@@ -519,6 +520,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    own_group = not dist.is_initialized()
     rank, world, local_rank, device = setup_distributed(args)
     runlog = RunLog(args.out, rank)
     signals = _Signals()
@@ -530,7 +532,7 @@ def main(argv=None):
     finally:
         signals.restore()
         runlog.close()
-        if dist.is_initialized():
+        if own_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -736,7 +738,9 @@ def _run(args, rank, world, device, runlog, signals):
             if (rank == 0 and args.save_minutes
                     and time.monotonic() - state["saved_at"] > 60 * args.save_minutes):
                 signals.save = True                                    # rank 0's clock decides
-            want_save, want_stop = signals.poll(device)
+            want_save = want_stop = False
+            if world == 1 or state["step"] % 10 == 0:                  # a collective: not every step
+                want_save, want_stop = signals.poll(device)
             if args.max_steps is not None and state["step"] >= args.max_steps:
                 want_stop = True
             if args.save_every and state["step"] % args.save_every == 0:
