@@ -175,14 +175,15 @@ def _torchrun(args, nproc=2):
 
 
 def test_torchrun_fsdp_resume_matches_single_process(data, tmp_path):
-    """FSDP2 (gloo, 2 ranks x batch 4) with activation checkpointing and gradient clipping,
-    stopped after one step and resumed to the end of two epochs (12 steps, evaluation after
-    each) == one process, batch 8."""
+    """FSDP2 (gloo, 2 ranks x 2 micro-batches of 2) with activation checkpointing and gradient
+    clipping, stopped after one step and resumed to the end of two epochs (12 steps, evaluation
+    after each) == one process, batch 8."""
     common = ["--data", data, "--epochs", "2", "--no-augment", "--clip-grad", "0.5"] + TINY
     single = str(tmp_path / "single")
     vt.main(common + ["--out", single, "--batch-size", "8"])
     fsdp = str(tmp_path / "fsdp")
-    fs = common + ["--out", fsdp, "--batch-size", "4", "--fsdp", "--grad-checkpointing"]
+    fs = common + ["--out", fsdp, "--batch-size", "2", "--accum-steps", "2", "--fsdp",
+                   "--grad-checkpointing"]
     _torchrun(fs + ["--max-steps", "1"])
     assert _ckpt(fsdp)["step"] == 1
     _torchrun(fs + ["--resume", "auto"])
