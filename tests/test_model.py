@@ -552,3 +552,20 @@ def test_bfloat16_model_and_autocast():
             assert rel(m(x).float(), want) < 5e-2
         got = m.to(torch.bfloat16)(x.bfloat16())
     assert got.dtype == torch.bfloat16 and rel(got.float(), want) < 5e-2
+
+
+def test_pretrained_goes_through_torch_hub(monkeypatch):
+    src = vil.create_model("vil2-tiny", dim=32, depth=1, img_size=64)
+    urls = []
+
+    def fake(url, map_location=None, **kw):
+        urls.append(url)
+        return {"state_dict": _to_training_names(src.state_dict())}
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake)
+    m = vil.create_model("vil2-tiny", dim=32, depth=1, img_size=64, pretrained=True)
+    assert urls == ["https://ml.jku.at/research/vision_lstm/download/vil2_tiny16_e800_in1k.th"]
+    x = images(1, 64)
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x), src.eval()(x))
+    with pytest.raises(ValueError, match="no published checkpoint"):
+        vil.create_model("vil2-large", pretrained=True)

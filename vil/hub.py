@@ -48,13 +48,15 @@ def list_models(pattern=None):
     return names
 
 
-def create_model(name, checkpoint=None, img_size=None, num_classes=None, **overrides):
+def create_model(name, checkpoint=None, img_size=None, num_classes=None, pretrained=False,
+                 **overrides):
     """Build a named ViL: ``create_model("vil2-tiny", img_size=448, checkpoint="vil2_tiny16_e800_in1k.th")``.
 
     ``overrides`` are any ``VisionLSTM`` keywords (e.g. ``mlstm_backend``, ``drop_path_rate``,
     ``mode="features"``). ``checkpoint`` is a local file in the published training format or a
     plain state_dict; its position embedding is resized to ``img_size``. With ``num_classes``
-    different from the checkpoint's, the head is left freshly initialised.
+    different from the checkpoint's, the head is left freshly initialised. ``pretrained=True``
+    downloads the published ImageNet-1K weights (``MODEL_URLS``) through ``torch.hub``'s cache.
     """
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
@@ -64,7 +66,14 @@ def create_model(name, checkpoint=None, img_size=None, num_classes=None, **overr
         kwargs["img_size"] = img_size
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if pretrained and checkpoint is not None:
+        raise ValueError("pass either pretrained=True or checkpoint=..., not both")
+    if pretrained and name not in MODEL_URLS:
+        raise ValueError(f"no published checkpoint for {name!r}; these have one: "
+                         f"{', '.join(sorted(MODEL_URLS))}")
     model = VisionLSTM(**kwargs)
+    if pretrained:
+        checkpoint = torch.hub.load_state_dict_from_url(MODEL_URLS[name], map_location="cpu")
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
