@@ -602,7 +602,6 @@ def _run(args, rank, world, device, runlog, signals):
         apply_activation_checkpointing(model)
     n_params = sum(p.numel() for p in model.parameters())
     model.to(device)
-    base_model = model
     if world > 1 and args.fsdp:
         from torch.distributed.fsdp import fully_shard
         for block in model.iter_blocks():
