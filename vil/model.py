@@ -509,8 +509,12 @@ class VisionLSTM(nn.Module):
     def _embed(self, x):
         x = self.patch_embed(x)                                        # (B, dim, H', W')
         B, D, H, W = x.shape
-        x = x.permute(0, 2, 3, 1) + self.pos_embed.get((H, W), x.dtype)
-        return x.reshape(B, H * W, D), (H, W)
+        pe = self.pos_embed.get((H, W), x.dtype).reshape(1, H * W, D)
+        # one pass: transpose to tokens and add the position embedding, row-major tokens out
+        tokens = x.flatten(2).transpose(1, 2)
+        if torch.is_grad_enabled():
+            return (tokens + pe).contiguous(), (H, W)
+        return torch.add(tokens, pe, out=x.new_empty(B, H * W, D)), (H, W)
 
     def _resolve_indices(self, indices):
         n = self.num_blocks
