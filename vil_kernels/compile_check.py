@@ -18,6 +18,7 @@ import contextlib
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,7 +93,7 @@ def compile_one(key):
     from triton import knobs
 
     from .triton import kernels
-    from .triton.heuristics import dot_config
+    from .triton.heuristics import MAXNREG, dot_config
 
     name, dt, arch, BT, BK, BV, warps, stages, has_init = key
     fn = getattr(kernels, f"mlstm_{name}_kernel")
@@ -119,16 +120,18 @@ def compile_one(key):
                has_init=has_init, error=None)
     t0 = time.time()
     try:
-        knobs.cache.dir = tempfile.mkdtemp(prefix="vil_cc_")   # a fresh cache: ptxas runs, logs
+        cache = knobs.cache.dir = tempfile.mkdtemp(prefix="vil_cc_")   # fresh cache: ptxas runs, logs
         knobs.nvidia.dump_ptxas_log = True
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                options=dict(num_warps=warps, num_stages=stages))
+            opts = dict(num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
+            ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
         log = buf.getvalue()
     except Exception as e:  # noqa: BLE001 - reported in the table
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         return row
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     regs = re.findall(r"Used (\d+) registers", log)
     spill_st = re.findall(r"(\d+) bytes spill stores", log)
     spill_ld = re.findall(r"(\d+) bytes spill loads", log)

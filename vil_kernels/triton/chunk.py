@@ -45,7 +45,10 @@ def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
     p = heuristics.launch_params(name, DK, DV, BT, dtype, arch)
     meta = dict(BT=BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
     grid = grid(p["BK"], p["BV"]) if callable(grid) else grid
-    kernel[grid](*args, **meta, num_warps=p["num_warps"], num_stages=p["num_stages"])
+    opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
+    if not interpreting():
+        opts["maxnreg"] = p["maxnreg"]
+    kernel[grid](*args, **meta, **opts)
 
 
 def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):

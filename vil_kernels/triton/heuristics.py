@@ -19,6 +19,9 @@ from ..utils import next_power_of_2
 # rounding), with 2x more entry states in memory than 128 would need.
 MAX_BT = 64
 DEFAULT_BT = 64
+# ptxas otherwise sometimes settles on 128 registers and spills a few bytes (compile_check
+# caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
+MAXNREG = 255
 KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv")
 
 
@@ -55,7 +58,7 @@ def chunk_len(S, DK, DV, dtype, arch, requested=None):
 
 
 def launch_params(kernel, DK, DV, BT, dtype, arch):
-    """BK, BV, num_warps, num_stages for one kernel. dtype: the inputs' torch dtype."""
+    """BK, BV, num_warps, num_stages, maxnreg for one kernel. dtype: the inputs' torch dtype."""
     assert kernel in KERNELS, kernel
     BK, BV = head_block(DK), head_block(DV)
     if dtype == torch.float32:
@@ -63,7 +66,7 @@ def launch_params(kernel, DK, DV, BT, dtype, arch):
         BK, BV = min(BK, 32), min(BV, 32)
     num_warps = 8 if BT >= 64 else 4
     num_stages = 1
-    return dict(BK=BK, BV=BV, num_warps=num_warps, num_stages=num_stages)
+    return dict(BK=BK, BV=BV, num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG)
 
 
 def dot_config(dtype):
