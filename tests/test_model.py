@@ -569,3 +569,37 @@ def test_pretrained_goes_through_torch_hub(monkeypatch):
         assert torch.equal(m.eval()(x), src.eval()(x))
     with pytest.raises(ValueError, match="no published checkpoint"):
         vil.create_model("vil2-large", pretrained=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("norm_bias", [True, False])
+def test_triton_fused_gating_matches_pytorch(norm_bias, monkeypatch):
+    from vil import model as vmodel
+    from vil import triton_gating
+    from vil.layers import MultiHeadLayerNorm, gated_outnorm
+    if not triton_gating.available():
+        pytest.skip("triton not importable")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    B, NH, S, DH = 2, 4, 10, 24                                        # DH not a power of two
+    norm = MultiHeadLayerNorm(NH * DH, weight=True, bias=norm_bias).to(dev)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    h = torch.randn(B, NH, S, DH, generator=g).to(dev)
+    a = torch.randn(B, S, NH * DH, generator=g).to(dev)
+    z = torch.randn(B, S, 2 * NH * DH, generator=g).to(dev)[..., NH * DH:]   # strided view
+    skip = torch.randn(NH * DH, generator=g).to(dev)
+    with torch.no_grad():
+        got = triton_gating.gated_outnorm_triton(h, norm, skip, a, z)
+        want = gated_outnorm(h, norm, skip, a.clone(), z)
+    assert rel(got, want) < 1e-5
+    # and inside the model (forced on for CPU tensors under the interpreter)
+    m = tiny(mlstm_backend="parallel").to(dev)
+    x = images(1, 64).to(dev)
+    with torch.no_grad():
+        want = m(x)
+        monkeypatch.setattr(vmodel, "_use_triton_gating", lambda x: True)
+        assert rel(m(x), want) < 1e-5

@@ -32,6 +32,7 @@ from torch import nn
 
 import vil_kernels
 
+from . import triton_gating
 from .layers import (CausalConv1d, DropPath, LayerNorm, LinearHeadwiseExpand, MultiHeadLayerNorm,
                      SequenceConv2d, gated_outnorm, interpolate_pos_embed, to_2tuple)
 
@@ -216,7 +217,11 @@ class ViLLayer(nn.Module):
         gates = gates.contiguous()                                     # (B, G, S), tiny
         h = vil_kernels.mlstm(q, k, v, gates[:, :NH], gates[:, NH:], reverse=self.reverse,
                               backend=self.mlstm_backend, chunk_size=self.mlstm_chunk_size)
-        out = gated_outnorm(h, self.mlstm_cell.outnorm, self.learnable_skip, a, z)
+        if _use_triton_gating(x):
+            out = triton_gating.gated_outnorm_triton(h, self.mlstm_cell.outnorm,
+                                                     self.learnable_skip, a, z)
+        else:
+            out = gated_outnorm(h, self.mlstm_cell.outnorm, self.learnable_skip, a, z)
         return self.proj_down(out)
 
     def forward_reference(self, x, grid=None):
@@ -229,6 +234,13 @@ class ViLLayer(nn.Module):
         h = self.mlstm_cell(q, k, v, reverse=self.reverse, backend=self.mlstm_backend,
                             chunk_size=self.mlstm_chunk_size)
         return self.proj_down((h + self.learnable_skip * a) * F.silu(z))
+
+
+def _use_triton_gating(x):
+    """The fused Triton output gating: CUDA inference only (no autograd; under torch.compile
+    inductor fuses the PyTorch path itself)."""
+    return (x.is_cuda and not torch.is_grad_enabled() and triton_gating.available()
+            and not torch.compiler.is_compiling())
 
 
 def _per_head_linear(t, w, b):
