@@ -652,19 +652,27 @@ def run_group_interleaved(group, resolution, args, mem, progress):
             data[id(row)] = runner.inputs(batch)
         for it in range(args.num_warm_iter + args.num_bench_iter):
             timed = it >= args.num_warm_iter
-            for row, runner in active:
+            for row, runner in list(active):
                 progress.set(f"{row['label']} @{resolution}: {mode}, batch {batch}"
                              f"{'' if timed else ' (warm-up)'}")
                 step = runner.infer_step if mode == "inference" else runner.train_step
-                with runner.ctx():
-                    _sync(runner.device)
-                    gc.collect()
-                    mem.start()
-                    t0 = time.perf_counter()
-                    step(*data[id(row)])
-                    _sync(runner.device)
-                    dt = time.perf_counter() - t0
-                    peak = mem.stop()
+                try:
+                    with runner.ctx():
+                        _sync(runner.device)
+                        gc.collect()
+                        mem.start()
+                        t0 = time.perf_counter()
+                        step(*data[id(row)])
+                        _sync(runner.device)
+                        dt = time.perf_counter() - t0
+                        peak = mem.stop()
+                except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
+                    if is_oom(e) or row["row"] == "ours":
+                        raise
+                    row["note"] = f"failed in {mode}: {type(e).__name__}: {str(e)[:120]}"
+                    progress.write(f"{row['label']} @{resolution}: {row['note']}")
+                    active.remove((row, runner))
+                    continue
                 if timed:
                     times[id(row)].append(dt)
                     if peak is not None:
@@ -709,8 +717,8 @@ def _fmt(v, digits=1):
 def format_table(rows):
     cols = [("row", "label", 0), ("backend", "backend", 0), ("res", "resolution", 0),
             ("tokens", "tokens", 0), ("batch", "batch_size", 0), ("GFLOPs", "gflops", 3),
-            ("infer img/s", "infer_img_s", 2), ("vs ours", "infer_vs_ours", 2),
-            ("train img/s", "train_img_s", 2), ("vs ours ", "train_vs_ours", 2),
+            ("infer img/s", "infer_img_s", 2), ("infer vs ours", "infer_vs_ours", 2),
+            ("train img/s", "train_img_s", 2), ("train vs ours", "train_vs_ours", 2),
             ("infer MiB", "infer_peak_mib", 0), ("train MiB", "train_peak_mib", 0)]
     cols = [c for c in cols if any(r.get(c[1]) is not None for r in rows) or c[1] == "label"]
     header = [c[0] for c in cols]
@@ -721,6 +729,8 @@ def format_table(rows):
             v = r.get(key)
             if key.endswith("_vs_ours") and v is not None:
                 cells.append(f"x{v:.2f}")
+            elif key.endswith("_img_s") and v is not None:
+                cells.append(f"{v:.3g}" if v < 100 else f"{v:,.1f}")
             elif key == "gflops" and v is not None:
                 cells.append(f"{v:.4g}")
             elif key == "batch_size" and r.get("infer_batch_size", v) != r.get("train_batch_size", v):
@@ -858,7 +868,15 @@ def main(argv=None):
                             rows.append(row)
             else:
                 for model_key, spec in specs:
-                    rows.append(run_row(spec, model_key, resolution, args, mem, progress))
+                    try:
+                        rows.append(run_row(spec, model_key, resolution, args, mem, progress))
+                    except Exception as e:  # noqa: BLE001 - a failing peer is reported
+                        if spec[0] == "ours" or is_oom(e):
+                            raise
+                        note = f"failed: {type(e).__name__}: {str(e)[:120]}"
+                        progress.write(f"{spec[1]} @{resolution}: {note}")
+                        rows.append({"model": model_key, "row": spec[0], "label": spec[1],
+                                     "resolution": resolution, "note": note})
     finally:
         progress.close()
     add_ratios(rows)

@@ -128,3 +128,21 @@ def test_out_of_memory_halves_the_batch(monkeypatch):
     assert row["batch_size"] == 2
     assert "out of memory at batch 8, halved" in row["note"]
     assert row["infer_img_s"] > 0 and row["train_img_s"] > 0
+
+
+@pytest.mark.parametrize("interleave", ["--interleave", "--no-interleave"])
+def test_failing_peer_is_reported_not_fatal(monkeypatch, interleave):
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            raise RuntimeError("peer exploded")
+
+    monkeypatch.setattr(throughput.peers, "create_deit", lambda name, r: (Broken(), "broken"))
+    rows = throughput.main(["--device", "cpu", "--model", "vil2-test", "--rows", "ours,deit",
+                            "--resolution", "32", "--batch-size", "1", "--num-warm-iter", "0",
+                            "--num-bench-iter", "1", "--no-progress", interleave])
+    assert rows[0]["infer_img_s"] > 0
+    assert "peer exploded" in rows[1]["note"] and rows[1].get("infer_img_s") is None
