@@ -19,7 +19,11 @@ setup(
         'triton>=3.2; platform_system == "Linux" and (platform_machine == "x86_64" or platform_machine == "aarch64")',
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        # Pillow decodes images for vil.train where torchvision is absent (its build must match
+        # the installed torch, so it is never pulled in here); tqdm draws progress bars and
+        # matplotlib the resolution-sweep plot of bench/throughput.py.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pillow>=9"],
+        "train": ["pillow>=9", "tqdm>=4.60"],
         "bench": ["tqdm>=4.60", "matplotlib>=3.7"],
     },
 )
