@@ -22,7 +22,7 @@ setup(
         # Pillow decodes images for vil.train where torchvision is absent (its build must match
         # the installed torch, so it is never pulled in here); tqdm draws progress bars and
         # matplotlib the resolution-sweep plot of bench/throughput.py.
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pillow>=9"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pillow>=9", "matplotlib>=3.7"],
         "train": ["pillow>=9", "tqdm>=4.60"],
         "bench": ["tqdm>=4.60", "matplotlib>=3.7"],
     },
