@@ -9,7 +9,7 @@ How a layer runs (``ViLLayer.forward``); ``inner = 2 * dim``, cell heads NH = 4,
 
 1. ``proj_up``: one GEMM -> x_mlstm, z (views, no copies).
 2. Depthwise conv over the actual token grid, ``a = silu(conv(x_mlstm))``.
-3. q, k and the input/forget gate pre-activations in one batched matmul per cell head: the
+3. q, k and the input/forget gate pre-activations in one batched GEMM over the cell heads: the
    block-diagonal (4 x 4 blocks) q/k projections are applied as dense (DH, DH) matrices per head,
    which also writes q, k directly in the (B, NH, S, DH) layout the cell wants, and the gate
    linear on cat(q, k, v) is folded into 8 extra output columns (gate = Wg_q q + Wg_k k + Wg_v v
@@ -17,8 +17,9 @@ How a layer runs (``ViLLayer.forward``); ``inner = 2 * dim``, cell heads NH = 4,
    cat(q, k, v) is never built; the folded weights are rebuilt every call (tiny) so gradients
    reach the stored parameters.
 4. ``vil_kernels.mlstm`` with ``reverse=True`` for the blocks walking from the bottom right.
-5. Output norm (per-head layer norm) + learnable skip + silu(z) gating: three passes in
-   inference (in the conv activation's buffer), plain autograd ops in training.
+5. Output norm (per-head layer norm) + learnable skip + silu(z) gating: one Triton kernel in
+   CUDA inference (vil/triton_gating.py), three in-place passes in CPU inference (in the conv
+   activation's buffer), plain autograd ops in training.
 6. ``proj_down``.
 """
 
