@@ -3,8 +3,8 @@
 Forward: mlstm_fwd_state_kernel (the (C, n, m) scan, entry state of every chunk) then
 mlstm_fwd_out_kernel (outputs per chunk; m, signed normalizer and argmax per row).
 Backward: a short O(S * DV) prologue (den, dden, dn, dm per row), mlstm_bwd_state_kernel (reverse
-scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv), then the O(S) gate
-epilogue of the spec: di = k.dk, dF = q.dq - k.dk + dm, eps term routed to the recorded argmax,
+scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv),
+then the O(S) gate epilogue of the spec: di = k.dk, dF = q.dq - k.dk + dm, eps term routed to the recorded argmax,
 reverse cumsum, times sigmoid(-f). No atomics anywhere: two runs give identical bits.
 """
 
