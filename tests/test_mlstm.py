@@ -126,6 +126,15 @@ def test_auto_backend_matches_reference(S):
     torch.testing.assert_close(h_auto, naive.mlstm_parallel(**x), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("S,D,expected", [(7, 16, "parallel"), (192, 96, "parallel"),
+                                           (196, 96, "torch"), (784, 96, "torch"),
+                                           (196, 384, "parallel"), (784, 384, "torch")])
+def test_auto_choice_on_cpu(S, D, expected):
+    from vil_kernels.mlstm import _choose_backend
+    q = torch.empty(1, 1, S, D)
+    assert _choose_backend(q, q, q) == expected
+
+
 def _split_run(x, cuts, backend, reverse=False):
     """Run the sequence in pieces, carrying the last states from one piece into the next."""
     bounds = [0, *cuts, x["q"].shape[2]]

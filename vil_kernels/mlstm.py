@@ -92,14 +92,22 @@ def _check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial, eps, chunk_siz
     return i, f, states
 
 
-# Below this length the parallel form does less work than chunking on a CPU (bench/kernels.py).
-_PARALLEL_MAX_S = 64
+def _triton_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def _choose_backend(q, S):
+def _choose_backend(q, k, v):
+    """Triton on CUDA (the torch path where triton is missing). On a CPU the quadratic form does
+    less work than chunking until S passes about twice the head dim: its S x S cost against the
+    chunkwise form's DHQK x DHV state per chunk (bench/kernels.py; README table)."""
     if q.device.type == "cuda":
-        return "triton"
-    return "parallel" if S <= _PARALLEL_MAX_S else "torch"
+        return "triton" if _triton_available() else "torch"
+    S, D = q.shape[2], max(k.shape[-1], v.shape[-1])
+    return "parallel" if S <= 2 * D else "torch"
 
 
 def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False,
@@ -132,7 +140,7 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
             every input and the output along S, without materialising the flips in the kernels.
         backend: "triton" (fused kernels, CUDA or TRITON_INTERPRET=1), "torch" (chunkwise
             PyTorch), "parallel" and "recurrent" (the references), or "auto": triton on CUDA
-            tensors, otherwise the fastest PyTorch path for the sequence length.
+            tensors, otherwise the faster PyTorch path for the sequence length and head dims.
 
     Returns:
         h of shape (B, NH, S, DHV) in q's dtype, or ``(h, (c, n, m))`` with return_last_states.
@@ -145,7 +153,7 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
                                  backend)
     c_initial, n_initial, m_initial = states if states is not None else (None, None, None)
     if backend == "auto":
-        backend = _choose_backend(q, q.shape[2])
+        backend = _choose_backend(q, k, v)
     if backend == "triton":
         from .triton import mlstm_triton
         h, last = mlstm_triton(q, k, v, i, f, c_initial, n_initial, m_initial, eps=float(eps),

@@ -27,5 +27,7 @@ def next_power_of_2(n):
 
 
 def default_chunk_size(S, DK, DV, device):
-    """Chunk length for the PyTorch path: one chunk for short sequences, else 64 (bench/kernels.py)."""
-    return max(16, min(64, next_power_of_2(S)))
+    """Chunk length for the PyTorch path: 64, or 128 for head dims over 256 whose per-chunk state
+    dominates (measured on CPU, bench/kernels.py); never longer than S needs."""
+    L = 128 if max(DK, DV) > 256 else 64
+    return max(16, min(L, next_power_of_2(S)))
