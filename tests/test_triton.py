@@ -24,8 +24,8 @@ TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2, torch.flo
 
 def rel_err(a, b):
     """The spec's max |a - b| / max |b|; a reference that is (nearly) all zero (df at S = 1 does
-    not depend on f) is compared absolutely below 1e-2 (there df = q.dq - k.dk is a float32 cancellation of O(1)
-    terms, ~1e-7)."""
+    not depend on f) is compared absolutely below 1e-2 (there df = q.dq - k.dk is a float32
+    cancellation of O(1) terms, ~1e-7)."""
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-2)).item()
 
 

@@ -119,8 +119,9 @@ def compile_one(key):
     row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, BK=BK, BV=BV, warps=warps, stages=stages,
                has_init=has_init, error=None)
     t0 = time.time()
+    # a fresh cache, so that ptxas runs and logs registers and spills
+    cache = knobs.cache.dir = tempfile.mkdtemp(prefix="vil_cc_")
     try:
-        cache = knobs.cache.dir = tempfile.mkdtemp(prefix="vil_cc_")   # fresh cache: ptxas runs, logs
         knobs.nvidia.dump_ptxas_log = True
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
@@ -201,7 +202,8 @@ def main(argv=None):
         if env_had is not None:
             os.environ["TRITON_INTERPRET"] = env_had
     hdr = (f"{'kernel':<10} {'dtype':<8} {'arch':<5} {'BT':>3} {'BK':>3} {'BV':>3} {'w':>2} "
-           f"{'st':>2} {'init':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6}  head dims / status")
+           f"{'st':>2} {'init':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6}  "
+           "head dims / status")
     print(hdr)
     print("-" * len(hdr))
     failed = 0

@@ -2,7 +2,8 @@
 
 triton 3.6's interpreter turns a tensor into a Python int (``range(n)`` over a runtime loop
 bound) with ``int(array_of_shape_(1,))``, which numpy >= 2.4 rejects. We re-register that one
-conversion with ``.reshape(-1)[0]`` while kernels run under the interpreter; nothing changes on a GPU.
+conversion with ``.reshape(-1)[0]`` while kernels run under the interpreter; nothing changes on
+a GPU.
 """
 
 import os

@@ -4,8 +4,8 @@ Forward: mlstm_fwd_state_kernel (the (C, n, m) scan, entry state of every chunk)
 mlstm_fwd_out_kernel (outputs per chunk; m, signed normalizer and argmax per row).
 Backward: a short O(S * DV) prologue (den, dden, dn, dm per row), mlstm_bwd_state_kernel (reverse
 scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv),
-then the O(S) gate epilogue of the spec: di = k.dk, dF = q.dq - k.dk + dm, eps term routed to the recorded argmax,
-reverse cumsum, times sigmoid(-f). No atomics anywhere: two runs give identical bits.
+then the O(S) gate epilogue of the spec: di = k.dk, dF = q.dq - k.dk + dm, eps term routed to
+the recorded argmax, reverse cumsum, times sigmoid(-f). No atomics anywhere: two runs give identical bits.
 """
 
 import contextlib
@@ -187,8 +187,8 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, 
             a_row: torch.Tensor, c_in: torch.Tensor, n_in: torch.Tensor, m_in: torch.Tensor,
             eps: float, chunk: int, reverse: bool) -> _T8:
     with _device(q):
-        return mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last, c_last, n_last,
-                         m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, eps, chunk,
+        return mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last, c_last,
+                         n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, eps, chunk,
                          reverse)
 
 

@@ -34,7 +34,7 @@ def device_arch(device):
 
 
 def head_block(D):
-    """Tile of a head dim: 64, 32 or 16 if it divides D (no masked lanes), else 64 or less, masked."""
+    """Tile of a head dim: 64, 32 or 16 if it divides D (no masked lanes), else <= 64, masked."""
     for blk in (64, 32, 16):
         if D % blk == 0:
             return blk
