@@ -12,10 +12,8 @@ inputs (Linux: /proc/self/clear_refs); on CUDA, torch.cuda.max_memory_allocated 
 """
 
 import argparse
-import ctypes
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,7 +23,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import vil_kernels  # noqa: E402
+from machine import PeakMemory, device_name  # noqa: E402
 
 CPU_SHAPES = [(8, 4, 196, 96), (8, 4, 784, 96), (8, 4, 196, 192), (8, 4, 784, 192),
               (1, 4, 16384, 96)]
@@ -33,60 +33,6 @@ GPU_SHAPES = [(64, 4, S, D) for S in (196, 784, 3136) for D in (96, 192, 384)] +
                                                                                   (8, 4, 16384, 96)]
 # Dense bf16 tensor-core peaks (TFLOP/s) used for the roofline fraction.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def _cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{_cpu_name()} ({torch.get_num_threads()} threads)"
-
-
-class PeakMemory:
-    """Peak memory growth of one call, in bytes (None where it cannot be measured)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.cpu_ok = False
-        if device.type == "cpu" and Path("/proc/self/clear_refs").exists():
-            try:
-                # A fixed mmap threshold returns large frees to the OS at once, so the peak of
-                # one call is not hidden by memory that malloc kept from the call before.
-                ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)       # M_MMAP_THRESHOLD
-                self.cpu_ok = True
-            except OSError:
-                pass
-
-    @staticmethod
-    def _status(key):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-        return 0
-
-    def measure(self, fn):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - base
-        if not self.cpu_ok:
-            return None
-        Path("/proc/self/clear_refs").write_text("5")             # reset the peak (VmHWM)
-        base = self._status("VmRSS")
-        fn()
-        return self._status("VmHWM") - base
 
 
 def time_call(fn, device, warmup, iters):
@@ -180,14 +126,16 @@ def bench_shape(shape, device, dtype, warmup, iters, mem):
             try:
                 t = time_call(call, device, warmup, iters)
                 row[f"{mode}_ms"] = t * 1e3
-                row[f"{mode}_peak_mib"] = (mem.measure(call) or 0) / 2**20
-                flops = mlstm_flops(B, NH, S, D, D, 64) * (1 if mode == "fwd" else 3.5)
-                row[f"{mode}_tflops"] = flops / t / 1e12
-                if peak:
-                    row[f"{mode}_roofline"] = row[f"{mode}_tflops"] / peak
+                mem.start()
+                call()
+                row[f"{mode}_peak_mib"] = (mem.stop() or 0) / 2**20
+                if device.type == "cuda":
+                    flops = mlstm_flops(B, NH, S, D, D, 64) * (1 if mode == "fwd" else 3.5)
+                    row[f"{mode}_tflops"] = flops / t / 1e12
+                    if peak:
+                        row[f"{mode}_roofline"] = row[f"{mode}_tflops"] / peak
             except (RuntimeError, MemoryError) as e:
                 row["note"] = f"failed: {str(e).splitlines()[0][:80]}"
-            del x
         rows.append(row)
     return rows
 

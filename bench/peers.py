@@ -8,7 +8,6 @@ CUDA). timm's implementation is used when timm is importable (it is what people 
 the small one below, which has the same parameter count and FLOPs.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F

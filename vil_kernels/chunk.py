@@ -10,7 +10,6 @@ identities  i_j -> k_j . dk_j  and  F_t -> q_t . dq_t - k_t . dk_t,  and the eps
 way h depends on m) is routed back to the argmax recorded for every row in the forward.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F
