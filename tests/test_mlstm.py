@@ -1,6 +1,5 @@
 """The PyTorch paths against the float64 parallel reference; splitting; numerics; bad input."""
 
-
 import pytest
 import torch
 
