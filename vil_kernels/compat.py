@@ -124,7 +124,7 @@ def _valid_chunk_size(chunk_size):
 
 def mlstm_chunkwise(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None,
                     return_last_states=False, eps=1e-6, chunk_size=64,
-                    autocast_kernel_dtype=torch.bfloat16, backend="auto", **tuning_kwargs):
+                    autocast_kernel_dtype=torch.float32, backend="auto", **tuning_kwargs):
     """The chunkwise mLSTM with the keyword set of NX-AI mlstm_kernels' chunkwise kernels.
 
     Args:
@@ -137,9 +137,9 @@ def mlstm_chunkwise(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=Non
         eps: added to the normalizer's denominator.
         chunk_size: mapped to the nearest power of two >= 16 (our kernels need one); S need
             not be a multiple of it. Only the result's speed depends on it.
-        autocast_kernel_dtype: the precision the Triton kernels take q, k, v in, as in
-            mlstm_kernels: float32 q, k, v on a CUDA device going to the Triton backend are cast
-            to it (gates, cumulative sums, stabilizers, normalizer and states always stay
+        autocast_kernel_dtype: the precision the Triton kernels take q, k, v in; float32 by default,
+            as in mlstm_kernels (pass torch.bfloat16 for tensor-core speed with float32 inputs).
+            Float32 q, k, v on a CUDA device going to the Triton backend are cast to it (gates, cumulative sums, stabilizers, normalizer and states always stay
             float32, and accumulation is float32). Half-precision inputs are used as they are,
             float64 inputs are never lowered, and the PyTorch backends (CPU, the interpreter)
             compute in the input's precision. h is returned in the dtype of q, as given.
