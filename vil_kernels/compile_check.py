@@ -10,7 +10,8 @@ dtypes: head dims are runtime values, so many head dims share one binary), and c
 distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
 registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, and the head dims
 each binary serves. Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
-sm_90: 227 KB), when a 16-bit build has no HMMA/HGMMA instruction, or on a compile error.
+sm_90: 227 KB), on registers x threads over the 64K register file, when a 16-bit build has no
+HMMA/HGMMA instruction, or on a compile error.
 """
 
 import argparse
@@ -159,6 +160,8 @@ def problems(row):
         return [row["error"]]
     if row["spill"] > 0:
         bad.append(f"spills {row['spill']} B")
+    if row["regs"] * row["warps"] * 32 > 65536:
+        bad.append(f"{row['regs']} registers x {row['warps'] * 32} threads > 64K register file")
     if row["smem"] > SMEM_LIMIT[row["arch"]]:
         bad.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[row['arch']]}")
     if row["dtype"] in ("bfloat16", "float16") and row["hmma"] + row["hgmma"] == 0:

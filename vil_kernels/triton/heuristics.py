@@ -4,8 +4,9 @@ Without a GPU to autotune on, the table encodes the constraints we can check ahe
 (``python -m vil_kernels.compile_check``: no spills, shared memory under the arch's limit, tensor
 cores used for 16-bit inputs): head dims are tiled by the largest of 64 / 32 / 16 that divides
 them (96 -> 3 x 32, 192 -> 3 x 64, 384 -> 6 x 64: no padding of 96 up to 128), one chunk of 64
-positions by default and at most (fewer for short sequences; float32 inputs at most 32), 4 warps
-below 64 positions, 8 at 64.
+positions by default (fewer for short sequences), at most 128 (float32 inputs: 32), 4 warps below
+64 positions, 8 from 64, head-dim tiles of at most 32 at 128 positions (V tiles of 16 in the
+outputs kernel).
 On a GPU, entries can be refined per arch from bench/kernels.py measurements.
 """
 
@@ -13,11 +14,11 @@ import torch
 
 from ..utils import next_power_of_2
 
-# Largest chunk the fused kernels run: the outputs kernel holds three [BT, BT] float32 tiles
-# (q k^T, log weights, scores), which spill at BT = 128 on sm_80 and sm_90 (compile_check). A
-# larger requested chunk_size runs as 64: the same function (the chunk length only changes the
-# rounding), with 2x more entry states in memory than 128 would need.
-MAX_BT = 64
+# Largest chunk the fused kernels run: at BT = 128 the [BT, BT] float32 tiles (q k^T, scores,
+# dS) take 64 registers a thread each at 8 warps, so the head-dim tiles shrink to 32; a requested
+# chunk_size of 256 runs as 128, which computes the same function (the chunk length only changes
+# the rounding).
+MAX_BT = 128
 DEFAULT_BT = 64
 # ptxas otherwise sometimes settles on 128 registers and spills a few bytes (compile_check
 # caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
@@ -64,6 +65,8 @@ def launch_params(kernel, DK, DV, BT, dtype, arch):
     if dtype == torch.float32:
         # tf32x3 splits every fp32 operand into two tf32 tiles: half-size head-dim tiles
         BK, BV = min(BK, 32), min(BV, 32)
+    if BT >= 128:
+        BK, BV = min(BK, 32), min(BV, 32 if kernel != "fwd_out" else 16)
     num_warps = 8 if BT >= 64 else 4
     num_stages = 1
     return dict(BK=BK, BV=BV, num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG)

@@ -37,6 +37,13 @@ def _dot(a, b, MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP:
 
 
 @triton.jit
+def _argmax_combine(a_v, a_j, b_v, b_j):
+    """Running (max, argmax); the earlier index on ties."""
+    take_b = b_v > a_v
+    return tl.where(take_b, b_v, a_v), tl.where(take_b, b_j, a_j)
+
+
+@triton.jit
 def _rows(i_c, S, REVERSE, BT: tl.constexpr):
     """Logical positions of chunk i_c, their physical positions and the in-sequence mask."""
     o_t = i_c * BT + tl.arange(0, BT)
@@ -156,14 +163,17 @@ def mlstm_fwd_out_kernel(
         b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
     b_min = tl.load(m_in + o_s).to(ACC)
     b_ain = tl.load(a_in + o_s)
-    causal = o_i[:, None] >= o_i[None, :]
-    b_ld = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :], _NEG)   # [BT, BT]
-    b_mintra, b_jintra = tl.max(b_ld, axis=1, return_indices=True)
+    # row max of the chunk's log weights b_t - b_j + i_j (j <= t) = b_t + prefix max of i_j - b_j:
+    # a scan over [BT], not a [BT, BT] reduction
+    b_pv, b_pj = tl.associative_scan((b_i - b_b, o_i), axis=0, combine_fn=_argmax_combine)
+    b_mintra = b_b + b_pv
     b_carry = b_b + b_min
     b_m = tl.maximum(b_carry, b_mintra)                             # [BT]
-    b_arg = tl.where(b_carry >= b_mintra, b_ain, (b_jintra + i_c * BT).to(tl.int32))
+    b_arg = tl.where(b_carry >= b_mintra, b_ain, (b_pj + i_c * BT).to(tl.int32))
     b_w = tl.exp(b_carry - b_m) * scale                             # [BT]
-    b_s = b_qk * scale * tl.exp(b_ld - b_m[:, None])                # [BT, BT]
+    causal = o_i[:, None] >= o_i[None, :]
+    b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
+    b_s = b_qk * scale * tl.exp(b_lw)                               # [BT, BT]
     b_vt = tl.load(v + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :],
                    mask=m_t[:, None] & m_v[None, :], other=0.)      # [BT, BV]
     b_num = _dot(b_s, b_vt, MMA, ACC, PREC, INTERP) + b_w[:, None] * b_qc
