@@ -11,10 +11,14 @@ way h depends on m) is routed back to the argmax recorded for every row in the f
 """
 
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from .utils import NEG, compute_dtype, default_chunk_size, pad_seq
+
+_EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 
 def _chunk_gates(fl, i, NC, L):
@@ -26,12 +30,27 @@ def _chunk_gates(fl, i, NC, L):
     return b, g, a
 
 
+@functools.lru_cache(maxsize=16)
+def _future_mask(L, device):
+    """True above the diagonal of an L x L chunk: the keys a row must not see. Built outside
+    inference mode: the cache serves training calls too."""
+    with torch.inference_mode(False):
+        return torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
+
+
 def _intra_logits(b, i_c):
     """log D inside each chunk, NEG above the diagonal."""
-    L = b.shape[-1]
     log_d = b[..., :, None] - b[..., None, :] + i_c[..., None, :]      # [B, NH, NC, L, L]
-    causal = torch.ones(L, L, dtype=torch.bool, device=b.device).tril()
-    return log_d.masked_fill_(~causal, NEG)
+    return log_d.masked_fill_(_future_mask(b.shape[-1], b.device), NEG)
+
+
+def _exp(x, future=None):
+    """exp of log-weights that are <= 0, in place on x. Arguments are floored where exp is still a
+    normal number: on CPUs exp of an underflowing argument (every masked lane) runs many times
+    slower, and a floored weight is at most 1e-35 of the row's largest, which is exactly 1.
+    Lanes in `future` are set to exactly 0."""
+    x = x.clamp_(min=_EXP_FLOOR[x.dtype]).exp_()
+    return x if future is None else x.masked_fill_(future, 0.0)
 
 
 def _forward(q, k, v, i, fl, c0, n0, m0, eps, L, need_last):
@@ -60,7 +79,7 @@ def _forward(q, k, v, i, fl, c0, n0, m0, eps, L, need_last):
     if NS > 0:
         m_loc, j_loc = a[:, :, :NS].max(-1)                            # [B, NH, NS]
         j_loc += chunk_start[:NS]
-        kw = kc[:, :, :NS] * torch.exp(a[:, :, :NS] - m_loc[..., None])[..., None]
+        kw = kc[:, :, :NS] * _exp(a[:, :, :NS] - m_loc[..., None])[..., None]
         c_loc = kw.transpose(-1, -2) @ vc[:, :, :NS]                   # [B, NH, NS, DK, DV]
         n_loc = kw.sum(-2)                                             # [B, NH, NS, DK]
         c_s, n_s, m_s, arg_s = c_in[:, :, 0], n_in[:, :, 0], m_in[:, :, 0], arg_in[:, :, 0]
@@ -85,12 +104,13 @@ def _forward(q, k, v, i, fl, c0, n0, m0, eps, L, need_last):
     m_row = torch.maximum(carried, m_intra)
     arg_row = torch.where(carried >= m_intra, arg_in[..., None], j_intra + chunk_start[:, None])
     qs = qc * scale
-    scores = (qs @ kc.transpose(-1, -2)).mul_(torch.exp(log_d - m_row[..., None]))
+    future = _future_mask(L, q.device)
+    scores = (qs @ kc.transpose(-1, -2)).mul_(_exp(log_d.sub_(m_row[..., None]), future))
     num = scores @ vc                                                  # [B, NH, NC, L, DV]
     n_row = scores.sum(-1)                                             # [B, NH, NC, L]
     first = 0 if has_init else 1                                       # chunk 0 starts empty
     if first < NC:
-        w_carried = torch.exp(carried[:, :, first:] - m_row[:, :, first:])
+        w_carried = _exp(carried[:, :, first:] - m_row[:, :, first:])
         qs_i = qs[:, :, first:]
         num[:, :, first:] += w_carried[..., None] * (qs_i @ c_in[:, :, first:])
         n_row[:, :, first:] += w_carried * (qs_i * n_in[:, :, first:, None, :]).sum(-1)
@@ -122,7 +142,7 @@ def _backward(q, k, v, i, fl, c0, n0, m0, eps, L, h, dh, saved, last, dlast):
     b, g, a = _chunk_gates(fl, i, NC, L)
     log_d = _intra_logits(b, i.view(B, NH, NC, L))
     m_c = m_row.view(B, NH, NC, L)
-    weights = torch.exp(log_d.sub_(m_c[..., None]))                    # [B, NH, NC, L, L]
+    weights = _exp(log_d.sub_(m_c[..., None]), _future_mask(L, q.device))  # [B, NH, NC, L, L]
     del log_d
     qs = qc * scale
 
@@ -141,7 +161,7 @@ def _backward(q, k, v, i, fl, c0, n0, m0, eps, L, h, dh, saved, last, dlast):
     dn_direct = q.new_zeros(B, NH, NC, DK)
     if first < NC:
         sl = slice(first, None)
-        w_carried = torch.exp(b[:, :, sl] + m_in[:, :, sl, None] - m_c[:, :, sl])
+        w_carried = _exp(b[:, :, sl] + m_in[:, :, sl, None] - m_c[:, :, sl])
         dq[:, :, sl] += scale * w_carried[..., None] * (
             dnum_c[:, :, sl] @ c_in[:, :, sl].transpose(-1, -2)
             + dn_c[:, :, sl, :, None] * n_in[:, :, sl, None, :])
@@ -156,14 +176,14 @@ def _backward(q, k, v, i, fl, c0, n0, m0, eps, L, h, dh, saved, last, dlast):
         m_last = last[2]
         dc_s, dn_s = dlast[0], dlast[1]
     m_out = torch.cat([m_in[..., 1:], m_last], dim=-1)                 # [B, NH, NC]
-    decay = torch.exp(g + m_in - m_out)
+    decay = _exp(g + m_in - m_out)
     dc_out = torch.empty_like(c_in)
     dn_out = torch.empty_like(n_in)
     for c in reversed(range(NC)):
         dc_out[:, :, c], dn_out[:, :, c] = dc_s, dn_s
         dc_s = torch.addcmul(dc_direct[:, :, c], decay[..., c, None, None], dc_s)
         dn_s = torch.addcmul(dn_direct[:, :, c], decay[..., c, None], dn_s)
-    gain = torch.exp(a - m_out[..., None])[..., None]                  # [B, NH, NC, L, 1]
+    gain = _exp(a - m_out[..., None])[..., None]                       # [B, NH, NC, L, 1]
     dk += gain * (vc @ dc_out.transpose(-1, -2) + dn_out[..., None, :])
     dv += gain * (kc @ dc_out)
 
