@@ -12,11 +12,12 @@ way h depends on m) is routed back to the argmax recorded for every row in the f
 
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
-from .utils import NEG, compute_dtype, default_chunk_size, pad_seq
+from .utils import NEG, compute_dtype, default_chunk_size, pad_seq, reverse_seq
 
 _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
@@ -218,23 +219,25 @@ def _route_to_argmax(dm, arg, di, dF, dm0):
 
 
 class MLSTMChunkwise(torch.autograd.Function):
-    """Chunkwise mLSTM on forward-ordered inputs, gates (B, NH, S).
-    Returns h, and the last state c, n, m when need_last."""
+    """Chunkwise mLSTM, gates (B, NH, S). With reverse the inputs are read back to front into the
+    padded buffers the computation needs anyway (no separate flips). Returns h, and the last
+    state c, n, m when need_last."""
 
     @staticmethod
-    def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, L, need_last):
+    def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, L, need_last, reverse):
         S = q.shape[2]
         ct = compute_dtype(q)
         has_init = c0 is not None
-        qp, kp, vp = (pad_seq(x.to(ct), L) for x in (q, k, v))
-        ip = pad_seq(i.to(ct), L, NEG)
-        flp = pad_seq(F.logsigmoid(f.to(ct)), L)                       # padding keeps the state
+        seq = lambda x, value=0.0: pad_seq(x, L, value, dtype=ct, reverse=reverse)
+        qp, kp, vp = seq(q), seq(k), seq(v)
+        ip = seq(i, NEG)
+        flp = F.logsigmoid(seq(f, math.inf))                           # padding keeps the state
         states = tuple(x.to(ct) for x in (c0, n0, m0)) if has_init else (None,) * 3
         h, last, saved = _forward(qp, kp, vp, ip, flp, *states, eps, L, need_last)
         h = h[:, :, :S]
-        out = h.to(q.dtype)
+        out = (reverse_seq(h) if reverse else h).to(q.dtype)
         ctx.save_for_backward(q, k, v, i, f, *states, h, *(last or (None,) * 4), *saved)
-        ctx.meta = (eps, L, ct)
+        ctx.meta = (eps, L, ct, reverse)
         if not need_last:
             return out
         ctx.mark_non_differentiable(last[3])
@@ -242,30 +245,31 @@ class MLSTMChunkwise(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh, *dlast):
-        eps, L, ct = ctx.meta
+        eps, L, ct, reverse = ctx.meta
         q, k, v, i, f, c0, n0, m0, h, *rest = ctx.saved_tensors
         last, saved = rest[:4], tuple(rest[4:])
         last = None if last[0] is None else tuple(last)
         S = q.shape[2]
-        qp, kp, vp = (pad_seq(x.to(ct), L) for x in (q, k, v))
-        ip = pad_seq(i.to(ct), L, NEG)
-        fc = f.to(ct)
-        flp = pad_seq(F.logsigmoid(fc), L)
+        seq = lambda x, value=0.0: pad_seq(x, L, value, dtype=ct, reverse=reverse)
+        qp, kp, vp = seq(q), seq(k), seq(v)
+        ip = seq(i, NEG)
+        fp = seq(f, math.inf)
+        flp = F.logsigmoid(fp)
         hp = pad_seq(h, L)
-        dhp = pad_seq(dh.to(ct), L) if dh is not None else torch.zeros_like(hp)
+        dhp = seq(dh) if dh is not None else torch.zeros_like(hp)
         if last is not None:
             dlast = tuple(torch.zeros_like(x) if d is None else d.to(ct)
                           for d, x in zip(dlast, last[:3]))
         dq, dk, dv, di, dfl, dstates = _backward(qp, kp, vp, ip, flp, c0, n0, m0, eps, L, hp, dhp,
                                                  saved, last, dlast if last else None)
-        cut = lambda x, like: x[:, :, :S].to(like.dtype)
-        df = dfl[..., :S] * torch.sigmoid(-fc)
-        grads = [cut(dq, q), cut(dk, k), cut(dv, v), cut(di, i), df.to(f.dtype)]
+        df = dfl[..., :S] * torch.sigmoid(-fp[..., :S])
+        back = lambda g, like: (reverse_seq(g[:, :, :S]) if reverse else g[:, :, :S]).to(like.dtype)
+        grads = [back(dq, q), back(dk, k), back(dv, v), back(di, i), back(df, f)]
         if c0 is not None:
             grads += [g.to(x.dtype) for g, x in zip(dstates, (c0, n0, m0))]
         else:
             grads += [None] * 3
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def mlstm_chunkwise_torch(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, eps=1e-6,
@@ -273,11 +277,8 @@ def mlstm_chunkwise_torch(q, k, v, i, f, c_initial=None, n_initial=None, m_initi
     """Validated inputs, gates (B, NH, S). Returns (h, (c, n, m) or None)."""
     S = q.shape[2]
     L = chunk_size or default_chunk_size(S, q.shape[-1], v.shape[-1], q.device)
-    if reverse:
-        q, k, v, i, f = (x.flip(2) for x in (q, k, v, i, f))
     out = MLSTMChunkwise.apply(q, k, v, i, f, c_initial, n_initial, m_initial, eps, L,
-                               return_last_states)
-    h, last = (out[0], tuple(out[1:])) if return_last_states else (out, None)
-    if reverse:
-        h = h.flip(2)
-    return h, last
+                               return_last_states, reverse)
+    if return_last_states:
+        return out[0], tuple(out[1:])
+    return out, None
