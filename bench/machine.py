@@ -46,23 +46,31 @@ def versions():
             "python": platform.python_version()}
 
 
+_M_MMAP_THRESHOLD = -3                 # glibc mallopt parameter
+_MMAP_WHILE_MEASURING = 1 << 16        # large blocks straight from and back to the OS
+_MMAP_OTHERWISE = 32 << 20             # glibc's own upper bound: large blocks reused, fast
+
+
 class PeakMemory:
-    """Peak memory of a block of steps in bytes (None where it cannot be measured)."""
+    """Peak memory of a block of steps in bytes (None where it cannot be measured).
+
+    On CPU it is the growth of the peak resident set between start() and stop(). Only inside
+    that window are large allocations served by mmap (so a step's peak is not hidden by memory
+    malloc kept from the step before); that costs page faults, so time steps outside it."""
 
     def __init__(self, device):
         self.device = device
         self.cpu_ok = False
+        self._libc = None
         if device.type == "cpu" and Path("/proc/self/clear_refs").exists():
             try:
                 Path("/proc/self/clear_refs").write_text("5")
-                # Return large frees to the OS at once so that one step's peak is not hidden by
-                # memory malloc kept from the previous one.
-                ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)          # M_MMAP_THRESHOLD
+                self._libc = ctypes.CDLL("libc.so.6")
                 self.cpu_ok = True
-            except OSError:
+            except (OSError, AttributeError):
                 pass
         self.kind = ("cuda max_memory_allocated (all allocations)" if device.type == "cuda" else
-                     "cpu peak RSS growth over the timed steps (activations and temporaries)"
+                     "cpu peak RSS growth over one untimed step (activations and temporaries)"
                      if self.cpu_ok else "not measured")
 
     @staticmethod
@@ -77,6 +85,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.cpu_ok:
+            self._libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_WHILE_MEASURING)
             Path("/proc/self/clear_refs").write_text("5")
             self._base = self._status("VmRSS")
 
@@ -85,5 +94,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device)
         if self.cpu_ok:
-            return max(self._status("VmHWM") - self._base, 0)
+            peak = max(self._status("VmHWM") - self._base, 0)
+            self._libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_OTHERWISE)
+            return peak
         return None

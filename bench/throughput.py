@@ -21,11 +21,12 @@ and per row: inference images/s (forward, no grad), training images/s (forward, 
 backward, AdamW step), peak memory, tokens, batch, forward GFLOPs per image, and the ratios of
 throughput against the "ours" row. Flags follow timm's benchmark.py.
 
-Peak memory: on CUDA, torch.cuda.max_memory_allocated() over the timed steps (everything
-allocated: weights, gradients, optimizer state, activations, workspaces). On a CPU (Linux), the
-growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the
-resident set just before the timed steps: activations and temporaries, without the weights and
-optimizer state that exist before them.
+Peak memory, measured on one more step after the timed ones: on CUDA,
+torch.cuda.max_memory_allocated() (everything allocated: weights, gradients, optimizer state,
+activations, workspaces). On a CPU (Linux), the growth of the process's peak resident set (VmHWM,
+reset through /proc/self/clear_refs) over the resident set just before that step: activations and
+temporaries, without the weights and optimizer state that exist before it. Measuring it makes a
+CPU step slower (large blocks come straight from the OS), hence the separate step.
 
 GFLOPs (forward, per image, multiply-add = 2 FLOPs): torch.utils.flop_counter.FlopCounterMode
 for every op but the mLSTM cell and attention, plus their analytic counts: attention
@@ -414,15 +415,22 @@ def measure(runner, mode, batch, warm, iters, mem, tick):
         tick()
     _sync(runner.device)
     gc.collect()
-    mem.start()
     t0 = time.perf_counter()
     for _ in range(iters):
         step(x, y)
         tick()
     _sync(runner.device)
     elapsed = time.perf_counter() - t0
-    peak = mem.stop()
-    return elapsed / iters, peak
+    return elapsed / iters, peak_of_step(step, x, y, runner.device, mem)
+
+
+def peak_of_step(step, x, y, device, mem):
+    """Peak memory of one more, untimed step (measuring it slows a CPU step down)."""
+    gc.collect()
+    mem.start()
+    step(x, y)
+    _sync(device)
+    return mem.stop()
 
 
 def _free(device):
@@ -583,12 +591,10 @@ def run_group_interleaved(group, resolution, args, mem, progress):
                     with runner.ctx():
                         _sync(runner.device)
                         gc.collect()
-                        mem.start()
                         t0 = time.perf_counter()
                         step(*data[id(row)])
                         _sync(runner.device)
                         dt = time.perf_counter() - t0
-                        peak = mem.stop()
                 except Exception as e:  # noqa: BLE001 - a failing peer is reported, not fatal
                     if is_oom(e) or row["row"] == "ours":
                         raise
@@ -598,9 +604,13 @@ def run_group_interleaved(group, resolution, args, mem, progress):
                     continue
                 if timed:
                     times[id(row)].append(dt)
-                    if peak is not None:
-                        peaks[id(row)].append(peak)
                 progress.tick()
+        for row, runner in active:
+            step = runner.infer_step if mode == "inference" else runner.train_step
+            with runner.ctx():
+                peak = peak_of_step(step, *data[id(row)], runner.device, mem)
+            if peak is not None:
+                peaks[id(row)].append(peak)
         for row, _ in active:
             t = statistics.median(times[id(row)])
             row["batch_size"] = batch
