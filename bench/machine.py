@@ -86,7 +86,8 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif self.cpu_ok:
             self._libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_WHILE_MEASURING)
-            Path("/proc/self/clear_refs").write_text("5")
+            self._libc.malloc_trim(0)          # hand back free blocks malloc kept, or the step
+            Path("/proc/self/clear_refs").write_text("5")   # reuses them without RSS growth
             self._base = self._status("VmRSS")
 
     def stop(self):
