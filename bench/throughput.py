@@ -108,7 +108,9 @@ def build_parser():
     p.add_argument("--bench", choices=("inference", "train", "both"), default="both")
     p.add_argument("--rows", type=str, default=",".join(ROW_KINDS),
                    help=f"which rows per model, comma-separated from {','.join(ROW_KINDS)}")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile every model (with BACKEND, default inductor; e.g. "
+                        "aot_eager to check tracing without code generation)")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="time the rows of a model round-robin, one step each in turn, and report "
                         "medians, so that load from other processes hits every row alike "
@@ -376,7 +378,7 @@ class Runner:
         if not amp and dtype != torch.float32:
             model = model.to(dtype)
         self.model = model
-        self.fn = torch.compile(model) if compile_ else model
+        self.fn = torch.compile(model, backend=compile_) if compile_ else model
         self.opt = None
 
     def _ctx(self):
