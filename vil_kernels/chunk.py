@@ -10,14 +10,14 @@ identities  i_j -> k_j . dk_j  and  F_t -> q_t . dq_t - k_t . dk_t,  and the eps
 way h depends on m) is routed back to the argmax recorded for every row in the forward.
 """
 
-
 import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from .utils import NEG, compute_dtype, default_chunk_size, pad_seq, reverse_seq
+from .utils import (NEG, compute_dtype, default_chunk_size, normalizer_backward, pad_seq,
+                    reverse_seq, route_last_state, route_to_argmax)
 
 _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
@@ -131,12 +131,8 @@ def _backward(q, k, v, i, fl, c0, n0, m0, eps, L, h, dh, saved, last, dlast):
     has_init = c0 is not None
     m_row, n_row, arg_row, c_in, n_in, m_in = saved
 
-    # The normalizer as one more value column (m held constant); dm from the eps term.
-    den = torch.maximum(n_row.abs(), torch.exp(-m_row)) + eps           # [B, NH, Sp]
-    dden = -(dh * h).sum(-1) / den
+    den, _, dn_row, dm_row = normalizer_backward(dh, h, n_row, m_row, eps)
     dnum = dh / den[..., None]                                          # [B, NH, Sp, DV]
-    dn_row = torch.where(n_row.abs() >= torch.exp(-m_row), dden * torch.sign(n_row), 0.0)
-    dm_row = eps * dden
 
     qc, kc, vc, dnum_c = (x.view(B, NH, NC, L, -1) for x in (q, k, v, dnum))
     dn_c = dn_row.view(B, NH, NC, L)
@@ -192,30 +188,12 @@ def _backward(q, k, v, i, fl, c0, n0, m0, eps, L, h, dh, saved, last, dlast):
     di = (k * dk).sum(-1)                                              # [B, NH, Sp]
     dF = (q * dq).sum(-1) - di + dm_row
     dm0 = (dc_s * c0).sum((-2, -1)) + (dn_s * n0).sum(-1) if has_init else None   # [B, NH]
-    _route_to_argmax(dm_row, arg_row, di, dF, dm0)
+    route_to_argmax(dm_row, arg_row, di, dF, dm0)
     if last is not None:
-        # The last state's stabilizer: F_last enters it with weight one; what is left of dm_last
-        # after the m-constant part goes to the key that set m_last (its argmax).
         c_last, n_last, _, arg_last = last
-        dc_last, dn_last, dm_last = dlast
-        dm_last = dm_last[..., 0]
-        dF[..., -1] += dm_last
-        dm_eff = dm_last - (dc_last * c_last).sum((-2, -1)) - (dn_last * n_last).sum(-1)
-        _route_to_argmax(dm_eff[..., None], arg_last[..., None], di, dF, dm0)
+        route_last_state(di, dF, dm0, -1, arg_last, c_last, n_last, *dlast)
     dfl = dF.flip(-1).cumsum(-1).flip(-1)
     return dq, dk, dv, di, dfl, (dc_s, dn_s, None if dm0 is None else dm0[..., None])
-
-
-def _route_to_argmax(dm, arg, di, dF, dm0):
-    """Add dm to the log-weight F_t - F_j + i_j of the argmax key j (or to m0 when arg is -1).
-    The F_t part is the caller's; here: di_j += dm and dF_j -= dm."""
-    to_key = arg >= 0
-    val = torch.where(to_key, dm, 0.0)
-    idx = arg.clamp(min=0)
-    di.scatter_add_(-1, idx, val)
-    dF.scatter_add_(-1, idx, -val)
-    if dm0 is not None:
-        dm0 += (dm - val).sum(-1)
 
 
 class MLSTMChunkwise(torch.autograd.Function):

@@ -42,6 +42,37 @@ def pad_seq(x, L, value=0.0, dtype=None, reverse=False):
     return out
 
 
+def normalizer_backward(dh, h, n_row, m_row, eps):
+    """The O(S * DV) start of every backward (spec, "Exact gradients"): with every m held constant
+    the normalizer is one more value column. Returns den, dden (the gradient of the
+    denominator), dn_row (of the signed normalizer) and dm_row (the eps term, for the argmax)."""
+    den = torch.maximum(n_row.abs(), torch.exp(-m_row)) + eps          # [B, NH, S]
+    dden = -(dh * h).sum(-1) / den
+    dn_row = torch.where(n_row.abs() >= torch.exp(-m_row), dden * torch.sign(n_row), 0.0)
+    return den, dden, dn_row, eps * dden
+
+
+def route_to_argmax(dm, arg, di, dF, dm0):
+    """Add dm to the log-weight F_t - F_j + i_j of the argmax key j (or to m0 where arg is -1),
+    in place. The F_t part is the caller's; here: di_j += dm and dF_j -= dm. dm0 may be None."""
+    to_key = arg >= 0
+    val = torch.where(to_key, dm, 0.0)
+    idx = arg.clamp(min=0).long()
+    di.scatter_add_(-1, idx, val)
+    dF.scatter_add_(-1, idx, -val)
+    if dm0 is not None:
+        dm0 += (dm - val).sum(-1)
+
+
+def route_last_state(di, dF, dm0, last_pos, arg_last, c_last, n_last, dc_last, dn_last, dm_last):
+    """The returned last state's stabilizer m_last: F at the last position enters it with weight
+    one; what is left of dm_last after the m-constant part goes to the key that set m_last."""
+    dm_last = dm_last[..., 0]
+    dF[..., last_pos] += dm_last
+    dm_eff = dm_last - (dc_last * c_last).sum((-2, -1)) - (dn_last * n_last).sum(-1)
+    route_to_argmax(dm_eff[..., None], arg_last[..., None], di, dF, dm0)
+
+
 def next_power_of_2(n):
     return 1 << max(n - 1, 0).bit_length()
 

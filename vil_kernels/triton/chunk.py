@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import NEG
+from ..utils import NEG, normalizer_backward, route_last_state, route_to_argmax
 from . import heuristics
 from ._interp import interpreting, patch_interpreter
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_state_kernel,
@@ -98,10 +98,7 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     rev = int(bool(reverse))
     scale = DK ** -0.5
     # Prologue, O(S * DV): the normalizer as one more value column, dm from the eps term.
-    den = torch.maximum(n_row.abs(), torch.exp(-m_row)) + eps                # [B, NH, S]
-    dden = -(dh.to(ad) * h.to(ad)).sum(-1) / den
-    dn = torch.where(n_row.abs() >= torch.exp(-m_row), dden * torch.sign(n_row), 0.0)
-    dm_row = eps * dden
+    den, _, dn, dm_row = normalizer_backward(dh.to(ad), h.to(ad), n_row, m_row, eps)
 
     kw = dict(device=q.device)
     dc_out = torch.empty(B, NH, NC, DK, DV, dtype=ad, **kw)
@@ -126,23 +123,15 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
              S, NC, DK, DV, rev, scale), DK, DV, BT, q.dtype, arch)
     rq, rk = rq.sum(0), rk.sum(0)                                  # fixed order: deterministic
 
-    # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse).
+    # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse): argmax
+    # indices are logical positions, so they are mapped first.
+    physical = (lambda a: torch.where(a >= 0, S - 1 - a, a)) if reverse else (lambda a: a)
     di = rk
     dF = rq - rk + dm_row
-    last_p = 0 if reverse else S - 1
-    dF[..., last_p] += dm_last[..., 0].to(ad)
     dm0 = torch.zeros(B, NH, dtype=ad, **kw)
-    dm_last_eff = (dm_last[..., 0].to(ad) - (dc_last.to(ad) * c_last).sum((-2, -1))
-                   - (dn_last.to(ad) * n_last).sum(-1))
-    for dm, arg in ((dm_row, a_row), (dm_last_eff[..., None], a_last[..., None])):
-        to_key = arg >= 0
-        val = torch.where(to_key, dm, 0.0)
-        idx = arg.clamp(min=0).long()
-        if reverse:
-            idx = S - 1 - idx
-        di = di.scatter_add(-1, idx, val)
-        dF = dF.scatter_add(-1, idx, -val)
-        dm0 = dm0 + (dm - val).sum(-1)
+    route_to_argmax(dm_row, physical(a_row), di, dF, dm0)
+    route_last_state(di, dF, dm0, 0 if reverse else S - 1, physical(a_last), c_last, n_last,
+                     dc_last.to(ad), dn_last.to(ad), dm_last.to(ad))
     # reverse cumsum in logical order = forward cumsum in physical order when reversed
     dfl = dF.cumsum(-1) if reverse else dF.flip(-1).cumsum(-1).flip(-1)   # (B, NH, S) only
     df = dfl * torch.sigmoid(-f.to(ad))
