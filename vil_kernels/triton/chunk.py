@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import NEG, normalizer_backward, route_last_state, route_to_argmax
+from ..utils import NEG, compute_dtype, normalizer_backward, route_last_state, route_to_argmax
 from . import heuristics
 from ._interp import interpreting, patch_interpreter
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_state_kernel,
@@ -24,10 +24,6 @@ patch_interpreter()
 
 _TL = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 assert NEG == -1e30  # the kernels' _NEG
-
-
-def _acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _dot_args(dtype):
@@ -56,7 +52,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     NC = triton.cdiv(S, BT)
-    ad = _acc_dtype(q)
+    ad = compute_dtype(q)
     arch = heuristics.device_arch(q.device)
     has_init = c0 is not None
     kw = dict(device=q.device)
@@ -93,7 +89,7 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     NC = triton.cdiv(S, BT)
-    ad = _acc_dtype(q)
+    ad = compute_dtype(q)
     arch = heuristics.device_arch(q.device)
     rev = int(bool(reverse))
     scale = DK ** -0.5
@@ -160,7 +156,7 @@ def _fwd_fake(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse):
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     NC = -(-S // chunk)
-    ad, i32 = _acc_dtype(q), torch.int32
+    ad, i32 = compute_dtype(q), torch.int32
     e = lambda *shape, dtype=ad: q.new_empty(shape, dtype=dtype)
     return (e(B, NH, S, DV, dtype=q.dtype), e(B, NH, DK, DV), e(B, NH, DK), e(B, NH, 1),
             e(B, NH, dtype=i32), e(B, NH, S), e(B, NH, S), e(B, NH, S, dtype=i32),
@@ -184,7 +180,7 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, 
 @_bwd_op.register_fake
 def _bwd_fake(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, *rest):
     B, NH, S, DK = q.shape
-    ad = _acc_dtype(q)
+    ad = compute_dtype(q)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(i),
             torch.empty_like(f), q.new_empty(dc_last.shape, dtype=ad),
             q.new_empty(B, NH, DK, dtype=ad), q.new_empty(B, NH, 1, dtype=ad))
