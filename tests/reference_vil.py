@@ -5,7 +5,6 @@ from the bottom right, a gate linear on cat(q, k, v), headwise projections as ei
 stabilized cell (vil_kernels.naive.mlstm_parallel) and a group norm. No code is shared with vil/.
 """
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -1,8 +1,16 @@
 """The PyTorch chunkwise path: forward and exact backward without any S x S tensor.
 
 Runs anywhere PyTorch runs (CPU, or CUDA without Triton). The sequence is cut into chunks of L
-positions; the (C, n, m) state is carried between chunks by a short scan and everything inside a
-chunk is batched matmuls over all chunks at once. Memory is O(S * (L + D) + S / L * DK * DV).
+positions; everything inside a chunk is batched matmuls over all chunks at once, and the (C, n, m)
+state entering every chunk is one more small matmul: the scan over chunks is linear in the chunk
+states once the stabilizers are known, and those come from an (NC + 1) x (NC + 1) table of
+log-weights per head. Memory is O(S * (L + D) + S / L * DK * DV).
+
+Layout. The big tensors (q, k, v, h and their gradients) are only ever read and written in memory
+order, as (BH, NC, L, D) views of the caller's storage where the strides allow (no padding, no
+flips, no batch-order copies when L divides S). The recurrence's own order ("walk order": back to
+front with reverse) only matters for the O(S) gate quantities, which are flipped as needed; inside
+a chunk reverse just keeps the other triangle.
 
 The backward follows ../shared/spec/mlstm.md, "Exact gradients": every stabilizer m is held
 constant, the normalizer is treated as one more value column, gate gradients come from the
@@ -16,235 +24,312 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .utils import (NEG, compute_dtype, default_chunk_size, normalizer_backward, pad_seq,
-                    reverse_seq, route_last_state, route_to_argmax)
+from .utils import (NEG, compute_dtype, default_chunk_size, normalizer_backward, route_last_state,
+                    route_to_argmax)
 
+# exp() arguments are floored where exp is still a normal number: on CPUs exp of an underflowing
+# argument runs many times slower, and a floored weight is at most 1e-35 of the row's largest.
 _EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 
-def _chunk_gates(fl, i, NC, L):
-    """Per-chunk cumulative log-forget b, its total g and the log-weight a of each key in its chunk."""
-    B, NH = fl.shape[:2]
-    b = fl.view(B, NH, NC, L).cumsum(-1)                               # [B, NH, NC, L]
-    g = b[..., -1]                                                     # [B, NH, NC]
-    a = g[..., None] - b + i.view(B, NH, NC, L)                        # [B, NH, NC, L]
-    return b, g, a
+def _exp(x):
+    """exp of log-weights that should be <= 0, in place."""
+    return x.clamp_(_EXP_FLOOR[x.dtype], 0.0).exp_()
 
 
-@functools.lru_cache(maxsize=16)
-def _future_mask(L, device):
-    """True above the diagonal of an L x L chunk: the keys a row must not see. Built outside
-    inference mode: the cache serves training calls too."""
-    with torch.inference_mode(False):
-        return torch.ones(L, L, dtype=torch.bool, device=device).triu(1)
+def _mm(a, b, alpha=1.0):
+    """a @ b over one batch dim, scaled inside the GEMM."""
+    if alpha == 1.0:
+        return torch.bmm(a, b)
+    out = a.new_empty(a.shape[0], a.shape[1], b.shape[2])
+    return torch.baddbmm(out, a, b, beta=0.0, alpha=alpha)
 
 
-def _intra_logits(b, i_c):
-    """log D inside each chunk, NEG above the diagonal."""
-    log_d = b[..., :, None] - b[..., None, :] + i_c[..., None, :]      # [B, NH, NC, L, L]
-    return log_d.masked_fill_(_future_mask(b.shape[-1], b.device), NEG)
+class _Layout:
+    """Where the caller's (B, NH, S, .) tensors live and how to view them as (BH, Sp, .): which
+    batch dim is outer in memory, how many padding positions (at the end of the walk: at the front
+    of memory with reverse) and the walk order."""
+
+    def __init__(self, q, L, reverse):
+        B, NH, S = q.shape[:3]
+        # Merge (B, NH) in the order q is stored in: a (NH, B, S, D) view then reshapes for free.
+        self.swap = NH > 1 and B > 1 and q.stride(0) < q.stride(1)
+        self.B, self.NH, self.S, self.L, self.reverse = B, NH, S, L, reverse
+        self.Sp = S + (-S % L)
+        self.NC = self.Sp // L
+        self.pad = self.Sp - S
+
+    def walk(self, x, dim=-1):
+        """Memory order <-> walk order of a small tensor (its own inverse)."""
+        return x.flip(dim) if self.reverse else x
+
+    def to_flat(self, x, dtype, value=0.0):
+        """(B, NH, S, ...) -> (BH, Sp, ...) in dtype, padded with value; a view when possible."""
+        if self.swap:
+            x = x.transpose(0, 1)
+        x = x.reshape(self.B * self.NH, self.S, *x.shape[3:])
+        if not self.pad:
+            if x.shape[0] > 1 and x.stride(0) != self.S * x.stride(1):
+                x = x.contiguous()                     # (BH, S) must split into (BH * NC, L)
+            return x.to(dtype)
+        out = x.new_empty(x.shape[0], self.Sp, *x.shape[2:], dtype=dtype)
+        real = slice(self.pad, None) if self.reverse else slice(None, self.S)
+        pad = slice(None, self.pad) if self.reverse else slice(self.S, None)
+        out[:, real].copy_(x)
+        out[:, pad].fill_(value)
+        return out
+
+    def from_flat(self, x, dtype):
+        """(BH, Sp, ...) -> (B, NH, S, ...) view (a copy only to change dtype)."""
+        x = x[:, self.pad:] if self.reverse else x[:, :self.S]
+        outer, inner = (self.NH, self.B) if self.swap else (self.B, self.NH)
+        x = x.view(outer, inner, *x.shape[1:])
+        return (x.transpose(0, 1) if self.swap else x).to(dtype)
+
+    def states_to_flat(self, x, dtype):
+        if x is None:
+            return None
+        if self.swap:
+            x = x.transpose(0, 1)
+        return x.reshape(self.B * self.NH, *x.shape[2:]).to(dtype)
+
+    def states_from_flat(self, x, dtype):
+        outer, inner = (self.NH, self.B) if self.swap else (self.B, self.NH)
+        x = x.view(outer, inner, *x.shape[1:])
+        return (x.transpose(0, 1) if self.swap else x).to(dtype)
 
 
-def _exp(x, future=None):
-    """exp of log-weights that are <= 0, in place on x. Arguments are floored where exp is still a
-    normal number: on CPUs exp of an underflowing argument (every masked lane) runs many times
-    slower, and a floored weight is at most 1e-35 of the row's largest, which is exactly 1.
-    Lanes in `future` are set to exactly 0."""
-    x = x.clamp_(min=_EXP_FLOOR[x.dtype]).exp_()
-    return x if future is None else x.masked_fill_(future, 0.0)
+def _walk_gates(lay, i, fl):
+    """In walk order, per chunk: the input gate, the cumulative log-forget b, its total g and the
+    log-weight a of each key at its chunk's end."""
+    BH = i.shape[0]
+    iw = lay.walk(i).view(BH, lay.NC, lay.L)
+    b = lay.walk(fl).view(BH, lay.NC, lay.L).cumsum(-1)                # [BH, NC, L]
+    g = b[..., -1]                                                     # [BH, NC]
+    a = g[..., None] - b + iw
+    return iw, b, g, a
 
 
-def _forward(q, k, v, i, fl, c0, n0, m0, eps, L, need_last):
-    """All inputs padded to NC * L positions and in the compute dtype. Returns h, the last state
-    (c, n, m, argmax) when need_last, and what the backward needs: per-row m, signed normalizer
-    and argmax, and the entry state of every chunk."""
-    B, NH, Sp, DK = q.shape
+def _chunk_table(g, m_loc, m0):
+    """The inter-chunk recurrence in closed form, walk order. Sources k: 0 the initial state,
+    1 + c the keys of chunk c (weighted relative to the chunk's end by m_loc); rows c: the state
+    entering chunk c, row NC the last state. Returns W [BH, NC+1, NC+1] with the stabilized weight
+    of every source in every row, m_in [BH, NC+1] and the winning source of every row.
+
+    The log-weight of source k in row c is the sum of the chunk totals g strictly between them
+    plus the source's own m; each such sum is taken over its own segment (a masked cumsum), never
+    as a difference of long prefix sums, so float32 keeps its precision on long sequences."""
+    BH, NC = g.shape
+    R = NC + 1
+    between = torch.ones(R, R, dtype=torch.bool, device=g.device).triu(1)   # [k, e]: e > k
+    g_ext = F.pad(g, (1, 0))                                            # [BH, R]: g of source e
+    seg = torch.where(between, g_ext[:, None, :], 0.0).cumsum(-1)       # [BH, k, c]
+    m_src = torch.cat([m0 if m0 is not None else g.new_full((BH, 1), NEG), m_loc], dim=-1)
+    log_w = seg.transpose(1, 2) + m_src[:, None, :]                     # [BH, c, k]
+    seen = ~between                                                     # [c, k]: k <= c
+    log_w = log_w.masked_fill_(~seen, NEG)
+    m_in, src = log_w.max(-1)                                           # oldest source on ties
+    W = _exp(log_w.sub_(m_in[..., None])).mul_(seen)
+    return W, m_in, src
+
+
+def _intra_weights(lay, u, w):
+    """exp(log D - m_row) inside every chunk, memory order [BH * NC, L, L]: u_t + w_j with
+    u = b - m_row (rows) and w = i - b (keys); keys later in the walk are exactly 0."""
+    L = lay.L
+    E = _exp(u.reshape(-1, L, 1) + w.reshape(-1, 1, L))
+    return E.triu_() if lay.reverse else E.tril_()
+
+
+def _no_autocast(fn):
+    """The chunkwise math runs in its compute dtype: autocast would turn its GEMMs into bf16."""
+    @functools.wraps(fn)
+    def wrapped(lay, q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(lay, q, *args, **kwargs)
+    return wrapped
+
+
+@_no_autocast
+def _forward(lay, q, k, v, i, fl, c0, n0, m0, eps, need_last, track):
+    """Flat inputs (BH, Sp, .) in the compute dtype. Returns h (BH, Sp, DV), the last state
+    (c, n, m, argmax) when need_last, and, when track, what the backward needs."""
+    BH, Sp, DK = q.shape
     DV = v.shape[-1]
-    NC = Sp // L
+    NC, L = lay.NC, lay.L
     scale = DK ** -0.5
-    has_init = c0 is not None
-    qc, kc, vc = (x.view(B, NH, NC, L, -1) for x in (q, k, v))
-    b, g, a = _chunk_gates(fl, i, NC, L)
-    chunk_start = torch.arange(NC, device=q.device) * L                # [NC]
+    qc, kc, vc = (x.view(BH * NC, L, -1) for x in (q, k, v))
+    iw, b, g, a = _walk_gates(lay, i, fl)
 
-    # Inter-chunk scan. Chunk c's keys are needed in a state only if a later chunk or the
-    # returned last state reads it.
-    c_in = q.new_zeros(B, NH, NC, DK, DV)
-    n_in = q.new_zeros(B, NH, NC, DK)
-    m_in = q.new_full((B, NH, NC), NEG)
-    arg_in = torch.full((B, NH, NC), -1, dtype=torch.long, device=q.device)  # -1: initial state
-    if has_init:
-        c_in[:, :, 0], n_in[:, :, 0], m_in[:, :, 0] = c0, n0, m0[..., 0]
-    NS = NC if need_last else NC - 1
-    last = None
-    if NS > 0:
-        m_loc, j_loc = a[:, :, :NS].max(-1)                            # [B, NH, NS]
-        j_loc += chunk_start[:NS]
-        kw = kc[:, :, :NS] * _exp(a[:, :, :NS] - m_loc[..., None])[..., None]
-        c_loc = kw.transpose(-1, -2) @ vc[:, :, :NS]                   # [B, NH, NS, DK, DV]
-        n_loc = kw.sum(-2)                                             # [B, NH, NS, DK]
-        c_s, n_s, m_s, arg_s = c_in[:, :, 0], n_in[:, :, 0], m_in[:, :, 0], arg_in[:, :, 0]
-        for c in range(NS):
-            carried = g[..., c] + m_s
-            m_new = torch.maximum(carried, m_loc[..., c])
-            arg_s = torch.where(carried >= m_loc[..., c], arg_s, j_loc[..., c])
-            decay, gain = torch.exp(carried - m_new), torch.exp(m_loc[..., c] - m_new)
-            c_s = torch.addcmul(gain[..., None, None] * c_loc[:, :, c], decay[..., None, None], c_s)
-            n_s = torch.addcmul(gain[..., None] * n_loc[:, :, c], decay[..., None], n_s)
-            m_s = m_new
-            if c + 1 < NC:
-                c_in[:, :, c + 1], n_in[:, :, c + 1] = c_s, n_s
-                m_in[:, :, c + 1], arg_in[:, :, c + 1] = m_s, arg_s
-        if need_last:
-            last = (c_s, n_s, m_s[..., None], arg_s)
+    # Every chunk's own contribution, relative to its end, then the state entering every chunk.
+    m_loc, j_loc = a.max(-1)                                           # [BH, NC]
+    gain = torch.exp(a - m_loc[..., None])                             # [BH, NC, L] walk order
+    kw = kc * lay.walk(gain.view(BH, Sp)).view(BH * NC, L, 1)
+    c_loc = (kw.transpose(1, 2) @ vc).view(BH, NC, DK * DV)
+    n_loc = kw.sum(1).view(BH, NC, DK)
+    W, m_in, src = _chunk_table(g, m_loc, m0)
+    W_mem = lay.walk(lay.walk(W[:, :NC, 1:], 1), 2)                    # chunks in memory order
+    c_in = W_mem @ c_loc                                               # [BH, NC, DK * DV]
+    n_in = W_mem @ n_loc                                               # [BH, NC, DK]
+    if c0 is not None:
+        w0 = lay.walk(W[:, :NC, 0])[..., None]                         # [BH, NC, 1]
+        c_in += w0 * c0.reshape(BH, 1, DK * DV)
+        n_in += w0 * n0[:, None, :]
 
-    # Outputs inside the chunks, the row max taken over the carried state and the chunk's keys.
-    log_d = _intra_logits(b, i.view(B, NH, NC, L))
-    m_intra, j_intra = log_d.max(-1)                                   # [B, NH, NC, L]
-    carried = b + m_in[..., None]                                      # [B, NH, NC, L]
+    # Row maxima from a running max over keys (no L x L pass), then the outputs.
+    w_key = iw - b                                                     # [BH, NC, L]
+    run_max, j_intra = w_key.cummax(-1)
+    m_intra = b + run_max
+    carried = b + m_in[:, :NC, None]                                   # [BH, NC, L]
     m_row = torch.maximum(carried, m_intra)
+    E = _intra_weights(lay, lay.walk((b - m_row).view(BH, Sp)), lay.walk(w_key.view(BH, Sp)))
+    scores = _mm(qc, kc.transpose(1, 2), scale).mul_(E)                # [BH * NC, L, L]
+    del E
+    w_carried = _exp(carried - m_row).view(BH, Sp)
+    qw = qc * lay.walk(w_carried).view(BH * NC, L, 1)
+    num = _mm(qw, c_in.view(BH * NC, DK, DV), scale).baddbmm_(scores, vc)  # [BH * NC, L, DV]
+    n_row = scores.sum(-1).view(BH, Sp)
+    n_row.add_((qw * n_in.view(BH * NC, 1, DK)).sum(-1).view(BH, Sp), alpha=scale)
+    m_row_mem = lay.walk(m_row.view(BH, Sp))
+    den = torch.maximum(n_row.abs(), torch.exp(-m_row_mem)).add_(eps)
+    h = num.view(BH, Sp, DV).div_(den[..., None])
+
+    last = None
+    if need_last:
+        w_last = lay.walk(W[:, NC, 1:])[:, None, :]                    # [BH, 1, NC]
+        c_last = (w_last @ c_loc).view(BH, DK, DV)
+        n_last = (w_last @ n_loc).view(BH, DK)
+        if c0 is not None:
+            c_last = c_last + W[:, NC, 0, None, None] * c0
+            n_last = n_last + W[:, NC, 0, None] * n0
+        last = (c_last, n_last, m_in[:, NC:], _source_position(src[:, NC:], j_loc, L)[:, 0])
+    if not track:
+        return h, last, None
+    chunk_start = torch.arange(NC, device=q.device) * L
+    arg_in = _source_position(src[:, :NC], j_loc, L)                   # [BH, NC]
     arg_row = torch.where(carried >= m_intra, arg_in[..., None], j_intra + chunk_start[:, None])
-    qs = qc * scale
-    future = _future_mask(L, q.device)
-    scores = (qs @ kc.transpose(-1, -2)).mul_(_exp(log_d.sub_(m_row[..., None]), future))
-    num = scores @ vc                                                  # [B, NH, NC, L, DV]
-    n_row = scores.sum(-1)                                             # [B, NH, NC, L]
-    first = 0 if has_init else 1                                       # chunk 0 starts empty
-    if first < NC:
-        w_carried = _exp(carried[:, :, first:] - m_row[:, :, first:])
-        qs_i = qs[:, :, first:]
-        num[:, :, first:] += w_carried[..., None] * (qs_i @ c_in[:, :, first:])
-        n_row[:, :, first:] += w_carried * (qs_i * n_in[:, :, first:, None, :]).sum(-1)
-    den = torch.maximum(n_row.abs(), torch.exp(-m_row)) + eps
-    h = num / den[..., None]
-    rows = lambda x: x.reshape(B, NH, Sp)
-    saved = (rows(m_row), rows(n_row), rows(arg_row), c_in, n_in, m_in)
-    return h.view(B, NH, Sp, DV), last, saved
+    saved = (m_row.view(BH, Sp), n_row, arg_row.view(BH, Sp), c_in, n_in, W, m_in)
+    return h, last, saved
 
 
-def _backward(q, k, v, i, fl, c0, n0, m0, eps, L, h, dh, saved, last, dlast):
-    """Gradients of (q, k, v, i, fl, c0, n0, m0) with every input padded to NC * L positions.
+def _source_position(src, j_loc, L):
+    """Walk-order position of the key that set a stabilizer (-1: the initial state)."""
+    chunk = (src - 1).clamp(min=0)
+    pos = j_loc.gather(-1, chunk) + chunk * L
+    return torch.where(src > 0, pos, -1)
+
+
+@_no_autocast
+def _backward(lay, q, k, v, i, fl, c0, n0, eps, h, dh, saved, last, dlast):
+    """Gradients of (q, k, v, i, fl, c0, n0, m0), flat (BH, Sp, .) in memory order.
     `last` and `dlast` are None when the last state was not returned."""
-    B, NH, Sp, DK = q.shape
-    NC = Sp // L
+    BH, Sp, DK = q.shape
+    DV = v.shape[-1]
+    NC, L = lay.NC, lay.L
     scale = DK ** -0.5
-    has_init = c0 is not None
-    m_row, n_row, arg_row, c_in, n_in, m_in = saved
+    m_row, n_row, arg_row, c_in, n_in, W, m_in = saved       # m_row, arg_row, W, m_in: walk order
+    m_row_mem = lay.walk(m_row)
+    den, _, dn_row, dm_row = normalizer_backward(dh, h, n_row, m_row_mem, eps)
+    dnum = dh / den[..., None]                                         # [BH, Sp, DV]
 
-    den, _, dn_row, dm_row = normalizer_backward(dh, h, n_row, m_row, eps)
-    dnum = dh / den[..., None]                                          # [B, NH, Sp, DV]
-
-    qc, kc, vc, dnum_c = (x.view(B, NH, NC, L, -1) for x in (q, k, v, dnum))
-    dn_c = dn_row.view(B, NH, NC, L)
-    b, g, a = _chunk_gates(fl, i, NC, L)
-    log_d = _intra_logits(b, i.view(B, NH, NC, L))
-    m_c = m_row.view(B, NH, NC, L)
-    weights = _exp(log_d.sub_(m_c[..., None]), _future_mask(L, q.device))  # [B, NH, NC, L, L]
-    del log_d
-    qs = qc * scale
+    qc, kc, vc, dnum_c = (x.view(BH * NC, L, -1) for x in (q, k, v, dnum))
+    dn_c = dn_row.view(BH * NC, L, 1)
+    iw, b, g, a = _walk_gates(lay, i, fl)
+    m_w = m_row.view(BH, NC, L)
+    E = _intra_weights(lay, lay.walk((b - m_w).view(BH, Sp)), lay.walk((iw - b).view(BH, Sp)))
 
     # Inside the chunks: gated linear attention with values [v, 1].
-    dscores = (dnum_c @ vc.transpose(-1, -2)).add_(dn_c[..., None]).mul_(weights)
-    dq = (dscores @ kc).mul_(scale)
-    dk = (dscores.transpose(-1, -2) @ qc).mul_(scale)
+    dscores = torch.baddbmm(dn_c, dnum_c, vc.transpose(1, 2)).mul_(E)  # [BH * NC, L, L]
+    dq = _mm(dscores, kc, scale)
+    dk = _mm(dscores.transpose(1, 2), qc, scale)
     del dscores
-    scores = (qs @ kc.transpose(-1, -2)).mul_(weights)
-    dv = scores.transpose(-1, -2) @ dnum_c
-    del scores, weights
+    scores = _mm(qc, kc.transpose(1, 2), scale).mul_(E)
+    dv = scores.transpose(1, 2) @ dnum_c
+    del scores, E
 
-    # Through the entry state of each chunk (chunk 0's is empty without an initial state).
-    first = 0 if has_init else 1
-    dc_direct = q.new_zeros(B, NH, NC, *c_in.shape[-2:])               # [B, NH, NC, DK, DV]
-    dn_direct = q.new_zeros(B, NH, NC, DK)
-    if first < NC:
-        sl = slice(first, None)
-        w_carried = _exp(b[:, :, sl] + m_in[:, :, sl, None] - m_c[:, :, sl])
-        dq[:, :, sl] += scale * w_carried[..., None] * (
-            dnum_c[:, :, sl] @ c_in[:, :, sl].transpose(-1, -2)
-            + dn_c[:, :, sl, :, None] * n_in[:, :, sl, None, :])
-        dc_direct[:, :, sl] = qs[:, :, sl].transpose(-1, -2) @ (w_carried[..., None] * dnum_c[:, :, sl])
-        dn_direct[:, :, sl] = (qs[:, :, sl] * (w_carried * dn_c[:, :, sl])[..., None]).sum(-2)
+    # Through the state entering each chunk.
+    w_carried = lay.walk(_exp(b + m_in[:, :NC, None] - m_w).view(BH, Sp)).view(BH * NC, L, 1)
+    dnum_w = dnum_c * w_carried
+    dn_w = dn_c * w_carried
+    c_in_c = c_in.view(BH * NC, DK, DV)
+    dq.baddbmm_(dnum_w, c_in_c.transpose(1, 2), alpha=scale)
+    dq.baddbmm_(dn_w, n_in.view(BH * NC, 1, DK), alpha=scale)
+    dc_direct = _mm(qc.transpose(1, 2), dnum_w, scale).view(BH, NC, DK * DV)
+    dn_direct = _mm(qc.transpose(1, 2), dn_w, scale).view(BH, NC, DK)
 
-    # Reverse scan: the gradient of the state leaving chunk c, then of the state entering it.
-    if last is None:
-        m_last = torch.maximum(g[..., -1] + m_in[..., -1], a[:, :, -1].amax(-1))[..., None]
-        dc_s, dn_s = torch.zeros_like(c_in[:, :, 0]), torch.zeros_like(n_in[:, :, 0])
-    else:
-        m_last = last[2]
-        dc_s, dn_s = dlast[0], dlast[1]
-    m_out = torch.cat([m_in[..., 1:], m_last], dim=-1)                 # [B, NH, NC]
-    decay = _exp(g + m_in - m_out)
-    dc_out = torch.empty_like(c_in)
-    dn_out = torch.empty_like(n_in)
-    for c in reversed(range(NC)):
-        dc_out[:, :, c], dn_out[:, :, c] = dc_s, dn_s
-        dc_s = torch.addcmul(dc_direct[:, :, c], decay[..., c, None, None], dc_s)
-        dn_s = torch.addcmul(dn_direct[:, :, c], decay[..., c, None], dn_s)
-    gain = _exp(a - m_out[..., None])[..., None]                       # [B, NH, NC, L, 1]
-    dk += gain * (vc @ dc_out.transpose(-1, -2) + dn_out[..., None, :])
-    dv += gain * (kc @ dc_out)
+    # Back through the closed-form scan: each chunk's own state, and the initial state.
+    W_mem = lay.walk(lay.walk(W[:, :NC, 1:], 1), 2)
+    dc_loc = W_mem.transpose(1, 2) @ dc_direct                         # [BH, NC, DK * DV]
+    dn_loc = W_mem.transpose(1, 2) @ dn_direct                         # [BH, NC, DK]
+    w0 = lay.walk(W[:, :NC, 0])[:, None, :]                            # [BH, 1, NC]
+    dc0 = (w0 @ dc_direct).view(BH, DK, DV)
+    dn0 = (w0 @ dn_direct).view(BH, DK)
+    if last is not None:
+        dc_last, dn_last = dlast[0], dlast[1]
+        w_last = lay.walk(W[:, NC, 1:])[..., None]                     # [BH, NC, 1]
+        dc_loc += w_last * dc_last.view(BH, 1, DK * DV)
+        dn_loc += w_last * dn_last[:, None, :]
+        dc0 += W[:, NC, 0, None, None] * dc_last
+        dn0 += W[:, NC, 0, None] * dn_last
+    m_loc = a.amax(-1, keepdim=True)
+    gain = lay.walk(torch.exp(a - m_loc).view(BH, Sp)).view(BH * NC, L, 1)
+    dk.baddbmm_(vc * gain, dc_loc.view(BH * NC, DK, DV).transpose(1, 2))
+    dk.baddbmm_(gain, dn_loc.view(BH * NC, 1, DK))
+    dv.baddbmm_(kc * gain, dc_loc.view(BH * NC, DK, DV))
 
-    dq, dk, dv = (x.reshape(B, NH, Sp, -1) for x in (dq, dk, dv))
-    di = (k * dk).sum(-1)                                              # [B, NH, Sp]
-    dF = (q * dq).sum(-1) - di + dm_row
-    dm0 = (dc_s * c0).sum((-2, -1)) + (dn_s * n0).sum(-1) if has_init else None   # [B, NH]
-    route_to_argmax(dm_row, arg_row, di, dF, dm0)
+    dq, dk, dv = (x.view(BH, Sp, -1) for x in (dq, dk, dv))
+    di = lay.walk((k * dk).sum(-1))                                    # walk order from here
+    dF = lay.walk((q * dq).sum(-1) + dm_row) - di
+    has_init = c0 is not None
+    dm0 = (dc0 * c0).sum((-2, -1)) + (dn0 * n0).sum(-1) if has_init else None   # [BH]
+    route_to_argmax(lay.walk(dm_row), arg_row, di, dF, dm0)
     if last is not None:
         c_last, n_last, _, arg_last = last
         route_last_state(di, dF, dm0, -1, arg_last, c_last, n_last, *dlast)
     dfl = dF.flip(-1).cumsum(-1).flip(-1)
-    return dq, dk, dv, di, dfl, (dc_s, dn_s, None if dm0 is None else dm0[..., None])
+    states = (dc0, dn0, dm0[..., None]) if has_init else None
+    return dq, dk, dv, lay.walk(di), lay.walk(dfl), states
 
 
 class MLSTMChunkwise(torch.autograd.Function):
-    """Chunkwise mLSTM, gates (B, NH, S). With reverse the inputs are read back to front into the
-    padded buffers the computation needs anyway (no separate flips). Returns h, and the last
-    state c, n, m when need_last."""
+    """Chunkwise mLSTM on (B, NH, S, D) tensors, gates (B, NH, S). Returns h, and the last state
+    c, n, m when need_last."""
 
     @staticmethod
     def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, L, need_last, reverse):
-        S = q.shape[2]
         ct = compute_dtype(q)
-        has_init = c0 is not None
-        seq = lambda x, value=0.0: pad_seq(x, L, value, dtype=ct, reverse=reverse)
-        qp, kp, vp = seq(q), seq(k), seq(v)
-        ip = seq(i, NEG)
-        flp = F.logsigmoid(seq(f, math.inf))                           # padding keeps the state
-        states = tuple(x.to(ct) for x in (c0, n0, m0)) if has_init else (None,) * 3
-        h, last, saved = _forward(qp, kp, vp, ip, flp, *states, eps, L, need_last)
-        h = h[:, :, :S]
-        out = (reverse_seq(h) if reverse else h).to(q.dtype)
-        ctx.save_for_backward(q, k, v, i, f, *states, h, *(last or (None,) * 4), *saved)
-        ctx.meta = (eps, L, ct, reverse)
+        lay = _Layout(q, L, reverse)
+        flat = lambda x, value=0.0: lay.to_flat(x, ct, value)
+        qf, kf, vf = flat(q), flat(k), flat(v)
+        i_f = flat(i, NEG)
+        f_f = flat(f, math.inf)                                        # padding keeps the state
+        states = tuple(lay.states_to_flat(x, ct) for x in (c0, n0, m0))
+        h, last, saved = _forward(lay, qf, kf, vf, i_f, F.logsigmoid(f_f), *states, eps,
+                                  need_last, track=True)
+        ctx.save_for_backward(qf, kf, vf, i_f, f_f, *states[:2], h, *(last or (None,) * 4), *saved)
+        ctx.meta = (lay, eps, ct, [x.dtype for x in (q, k, v, i, f, c0, n0, m0) if x is not None])
+        out = lay.from_flat(h, q.dtype)
         if not need_last:
             return out
-        ctx.mark_non_differentiable(last[3])
-        return out, *last[:3]
+        return out, *(lay.states_from_flat(x, x.dtype) for x in last[:3])
 
     @staticmethod
     def backward(ctx, dh, *dlast):
-        eps, L, ct, reverse = ctx.meta
-        q, k, v, i, f, c0, n0, m0, h, *rest = ctx.saved_tensors
+        lay, eps, ct, dtypes = ctx.meta
+        qf, kf, vf, i_f, f_f, c0, n0, h, *rest = ctx.saved_tensors
         last, saved = rest[:4], tuple(rest[4:])
         last = None if last[0] is None else tuple(last)
-        S = q.shape[2]
-        seq = lambda x, value=0.0: pad_seq(x, L, value, dtype=ct, reverse=reverse)
-        qp, kp, vp = seq(q), seq(k), seq(v)
-        ip = seq(i, NEG)
-        fp = seq(f, math.inf)
-        flp = F.logsigmoid(fp)
-        hp = pad_seq(h, L)
-        dhp = seq(dh) if dh is not None else torch.zeros_like(hp)
+        dhf = lay.to_flat(dh, ct) if dh is not None else torch.zeros_like(h)
         if last is not None:
-            dlast = tuple(torch.zeros_like(x) if d is None else d.to(ct)
+            dlast = tuple(torch.zeros_like(x) if d is None else lay.states_to_flat(d, ct)
                           for d, x in zip(dlast, last[:3]))
-        dq, dk, dv, di, dfl, dstates = _backward(qp, kp, vp, ip, flp, c0, n0, m0, eps, L, hp, dhp,
-                                                 saved, last, dlast if last else None)
-        df = dfl[..., :S] * torch.sigmoid(-fp[..., :S])
-        back = lambda g, like: (reverse_seq(g[:, :, :S]) if reverse else g[:, :, :S]).to(like.dtype)
-        grads = [back(dq, q), back(dk, k), back(dv, v), back(di, i), back(df, f)]
-        if c0 is not None:
-            grads += [g.to(x.dtype) for g, x in zip(dstates, (c0, n0, m0))]
+        dq, dk, dv, di, dfl, dstates = _backward(lay, qf, kf, vf, i_f, F.logsigmoid(f_f), c0, n0,
+                                                 eps, h, dhf, saved, last,
+                                                 dlast if last else None)
+        df = dfl * torch.sigmoid(-f_f)
+        grads = [lay.from_flat(gr, dt) for gr, dt in zip((dq, dk, dv, di, df), dtypes)]
+        if dstates is not None:
+            grads += [lay.states_from_flat(gr, dt) for gr, dt in zip(dstates, dtypes[5:])]
         else:
             grads += [None] * 3
         return (*grads, None, None, None, None)
@@ -252,11 +337,24 @@ class MLSTMChunkwise(torch.autograd.Function):
 
 def mlstm_chunkwise_torch(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, eps=1e-6,
                           chunk_size=None, reverse=False, return_last_states=False):
-    """Validated inputs, gates (B, NH, S). Returns (h, (c, n, m) or None)."""
+    """Validated inputs, gates (B, NH, S). Returns (h, (c, n, m) or None). Without autograd the
+    forward runs directly and keeps nothing for a backward."""
     S = q.shape[2]
     L = chunk_size or default_chunk_size(S, q.shape[-1], v.shape[-1], q.device)
-    out = MLSTMChunkwise.apply(q, k, v, i, f, c_initial, n_initial, m_initial, eps, L,
-                               return_last_states, reverse)
+    tensors = (q, k, v, i, f, c_initial, n_initial, m_initial)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        out = MLSTMChunkwise.apply(*tensors, eps, L, return_last_states, reverse)
+        if return_last_states:
+            return out[0], tuple(out[1:])
+        return out, None
+    ct = compute_dtype(q)
+    lay = _Layout(q, L, reverse)
+    flat = lambda x, value=0.0: lay.to_flat(x, ct, value)
+    states = tuple(lay.states_to_flat(x, ct) for x in (c_initial, n_initial, m_initial))
+    h, last, _ = _forward(lay, flat(q), flat(k), flat(v), flat(i, NEG),
+                          F.logsigmoid(flat(f, math.inf)), *states, eps, return_last_states,
+                          track=False)
+    h = lay.from_flat(h, q.dtype)
     if return_last_states:
-        return out[0], tuple(out[1:])
-    return out, None
+        return h, tuple(lay.states_from_flat(x, x.dtype) for x in last[:3])
+    return h, None
