@@ -5,6 +5,7 @@ import torch
 
 import vil_kernels
 from vil_kernels import naive
+from vil_kernels.utils import default_chunk_size
 
 from helpers import assert_close, make_inputs, rel_err, run
 
@@ -176,6 +177,82 @@ def test_long_sequence_chunkwise_runs_without_quadratic_memory():
                     i_range=(-80, 80), f_range=(-20, 20))
     h = vil_kernels.mlstm(**x, backend="torch")
     assert torch.isfinite(h).all()
+
+
+def _strided_views(x, B, NH, pad_cols):
+    """q, k, v as the views ViL hands over: (NH, B, S, D) storage with extra columns per row,
+    seen as (B, NH, S, D); the gates as (B, NH, S) slices of a wider tensor."""
+    out = dict(x)
+    for name in ("q", "k", "v"):
+        t = x[name]
+        S, D = t.shape[2], t.shape[3]
+        store = torch.zeros(NH, B, S, D + pad_cols, dtype=t.dtype)
+        store[..., :D] = t.transpose(0, 1)
+        out[name] = store[..., :D].transpose(0, 1)
+    for name in ("i", "f"):
+        wide = torch.zeros(B, 2 * NH, x[name].shape[2], dtype=x[name].dtype)
+        wide[:, NH:] = x[name]
+        out[name] = wide[:, NH:]
+    return out
+
+
+@pytest.mark.parametrize("S", [48, 50])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_torch_chunkwise_on_strided_views(S, reverse):
+    """The torch path reads (NH, B)-ordered, row-strided views in place (S = 48: no padding) or
+    through a padded copy (S = 50), and returns values and gradients for the caller's layout."""
+    x = make_inputs(B=2, NH=3, S=S, init=True, seed=S)
+    ref = run(x, "parallel", reverse=reverse)
+    views = _strided_views(x, B=2, NH=3, pad_cols=5)
+    assert not views["q"].is_contiguous() and views["q"].stride(0) < views["q"].stride(1)
+    assert_close(run(views, "torch", reverse=reverse, chunk_size=16), ref, F64_TOL)
+
+
+def test_torch_chunkwise_on_unmergeable_strides():
+    """(B, S, NH, D) storage seen as (B, NH, S, D): batch dims that cannot merge."""
+    x = make_inputs(B=2, NH=3, S=40, seed=4)
+    ref = run(x, "parallel", reverse=True)
+    views = {n: (t.transpose(1, 2).contiguous().transpose(1, 2) if t.dim() == 4 else t)
+             for n, t in x.items()}
+    assert_close(run(views, "torch", reverse=True, chunk_size=16), ref, F64_TOL)
+
+
+@pytest.mark.parametrize("S, D, expected", [
+    (784, 96, 56),     # ViL at 448: 14 chunks, no padding
+    (196, 96, 49),     # ViL at 224
+    (3136, 96, 64),
+    (1000, 64, 50),
+    (997, 64, 64),     # prime: padded to a multiple of 64
+    (20, 64, 20),      # one chunk
+    (784, 384, 112),   # large heads: about 128
+])
+def test_default_chunk_size_prefers_divisors(S, D, expected):
+    assert default_chunk_size(S, D, D, torch.device("cpu")) == expected
+
+
+def test_default_chunk_size_matches_reference():
+    x = make_inputs(S=196, DK=8, DV=8, init=True, seed=5)
+    assert_close(run(x, "torch", reverse=True), run(x, "parallel", reverse=True), F64_TOL)
+
+
+def test_torch_path_ignores_autocast():
+    """Under CPU autocast the chunkwise GEMMs stay in float32 (autocast would make them bf16)."""
+    x = make_inputs(B=2, NH=2, S=100, DK=32, DV=32, dtype=torch.float32, seed=6)
+    plain = vil_kernels.mlstm(**x, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = vil_kernels.mlstm(**x, backend="torch")
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_float32_long_sequence_keeps_precision():
+    """The closed-form chunk scan sums chunk totals per segment: on a long float32 sequence with
+    slow forgetting it stays as accurate as the float64 run of the same path allows."""
+    x = make_inputs(B=1, NH=2, S=8192, DK=16, DV=16, f_range=(4, 8), init=True, seed=12)
+    ref = run(x, "torch", chunk_size=64)
+    got = run(x, "torch", chunk_size=64, compute=torch.float32)
+    for name in ref:
+        assert rel_err(got[name], ref[name]) <= 2e-4, name
 
 
 # ---------------------------------------------------------------- bad input

@@ -66,6 +66,14 @@ class LayerNorm(nn.Module):
         return f"{self.ndim}, eps={self.eps}, bias={self.bias is not None}"
 
 
+def _layer_norm_heads(h, eps):
+    """Parameter-free layer norm over the head dim of h (B, NH, S, DH), run in whichever (B, NH)
+    order h is stored in (F.layer_norm would copy a transposed view first)."""
+    if not h.is_contiguous() and h.transpose(0, 1).is_contiguous():
+        return F.layer_norm(h.transpose(0, 1), h.shape[-1:], eps=eps).transpose(0, 1)
+    return F.layer_norm(h, h.shape[-1:], eps=eps)
+
+
 class MultiHeadLayerNorm(LayerNorm):
     """Per-head normalisation of the cell output (the reference's group norm with one group per
     head). Takes (B, NH, S, DH) and returns (B, S, NH * DH); ``gated_outnorm`` fuses it with the
@@ -73,7 +81,7 @@ class MultiHeadLayerNorm(LayerNorm):
 
     def forward(self, x):
         B, NH, S, DH = x.shape
-        y = F.layer_norm(x, (DH,), eps=self.eps)
+        y = _layer_norm_heads(x, self.eps)
         w = self.weight_proxy
         if w is not None:
             y = y * w.view(NH, 1, DH)
@@ -90,7 +98,7 @@ def gated_outnorm(h, norm, skip, a, z):
     Returns a (B, S, inner) tensor (``a``'s storage).
     """
     B, NH, S, DH = h.shape
-    hn_t = F.layer_norm(h, (DH,), eps=norm.eps).transpose(1, 2)        # (B, S, NH, DH) view
+    hn_t = _layer_norm_heads(h, norm.eps).transpose(1, 2)              # (B, S, NH, DH) view
     w = norm.weight_proxy
     if torch.is_grad_enabled():
         out = a * skip
