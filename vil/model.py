@@ -202,21 +202,21 @@ class ViLLayer(nn.Module):
         NH = self.mlstm_cell.num_heads
         DH = inner // NH
         G = 2 * NH
-        xz = self.proj_up(x)
-        x_m, z = xz[..., :inner], xz[..., inner:]
+        # split, not slices: its backward is one cat, where every slice's would zero-fill a
+        # full-size gradient and autograd would add them up.
+        x_m, z = self.proj_up(x).split(inner, dim=-1)
         c = self.conv(x_m, grid, reverse=self.reverse)
         a = F.silu(c, inplace=not torch.is_grad_enabled())
         w_a, w_x, b_a, b_x, const = self._cached_fused_weights()
-        qkg = _per_head_linear(a, w_a, b_a)                            # (NH, B*S, 2 DH + G)
-        vg = _per_head_linear(x_m, w_x, b_x)                           # (NH, B*S, DH + G)
-        gates = qkg[..., 2 * DH:].sum(0) + vg[..., DH:].sum(0) + const  # (B*S, G)
-        gates = gates.view(B, S, G).transpose(1, 2)
+        q, k, g_a = _per_head_linear(a, w_a, b_a).split([DH, DH, G], dim=-1)   # (NH, B*S, .)
+        v, g_x = _per_head_linear(x_m, w_x, b_x).split([DH, G], dim=-1)
+        gates = (g_a.sum(0) + g_x.sum(0) + const).view(B, S, G).transpose(1, 2)
+        i, f = gates.contiguous().split(NH, dim=1)                     # (B, NH, S) each, tiny
         heads = lambda t: t.view(NH, B, S, -1).transpose(0, 1)         # (B, NH, S, .) view
-        q, k, v = heads(qkg[..., :DH]), heads(qkg[..., DH:2 * DH]), heads(vg[..., :DH])
+        q, k, v = heads(q), heads(k), heads(v)
         if x.is_cuda:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        gates = gates.contiguous()                                     # (B, G, S), tiny
-        h = vil_kernels.mlstm(q, k, v, gates[:, :NH], gates[:, NH:], reverse=self.reverse,
+        h = vil_kernels.mlstm(q, k, v, i, f, reverse=self.reverse,
                               backend=self.mlstm_backend, chunk_size=self.mlstm_chunk_size)
         if _use_triton_gating(x):
             out = triton_gating.gated_outnorm_triton(h, self.mlstm_cell.outnorm,
