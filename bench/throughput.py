@@ -55,7 +55,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 import vil_kernels  # noqa: E402
 import peers  # noqa: E402
-from machine import PeakMemory, device_name, device_slug, versions  # noqa: E402,F401
+from machine import (ALLOCATOR_NOTE, PeakMemory, device_name, device_slug,  # noqa: E402,F401
+                     versions)
 
 PATCH = 16
 # ViL names (and short aliases) -> (vil name, DeiT peer, short label)
@@ -111,6 +112,11 @@ def build_parser():
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile every model (with BACKEND, default inductor; e.g. "
                         "aot_eager to check tracing without code generation)")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="CPU only. tuned (default): while timing, glibc malloc keeps the memory "
+                        "it frees, as jemalloc or tcmalloc do, and peak memory is measured; "
+                        "default: glibc's defaults untouched, so large temporaries page-fault "
+                        "in every step as in an untuned process (memory not measured)")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="time the rows of a model round-robin, one step each in turn, and report "
                         "medians, so that load from other processes hits every row alike "
@@ -747,7 +753,7 @@ def main(argv=None):
     args = resolve_args(argv)
     device = args.device
     torch.manual_seed(args.seed)
-    mem = PeakMemory(device)
+    mem = PeakMemory(device, tune_malloc=args.malloc == "tuned")
     header = {
         "command": "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -760,6 +766,8 @@ def main(argv=None):
                    "step by step" if args.interleave else
                    "total time of the timed steps / their number, rows one after another"),
         "memory": mem.kind,
+        "allocator": (ALLOCATOR_NOTE if mem.cpu_ok else "glibc defaults" if device.type == "cpu"
+                      else "torch caching allocator"),
         "gflops": "forward per image; FlopCounterMode + analytic mLSTM cell / attention",
         "load_avg_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
@@ -819,6 +827,8 @@ def main(argv=None):
     print()
     print(format_table(rows))
     print(f"\nmemory: {mem.kind}. GFLOPs: {header['gflops']}.")
+    if device.type == "cpu":
+        print(f"allocator: {header['allocator']}.")
     if header["load_avg_after"] and device.type == "cpu":
         print(f"load average (1 min) before/after: {header['load_avg_before'][0]:.1f} / "
               f"{header['load_avg_after'][0]:.1f} on {os.cpu_count()} cores")

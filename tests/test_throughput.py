@@ -36,6 +36,30 @@ def test_compile_flag_runs_compiled_models(tmp_path):
     assert all(row["infer_img_s"] > 0 and row["train_img_s"] > 0 for row in data["results"])
 
 
+@pytest.mark.parametrize("malloc", ["tuned", "default"])
+def test_malloc_modes(tmp_path, malloc):
+    """--malloc tuned (default) keeps freed memory in glibc while timing and measures peak memory;
+    --malloc default leaves glibc alone and says memory was not measured."""
+    results = tmp_path / "m.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "throughput.py"), "--model", "vil2-test",
+         "--resolution", "32", "--batch-size", "2", "--num-warm-iter", "0", "--num-bench-iter", "1",
+         "--device", "cpu", "--rows", "ours", "--bench", "inference", "--malloc", malloc,
+         "--results-file", str(results)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(results.read_text())
+    header, row = data["header"], data["results"][0]
+    assert row["infer_img_s"] > 0
+    if malloc == "tuned":
+        assert "trim threshold 1 GiB" in header["allocator"] and "trim threshold" in r.stdout
+        assert row["infer_peak_mib"] is not None
+    else:
+        assert header["allocator"] == "glibc defaults" and "glibc defaults" in r.stdout
+        assert row["infer_peak_mib"] is None and "not measured" in header["memory"]
+
+
 def test_smoke_sweep_json_and_plot(tmp_path):
     results = tmp_path / "r.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
