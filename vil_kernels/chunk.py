@@ -28,8 +28,9 @@ from .utils import (NEG, compute_dtype, default_chunk_size, normalizer_backward,
                     route_to_argmax)
 
 # exp() arguments are floored where exp is still a normal number: on CPUs exp of an underflowing
-# argument runs many times slower, and a floored weight is at most 1e-35 of the row's largest.
-_EXP_FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
+# argument runs many times slower. A floored weight is at most 1e-26 of the row's largest, and its
+# products with ordinary values stay normal numbers too (no denormal slow paths downstream).
+_EXP_FLOOR = {torch.float32: -60.0, torch.float64: -700.0}
 
 
 def _exp(x):
@@ -163,7 +164,7 @@ def _forward(lay, q, k, v, i, fl, c0, n0, m0, eps, need_last, track):
 
     # Every chunk's own contribution, relative to its end, then the state entering every chunk.
     m_loc, j_loc = a.max(-1)                                           # [BH, NC]
-    gain = torch.exp(a - m_loc[..., None])                             # [BH, NC, L] walk order
+    gain = _exp(a - m_loc[..., None])                                  # [BH, NC, L] walk order
     kw = kc * lay.walk(gain.view(BH, Sp)).view(BH * NC, L, 1)
     c_loc = (kw.transpose(1, 2) @ vc).view(BH, NC, DK * DV)
     n_loc = kw.sum(1).view(BH, NC, DK)
