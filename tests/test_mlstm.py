@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import vil_kernels
-from vil_kernels import naive
+from vil_kernels import chunk, naive
 from vil_kernels.utils import default_chunk_size
 
 from helpers import assert_close, make_inputs, rel_err, run
@@ -233,6 +233,21 @@ def test_default_chunk_size_prefers_divisors(S, D, expected):
 def test_default_chunk_size_matches_reference():
     x = make_inputs(S=196, DK=8, DV=8, init=True, seed=5)
     assert_close(run(x, "torch", reverse=True), run(x, "parallel", reverse=True), F64_TOL)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("init", [False, True])
+def test_chained_chunk_tables(monkeypatch, reverse, init):
+    """Long sequences chain closed-form tables of _TABLE_CHUNKS chunks (linear cost in S); with
+    tables of 2 and 3 chunks, 13 chunks cross several table boundaries."""
+    x = make_inputs(S=200, init=init, seed=21)
+    ref = run(x, "parallel", reverse=reverse)
+    for per_table in (2, 3):
+        monkeypatch.setattr(chunk, "_TABLE_CHUNKS", per_table)
+        assert_close(run(x, "torch", reverse=reverse, chunk_size=16), ref, F64_TOL,
+                     f"tables of {per_table}: ")
+        got = run(x, "torch", reverse=reverse, chunk_size=16, last_states=False)
+        assert_close(got, run(x, "parallel", reverse=reverse, last_states=False), F64_TOL)
 
 
 def test_torch_path_ignores_autocast():

@@ -134,6 +134,107 @@ def _chunk_table(g, m_loc, m0):
     return W, m_in, src
 
 
+# Chunks per closed-form table. A table's GEMM costs O(T) per chunk, so longer sequences chain
+# tables of T chunks (the state leaving one is source 0 of the next) and stay linear in S.
+_TABLE_CHUNKS = 64
+
+
+def _tables(g, m_loc, m0):
+    """[(lo, hi, W, m_in, src)] for blocks of at most _TABLE_CHUNKS chunks in walk order; each
+    block's source 0 is the state leaving the block before (the initial state for the first)."""
+    NC = g.shape[1]
+    out, m_prev = [], m0
+    for lo in range(0, NC, _TABLE_CHUNKS):
+        hi = min(lo + _TABLE_CHUNKS, NC)
+        W, m_in, src = _chunk_table(g[:, lo:hi], m_loc[:, lo:hi], m_prev)
+        out.append((lo, hi, W, m_in, src))
+        m_prev = m_in[:, -1:]
+    return out
+
+
+def _table_m_in(tables):
+    """m of the state entering every chunk and of the last state, walk order [BH, NC + 1]."""
+    return torch.cat([t[3][:, :-1] for t in tables] + [tables[-1][3][:, -1:]], dim=-1)
+
+
+def _table_positions(tables, j_loc, L):
+    """Walk-order position of the key that set every row's stabilizer (-1: the initial state),
+    [BH, NC + 1]."""
+    arg_prev = torch.full_like(j_loc[:, 0], -1)
+    rows = []
+    for lo, hi, W, m_in, src in tables:
+        chunk = (src - 1).clamp(min=0) + lo
+        pos = torch.where(src > 0, j_loc.gather(-1, chunk) + chunk * L, arg_prev[:, None])
+        rows.append(pos[:, :-1])
+        arg_prev = pos[:, -1]
+    return torch.cat(rows + [arg_prev[:, None]], dim=-1)
+
+
+def _block_slice(lay, lo, hi):
+    """Memory-order chunks of walk-order chunks lo..hi."""
+    NC = lay.NC
+    return slice(NC - hi, NC - lo) if lay.reverse else slice(lo, hi)
+
+
+def _entry_states(lay, tables, c_loc, n_loc, c0, n0, need_last):
+    """The state entering every chunk, memory order ([BH, NC, DK * DV], [BH, NC, DK]), and the
+    state leaving the last one (None unless need_last). c_loc, n_loc: each chunk's own keys."""
+    single = len(tables) == 1
+    c_in = n_in = None
+    if not single:
+        c_in, n_in = torch.empty_like(c_loc), torch.empty_like(n_loc)
+    c_prev, n_prev = c0, n0                                            # [BH, DK * DV], [BH, DK]
+    for blk, (lo, hi, W, _, _) in enumerate(tables):
+        mem = _block_slice(lay, lo, hi)
+        W_mem = lay.walk(lay.walk(W[:, :-1, 1:], 1), 2)                # [BH, n, n] memory order
+        c_blk, n_blk = W_mem @ c_loc[:, mem], W_mem @ n_loc[:, mem]
+        leaving = blk + 1 < len(tables) or need_last
+        if leaving:
+            w_out = lay.walk(W[:, -1, 1:])[:, None, :]                 # [BH, 1, n]
+            c_next, n_next = (w_out @ c_loc[:, mem])[:, 0], (w_out @ n_loc[:, mem])[:, 0]
+        if c_prev is not None:
+            w0 = lay.walk(W[:, :-1, 0])[..., None]                     # [BH, n, 1]
+            c_blk += w0 * c_prev[:, None]
+            n_blk += w0 * n_prev[:, None]
+            if leaving:
+                c_next += W[:, -1, 0, None] * c_prev
+                n_next += W[:, -1, 0, None] * n_prev
+        if single:
+            c_in, n_in = c_blk, n_blk
+        else:
+            c_in[:, mem], n_in[:, mem] = c_blk, n_blk
+        c_prev, n_prev = (c_next, n_next) if leaving else (None, None)
+    return c_in, n_in, c_prev, n_prev
+
+
+def _entry_states_backward(lay, tables, dc_in, dn_in, dc_last, dn_last):
+    """Transpose of _entry_states: gradients of every chunk's own state (memory order) and of
+    the initial state, from those of the entry states and (or None) of the last state."""
+    single = len(tables) == 1
+    dc_loc = dn_loc = None
+    if not single:
+        dc_loc, dn_loc = torch.empty_like(dc_in), torch.empty_like(dn_in)
+    dc_next, dn_next = dc_last, dn_last
+    for lo, hi, W, _, _ in reversed(tables):
+        mem = _block_slice(lay, lo, hi)
+        W_mem_t = lay.walk(lay.walk(W[:, :-1, 1:], 1), 2).transpose(1, 2)
+        dc_blk, dn_blk = W_mem_t @ dc_in[:, mem], W_mem_t @ dn_in[:, mem]
+        w0 = lay.walk(W[:, :-1, 0])[:, None, :]                        # [BH, 1, n]
+        dc_prev, dn_prev = (w0 @ dc_in[:, mem])[:, 0], (w0 @ dn_in[:, mem])[:, 0]
+        if dc_next is not None:
+            w_out = lay.walk(W[:, -1, 1:])[..., None]                  # [BH, n, 1]
+            dc_blk += w_out * dc_next[:, None]
+            dn_blk += w_out * dn_next[:, None]
+            dc_prev += W[:, -1, 0, None] * dc_next
+            dn_prev += W[:, -1, 0, None] * dn_next
+        if single:
+            dc_loc, dn_loc = dc_blk, dn_blk
+        else:
+            dc_loc[:, mem], dn_loc[:, mem] = dc_blk, dn_blk
+        dc_next, dn_next = dc_prev, dn_prev
+    return dc_loc, dn_loc, dc_next, dn_next
+
+
 def _intra_weights(lay, u, w):
     """exp(log D - m_row) inside every chunk, memory order [BH * NC, L, L]: u_t + w_j with
     u = b - m_row (rows) and w = i - b (keys); keys later in the walk are exactly 0."""
@@ -168,14 +269,11 @@ def _forward(lay, q, k, v, i, fl, c0, n0, m0, eps, need_last, track):
     kw = kc * lay.walk(gain.view(BH, Sp)).view(BH * NC, L, 1)
     c_loc = (kw.transpose(1, 2) @ vc).view(BH, NC, DK * DV)
     n_loc = kw.sum(1).view(BH, NC, DK)
-    W, m_in, src = _chunk_table(g, m_loc, m0)
-    W_mem = lay.walk(lay.walk(W[:, :NC, 1:], 1), 2)                    # chunks in memory order
-    c_in = W_mem @ c_loc                                               # [BH, NC, DK * DV]
-    n_in = W_mem @ n_loc                                               # [BH, NC, DK]
-    if c0 is not None:
-        w0 = lay.walk(W[:, :NC, 0])[..., None]                         # [BH, NC, 1]
-        c_in += w0 * c0.reshape(BH, 1, DK * DV)
-        n_in += w0 * n0[:, None, :]
+    tables = _tables(g, m_loc, m0)
+    m_in = _table_m_in(tables)                                         # [BH, NC + 1] walk order
+    c_in, n_in, c_last, n_last = _entry_states(lay, tables, c_loc, n_loc,
+                                               None if c0 is None else c0.reshape(BH, DK * DV),
+                                               n0, need_last)
 
     # Row maxima from a running max over keys (no L x L pass), then the outputs.
     w_key = iw - b                                                     # [BH, NC, L]
@@ -196,39 +294,28 @@ def _forward(lay, q, k, v, i, fl, c0, n0, m0, eps, need_last, track):
     h = num.view(BH, Sp, DV).div_(den[..., None])
 
     last = None
+    if need_last or track:
+        arg_in = _table_positions(tables, j_loc, L)                    # [BH, NC + 1] walk order
     if need_last:
-        w_last = lay.walk(W[:, NC, 1:])[:, None, :]                    # [BH, 1, NC]
-        c_last = (w_last @ c_loc).view(BH, DK, DV)
-        n_last = (w_last @ n_loc).view(BH, DK)
-        if c0 is not None:
-            c_last = c_last + W[:, NC, 0, None, None] * c0
-            n_last = n_last + W[:, NC, 0, None] * n0
-        last = (c_last, n_last, m_in[:, NC:], _source_position(src[:, NC:], j_loc, L)[:, 0])
+        last = (c_last.view(BH, DK, DV), n_last, m_in[:, NC:], arg_in[:, NC])
     if not track:
         return h, last, None
     chunk_start = torch.arange(NC, device=q.device) * L
-    arg_in = _source_position(src[:, :NC], j_loc, L)                   # [BH, NC]
-    arg_row = torch.where(carried >= m_intra, arg_in[..., None], j_intra + chunk_start[:, None])
-    saved = (m_row.view(BH, Sp), n_row, arg_row.view(BH, Sp), c_in, n_in, W, m_in)
+    arg_row = torch.where(carried >= m_intra, arg_in[:, :NC, None],
+                          j_intra + chunk_start[:, None])
+    saved = (m_row.view(BH, Sp), n_row, arg_row.view(BH, Sp), c_in, n_in)
     return h, last, saved
 
 
-def _source_position(src, j_loc, L):
-    """Walk-order position of the key that set a stabilizer (-1: the initial state)."""
-    chunk = (src - 1).clamp(min=0)
-    pos = j_loc.gather(-1, chunk) + chunk * L
-    return torch.where(src > 0, pos, -1)
-
-
 @_no_autocast
-def _backward(lay, q, k, v, i, fl, c0, n0, eps, h, dh, saved, last, dlast):
+def _backward(lay, q, k, v, i, fl, c0, n0, m0, eps, h, dh, saved, last, dlast):
     """Gradients of (q, k, v, i, fl, c0, n0, m0), flat (BH, Sp, .) in memory order.
     `last` and `dlast` are None when the last state was not returned."""
     BH, Sp, DK = q.shape
     DV = v.shape[-1]
     NC, L = lay.NC, lay.L
     scale = DK ** -0.5
-    m_row, n_row, arg_row, c_in, n_in, W, m_in = saved       # m_row, arg_row, W, m_in: walk order
+    m_row, n_row, arg_row, c_in, n_in = saved                # m_row, arg_row: walk order
     m_row_mem = lay.walk(m_row)
     den, _, dn_row, dm_row = normalizer_backward(dh, h, n_row, m_row_mem, eps)
     dnum = dh / den[..., None]                                         # [BH, Sp, DV]
@@ -236,6 +323,9 @@ def _backward(lay, q, k, v, i, fl, c0, n0, eps, h, dh, saved, last, dlast):
     qc, kc, vc, dnum_c = (x.view(BH * NC, L, -1) for x in (q, k, v, dnum))
     dn_c = dn_row.view(BH * NC, L, 1)
     iw, b, g, a = _walk_gates(lay, i, fl)
+    m_loc = a.amax(-1)                                                 # as in the forward
+    tables = _tables(g, m_loc, m0)
+    m_in = _table_m_in(tables)
     m_w = m_row.view(BH, NC, L)
     E = _intra_weights(lay, lay.walk((b - m_w).view(BH, Sp)), lay.walk((iw - b).view(BH, Sp)))
 
@@ -259,21 +349,11 @@ def _backward(lay, q, k, v, i, fl, c0, n0, eps, h, dh, saved, last, dlast):
     dn_direct = _mm(qc.transpose(1, 2), dn_w, scale).view(BH, NC, DK)
 
     # Back through the closed-form scan: each chunk's own state, and the initial state.
-    W_mem = lay.walk(lay.walk(W[:, :NC, 1:], 1), 2)
-    dc_loc = W_mem.transpose(1, 2) @ dc_direct                         # [BH, NC, DK * DV]
-    dn_loc = W_mem.transpose(1, 2) @ dn_direct                         # [BH, NC, DK]
-    w0 = lay.walk(W[:, :NC, 0])[:, None, :]                            # [BH, 1, NC]
-    dc0 = (w0 @ dc_direct).view(BH, DK, DV)
-    dn0 = (w0 @ dn_direct).view(BH, DK)
-    if last is not None:
-        dc_last, dn_last = dlast[0], dlast[1]
-        w_last = lay.walk(W[:, NC, 1:])[..., None]                     # [BH, NC, 1]
-        dc_loc += w_last * dc_last.view(BH, 1, DK * DV)
-        dn_loc += w_last * dn_last[:, None, :]
-        dc0 += W[:, NC, 0, None, None] * dc_last
-        dn0 += W[:, NC, 0, None] * dn_last
-    m_loc = a.amax(-1, keepdim=True)
-    gain = lay.walk(torch.exp(a - m_loc).view(BH, Sp)).view(BH * NC, L, 1)
+    dc_last, dn_last = (None, None) if last is None else (dlast[0].reshape(BH, DK * DV), dlast[1])
+    dc_loc, dn_loc, dc0, dn0 = _entry_states_backward(lay, tables, dc_direct, dn_direct,
+                                                      dc_last, dn_last)
+    dc0 = dc0.view(BH, DK, DV)
+    gain = lay.walk(_exp(a - m_loc[..., None]).view(BH, Sp)).view(BH * NC, L, 1)
     dk.baddbmm_(vc * gain, dc_loc.view(BH * NC, DK, DV).transpose(1, 2))
     dk.baddbmm_(gain, dn_loc.view(BH * NC, 1, DK))
     dv.baddbmm_(kc * gain, dc_loc.view(BH * NC, DK, DV))
@@ -307,7 +387,7 @@ class MLSTMChunkwise(torch.autograd.Function):
         states = tuple(lay.states_to_flat(x, ct) for x in (c0, n0, m0))
         h, last, saved = _forward(lay, qf, kf, vf, i_f, F.logsigmoid(f_f), *states, eps,
                                   need_last, track=True)
-        ctx.save_for_backward(qf, kf, vf, i_f, f_f, *states[:2], h, *(last or (None,) * 4), *saved)
+        ctx.save_for_backward(qf, kf, vf, i_f, f_f, *states, h, *(last or (None,) * 4), *saved)
         ctx.meta = (lay, eps, ct, [x.dtype for x in (q, k, v, i, f, c0, n0, m0) if x is not None])
         out = lay.from_flat(h, q.dtype)
         if not need_last:
@@ -317,7 +397,7 @@ class MLSTMChunkwise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, *dlast):
         lay, eps, ct, dtypes = ctx.meta
-        qf, kf, vf, i_f, f_f, c0, n0, h, *rest = ctx.saved_tensors
+        qf, kf, vf, i_f, f_f, c0, n0, m0, h, *rest = ctx.saved_tensors
         last, saved = rest[:4], tuple(rest[4:])
         last = None if last[0] is None else tuple(last)
         dhf = lay.to_flat(dh, ct) if dh is not None else torch.zeros_like(h)
@@ -325,7 +405,7 @@ class MLSTMChunkwise(torch.autograd.Function):
             dlast = tuple(torch.zeros_like(x) if d is None else lay.states_to_flat(d, ct)
                           for d, x in zip(dlast, last[:3]))
         dq, dk, dv, di, dfl, dstates = _backward(lay, qf, kf, vf, i_f, F.logsigmoid(f_f), c0, n0,
-                                                 eps, h, dhf, saved, last,
+                                                 m0, eps, h, dhf, saved, last,
                                                  dlast if last else None)
         df = dfl * torch.sigmoid(-f_f)
         grads = [lay.from_flat(gr, dt) for gr, dt in zip((dq, dk, dv, di, df), dtypes)]
