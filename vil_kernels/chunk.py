@@ -136,7 +136,7 @@ def _chunk_table(g, m_loc, m0):
 
 # Chunks per closed-form table. A table's GEMM costs O(T) per chunk, so longer sequences chain
 # tables of T chunks (the state leaving one is source 0 of the next) and stay linear in S.
-_TABLE_CHUNKS = 64
+_TABLE_CHUNKS = 32
 
 
 def _tables(g, m_loc, m0):
