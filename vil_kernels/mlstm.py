@@ -135,7 +135,8 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
             next segment reproduces the whole sequence.
         eps: added to the normalizer's denominator.
         chunk_size: positions per chunk of the chunkwise backends, a power of two >= 16;
-            None picks one by head dims and sequence length.
+            None picks one by head dims and sequence length (on the torch backend a divisor
+            of S near 64 where there is one, so that nothing is padded).
         reverse: traverse the sequence from its end (ViL's odd blocks); equals flipping
             every input and the output along S, without materialising the flips in the kernels.
         backend: "triton" (fused kernels, CUDA or TRITON_INTERPRET=1), "torch" (chunkwise
@@ -144,6 +145,8 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
 
     Returns:
         h of shape (B, NH, S, DHV) in q's dtype, or ``(h, (c, n, m))`` with return_last_states.
+        The torch backend lays h out like q (for a (NH, B)-ordered q, h is a transposed view);
+        call ``.contiguous()`` where a contiguous tensor is needed.
 
     Raises:
         TypeError, ValueError: for inputs of the wrong type, dtype, rank or shape, a partial
