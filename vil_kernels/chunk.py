@@ -111,6 +111,19 @@ def _walk_gates(lay, i, fl):
     return iw, b, g, a
 
 
+def _strictly_after(R, device):
+    """[k, e] = e > k for R sources: built once per size in eager mode, traced under compile."""
+    if torch.compiler.is_compiling():
+        return torch.ones(R, R, dtype=torch.bool, device=device).triu(1)
+    return _strictly_after_cached(R, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _strictly_after_cached(R, device):
+    with torch.inference_mode(False):                  # the cache serves training calls too
+        return torch.ones(R, R, dtype=torch.bool, device=device).triu(1)
+
+
 def _chunk_table(g, m_loc, m0):
     """The inter-chunk recurrence in closed form, walk order. Sources k: 0 the initial state,
     1 + c the keys of chunk c (weighted relative to the chunk's end by m_loc); rows c: the state
@@ -121,8 +134,7 @@ def _chunk_table(g, m_loc, m0):
     plus the source's own m; each such sum is taken over its own segment (a masked cumsum), never
     as a difference of long prefix sums, so float32 keeps its precision on long sequences."""
     BH, NC = g.shape
-    R = NC + 1
-    between = torch.ones(R, R, dtype=torch.bool, device=g.device).triu(1)   # [k, e]: e > k
+    between = _strictly_after(NC + 1, g.device)                        # [k, e]: e > k
     g_ext = F.pad(g, (1, 0))                                            # [BH, R]: g of source e
     seg = torch.where(between, g_ext[:, None, :], 0.0).cumsum(-1)       # [BH, k, c]
     m_src = torch.cat([m0 if m0 is not None else g.new_full((BH, 1), NEG), m_loc], dim=-1)
