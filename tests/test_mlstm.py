@@ -186,12 +186,13 @@ def _strided_views(x, B, NH, pad_cols):
     for name in ("q", "k", "v"):
         t = x[name]
         S, D = t.shape[2], t.shape[3]
-        store = torch.zeros(NH, B, S, D + pad_cols, dtype=t.dtype)
+        store = torch.zeros(NH, B, S, D + pad_cols, dtype=t.dtype, device=t.device)
         store[..., :D] = t.transpose(0, 1)
         out[name] = store[..., :D].transpose(0, 1)
     for name in ("i", "f"):
-        wide = torch.zeros(B, 2 * NH, x[name].shape[2], dtype=x[name].dtype)
-        wide[:, NH:] = x[name]
+        t = x[name]
+        wide = torch.zeros(B, 2 * NH, t.shape[2], dtype=t.dtype, device=t.device)
+        wide[:, NH:] = t
         out[name] = wide[:, NH:]
     return out
 

@@ -219,6 +219,39 @@ def test_triton_backend_two_pairs():
         assert rel(g1[n], g0[n]) < 2e-3, n
 
 
+def test_padded_projection_columns_feed_triton_in_place(monkeypatch):
+    """With the projections' columns padded to multiples of 16 (what ViLLayer does on CUDA) the
+    Triton kernels read q, k, v as views, uncopied, and the model's outputs and gradients equal
+    the unpadded parallel-form model's."""
+    import vil.model as vm
+    from vil_kernels.triton import chunk as tchunk
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = images(2, 64, dtype=torch.float32).to(dev)
+    ref = tiny(torch.float32, dim=32, depth=1, mlstm_backend="parallel").to(dev).train()
+    y0 = ref(x)
+    y0.square().sum().backward()
+    seen = []
+    layout = tchunk._kernel_layout
+
+    def spy(q, k, v):
+        out = layout(q, k, v)
+        seen.append(all(a is b for a, b in zip(out, (q, k, v))))
+        return out
+
+    monkeypatch.setattr(vm, "_pad_projection_columns", lambda device: True)
+    monkeypatch.setattr(tchunk, "_kernel_layout", spy)
+    m = tiny(torch.float32, dim=32, depth=1, mlstm_backend="triton").to(dev).train()
+    w_a = next(mod for mod in m.modules() if isinstance(mod, vm.ViLLayer))._fused_weights()[0]
+    assert w_a.shape[-1] % 16 == 0
+    y1 = m(x)
+    y1.square().sum().backward()
+    assert seen and all(seen)                      # forward and backward: no copies
+    assert rel(y1, y0) < 1e-4
+    g0 = {n: p.grad for n, p in ref.named_parameters()}
+    for n, p in m.named_parameters():
+        assert rel(p.grad, g0[n]) < 2e-3, n
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def _to_training_names(sd, legacy_norm=True):

@@ -141,6 +141,28 @@ def test_gates_4d_and_noncontiguous():
     assert rel_err(got.double(), ref.double()) < 2e-4
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_strided_views_read_in_place(reverse):
+    """ViL's q, k, v: (NH, B)-ordered views with extra columns per row, read in place by the
+    kernels (values and every gradient against the float64 reference, initial states too)."""
+    from test_mlstm import _strided_views
+    from vil_kernels.triton.chunk import _in_place_ok
+    x = make_inputs(B=2, NH=2, S=37, DK=16, DV=32, init=True, seed=13, dtype=torch.float32)
+    x = {n: t.to(DEVICE) for n, t in x.items()}
+    views = _strided_views(x, B=2, NH=2, pad_cols=16)    # float32 already: run() keeps strides
+    assert views["q"].stride(0) < views["q"].stride(1) and views["q"].stride(2) == 32
+    assert all(_in_place_ok(views[n]) for n in "qkv")
+    got = run(views, "triton", reverse=reverse, chunk_size=16, compute=torch.float32)
+    ref = run(x, "parallel", reverse=reverse)
+    errs = {name: rel_err(got[name], ref[name]) for name in ref}
+    assert max(errs.values()) < 2e-4, errs
+
+    odd = _strided_views(x, B=2, NH=2, pad_cols=3)        # row stride 19: copied, same values
+    assert not _in_place_ok(odd["q"])
+    got = run(odd, "triton", reverse=reverse, chunk_size=16, compute=torch.float32)
+    assert max(rel_err(got[name], ref[name]) for name in ref) < 2e-4
+
+
 def test_torch_compile_fullgraph():
     """A module calling the Triton backend traces with fullgraph=True (the ops are opaque
     torch.library custom ops with fake implementations); aot_eager keeps inductor out of it."""

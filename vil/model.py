@@ -155,7 +155,8 @@ class ViLLayer(nn.Module):
 
     def _fused_weights(self):
         """Per cell head: [Wq | Wk | gate cols] (NH, DH, 2 DH + 8) applied to a, [Wv | gate cols]
-        (NH, DH, DH + 8) applied to x_mlstm, their biases, and the gates' constant (8,)."""
+        (NH, DH, DH + 8) applied to x_mlstm, their biases, and the gates' constant (8,). On CUDA
+        the column counts are padded with zeros to multiples of 16."""
         cell = self.mlstm_cell
         NH = cell.num_heads
         inner = self.inner_dim
@@ -177,6 +178,11 @@ class ViLLayer(nn.Module):
         else:
             b_a = b_x = None
             const = bg
+        if _pad_projection_columns(w_a.device):
+            # zero columns up to a multiple of 16: the Triton kernels then read q, k, v in place
+            # from the projection output with 16-byte vector loads (no copies)
+            w_a, w_x, b_a, b_x = (None if t is None else F.pad(t, (0, -t.shape[-1] % 16))
+                                  for t in (w_a, w_x, b_a, b_x))
         return w_a, w_x, b_a, b_x, const
 
     def _cached_fused_weights(self):
@@ -208,14 +214,13 @@ class ViLLayer(nn.Module):
         c = self.conv(x_m, grid, reverse=self.reverse)
         a = F.silu(c, inplace=not torch.is_grad_enabled())
         w_a, w_x, b_a, b_x, const = self._cached_fused_weights()
-        q, k, g_a = _per_head_linear(a, w_a, b_a).split([DH, DH, G], dim=-1)   # (NH, B*S, .)
-        v, g_x = _per_head_linear(x_m, w_x, b_x).split([DH, G], dim=-1)
+        qkg, vg = _per_head_linear(a, w_a, b_a), _per_head_linear(x_m, w_x, b_x)  # (NH, B*S, .)
+        q, k, g_a, _ = qkg.split([DH, DH, G, qkg.shape[-1] - 2 * DH - G], dim=-1)
+        v, g_x, _ = vg.split([DH, G, vg.shape[-1] - DH - G], dim=-1)
         gates = (g_a.sum(0) + g_x.sum(0) + const).view(B, S, G).transpose(1, 2)
         i, f = gates.contiguous().split(NH, dim=1)                     # (B, NH, S) each, tiny
         heads = lambda t: t.view(NH, B, S, -1).transpose(0, 1)         # (B, NH, S, .) view
-        q, k, v = heads(q), heads(k), heads(v)
-        if x.is_cuda:
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = heads(q), heads(k), heads(v)         # views: every backend reads them in place
         h = vil_kernels.mlstm(q, k, v, i, f, reverse=self.reverse,
                               backend=self.mlstm_backend, chunk_size=self.mlstm_chunk_size)
         if _use_triton_gating(x):
@@ -235,6 +240,12 @@ class ViLLayer(nn.Module):
         h = self.mlstm_cell(q, k, v, reverse=self.reverse, backend=self.mlstm_backend,
                             chunk_size=self.mlstm_chunk_size)
         return self.proj_down((h + self.learnable_skip * a) * F.silu(z))
+
+
+def _pad_projection_columns(device):
+    """Pad the fused projections' columns to multiples of 16 (on CUDA, for the Triton kernels;
+    on CPU it would only cost GEMM work)."""
+    return device.type == "cuda"
 
 
 def _use_triton_gating(x):

@@ -35,23 +35,25 @@ _PTR = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def _signature(name, dt, has_init):
-    """Argument types of each kernel (pointer dtypes for an input dtype dt; accumulators fp32)."""
+    """Argument types of each kernel (pointer dtypes for an input dtype dt; accumulators fp32).
+    Scalars: S, NC, DK, DV, REVERSE, then NH and the (batch, head, position) strides of q and k
+    (shared) and of v where the kernel reads v, then the float scalars."""
     x, a, i32 = f"*{_PTR[dt]}", "*fp32", "*i32"
     if name == "fwd_state":
         ptrs = [x, x, x, x] + [a] * 3 + [a, a, a, i32, a, a, a, i32]
-        scalars = ["i32"] * 5
+        scalars = ["i32"] * (5 + 7)
     elif name == "fwd_out":
         ptrs = [x] * 5 + [a, a, a, i32, x, a, a, i32]
-        scalars = ["i32"] * 5 + ["fp32", "fp32"]
+        scalars = ["i32"] * (5 + 7) + ["fp32", "fp32"]
     elif name == "bwd_state":
         ptrs = [x, x, x, x] + [a] * 11
-        scalars = ["i32"] * 5 + ["fp32"]
+        scalars = ["i32"] * (5 + 4) + ["fp32"]
     elif name == "bwd_dqk":
         ptrs = [x] * 6 + [a] * 9 + [x, x, a, a]
-        scalars = ["i32"] * 5 + ["fp32"]
+        scalars = ["i32"] * (5 + 7) + ["fp32"]
     else:  # bwd_dv
         ptrs = [x, x, x, x, x] + [a] * 5 + [x]
-        scalars = ["i32"] * 5 + ["fp32"]
+        scalars = ["i32"] * (5 + 4) + ["fp32"]
     return ptrs, scalars
 
 
@@ -112,10 +114,13 @@ def compile_one(key):
     sig = dict(zip(arg_names[:n_rt], ptrs + scalars))
     sig.update({c: "constexpr" for c in const_names})
     consts = dict(zip(const_names, const_vals))
-    # pointers are 16-byte aligned; DK and DV (scalars 2 and 3) are multiples of 16, which the
-    # JIT specializes on at launch as well
+    # pointers are 16-byte aligned; DK and DV (scalars 2 and 3) and the q, k, v strides
+    # (scalars 6 on, before the floats) are multiples of 16, which the JIT specializes on at
+    # launch as well (the launcher copies inputs whose strides are not)
+    n_int = sum(t == "i32" for t in scalars)
     attrs = {(j,): [["tt.divisibility", 16]] for j in range(len(ptrs))}
-    attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in (2, 3)})
+    attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]]
+                  for j in (2, 3, *range(6, n_int))})
     src = ASTSource(fn, sig, consts, attrs)
     row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, BK=BK, BV=BV, warps=warps, stages=stages,
                has_init=has_init, error=None)

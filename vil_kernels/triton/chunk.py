@@ -47,8 +47,35 @@ def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
     kernel[grid](*args, **meta, **opts)
 
 
+def _in_place_ok(x):
+    """A unit last stride, other strides and the storage offset in multiples of 16 elements:
+    what the kernels are compiled for (Triton specializes on it; without it loads go scalar and
+    registers spill). No data_ptr(): this runs under torch.compile's fake tensors too."""
+    return (x.stride(-1) == 1 and all(st % 16 == 0 for st in x.stride()[:3])
+            and x.storage_offset() % 16 == 0)
+
+
+def _kernel_layout(q, k, v):
+    """q, k, v are read in place (ViL's are (NH, B)-ordered views of its projection output) when
+    their layout lets the kernels load 16-byte vectors; otherwise, and when q and k differ in
+    layout (the kernels take one for both), they are copied. Inside the custom ops: the layout
+    checks need real tensors."""
+    q, k, v = (x if _in_place_ok(x) else x.contiguous() for x in (q, k, v))
+    if q.stride() != k.stride():
+        q, k = q.contiguous(), k.contiguous()
+    return q, k, v
+
+
+def _strides(x):
+    """(batch, head, position) strides of a (B, NH, S, D) tensor read in place by the kernels
+    (q and k share theirs: MLSTMTritonFunction makes sure)."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
 def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
-    """Contiguous (B, NH, S, D) inputs and (B, NH, S) gates. Returns h and the saved tensors."""
+    """(B, NH, S, D) inputs of any layout, contiguous (B, NH, S) gates. Returns h and the saved
+    tensors."""
+    q, k, v = _kernel_layout(q, k, v)
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     NC = triton.cdiv(S, BT)
@@ -73,11 +100,13 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
     _launch(mlstm_fwd_state_kernel, "fwd_state",
             lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
             (k, v, i, f, *init, c_in, n_in, m_in, a_in, c_last, n_last, m_last, a_last,
-             S, NC, DK, DV, rev), DK, DV, BT, q.dtype, arch, HAS_INIT=has_init)
+             S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, BT, q.dtype, arch,
+            HAS_INIT=has_init)
     _launch(mlstm_fwd_out_kernel, "fwd_out",
             lambda BK, BV: (triton.cdiv(DV, BV), NC, B * NH),
             (q, k, v, i, f, c_in, n_in, m_in, a_in, h, m_row, n_row, a_row,
-             S, NC, DK, DV, rev, DK ** -0.5, eps), DK, DV, BT, q.dtype, arch)
+             S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v), DK ** -0.5, eps),
+            DK, DV, BT, q.dtype, arch)
     return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in
 
 
@@ -86,6 +115,7 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
               eps, BT, reverse):
     """Gradients (dq, dk, dv, di, df, dc0, dn0, dm0); the state gradients are those of the
     initial state (zeros-free placeholders when there is none)."""
+    q, k, v = _kernel_layout(q, k, v)
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     NC = triton.cdiv(S, BT)
@@ -104,19 +134,21 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     _launch(mlstm_bwd_state_kernel, "bwd_state",
             lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
             (q, dh, i, f, m_row, den, dn, m_in, m_last, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
-             S, NC, DK, DV, rev, scale), DK, DV, BT, q.dtype, arch)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+             S, NC, DK, DV, rev, NH, *_strides(q), scale), DK, DV, BT, q.dtype, arch)
+    dq, dk = (torch.empty(B, NH, S, DK, dtype=q.dtype, **kw) for _ in range(2))
+    dv = torch.empty(B, NH, S, DV, dtype=q.dtype, **kw)
     p = heuristics.launch_params("bwd_dqk", DK, DV, BT, q.dtype, arch)
     NK = triton.cdiv(DK, p["BK"])
     rq = torch.empty(NK, B, NH, S, dtype=ad, **kw)
     rk = torch.empty(NK, B, NH, S, dtype=ad, **kw)
     _launch(mlstm_bwd_dqk_kernel, "bwd_dqk", (NK, NC, B * NH),
             (q, k, v, i, f, dh, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
-             dq, dk, rq, rk, S, NC, DK, DV, rev, scale), DK, DV, BT, q.dtype, arch)
+             dq, dk, rq, rk, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v), scale),
+            DK, DV, BT, q.dtype, arch)
     _launch(mlstm_bwd_dv_kernel, "bwd_dv",
             lambda BK, BV: (triton.cdiv(DV, BV), NC, B * NH),
             (q, k, dh, i, f, m_row, den, m_in, m_last, dc_out, dv,
-             S, NC, DK, DV, rev, scale), DK, DV, BT, q.dtype, arch)
+             S, NC, DK, DV, rev, NH, *_strides(q), scale), DK, DV, BT, q.dtype, arch)
     rq, rk = rq.sum(0), rk.sum(0)                                  # fixed order: deterministic
 
     # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse): argmax
@@ -181,8 +213,9 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, 
 def _bwd_fake(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, *rest):
     B, NH, S, DK = q.shape
     ad = compute_dtype(q)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(i),
-            torch.empty_like(f), q.new_empty(dc_last.shape, dtype=ad),
+    DV = v.shape[-1]
+    return (q.new_empty(B, NH, S, DK), q.new_empty(B, NH, S, DK), q.new_empty(B, NH, S, DV),
+            torch.empty_like(i), torch.empty_like(f), q.new_empty(dc_last.shape, dtype=ad),
             q.new_empty(B, NH, DK, dtype=ad), q.new_empty(B, NH, 1, dtype=ad))
 
 
@@ -192,7 +225,7 @@ class MLSTMTritonFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, chunk, reverse):
-        q, k, v, i, f = (x.contiguous() for x in (q, k, v, i, f))
+        i, f = i.contiguous(), f.contiguous()          # q, k, v: see _kernel_layout
         has_init = c0 is not None
         if has_init:
             c0, n0, m0 = (x.contiguous() for x in (c0, n0, m0))

@@ -7,7 +7,10 @@ logical positions [c * BT, (c + 1) * BT); positions t >= S are masked (log forge
 NEG: they keep the state and contribute nothing). All of m, n, gates, cumsums and states are in
 ACC (float32; float64 only under the interpreter); tl.dot operands are cast to MMA (the input
 dtype), products accumulate in ACC. Head dims are tiled by BK / BV with masks; DK, DV, S are
-runtime values, so one compiled kernel serves every head dim with the same tiles.
+runtime values, so one compiled kernel serves every head dim with the same tiles. q, k, v may
+have any strides but a unit last one: (s_b, s_h, s_t) per batch, head and position, shared by q
+and k (one row offset serves both), (sv_b, sv_h, sv_t) for v; everything the kernels write,
+and dh, is contiguous.
 
 Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
   m_row, n_row  [S]            per-row stabilizer and signed normalizer (physical order)
@@ -54,6 +57,13 @@ def _rows(i_c, S, REVERSE, BT: tl.constexpr):
 
 
 @triton.jit
+def _seq(x, i_bh, NH, s_b, s_h):
+    """Start of batch-head i_bh's sequence in a (B, NH, S, D) tensor of strides (s_b, s_h, ., 1):
+    q, k, v are read in the caller's layout (ViL hands over (NH, B)-ordered, row-strided views)."""
+    return x + (i_bh // NH) * s_b + (i_bh % NH) * s_h
+
+
+@triton.jit
 def _gates(p_i, p_f, o_p, m_t, BT: tl.constexpr, ACC: tl.constexpr):
     """Input gates (NEG when masked), local inclusive cumsum b of logsigmoid(f), and its total g."""
     b_f = tl.load(p_f + o_p, mask=m_t, other=0.).to(ACC)
@@ -73,7 +83,7 @@ def _gates(p_i, p_f, o_p, m_t, BT: tl.constexpr, ACC: tl.constexpr):
 @triton.jit
 def mlstm_fwd_state_kernel(
     k, v, i, f, c0, n0, m0, c_in, n_in, m_in, a_in, c_last, n_last, m_last, a_last,
-    S, NC, DK, DV, REVERSE,
+    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -87,7 +97,7 @@ def mlstm_fwd_state_kernel(
     o_kv = o_k[:, None] * DV + o_v[None, :]
     first_v = i_v == 0
     first_kv = (i_k == 0) & first_v
-    p_k, p_v = k + i_bh * S * DK, v + i_bh * S * DV
+    p_k, p_v = _seq(k, i_bh, NH, s_b, s_h), _seq(v, i_bh, NH, sv_b, sv_h)
     p_i, p_f = i + i_bh * S, f + i_bh * S
     if HAS_INIT:
         b_c = tl.load(c0 + i_bh * DK * DV + o_kv, mask=m_kv, other=0.).to(ACC)   # [BK, BV]
@@ -113,10 +123,10 @@ def mlstm_fwd_state_kernel(
         b_a = tl.where(b_carry >= b_mloc, b_a, (b_jloc + i_c * BT).to(tl.int32))
         b_decay = tl.exp(b_carry - b_mnew)
         b_gain = tl.exp(b_lw - b_mnew)                              # [BT]
-        b_kt = tl.load(p_k + o_p[:, None] * DK + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                       other=0.)                                    # [BT, BK]
-        b_vt = tl.load(p_v + o_p[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
-                       other=0.)                                    # [BT, BV]
+        b_kt = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :],
+                       mask=m_t[:, None] & m_k[None, :], other=0.)  # [BT, BK]
+        b_vt = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :],
+                       mask=m_t[:, None] & m_v[None, :], other=0.)  # [BT, BV]
         b_kg = b_kt.to(ACC) * b_gain[:, None]                       # [BT, BK]
         b_c = b_c * b_decay + _dot(tl.trans(b_kg), b_vt, MMA, ACC, PREC, INTERP)
         b_n = b_n * b_decay + tl.sum(b_kg, axis=0)
@@ -130,7 +140,7 @@ def mlstm_fwd_state_kernel(
 @triton.jit
 def mlstm_fwd_out_kernel(
     q, k, v, i, f, c_in, n_in, m_in, a_in, h, m_row, n_row, a_row,
-    S, NC, DK, DV, REVERSE, scale, eps,
+    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale, eps,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -145,7 +155,7 @@ def mlstm_fwd_out_kernel(
     o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
     b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
 
-    p_q, p_k = q + i_bh * S * DK, k + i_bh * S * DK
+    p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
     b_qk = tl.zeros([BT, BT], dtype=ACC)
     b_qc = tl.zeros([BT, BV], dtype=ACC)
     b_qn = tl.zeros([BT], dtype=ACC)
@@ -153,8 +163,8 @@ def mlstm_fwd_out_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < DK
         m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(p_q + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)   # [BT, BK]
-        b_k = tl.load(p_k + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)   # [BT, BK]
+        b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
+        b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
         b_c = tl.load(c_in + o_s * DK * DV + o_k[:, None] * DV + o_v[None, :],
                       mask=m_k[:, None] & m_v[None, :], other=0.)                    # [BK, BV]
         b_n = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)             # [BK]
@@ -174,7 +184,7 @@ def mlstm_fwd_out_kernel(
     causal = o_i[:, None] >= o_i[None, :]
     b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
     b_s = b_qk * scale * tl.exp(b_lw)                               # [BT, BT]
-    b_vt = tl.load(v + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :],
+    b_vt = tl.load(_seq(v, i_bh, NH, sv_b, sv_h) + o_p[:, None] * sv_t + o_v[None, :],
                    mask=m_t[:, None] & m_v[None, :], other=0.)      # [BT, BV]
     b_num = _dot(b_s, b_vt, MMA, ACC, PREC, INTERP) + b_w[:, None] * b_qc
     b_nrow = tl.sum(b_s, axis=1) + b_w * b_qn
@@ -191,7 +201,7 @@ def mlstm_fwd_out_kernel(
 @triton.jit
 def mlstm_bwd_state_kernel(
     q, dh, i, f, m_row, den, dn, m_in, m_last, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
-    S, NC, DK, DV, REVERSE, scale,
+    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -204,7 +214,7 @@ def mlstm_bwd_state_kernel(
     m_kv = m_k[:, None] & m_v[None, :]
     o_kv = o_k[:, None] * DV + o_v[None, :]
     first_v = i_v == 0
-    p_q, p_dh = q + i_bh * S * DK, dh + i_bh * S * DV
+    p_q, p_dh = _seq(q, i_bh, NH, s_b, s_h), dh + i_bh * S * DV
     b_dc = tl.load(dc_last + i_bh * DK * DV + o_kv, mask=m_kv, other=0.).to(ACC)   # [BK, BV]
     b_dn = tl.load(dn_last + i_bh * DK + o_k, mask=m_k, other=0.).to(ACC)         # [BK]
     b_mlast = tl.load(m_last + i_bh).to(ACC)
@@ -222,8 +232,8 @@ def mlstm_bwd_state_kernel(
         b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
         b_dnr = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
         b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale   # [BT]
-        b_q = tl.load(p_q + o_p[:, None] * DK + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                      other=0.)                                      # [BT, BK]
+        b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.)    # [BT, BK]
         b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                        other=0.)                                     # [BT, BV]
         b_qw = b_q.to(ACC) * b_w[:, None]                            # [BT, BK]
@@ -239,7 +249,7 @@ def mlstm_bwd_state_kernel(
 def mlstm_bwd_dqk_kernel(
     q, k, v, i, f, dh, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
     dq, dk, rq, rk,
-    S, NC, DK, DV, REVERSE, scale,
+    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -256,7 +266,7 @@ def mlstm_bwd_dqk_kernel(
     m_k = o_k < DK
     o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
     m_tk = m_t[:, None] & m_k[None, :]
-    p_dh, p_v = dh + i_bh * S * DV, v + i_bh * S * DV
+    p_dh, p_v = dh + i_bh * S * DV, _seq(v, i_bh, NH, sv_b, sv_h)
     p_c, p_dc = c_in + o_s * DK * DV, dc_out + o_s * DK * DV
     b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
     b_ds = tl.zeros([BT, BT], dtype=ACC)
@@ -269,7 +279,7 @@ def mlstm_bwd_dqk_kernel(
         m_kv = m_k[:, None] & m_v[None, :]
         b_dnum = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
         b_dnum = b_dnum.to(ACC) / b_den[:, None]                                     # [BT, BV]
-        b_v = tl.load(p_v + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)   # [BT, BV]
+        b_v = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :], mask=m_tv, other=0.)  # [BT, BV]
         b_c = tl.load(p_c + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)   # [BK, BV]
         b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)
         b_ds += _dot(b_dnum, tl.trans(b_v), MMA, ACC, PREC, INTERP)
@@ -286,8 +296,10 @@ def mlstm_bwd_dqk_kernel(
     causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
     b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
     b_ds = (b_ds + b_dnr[:, None]) * tl.exp(b_lw)                   # [BT, BT] dS * weights
-    b_q = tl.load(q + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)
-    b_k = tl.load(k + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)
+    b_q = tl.load(_seq(q, i_bh, NH, s_b, s_h) + o_p[:, None] * s_t + o_k[None, :], mask=m_tk,
+                  other=0.)
+    b_k = tl.load(_seq(k, i_bh, NH, s_b, s_h) + o_p[:, None] * s_t + o_k[None, :], mask=m_tk,
+                  other=0.)
     b_nin = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
     b_dno = tl.load(dn_out + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
     b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale \
@@ -306,7 +318,7 @@ def mlstm_bwd_dqk_kernel(
 @triton.jit
 def mlstm_bwd_dv_kernel(
     q, k, dh, i, f, m_row, den, m_in, m_last, dc_out, dv,
-    S, NC, DK, DV, REVERSE, scale,
+    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -319,15 +331,16 @@ def mlstm_bwd_dv_kernel(
     m_v = o_v < DV
     o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
     m_tv = m_t[:, None] & m_v[None, :]
-    p_q, p_k, p_dc = q + i_bh * S * DK, k + i_bh * S * DK, dc_out + o_s * DK * DV
+    p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
+    p_dc = dc_out + o_s * DK * DV
     b_qk = tl.zeros([BT, BT], dtype=ACC)
     b_kdc = tl.zeros([BT, BV], dtype=ACC)
     for i_k in range(tl.cdiv(DK, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < DK
         m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(p_q + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)   # [BT, BK]
-        b_k = tl.load(p_k + o_p[:, None] * DK + o_k[None, :], mask=m_tk, other=0.)   # [BT, BK]
+        b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
+        b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
         b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :],
                         mask=m_k[:, None] & m_v[None, :], other=0.)                  # [BK, BV]
         b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
