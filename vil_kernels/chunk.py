@@ -384,27 +384,38 @@ def _backward(lay, q, k, v, i, fl, c0, n0, m0, eps, h, dh, saved, last, dlast):
     return dq, dk, dv, lay.walk(di), lay.walk(dfl), states
 
 
+def _flat_inputs(q, k, v, i, f, c0, n0, m0, L, reverse):
+    """The layout, compute dtype and flat inputs of both entry points: q, k, v, i, f (padding
+    keeps the state: input gate NEG, forget gate +inf) and the initial states (None if absent)."""
+    ct = compute_dtype(q)
+    lay = _Layout(q, L, reverse)
+    flat = lambda x, value=0.0: lay.to_flat(x, ct, value)
+    states = tuple(lay.states_to_flat(x, ct) for x in (c0, n0, m0))
+    return lay, ct, (flat(q), flat(k), flat(v), flat(i, NEG), flat(f, math.inf)), states
+
+
+def _outputs(lay, h, last, dtype):
+    """h in the caller's layout and dtype, and the last state's (c, n, m) when there is one."""
+    h = lay.from_flat(h, dtype)
+    if last is None:
+        return h, None
+    return h, tuple(lay.states_from_flat(x, x.dtype) for x in last[:3])
+
+
 class MLSTMChunkwise(torch.autograd.Function):
     """Chunkwise mLSTM on (B, NH, S, D) tensors, gates (B, NH, S). Returns h, and the last state
     c, n, m when need_last."""
 
     @staticmethod
     def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, L, need_last, reverse):
-        ct = compute_dtype(q)
-        lay = _Layout(q, L, reverse)
-        flat = lambda x, value=0.0: lay.to_flat(x, ct, value)
-        qf, kf, vf = flat(q), flat(k), flat(v)
-        i_f = flat(i, NEG)
-        f_f = flat(f, math.inf)                                        # padding keeps the state
-        states = tuple(lay.states_to_flat(x, ct) for x in (c0, n0, m0))
+        lay, ct, (qf, kf, vf, i_f, f_f), states = _flat_inputs(q, k, v, i, f, c0, n0, m0, L,
+                                                               reverse)
         h, last, saved = _forward(lay, qf, kf, vf, i_f, F.logsigmoid(f_f), *states, eps,
                                   need_last, track=True)
         ctx.save_for_backward(qf, kf, vf, i_f, f_f, *states, h, *(last or (None,) * 4), *saved)
         ctx.meta = (lay, eps, ct, [x.dtype for x in (q, k, v, i, f, c0, n0, m0) if x is not None])
-        out = lay.from_flat(h, q.dtype)
-        if not need_last:
-            return out
-        return out, *(lay.states_from_flat(x, x.dtype) for x in last[:3])
+        out, last_state = _outputs(lay, h, last, q.dtype)
+        return out if last_state is None else (out, *last_state)
 
     @staticmethod
     def backward(ctx, dh, *dlast):
@@ -440,14 +451,7 @@ def mlstm_chunkwise_torch(q, k, v, i, f, c_initial=None, n_initial=None, m_initi
         if return_last_states:
             return out[0], tuple(out[1:])
         return out, None
-    ct = compute_dtype(q)
-    lay = _Layout(q, L, reverse)
-    flat = lambda x, value=0.0: lay.to_flat(x, ct, value)
-    states = tuple(lay.states_to_flat(x, ct) for x in (c_initial, n_initial, m_initial))
-    h, last, _ = _forward(lay, flat(q), flat(k), flat(v), flat(i, NEG),
-                          F.logsigmoid(flat(f, math.inf)), *states, eps, return_last_states,
-                          track=False)
-    h = lay.from_flat(h, q.dtype)
-    if return_last_states:
-        return h, tuple(lay.states_from_flat(x, x.dtype) for x in last[:3])
-    return h, None
+    lay, _, (qf, kf, vf, i_f, f_f), states = _flat_inputs(*tensors, L, reverse)
+    h, last, _ = _forward(lay, qf, kf, vf, i_f, F.logsigmoid(f_f), *states, eps,
+                          return_last_states, track=False)
+    return _outputs(lay, h, last, q.dtype)

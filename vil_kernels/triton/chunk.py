@@ -68,7 +68,7 @@ def _kernel_layout(q, k, v):
 
 def _strides(x):
     """(batch, head, position) strides of a (B, NH, S, D) tensor read in place by the kernels
-    (q and k share theirs: MLSTMTritonFunction makes sure)."""
+    (q and k share theirs: _kernel_layout makes sure)."""
     return x.stride(0), x.stride(1), x.stride(2)
 
 
