@@ -34,7 +34,8 @@ def run(inputs, backend, reverse=False, chunk_size=None, eps=1e-6, compute=torch
                             chunk_size=chunk_size, backend=backend)
     out = {"h": res[0], "c": res[1][0], "n": res[1][1], "m": res[1][2]} if last_states else {"h": res}
     g = torch.Generator().manual_seed(123)
-    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in out.values()]
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)
+               for t in out.values()]
     loss = sum((t.double() * w).sum() for t, w in zip(out.values(), weights))
     grads = torch.autograd.grad(loss, list(leaves.values()))
     out.update({"d" + name: gr for name, gr in zip(leaves, grads)})

@@ -94,7 +94,7 @@ def test_chunk_sizes_agree(dtype):
     if dtype == torch.float64 and DEVICE == "cuda":
         pytest.skip("float64 kernels are for the interpreter")
     x = make_inputs(NH=1, S=150, DK=32, DV=16, init=True, seed=6)
-    ref = run({n: t.to(dtype).double() for n, t in x.items()}, "parallel")
+    ref = run({n: t.to(dtype).double().to(DEVICE) for n, t in x.items()}, "parallel")
     for chunk in (64, 128, 256):
         _check(x, dtype, chunk_size=chunk, ref=ref)
 
