@@ -792,5 +792,20 @@ def _run(args, rank, world, device, runlog, signals):
     return result
 
 
+def _exit_without_finalizing():
+    """End a torchrun worker without Python's interpreter finalization. FSDP's device mesh keeps
+    the gloo process group alive past destroy_process_group(); its worker threads may still be
+    releasing a finished collective's tensors when the interpreter tears down, and that release
+    aborts the process ("terminate called without an active exception", about one exit in 20 on
+    a 2-core machine; pytorch/pytorch#179291 describes the race). Everything is written and
+    flushed by then: checkpoints and logs are closed by main()."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_without_finalizing()
