@@ -38,21 +38,22 @@ def _signature(name, dt, has_init):
     """Argument types of each kernel (pointer dtypes for an input dtype dt; accumulators fp32).
     Scalars: S, NC, DK, DV, REVERSE, then NH and the (batch, head, position) strides of q and k
     (shared) and of v where the kernel reads v, then the float scalars."""
+    # x: an input's dtype, which is also the per-chunk states' (C in, dC out) storage dtype
     x, a, i32 = f"*{_PTR[dt]}", "*fp32", "*i32"
     if name == "fwd_state":
-        ptrs = [x, x, x, x] + [a] * 3 + [a, a, a, i32, a, a, a, i32]
+        ptrs = [x, x, x, x] + [a] * 3 + [x, a, a, i32, a, a, a, i32]
         scalars = ["i32"] * (5 + 7)
     elif name == "fwd_out":
-        ptrs = [x] * 5 + [a, a, a, i32, x, a, a, i32]
+        ptrs = [x] * 5 + [x, a, a, i32, x, a, a, i32]
         scalars = ["i32"] * (5 + 7) + ["fp32", "fp32"]
     elif name == "bwd_state":
-        ptrs = [x, x, x, x] + [a] * 11
+        ptrs = [x, x, x, x] + [a] * 7 + [x, a, a, a]
         scalars = ["i32"] * (5 + 4) + ["fp32"]
     elif name == "bwd_dqk":
-        ptrs = [x] * 6 + [a] * 9 + [x, x, a, a]
+        ptrs = [x] * 6 + [a] * 3 + [x, a, a, a, x, a] + [x, x, a, a]
         scalars = ["i32"] * (5 + 7) + ["fp32"]
     else:  # bwd_dv
-        ptrs = [x, x, x, x, x] + [a] * 5 + [x]
+        ptrs = [x, x, x, x, x] + [a] * 4 + [x, x]
         scalars = ["i32"] * (5 + 4) + ["fp32"]
     return ptrs, scalars
 
@@ -76,7 +77,7 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                             p = heuristics.launch_params(name, DK, DV, BT, getattr(torch, dt), arch)
                             for has_init in ((False, True) if name == "fwd_state" else (None,)):
                                 key = (name, dt, arch, BT, p["BK"], p["BV"], p["num_warps"],
-                                       p["num_stages"], has_init)
+                                       p["num_stages"], has_init, p["maxnreg"])
                                 out.setdefault(key, set()).add((DK, DV))
     return out
 
@@ -96,9 +97,9 @@ def compile_one(key):
     from triton import knobs
 
     from .triton import kernels
-    from .triton.heuristics import MAXNREG, dot_config
+    from .triton.heuristics import dot_config
 
-    name, dt, arch, BT, BK, BV, warps, stages, has_init = key
+    name, dt, arch, BT, BK, BV, warps, stages, has_init, maxnreg = key
     fn = getattr(kernels, f"mlstm_{name}_kernel")
     import torch
     mma, acc, prec = dot_config(getattr(torch, dt))
@@ -123,7 +124,7 @@ def compile_one(key):
                   for j in (2, 3, *range(6, n_int))})
     src = ASTSource(fn, sig, consts, attrs)
     row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, BK=BK, BV=BV, warps=warps, stages=stages,
-               has_init=has_init, error=None)
+               has_init=has_init, maxnreg=maxnreg, error=None)
     t0 = time.time()
     # a fresh cache, so that ptxas runs and logs registers and spills
     cache = knobs.cache.dir = tempfile.mkdtemp(prefix="vil_cc_")
@@ -131,7 +132,9 @@ def compile_one(key):
         knobs.nvidia.dump_ptxas_log = True
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            opts = dict(num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
+            opts = dict(num_warps=warps, num_stages=stages)
+            if maxnreg:
+                opts["maxnreg"] = maxnreg
             ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
         log = buf.getvalue()
     except Exception as e:  # noqa: BLE001 - reported in the table

@@ -17,6 +17,7 @@ Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
   a_row         [S] int32      logical index of the row's argmax key, -1 = the initial state
   c_in, n_in    [NC, DK(, DV)] state entering each chunk, m_in / a_in [NC] its m and argmax
   dc_out, dn_out [NC, DK(, DV)] gradient of the state leaving each chunk
+  (c_in and dc_out are stored in the MMA dtype: they are only ever tl.dot operands)
   rq, rk        [NK, S]        per K block: q . dq and k . dk per row (for the gate gradients)
 """
 
