@@ -91,8 +91,10 @@ def candidates(device, dtype):
         try:
             from mlstm_kernels.torch import get_mlstm_kernel  # optional peer
             kernel = get_mlstm_kernel("chunkwise--triton_xl_chunk")
+            # kernels in the inputs' dtype, as ours (its default autocast_kernel_dtype is float32)
             paths.append(("mlstm_kernels-xl_chunk", lambda x: kernel(
-                x["q"], x["k"], x["v"], x["i"], x["f"], chunk_size=128)))
+                x["q"], x["k"], x["v"], x["i"], x["f"], chunk_size=128,
+                autocast_kernel_dtype=x["q"].dtype)))
         except Exception:  # noqa: BLE001 - absent or incompatible: no row
             pass
     return paths

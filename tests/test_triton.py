@@ -72,6 +72,46 @@ def test_bfloat16(reverse):
     _check(x, torch.bfloat16, reverse=reverse)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_bfloat16_value_tiles_of_128(reverse):
+    """16-bit inputs with DV > 64 run the outputs and dv kernels in V tiles of 128 on Hopper
+    (measured on an H200) and under the interpreter, which runs Hopper's table: DV = 192 is one
+    full and one half-masked tile."""
+    from vil_kernels.triton import heuristics
+    assert heuristics.launch_params("fwd_out", 64, 192, 64, torch.bfloat16, 90)["BV"] == 128
+    assert heuristics.launch_params("bwd_dv", 64, 192, 16, torch.bfloat16, 90)["BV"] == 128
+    assert heuristics.launch_params("fwd_out", 64, 192, 16, torch.bfloat16, 0)["BV"] == 128
+    assert heuristics.launch_params("fwd_out", 64, 192, 64, torch.bfloat16, 80)["BV"] == 64
+    x = make_inputs(NH=1, S=40, DK=64, DV=192, init=True, seed=14)
+    _check(x, torch.bfloat16, reverse=reverse)
+
+
+# Configurations bench/tune.py sweeps that the table does not choose here: 128-wide tiles over
+# masked head dims, 8 warps, a register cap. The interpreter ignores warps, stages and the
+# cap; tiles are what change the arithmetic.
+@pytest.mark.parametrize("overrides", [
+    {"fwd_out": dict(BK=32, BV=128), "bwd_dv": dict(BK=32, BV=128), "bwd_dqk": dict(BK=128)},
+    {"fwd_state": dict(BK=32, BV=64), "bwd_state": dict(BK=64, BV=32)},
+])
+def test_tuner_tile_overrides(overrides, monkeypatch):
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "OVERRIDES", overrides)
+    x = make_inputs(NH=1, S=33, DK=96, DV=96, init=True, seed=15)
+    _check(x, torch.bfloat16, reverse=True)
+
+
+def test_chunk_states_stored_in_input_dtype():
+    """C entering each chunk is kept in the 16-bit input dtype (it is only a tl.dot operand)
+    and in float32 otherwise; the last state returned is float32 either way."""
+    from vil_kernels.triton.chunk import _fwd_op
+    for dtype, state in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)):
+        x = make_inputs(NH=1, S=20, DK=16, DV=16, seed=16, dtype=dtype)
+        x = {n: t.to(DEVICE) for n, t in x.items()}
+        out = _fwd_op(x["q"], x["k"], x["v"], x["i"], x["f"], None, None, None, 1e-6, 16, False)
+        assert out[8].dtype == state and out[8].shape == (1, 1, 2, 16, 16)
+        assert out[1].dtype == torch.float32
+
+
 def test_float16():
     x = make_inputs(NH=1, S=20, DK=32, DV=48, init=True, seed=4)
     _check(x, torch.float16, reverse=False)

@@ -1,13 +1,14 @@
 """Launch parameters of the chunkwise mLSTM kernels, keyed on (head dims, dtype, arch).
 
-Without a GPU to autotune on, the table encodes the constraints we can check ahead of time
-(``python -m vil_kernels.compile_check``: no spills, shared memory under the arch's limit, tensor
-cores used for 16-bit inputs): head dims are tiled by the largest of 64 / 32 / 16 that divides
-them (96 -> 3 x 32, 192 -> 3 x 64, 384 -> 6 x 64: no padding of 96 up to 128), one chunk of 64
-positions by default (fewer for short sequences), at most 128 (float32 inputs: 32), 4 warps below
-64 positions, 8 from 64, head-dim tiles of at most 32 at 128 positions (V tiles of 16 in the
-outputs kernel).
-On a GPU, entries can be refined per arch from bench/kernels.py measurements.
+Head dims are tiled by the largest of 64 / 32 / 16 that divides them (96 -> 3 x 32, 192 -> 3 x
+64, 384 -> 6 x 64: no padding of 96 up to 128), except, on Hopper, the V tiles of the output and
+dv kernels: 128 for 16-bit inputs with DV > 64 (masked where DV is not a multiple); one chunk of 64
+positions by default (fewer for short sequences), at most 128 (float32 inputs: 32); one
+pipeline stage; 4 warps on Hopper (measured on an H200 with bench/tune.py, see _table_params),
+8 from 64 positions on Ampere (not measured); at 128 positions 8 warps and head-dim tiles of at
+most 32 (V tiles of 16 in the outputs kernel). Everything is also checked ahead of time
+without a GPU (``python -m vil_kernels.compile_check``: no spills, shared memory under
+the arch's limit, tensor cores used for 16-bit inputs). OVERRIDES lets bench/tune.py sweep.
 """
 
 import torch
@@ -58,18 +59,51 @@ def chunk_len(S, DK, DV, dtype, arch, requested=None):
     return max(16, min(DEFAULT_BT, cap, next_power_of_2(S)))
 
 
+# Per-kernel launch parameters forced by bench/tune.py while it sweeps configurations on a GPU:
+# {kernel: {param: value}}, applied over the table below. Empty in normal use.
+OVERRIDES = {}
+
+
 def launch_params(kernel, DK, DV, BT, dtype, arch):
     """BK, BV, num_warps, num_stages, maxnreg for one kernel. dtype: the inputs' torch dtype."""
     assert kernel in KERNELS, kernel
+    p = _table_params(kernel, DK, DV, BT, dtype, arch)
+    p.update(OVERRIDES.get(kernel, {}))
+    return p
+
+
+def _table_params(kernel, DK, DV, BT, dtype, arch):
     BK, BV = head_block(DK), head_block(DV)
     if dtype == torch.float32:
         # tf32x3 splits every fp32 operand into two tf32 tiles: half-size head-dim tiles
         BK, BV = min(BK, 32), min(BV, 32)
     if BT >= 128:
         BK, BV = min(BK, 32), min(BV, 32 if kernel != "fwd_out" else 16)
-    num_warps = 8 if BT >= 64 else 4
-    num_stages = 1
-    return dict(BK=BK, BV=BV, num_warps=num_warps, num_stages=num_stages, maxnreg=MAXNREG)
+        return dict(BK=BK, BV=BV, num_warps=8, num_stages=1, maxnreg=MAXNREG)
+    if 0 < arch < 90:
+        # Ampere: not measured yet. 4 warps spill here (its MMA keeps more of the accumulators
+        # in registers than Hopper's wgmma): the first table's 8 warps at 64 positions.
+        return dict(BK=BK, BV=BV, num_warps=8 if BT >= 64 else 4, num_stages=1, maxnreg=MAXNREG)
+    # Hopper (and the interpreter, arch 0, so that the tests run this table), measured with
+    # bench/tune.py on an H200 (bf16, B=64, NH=4, S=784, D=384, BT=64; the sweep is
+    # bench/results/tune-nvidia-h200-d384.json): 4 warps beat 8 in every kernel (1.5-2x: more
+    # programs an SM, each a [64, 64] tile), and the output and dv kernels, which recompute
+    # q k^T once per V tile, run 1.5x faster with V tiles of 128 (masked lanes included when
+    # DV is not a multiple). Not taken, though faster: a 128-register cap on the scans (another
+    # 1.3x there, but it spills, which compile_check rejects) and two pipeline stages (7-13% in
+    # the dq/dk and dv kernels, but WRONG outputs in the outputs kernel with Triton 3.6 at every
+    # tile and warp count tried, and the interpreter cannot test pipelining). Other head dims:
+    # the same rules, not measured yet.
+    if kernel in ("fwd_out", "bwd_dv") and dtype != torch.float32 and DV > 64:
+        BV = 128
+    return dict(BK=BK, BV=BV, num_warps=4, num_stages=1, maxnreg=MAXNREG)
+
+
+def prologue_params(DV, dtype, arch):
+    """The backward prologue (a row dot of dh and h): rows BT a program, V tiles of BV, warps.
+    Memory-bound and small; not tuned: 64 rows by up to 64 columns, 4 warps (128 columns
+    spilled on sm_80)."""
+    return dict(BT=64, BV=min(64, max(16, next_power_of_2(DV))), num_warps=4)
 
 
 def dot_config(dtype):

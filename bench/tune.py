@@ -1,0 +1,328 @@
+"""Sweep the Triton kernels' launch parameters on a GPU, one kernel at a time.
+
+    python bench/tune.py                                  # ViL-B, then ViL-T, then ViL-S shapes
+    python bench/tune.py --dims 384 --results-file tune.json --time-limit 120
+
+For each head dim D (B=64, NH=4, S=784, bfloat16 by default) the fused forward and backward run
+once with the table's parameters (vil_kernels/triton/heuristics.py), timed per kernel with CUDA
+events; then every candidate configuration of one kernel (head-dim tiles, warps, pipeline
+stages, register cap) replaces that kernel's entry while the others keep theirs, and that
+kernel's median time is recorded. A configuration whose output differs from the table's by more
+than rounding is reported as wrong. Compilation of all candidates runs first, in parallel
+processes (Triton's on-disk cache), so the timed part only loads binaries. Results go to a JSON
+file after every kernel, so a run cut short by --time-limit keeps what it measured. The best
+configuration per kernel is what heuristics.py's table should say on that GPU.
+"""
+
+import argparse
+import itertools
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vil_kernels.triton import chunk as tchunk  # noqa: E402
+from vil_kernels.triton import heuristics  # noqa: E402
+
+FWD, BWD = ("fwd_state", "fwd_out"), ("bwd_state", "bwd_dqk", "bwd_dv")
+
+
+def candidates(kernel, D, BT):
+    """Configurations to try for one kernel besides the table's: head-dim tiles (for the scans
+    both tiles own a program; elsewhere the tile a program owns in 32 / 64 / 128, the one it
+    loops over in 32 / 64), 4 or 8 warps, 1 or 2 pipeline stages (3 for the scans, whose loops
+    run every chunk), and for the scans a cap of 128 registers or none (255)."""
+    base = heuristics.launch_params(kernel, D, D, BT, torch.bfloat16, 90)
+    if kernel in ("fwd_state", "bwd_state"):
+        tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (64, 128), (128, 64)]
+        caps = (128, 255)
+    elif kernel == "bwd_dqk":                                # grid over K tiles, loop over V
+        tiles = [(k, 64) for k in (32, 64, 128)] + [(base["BK"], 32)]
+        caps = (base["maxnreg"],)
+    else:                                                    # fwd_out, bwd_dv: grid over V
+        tiles = [(64, v) for v in (32, 64, 128)] + [(32, base["BV"])]
+        caps = (base["maxnreg"],)
+    out = [dict(base, BK=BK, BV=BV, num_warps=w, num_stages=st, maxnreg=cap)
+           for (BK, BV), w, st, cap in itertools.product(tiles, (4, 8), (1, 2), caps)]
+    if kernel in ("fwd_state", "bwd_state"):
+        out += [dict(base, num_stages=3, maxnreg=cap) for cap in caps]
+    return [c for i, c in enumerate(out) if c not in out[:i] and c != base]
+
+
+def _sync(t):
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
+
+
+def make_inputs(B, NH, S, D, dtype, seed=0):
+    """Inputs on the GPU (on the CPU under TRITON_INTERPRET=1, for a dry run of this script)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    mk = lambda *s: torch.randn(*s, generator=g).to(dev, dtype)
+    return dict(q=mk(B, NH, S, D), k=mk(B, NH, S, D), v=mk(B, NH, S, D), i=mk(B, NH, S),
+                f=(mk(B, NH, S).float() + 3.0).to(dtype))
+
+
+def run_pass(x, dh, BT, backward):
+    """The forward kernels, and with backward=True the backward kernels on its saved tensors."""
+    out = tchunk.mlstm_fwd(x["q"], x["k"], x["v"], x["i"], x["f"], None, None, None, 1e-6, BT,
+                           False)
+    if not backward:
+        return out[0]
+    h, c_last, n_last, m_last = out[:4]
+    z = lambda t: torch.zeros_like(t)
+    g = tchunk.mlstm_bwd(x["q"], x["k"], x["v"], x["i"], x["f"], None, None, None, h, dh,
+                         z(c_last), z(n_last), z(m_last), *out[1:], 1e-6, BT, False)
+    return h, *g[:5]
+
+
+def kernel_times(x, dh, BT, backward, reps):
+    """Median ms per kernel over reps passes (CUDA events around each launch)."""
+    per = {}
+    for _ in range(reps):
+        tchunk.KERNEL_EVENTS = []
+        run_pass(x, dh, BT, backward)
+        _sync(x["q"])
+        for name, watch in tchunk.KERNEL_EVENTS:
+            per.setdefault(name, []).append(watch.ms())
+    tchunk.KERNEL_EVENTS = None
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+def _close(a, b):
+    """Outputs of two configurations agree up to bfloat16 rounding of differently ordered sums."""
+    return all(((u.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-30))
+               .item() < 2e-2 for u, w in zip(a, b))
+
+
+def _warm(job):
+    """Compile (into Triton's disk cache) what one configuration of one kernel launches."""
+    kernel, cfg, D, BT, NH, S = job
+    heuristics.OVERRIDES.clear()
+    if kernel:
+        heuristics.OVERRIDES[kernel] = cfg
+    try:
+        x = make_inputs(1, NH, S, D, torch.bfloat16)
+        run_pass(x, torch.randn_like(x["v"]), BT, kernel in BWD or kernel is None)
+        if kernel is None:                                     # what check() runs
+            xs = {k: v.requires_grad_() for k, v in x.items()}
+            for rev in (False, True):
+                _mlstm(xs, reverse=rev).float().sum().backward()
+        _sync(x["q"])
+        return None
+    except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
+        return f"{kernel} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def _mlstm(x, **kw):
+    import vil_kernels
+    return vil_kernels.mlstm(**x, backend="triton", **kw)
+
+
+def check(D, NH, S):
+    """The table's kernels against the float64 parallel reference on this GPU (both directions,
+    output and every input's gradient): max error relative to the reference's largest entry."""
+    import vil_kernels
+    heuristics.OVERRIDES.clear()
+    x = make_inputs(2, NH, S, D, torch.bfloat16, seed=1)
+    w = torch.randn(2, NH, S, D, device=x["q"].device)
+    out = {}
+    for rev in (False, True):
+        grads = []
+        for ref in (False, True):
+            xs = {k: v.detach().double().requires_grad_() if ref else
+                  v.detach().clone().requires_grad_() for k, v in x.items()}
+            h = (vil_kernels.mlstm(**xs, backend="parallel", reverse=rev) if ref
+                 else _mlstm(xs, reverse=rev))
+            (h.double() * w).sum().backward()
+            grads.append([h.detach().double()] + [xs[k].grad.double() for k in "qkvif"])
+        out["reverse" if rev else "forward"] = {
+            n: ((a - b).abs().max() / b.abs().max()).item()
+            for n, a, b in zip(("h", "dq", "dk", "dv", "di", "df"), *grads)}
+    return out
+
+
+def full_ms(x, reps, fn=None):
+    """Median ms of fwd+bwd through the autograd op (prologue and epilogue included)."""
+    fn = fn or _mlstm
+    xs = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+    times = []
+    for r in range(reps + 2):
+        watch = tchunk._Stopwatch(x["q"].device)
+        fn(xs).float().sum().backward()
+        watch.stop()
+        _sync(x["q"])
+        if r >= 2:
+            times.append(watch.ms())
+    return statistics.median(times)
+
+
+def _peer(pad):
+    """NX-AI's mlstm_kernels chunkwise--triton_xl_chunk (chunks of 128, bfloat16 kernels like
+    ours; its default autocast_kernel_dtype would run float32), when installed. pad=True pads
+    the sequence to a multiple of 128 first, for versions that need it (the copy is timed)."""
+    try:
+        from mlstm_kernels.torch import get_mlstm_kernel
+        kernel = get_mlstm_kernel("chunkwise--triton_xl_chunk")
+    except Exception:  # noqa: BLE001 - absent or incompatible
+        return None
+
+    def run(x):
+        S = x["q"].shape[2]
+        extra = -S % 128 if pad else 0
+        if extra:
+            x = {k: F.pad(v, (0, 0, 0, extra) if v.dim() == 4 else (0, extra))
+                 for k, v in x.items()}
+        h = kernel(x["q"], x["k"], x["v"], x["i"], x["f"], chunk_size=128,
+                   autocast_kernel_dtype=x["q"].dtype)
+        return h[:, :, :S]
+    return run
+
+
+def _peer_ms(job):
+    """fwd+bwd ms of the peer on this sweep's inputs, unpadded, else padded; {} if absent."""
+    B, NH, S, D, reps = job
+    x = make_inputs(B, NH, S, D, torch.bfloat16)
+    row = {}
+    for pad in (False, True):
+        peer = _peer(pad)
+        if peer is None:
+            break
+        name = f"mlstm_kernels_xl_chunk{'_padded' if pad else ''}"
+        try:
+            row[f"{name}_ms"] = full_ms(x, reps, peer)
+            break
+        except Exception as e:  # noqa: BLE001
+            row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    return row
+
+
+def _peer_in_child(job):
+    """The peer runs in a process of its own: on the H200 of 2026-11-26 compiling it aborted
+    the process (an LLVM assertion under Triton 3.6), which must not end the sweep."""
+    try:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as one:
+            return one.submit(_peer_ms, job).result()
+    except Exception as e:  # noqa: BLE001 - a crashed child: BrokenProcessPool
+        return {"mlstm_kernels_error": f"{type(e).__name__}: {str(e)[:200]}"}
+
+
+def sweep(D, args, result, save, t0, pool):
+    jobs = [(None, None, D, BT, args.NH, args.S) for BT in (32, 64, 128)]
+    jobs += [(k, c, D, BT, args.NH, args.S) for BT in args.chunks for k in args.kernels
+             for c in candidates(k, D, BT)]
+    t1 = time.time()
+    errs = [e for e in pool.map(_warm, jobs) if e]
+    result["errors"] += errs
+    print(f"D={D}: compiled {len(jobs)} configurations in {time.time() - t1:.0f} s, "
+          f"{len(errs)} failed", flush=True)
+    for e in errs:
+        print("  " + e, flush=True)
+    result["checks"][D] = check(D, args.NH, args.S)
+    print(f"D={D} parity vs float64 (max err / max |ref|): {result['checks'][D]}", flush=True)
+    x = make_inputs(args.B, args.NH, args.S, D, torch.bfloat16)
+    dh = torch.randn_like(x["v"])
+    heuristics.OVERRIDES.clear()
+    for BT in (32, 64, 128):
+        t = kernel_times(x, dh, BT, True, args.reps)
+        result["baselines"].append(dict(D=D, BT=BT, ms=t, kernels_ms=sum(t.values())))
+        print(f"D={D} BT={BT} table: " + " ".join(f"{k} {v:.3f}" for k, v in t.items())
+              + f" | kernels {sum(t.values()):.3f} ms", flush=True)
+    save()
+    best_all = {}
+    for BT in args.chunks:
+        ref = run_pass(x, dh, BT, True)
+        base = kernel_times(x, dh, BT, True, args.reps)
+        for kernel in args.kernels:
+            if time.time() - t0 > args.time_limit:
+                print("time limit reached", flush=True)
+                return False
+            rows = []
+            for cfg in candidates(kernel, D, BT):
+                heuristics.OVERRIDES.clear()
+                heuristics.OVERRIDES[kernel] = cfg
+                try:
+                    ok = _close(run_pass(x, dh, BT, True), ref)
+                    ms = kernel_times(x, dh, BT, kernel in BWD, args.reps)[kernel]
+                    rows.append(dict(cfg, ms=ms, ok=ok))
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(cfg, error=f"{type(e).__name__}: {str(e)[:120]}"))
+            heuristics.OVERRIDES.clear()
+            good = [r for r in rows if r.get("ok")]
+            best = min(good, key=lambda r: r["ms"]) if good else None
+            table = heuristics.launch_params(kernel, D, D, BT, torch.bfloat16, 90)
+            result["sweeps"].append(dict(D=D, BT=BT, kernel=kernel, table=table,
+                                         table_ms=base[kernel], best=best, rows=rows))
+            if best and best["ms"] < base[kernel]:
+                best_all[kernel] = {k: best[k] for k in table}
+            if best:
+                print(f"D={D} BT={BT} {kernel}: table {base[kernel]:.3f} ms -> best "
+                      f"{best['ms']:.3f} ms with BK={best['BK']} BV={best['BV']} "
+                      f"w={best['num_warps']} st={best['num_stages']} maxnreg={best['maxnreg']}"
+                      + (f"; {len(rows) - len(good)} wrong/failed" if len(good) < len(rows)
+                         else ""), flush=True)
+            save()
+        # the whole op (autograd, prologue and epilogue) with the table and with the best
+        # configuration of every kernel, and the peer, on the same inputs
+        heuristics.OVERRIDES.clear()
+        row = dict(D=D, BT=BT, table_ms=full_ms(x, args.reps), tuned=best_all)
+        heuristics.OVERRIDES.update(best_all)
+        row["tuned_ms"] = full_ms(x, args.reps)
+        heuristics.OVERRIDES.clear()
+        row.update(_peer_in_child((args.B, args.NH, args.S, D, args.reps)))
+        result["full"].append(row)
+        print(f"D={D} BT={BT} fwd+bwd op: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in row.items() if k.endswith("_ms")), flush=True)
+        save()
+    return True
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dims", type=int, nargs="+", default=[384, 96, 192])
+    ap.add_argument("--chunks", type=int, nargs="+", default=[64],
+                    help="chunk lengths BT to sweep at (table parameters also timed at 32, 128)")
+    ap.add_argument("--B", type=int, default=64)
+    ap.add_argument("--NH", type=int, default=4)
+    ap.add_argument("--S", type=int, default=784)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--kernels", nargs="+", choices=FWD + BWD, default=list(FWD + BWD),
+                    help="kernels to sweep (default: all five)")
+    ap.add_argument("--jobs", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
+    ap.add_argument("--time-limit", type=float, default=float("inf"),
+                    help="stop starting new kernels after this many seconds")
+    ap.add_argument("--results-file", default="tune.json")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
+    result = dict(meta=dict(device=dev, torch=torch.__version__,
+                            B=args.B, NH=args.NH, S=args.S, dtype="bfloat16"),
+                  checks={}, baselines=[], sweeps=[], full=[], errors=[])
+
+    def save():
+        Path(args.results_file).write_text(json.dumps(result, indent=1))
+
+    with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+        for D in args.dims:
+            if time.time() - t0 > 0.7 * args.time_limit:           # no time for another head dim
+                print(f"time limit: D={D} not swept", flush=True)
+                break
+            if not sweep(D, args, result, save, t0, pool):
+                break
+    save()
+    print(f"done in {time.time() - t0:.0f} s", flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
