@@ -5,7 +5,7 @@
 
 Enumerates what vil_kernels.triton's dispatcher can launch: input dtypes (float32, float16,
 bfloat16) x head dims (DQK, DV) in {64, 96, 128, 192, 256, 384, 512}^2 x chunk lengths
-(16, 32, 64, 128) x the four kernels, maps each to its compiled variant (tiles, warps, stages,
+(16, 32, 64, 128) x the five kernels (and the backward prologue per DV), maps each to its compiled variant (tiles, warps, stages,
 dtypes: head dims are runtime values, so many head dims share one binary), and compiles every
 distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
 registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, and the head dims
@@ -52,9 +52,12 @@ def _signature(name, dt, has_init):
     elif name == "bwd_dqk":
         ptrs = [x] * 6 + [a] * 3 + [x, a, a, a, x, a] + [x, x, a, a]
         scalars = ["i32"] * (5 + 7) + ["fp32"]
-    else:  # bwd_dv
+    elif name == "bwd_dv":
         ptrs = [x, x, x, x, x] + [a] * 4 + [x, x]
         scalars = ["i32"] * (5 + 4) + ["fp32"]
+    else:  # bwd_prologue: dh, h, m_row, n_row, den, dn, dm; S, DV; eps
+        ptrs = [x, x] + [a] * 5
+        scalars = ["i32", "i32", "fp32"]
     return ptrs, scalars
 
 
@@ -79,6 +82,11 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                                 key = (name, dt, arch, BT, p["BK"], p["BV"], p["num_warps"],
                                        p["num_stages"], has_init, p["maxnreg"])
                                 out.setdefault(key, set()).add((DK, DV))
+                for arch in ARCHS:                          # the backward prologue: DV only
+                    p = heuristics.prologue_params(DV, getattr(torch, dt), arch)
+                    key = ("bwd_prologue", dt, arch, p["BT"], 0, p["BV"], p["num_warps"], 1,
+                           None, None)
+                    out.setdefault(key, set()).update((DK, DV) for DK in dims)
     return out
 
 
@@ -105,10 +113,13 @@ def compile_one(key):
     mma, acc, prec = dot_config(getattr(torch, dt))
     tl_of = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
     ptrs, scalars = _signature(name, dt, has_init)
-    const_names = ["BT", "BK", "BV"] + (["HAS_INIT"] if name == "fwd_state" else []) + \
-        ["MMA", "ACC", "PREC", "INTERP"]
-    const_vals = [BT, BK, BV] + ([bool(has_init)] if name == "fwd_state" else []) + \
-        [tl_of[mma], tl_of[acc], prec, False]
+    if name == "bwd_prologue":
+        const_names, const_vals = ["BT", "BV", "ACC"], [BT, BV, tl_of[acc]]
+    else:
+        const_names = ["BT", "BK", "BV"] + (["HAS_INIT"] if name == "fwd_state" else []) + \
+            ["MMA", "ACC", "PREC", "INTERP"]
+        const_vals = [BT, BK, BV] + ([bool(has_init)] if name == "fwd_state" else []) + \
+            [tl_of[mma], tl_of[acc], prec, False]
     arg_names = fn.arg_names
     n_rt = len(arg_names) - len(const_names)
     assert n_rt == len(ptrs) + len(scalars), (name, n_rt, len(ptrs), len(scalars))
@@ -120,8 +131,8 @@ def compile_one(key):
     # launch as well (the launcher copies inputs whose strides are not)
     n_int = sum(t == "i32" for t in scalars)
     attrs = {(j,): [["tt.divisibility", 16]] for j in range(len(ptrs))}
-    attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]]
-                  for j in (2, 3, *range(6, n_int))})
+    divisible = (1,) if name == "bwd_prologue" else (2, 3, *range(6, n_int))   # DV; DK, DV, strides
+    attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in divisible})
     src = ASTSource(fn, sig, consts, attrs)
     row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, BK=BK, BV=BV, warps=warps, stages=stages,
                has_init=has_init, maxnreg=maxnreg, error=None)
@@ -172,7 +183,8 @@ def problems(row):
         bad.append(f"{row['regs']} registers x {row['warps'] * 32} threads > 64K register file")
     if row["smem"] > SMEM_LIMIT[row["arch"]]:
         bad.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[row['arch']]}")
-    if row["dtype"] in ("bfloat16", "float16") and row["hmma"] + row["hgmma"] == 0:
+    if (row["dtype"] in ("bfloat16", "float16") and row["hmma"] + row["hgmma"] == 0
+            and row["kernel"] != "bwd_prologue"):                  # a row dot, no matmul
         bad.append("no tensor-core MMA in SASS")
     return bad
 

@@ -2,7 +2,8 @@
 
 Forward: mlstm_fwd_state_kernel (the (C, n, m) scan, entry state of every chunk) then
 mlstm_fwd_out_kernel (outputs per chunk; m, signed normalizer and argmax per row).
-Backward: a short O(S * DV) prologue (den, dden, dn, dm per row), mlstm_bwd_state_kernel (reverse
+Backward: mlstm_bwd_prologue_kernel (den, dn, dm per row from one pass over dh and h),
+mlstm_bwd_state_kernel (reverse
 scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv),
 then the O(S) gate epilogue of the spec: di = k.dk, dF = q.dq - k.dk + dm, eps term routed to
 the recorded argmax, reverse cumsum, times sigmoid(-f). No atomics anywhere: two runs give identical bits.
@@ -15,11 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import NEG, compute_dtype, normalizer_backward, route_last_state, route_to_argmax
+from ..utils import NEG, compute_dtype, route_last_state, route_to_argmax
 from . import heuristics
 from ._interp import interpreting, patch_interpreter
-from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_state_kernel,
-                      mlstm_fwd_out_kernel, mlstm_fwd_state_kernel)
+from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_prologue_kernel,
+                      mlstm_bwd_state_kernel, mlstm_fwd_out_kernel, mlstm_fwd_state_kernel)
 
 patch_interpreter()
 
@@ -72,8 +73,15 @@ def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
     opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
     if not interpreting() and p["maxnreg"]:
         opts["maxnreg"] = p["maxnreg"]
-    watch = _Stopwatch(args[0].device) if KERNEL_EVENTS is not None else None
-    kernel[grid](*args, **meta, **opts)
+    with _stopwatch(name, args[0]):
+        kernel[grid](*args, **meta, **opts)
+
+
+@contextlib.contextmanager
+def _stopwatch(name, x):
+    """Times what runs inside into KERNEL_EVENTS when bench/tune.py asks for it."""
+    watch = _Stopwatch(x.device) if KERNEL_EVENTS is not None else None
+    yield
     if watch is not None:
         KERNEL_EVENTS.append((name, watch.stop()))
 
@@ -162,10 +170,16 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     arch = heuristics.device_arch(q.device)
     rev = int(bool(reverse))
     scale = DK ** -0.5
-    # Prologue, O(S * DV): the normalizer as one more value column, dm from the eps term.
-    den, _, dn, dm_row = normalizer_backward(dh.to(ad), h.to(ad), n_row, m_row, eps)
-
     kw = dict(device=q.device)
+    # Prologue, O(S * DV): the normalizer as one more value column, dm from the eps term
+    # (utils.normalizer_backward in one pass, without float32 copies of dh and h).
+    den, dn, dm_row = (torch.empty(B, NH, S, dtype=ad, **kw) for _ in range(3))
+    p = heuristics.prologue_params(DV, q.dtype, arch)
+    with _stopwatch("bwd_prologue", dh):
+        mlstm_bwd_prologue_kernel[(triton.cdiv(S, p["BT"]), B * NH)](
+            dh, h, m_row, n_row, den, dn, dm_row, S, DV, eps, BT=p["BT"], BV=p["BV"],
+            ACC=_dot_args(q.dtype)["ACC"], num_warps=p["num_warps"])
+
     dc_out = torch.empty(B, NH, NC, DK, DV, dtype=state_dtype(q), **kw)
     dn_out = torch.empty(B, NH, NC, DK, dtype=ad, **kw)
     dc0 = torch.empty(B, NH, DK, DV, dtype=ad, **kw)

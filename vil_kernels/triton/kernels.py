@@ -200,6 +200,38 @@ def mlstm_fwd_out_kernel(
 
 
 @triton.jit
+def mlstm_bwd_prologue_kernel(
+    dh, h, m_row, n_row, den, dn, dm, S, DV, eps,
+    BT: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr,
+):
+    """The backward's O(S * DV) start, one pass over dh and h: grid (cdiv(S, BT), B * NH).
+    With every m held constant the normalizer is one more value column (spec):
+        den = max(|n|, exp(-m)) + eps,  dden = -(dh . h) / den,
+        dn = dden * sign(n) where |n| wins the max (else 0),  dm = eps * dden (for the argmax)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < S
+    p_dh, p_h = dh + i_bh * S * DV, h + i_bh * S * DV
+    b_dot = tl.zeros([BT], dtype=ACC)
+    for i_v in range(tl.cdiv(DV, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v < DV)[None, :]
+        b_dh = tl.load(p_dh + o_t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(ACC)
+        b_h = tl.load(p_h + o_t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(ACC)
+        b_dot += tl.sum(b_dh * b_h, axis=1)                         # [BT]
+    b_m = tl.load(m_row + i_bh * S + o_t, mask=m_t, other=0.).to(ACC)
+    b_n = tl.load(n_row + i_bh * S + o_t, mask=m_t, other=0.).to(ACC)
+    b_floor = tl.exp(-b_m)
+    b_den = tl.maximum(tl.abs(b_n), b_floor) + eps
+    b_dden = -b_dot / b_den
+    b_sign = tl.where(b_n > 0, 1., tl.where(b_n < 0, -1., 0.))
+    b_dn = tl.where(tl.abs(b_n) >= b_floor, b_dden * b_sign, 0.)
+    tl.store(den + i_bh * S + o_t, b_den.to(den.dtype.element_ty), mask=m_t)
+    tl.store(dn + i_bh * S + o_t, b_dn.to(dn.dtype.element_ty), mask=m_t)
+    tl.store(dm + i_bh * S + o_t, (eps * b_dden).to(dm.dtype.element_ty), mask=m_t)
+
+
+@triton.jit
 def mlstm_bwd_state_kernel(
     q, dh, i, f, m_row, den, dn, m_in, m_last, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, scale,
