@@ -5,8 +5,9 @@
 
 Enumerates what vil_kernels.triton's dispatcher can launch: input dtypes (float32, float16,
 bfloat16) x head dims (DQK, DV) in {64, 96, 128, 192, 256, 384, 512}^2 x chunk lengths
-(16, 32, 64, 128) x the five kernels (and the backward prologue per DV), maps each to its compiled variant (tiles, warps, stages,
-dtypes: head dims are runtime values, so many head dims share one binary), and compiles every
+(16, 32, 64, 128) x the five kernels (and the backward prologue per DV), maps each to its
+compiled variant (tiles, warps, stages, register cap, dtypes: head dims are runtime values, so
+many head dims share one binary), and compiles every
 distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
 registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, and the head dims
 each binary serves. Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
