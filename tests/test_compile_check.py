@@ -25,7 +25,7 @@ def test_variants_cover_every_kernel_and_head_dim():
     served = set().union(*todo.values())
     dims = compile_check.HEAD_DIMS
     assert served == {(a, b) for a in dims for b in dims}
-    assert {k[0] for k in todo} == set(heuristics.KERNELS) | {"bwd_prologue"}
+    assert {k[0] for k in todo} == set(heuristics.KERNELS) | {"fwd_gates", "bwd_prologue"}
     assert {k[2] for k in todo} == {80, 90}
 
 
@@ -38,7 +38,7 @@ def test_compile_check_quick():
     assert res.returncode == 0, out
     rows = [line for line in out.splitlines() if line.endswith(" ok")]
     kernels = {line.split()[0] for line in rows}
-    assert kernels == {"fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv",
-                       "bwd_prologue"}, out
+    assert kernels == {"fwd_gates", "fwd_state", "fwd_out", "bwd_prologue", "bwd_state",
+                       "bwd_dqk", "bwd_dv"}, out
     assert {line.split()[2] for line in rows} == {"sm80", "sm90"}, out
     assert "0 failed" in out

@@ -5,9 +5,9 @@
 
 Enumerates what vil_kernels.triton's dispatcher can launch: input dtypes (float32, float16,
 bfloat16) x head dims (DQK, DV) in {64, 96, 128, 192, 256, 384, 512}^2 x chunk lengths
-(16, 32, 64, 128) x the five kernels (and the backward prologue per DV), maps each to its
-compiled variant (tiles, warps, stages, register cap, dtypes: head dims are runtime values, so
-many head dims share one binary), and compiles every
+(16, 32, 64, 128) x the five matmul kernels, the gate scan and the backward prologue, maps
+each to its compiled variant (tiles, warps, stages, register cap, dtypes: head dims are runtime
+values, so many head dims share one binary), and compiles every
 distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
 registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, and the head dims
 each binary serves. Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
@@ -41,24 +41,27 @@ def _signature(name, dt, has_init):
     (shared) and of v where the kernel reads v, then the float scalars."""
     # x: an input's dtype, which is also the per-chunk states' (C in, dC out) storage dtype
     x, a, i32 = f"*{_PTR[dt]}", "*fp32", "*i32"
-    if name == "fwd_state":
-        ptrs = [x, x, x, x] + [a] * 3 + [x, a, a, i32, a, a, a, i32]
+    if name == "fwd_gates":    # i, f, m0, m_in, a_in, m_last, a_last, gain, decay; S, NC, REVERSE
+        ptrs = [x, x, a, a, i32, a, i32, a, a]
+        scalars = ["i32"] * 3
+    elif name == "fwd_state":  # k, v, gain, decay, c0, n0, c_in, n_in, c_last, n_last
+        ptrs = [x, x, a, a, a, a, x, a, a, a]
         scalars = ["i32"] * (5 + 7)
     elif name == "fwd_out":
         ptrs = [x] * 5 + [x, a, a, i32, x, a, a, i32]
         scalars = ["i32"] * (5 + 7) + ["fp32", "fp32"]
-    elif name == "bwd_state":
-        ptrs = [x, x, x, x] + [a] * 7 + [x, a, a, a]
-        scalars = ["i32"] * (5 + 4) + ["fp32"]
+    elif name == "bwd_state":  # q, dh, wa, wb, decay, dc_last, dn_last, dc_out, dn_out, dc0, dn0
+        ptrs = [x, x] + [a] * 5 + [x, a, a, a]
+        scalars = ["i32"] * (5 + 4)
     elif name == "bwd_dqk":
         ptrs = [x] * 6 + [a] * 3 + [x, a, a, a, x, a] + [x, x, a, a]
         scalars = ["i32"] * (5 + 7) + ["fp32"]
     elif name == "bwd_dv":
         ptrs = [x, x, x, x, x] + [a] * 4 + [x, x]
         scalars = ["i32"] * (5 + 4) + ["fp32"]
-    else:  # bwd_prologue: dh, h, m_row, n_row, den, dn, dm; S, DV; eps
-        ptrs = [x, x] + [a] * 5
-        scalars = ["i32", "i32", "fp32"]
+    else:  # bwd_prologue: dh, h, i, f, then 10 float32 rows; S, NC, DV, REVERSE; scale, eps
+        ptrs = [x] * 4 + [a] * 10
+        scalars = ["i32"] * 4 + ["fp32", "fp32"]
     return ptrs, scalars
 
 
@@ -83,11 +86,15 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                                 key = (name, dt, arch, BT, p["BK"], p["BV"], p["num_warps"],
                                        p["num_stages"], has_init, p["maxnreg"])
                                 out.setdefault(key, set()).add((DK, DV))
-                for arch in ARCHS:                          # the backward prologue: DV only
-                    p = heuristics.prologue_params(DV, getattr(torch, dt), arch)
-                    key = ("bwd_prologue", dt, arch, p["BT"], 0, p["BV"], p["num_warps"], 1,
-                           None, None)
-                    out.setdefault(key, set()).update((DK, DV) for DK in dims)
+                    for arch in ARCHS:                      # the gate scan and the prologue
+                        p = heuristics.prologue_params(DV, BT, getattr(torch, dt), arch)
+                        key = ("bwd_prologue", dt, arch, BT, 0, p["BV"], p["num_warps"], 1,
+                               None, None)
+                        out.setdefault(key, set()).add((DK, DV))
+                        for has_init in (False, True):
+                            key = ("fwd_gates", dt, arch, BT, 0, 0, heuristics.gates_warps(BT),
+                                   1, has_init, None)
+                            out.setdefault(key, set()).add((DK, DV))
     return out
 
 
@@ -116,6 +123,8 @@ def compile_one(key):
     ptrs, scalars = _signature(name, dt, has_init)
     if name == "bwd_prologue":
         const_names, const_vals = ["BT", "BV", "ACC"], [BT, BV, tl_of[acc]]
+    elif name == "fwd_gates":
+        const_names, const_vals = ["BT", "HAS_INIT", "ACC"], [BT, bool(has_init), tl_of[acc]]
     else:
         const_names = ["BT", "BK", "BV"] + (["HAS_INIT"] if name == "fwd_state" else []) + \
             ["MMA", "ACC", "PREC", "INTERP"]
@@ -132,7 +141,8 @@ def compile_one(key):
     # launch as well (the launcher copies inputs whose strides are not)
     n_int = sum(t == "i32" for t in scalars)
     attrs = {(j,): [["tt.divisibility", 16]] for j in range(len(ptrs))}
-    divisible = (1,) if name == "bwd_prologue" else (2, 3, *range(6, n_int))   # DV; DK, DV, strides
+    # DV for the prologue; DK, DV and the strides for the matmul kernels; none for the gate scan
+    divisible = {"bwd_prologue": (2,), "fwd_gates": ()}.get(name, (2, 3, *range(6, n_int)))
     attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in divisible})
     src = ASTSource(fn, sig, consts, attrs)
     row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, BK=BK, BV=BV, warps=warps, stages=stages,
@@ -185,7 +195,7 @@ def problems(row):
     if row["smem"] > SMEM_LIMIT[row["arch"]]:
         bad.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[row['arch']]}")
     if (row["dtype"] in ("bfloat16", "float16") and row["hmma"] + row["hgmma"] == 0
-            and row["kernel"] != "bwd_prologue"):                  # a row dot, no matmul
+            and row["kernel"] not in ("bwd_prologue", "fwd_gates")):   # no matmul in them
         bad.append("no tensor-core MMA in SASS")
     return bad
 

@@ -1,12 +1,15 @@
 """Launchers, torch.library ops and the autograd Function of the fused chunkwise mLSTM.
 
-Forward: mlstm_fwd_state_kernel (the (C, n, m) scan, entry state of every chunk) then
-mlstm_fwd_out_kernel (outputs per chunk; m, signed normalizer and argmax per row).
-Backward: mlstm_bwd_prologue_kernel (den, dn, dm per row from one pass over dh and h),
-mlstm_bwd_state_kernel (reverse
+Forward: mlstm_fwd_gates_kernel (the stabilizer's scan, one program a head: m and argmax entering
+every chunk, each key's weight and the carried state's factor), mlstm_fwd_state_kernel (the
+(C, n) scan, entry state of every chunk) then mlstm_fwd_out_kernel (outputs per chunk; m,
+signed normalizer and argmax per row).
+Backward: mlstm_bwd_prologue_kernel (den, dn, dm per row from one pass over dh and h, and the
+state-gradient scan's row weights and chunk factors), mlstm_bwd_state_kernel (reverse
 scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv),
 then the O(S) gate epilogue of the spec: di = k.dk, dF = q.dq - k.dk + dm, eps term routed to
-the recorded argmax, reverse cumsum, times sigmoid(-f). No atomics anywhere: two runs give identical bits.
+the recorded argmax, reverse cumsum, times sigmoid(-f). No atomics anywhere: two runs give
+identical bits.
 """
 
 import contextlib
@@ -20,7 +23,8 @@ from ..utils import NEG, compute_dtype, route_last_state, route_to_argmax
 from . import heuristics
 from ._interp import interpreting, patch_interpreter
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_prologue_kernel,
-                      mlstm_bwd_state_kernel, mlstm_fwd_out_kernel, mlstm_fwd_state_kernel)
+                      mlstm_bwd_state_kernel, mlstm_fwd_gates_kernel, mlstm_fwd_out_kernel,
+                      mlstm_fwd_state_kernel)
 
 patch_interpreter()
 
@@ -142,11 +146,18 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
     m_row = torch.empty(B, NH, S, dtype=ad, **kw)
     n_row = torch.empty(B, NH, S, dtype=ad, **kw)
     a_row = torch.empty(B, NH, S, dtype=torch.int32, **kw)
+    gain = torch.empty(B, NH, NC, BT, dtype=ad, **kw)
+    decay = torch.empty(B, NH, NC, dtype=ad, **kw)
     init = (c0, n0, m0) if has_init else (c_last, n_last, m_last)   # unread placeholders
     rev = int(bool(reverse))
+    with _stopwatch("fwd_gates", q):
+        mlstm_fwd_gates_kernel[(B * NH,)](
+            i, f, init[2], m_in, a_in, m_last, a_last, gain, decay, S, NC, rev, BT=BT,
+            HAS_INIT=has_init, ACC=_dot_args(q.dtype)["ACC"],
+            num_warps=heuristics.gates_warps(BT))
     _launch(mlstm_fwd_state_kernel, "fwd_state",
             lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
-            (k, v, i, f, *init, c_in, n_in, m_in, a_in, c_last, n_last, m_last, a_last,
+            (k, v, gain, decay, *init[:2], c_in, n_in, c_last, n_last,
              S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, BT, q.dtype, arch,
             HAS_INIT=has_init)
     _launch(mlstm_fwd_out_kernel, "fwd_out",
@@ -172,13 +183,17 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     scale = DK ** -0.5
     kw = dict(device=q.device)
     # Prologue, O(S * DV): the normalizer as one more value column, dm from the eps term
-    # (utils.normalizer_backward in one pass, without float32 copies of dh and h).
+    # (utils.normalizer_backward in one pass, without float32 copies of dh and h), and the
+    # state-gradient scan's row weights and chunk factors.
     den, dn, dm_row = (torch.empty(B, NH, S, dtype=ad, **kw) for _ in range(3))
-    p = heuristics.prologue_params(DV, q.dtype, arch)
+    wa, wb = (torch.empty(B, NH, NC, BT, dtype=ad, **kw) for _ in range(2))
+    decay = torch.empty(B, NH, NC, dtype=ad, **kw)
+    p = heuristics.prologue_params(DV, BT, q.dtype, arch)
     with _stopwatch("bwd_prologue", dh):
-        mlstm_bwd_prologue_kernel[(triton.cdiv(S, p["BT"]), B * NH)](
-            dh, h, m_row, n_row, den, dn, dm_row, S, DV, eps, BT=p["BT"], BV=p["BV"],
-            ACC=_dot_args(q.dtype)["ACC"], num_warps=p["num_warps"])
+        mlstm_bwd_prologue_kernel[(NC, B * NH)](
+            dh, h, i, f, m_row, n_row, m_in, m_last, den, dn, dm_row, wa, wb, decay,
+            S, NC, DV, rev, scale, eps, BT=BT, BV=p["BV"], ACC=_dot_args(q.dtype)["ACC"],
+            num_warps=p["num_warps"])
 
     dc_out = torch.empty(B, NH, NC, DK, DV, dtype=state_dtype(q), **kw)
     dn_out = torch.empty(B, NH, NC, DK, dtype=ad, **kw)
@@ -186,8 +201,8 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     dn0 = torch.empty(B, NH, DK, dtype=ad, **kw)
     _launch(mlstm_bwd_state_kernel, "bwd_state",
             lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
-            (q, dh, i, f, m_row, den, dn, m_in, m_last, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
-             S, NC, DK, DV, rev, NH, *_strides(q), scale), DK, DV, BT, q.dtype, arch)
+            (q, dh, wa, wb, decay, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
+             S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, BT, q.dtype, arch)
     dq, dk = (torch.empty(B, NH, S, DK, dtype=q.dtype, **kw) for _ in range(2))
     dv = torch.empty(B, NH, S, DV, dtype=q.dtype, **kw)
     p = heuristics.launch_params("bwd_dqk", DK, DV, BT, q.dtype, arch)

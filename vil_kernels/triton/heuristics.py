@@ -99,11 +99,17 @@ def _table_params(kernel, DK, DV, BT, dtype, arch):
     return dict(BK=BK, BV=BV, num_warps=4, num_stages=1, maxnreg=MAXNREG)
 
 
-def prologue_params(DV, dtype, arch):
-    """The backward prologue (a row dot of dh and h): rows BT a program, V tiles of BV, warps.
-    Memory-bound and small; not tuned: 64 rows by up to 64 columns, 4 warps (128 columns
-    spilled on sm_80)."""
-    return dict(BT=64, BV=min(64, max(16, next_power_of_2(DV))), num_warps=4)
+def prologue_params(DV, BT, dtype, arch):
+    """The backward prologue (one chunk of BT rows a program: a row dot of dh and h, gate
+    weights): V tiles of BV, warps. Memory-bound and small; not tuned: [BT, BV] tiles of at
+    most 4096 elements (64 x 128 spilled on sm_80), 4 warps."""
+    return dict(BV=min(4096 // BT, max(16, next_power_of_2(DV))), num_warps=4)
+
+
+def gates_warps(BT):
+    """Warps of the gate scan (one program a head, [BT] vectors only): one up to 64 positions,
+    so its cumsum and argmax stay inside a warp."""
+    return 1 if BT <= 64 else 2
 
 
 def dot_config(dtype):

@@ -19,6 +19,9 @@ Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
   dc_out, dn_out [NC, DK(, DV)] gradient of the state leaving each chunk
   (c_in and dc_out are stored in the MMA dtype: they are only ever tl.dot operands)
   rq, rk        [NK, S]        per K block: q . dq and k . dk per row (for the gate gradients)
+  gain, decay   [NC, BT], [NC] the state scan's key weights and carried-state factors
+  wa, wb, decay [NC, BT], [NC] the state-gradient scan's row weights (w / den, w dn) and factors
+  ([NC, BT] vectors are in logical order: row j of chunk c is logical position c * BT + j)
 """
 
 import triton
@@ -82,39 +85,26 @@ def _gates(p_i, p_f, o_p, m_t, BT: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def mlstm_fwd_state_kernel(
-    k, v, i, f, c0, n0, m0, c_in, n_in, m_in, a_in, c_last, n_last, m_last, a_last,
-    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
-    MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+def mlstm_fwd_gates_kernel(
+    i, f, m0, m_in, a_in, m_last, a_last, gain, decay, S, NC, REVERSE,
+    BT: tl.constexpr, HAS_INIT: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Inter-chunk scan: grid (cdiv(DK, BK), cdiv(DV, BV), B * NH). Writes every chunk's entry
-    state (C block, n block from the i_v == 0 programs, m and argmax from program (0, 0))."""
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < DK, o_v < DV
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * DV + o_v[None, :]
-    first_v = i_v == 0
-    first_kv = (i_k == 0) & first_v
-    p_k, p_v = _seq(k, i_bh, NH, s_b, s_h), _seq(v, i_bh, NH, sv_b, sv_h)
+    """The stabilizer's scan over chunks, once per (batch, head): grid (B * NH,). Writes every
+    chunk's entry m and argmax, the last ones, and what the state scan needs per chunk: each
+    key's weight into the new state (gain [NC, BT], logical order) and the carried state's
+    factor (decay [NC]). The state scan's programs (one per head-dim tile pair) then do no
+    gate arithmetic: its serial chain is a load, a scale and a dot per chunk."""
+    i_bh = tl.program_id(0).to(tl.int64)
     p_i, p_f = i + i_bh * S, f + i_bh * S
     if HAS_INIT:
-        b_c = tl.load(c0 + i_bh * DK * DV + o_kv, mask=m_kv, other=0.).to(ACC)   # [BK, BV]
-        b_n = tl.load(n0 + i_bh * DK + o_k, mask=m_k, other=0.).to(ACC)         # [BK]
         b_m = tl.load(m0 + i_bh).to(ACC)
     else:
-        b_c = tl.zeros([BK, BV], dtype=ACC)
-        b_n = tl.zeros([BK], dtype=ACC)
         b_m = tl.full([], _NEG, ACC)
     b_a = tl.full([], -1, tl.int32)
     for i_c in range(NC):
         o_s = i_bh * NC + i_c
-        tl.store(c_in + o_s * DK * DV + o_kv, b_c.to(c_in.dtype.element_ty), mask=m_kv)
-        tl.store(n_in + o_s * DK + o_k, b_n.to(n_in.dtype.element_ty), mask=m_k & first_v)
-        tl.store(m_in + o_s, b_m.to(m_in.dtype.element_ty), mask=first_kv)
-        tl.store(a_in + o_s, b_a, mask=first_kv)
+        tl.store(m_in + o_s, b_m.to(m_in.dtype.element_ty))
+        tl.store(a_in + o_s, b_a)
         o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
         b_i, b_b, b_g = _gates(p_i, p_f, o_p, m_t, BT, ACC)
         b_lw = b_g - b_b + b_i                                      # [BT] key log-weights
@@ -122,8 +112,45 @@ def mlstm_fwd_state_kernel(
         b_carry = b_g + b_m
         b_mnew = tl.maximum(b_carry, b_mloc)
         b_a = tl.where(b_carry >= b_mloc, b_a, (b_jloc + i_c * BT).to(tl.int32))
-        b_decay = tl.exp(b_carry - b_mnew)
-        b_gain = tl.exp(b_lw - b_mnew)                              # [BT]
+        tl.store(decay + o_s, tl.exp(b_carry - b_mnew).to(decay.dtype.element_ty))
+        tl.store(gain + o_s * BT + tl.arange(0, BT),
+                 tl.exp(b_lw - b_mnew).to(gain.dtype.element_ty))   # 0 where masked
+        b_m = b_mnew
+    tl.store(m_last + i_bh, b_m.to(m_last.dtype.element_ty))
+    tl.store(a_last + i_bh, b_a)
+
+
+@triton.jit
+def mlstm_fwd_state_kernel(
+    k, v, gain, decay, c0, n0, c_in, n_in, c_last, n_last,
+    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
+    MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Inter-chunk scan of (C, n): grid (cdiv(DK, BK), cdiv(DV, BV), B * NH). Writes every
+    chunk's entry state (C block, n block from the i_v == 0 programs) and the last one; the
+    gates' part (gain, decay) comes from mlstm_fwd_gates_kernel."""
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < DK, o_v < DV
+    m_kv = m_k[:, None] & m_v[None, :]
+    o_kv = o_k[:, None] * DV + o_v[None, :]
+    first_v = i_v == 0
+    p_k, p_v = _seq(k, i_bh, NH, s_b, s_h), _seq(v, i_bh, NH, sv_b, sv_h)
+    if HAS_INIT:
+        b_c = tl.load(c0 + i_bh * DK * DV + o_kv, mask=m_kv, other=0.).to(ACC)   # [BK, BV]
+        b_n = tl.load(n0 + i_bh * DK + o_k, mask=m_k, other=0.).to(ACC)         # [BK]
+    else:
+        b_c = tl.zeros([BK, BV], dtype=ACC)
+        b_n = tl.zeros([BK], dtype=ACC)
+    for i_c in range(NC):
+        o_s = i_bh * NC + i_c
+        tl.store(c_in + o_s * DK * DV + o_kv, b_c.to(c_in.dtype.element_ty), mask=m_kv)
+        tl.store(n_in + o_s * DK + o_k, b_n.to(n_in.dtype.element_ty), mask=m_k & first_v)
+        o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
+        b_gain = tl.load(gain + o_s * BT + tl.arange(0, BT))         # [BT]
+        b_decay = tl.load(decay + o_s)
         b_kt = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :],
                        mask=m_t[:, None] & m_k[None, :], other=0.)  # [BT, BK]
         b_vt = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :],
@@ -131,11 +158,8 @@ def mlstm_fwd_state_kernel(
         b_kg = b_kt.to(ACC) * b_gain[:, None]                       # [BT, BK]
         b_c = b_c * b_decay + _dot(tl.trans(b_kg), b_vt, MMA, ACC, PREC, INTERP)
         b_n = b_n * b_decay + tl.sum(b_kg, axis=0)
-        b_m = b_mnew
     tl.store(c_last + i_bh * DK * DV + o_kv, b_c.to(c_last.dtype.element_ty), mask=m_kv)
     tl.store(n_last + i_bh * DK + o_k, b_n.to(n_last.dtype.element_ty), mask=m_k & first_v)
-    tl.store(m_last + i_bh, b_m.to(m_last.dtype.element_ty), mask=first_kv)
-    tl.store(a_last + i_bh, b_a, mask=first_kv)
 
 
 @triton.jit
@@ -201,45 +225,61 @@ def mlstm_fwd_out_kernel(
 
 @triton.jit
 def mlstm_bwd_prologue_kernel(
-    dh, h, m_row, n_row, den, dn, dm, S, DV, eps,
+    dh, h, i, f, m_row, n_row, m_in, m_last, den, dn, dm, wa, wb, decay,
+    S, NC, DV, REVERSE, scale, eps,
     BT: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr,
 ):
-    """The backward's O(S * DV) start, one pass over dh and h: grid (cdiv(S, BT), B * NH).
-    With every m held constant the normalizer is one more value column (spec):
+    """The backward's O(S * DV) start, one chunk per program: grid (NC, B * NH). With every m
+    held constant the normalizer is one more value column (spec):
         den = max(|n|, exp(-m)) + eps,  dden = -(dh . h) / den,
-        dn = dden * sign(n) where |n| wins the max (else 0),  dm = eps * dden (for the argmax)."""
-    i_t, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < S
+        dn = dden * sign(n) where |n| wins the max (else 0),  dm = eps * dden (for the argmax),
+    stored per row (physical order). For the state-gradient scan, per row (logical [NC, BT]):
+    w = s exp(b + m_in - m) (the entry state's weight in the row), wa = w / den, wb = w dn,
+    and per chunk the factor of the gradient carried across it, exp(g + m_in - m_out)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_s = i_bh * NC + i_c
+    o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
     p_dh, p_h = dh + i_bh * S * DV, h + i_bh * S * DV
     b_dot = tl.zeros([BT], dtype=ACC)
     for i_v in range(tl.cdiv(DV, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v < DV)[None, :]
-        b_dh = tl.load(p_dh + o_t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(ACC)
-        b_h = tl.load(p_h + o_t[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(ACC)
+        b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(ACC)
+        b_h = tl.load(p_h + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.).to(ACC)
         b_dot += tl.sum(b_dh * b_h, axis=1)                         # [BT]
-    b_m = tl.load(m_row + i_bh * S + o_t, mask=m_t, other=0.).to(ACC)
-    b_n = tl.load(n_row + i_bh * S + o_t, mask=m_t, other=0.).to(ACC)
+    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    b_n = tl.load(n_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_floor = tl.exp(-b_m)
     b_den = tl.maximum(tl.abs(b_n), b_floor) + eps
     b_dden = -b_dot / b_den
     b_sign = tl.where(b_n > 0, 1., tl.where(b_n < 0, -1., 0.))
     b_dn = tl.where(tl.abs(b_n) >= b_floor, b_dden * b_sign, 0.)
-    tl.store(den + i_bh * S + o_t, b_den.to(den.dtype.element_ty), mask=m_t)
-    tl.store(dn + i_bh * S + o_t, b_dn.to(dn.dtype.element_ty), mask=m_t)
-    tl.store(dm + i_bh * S + o_t, (eps * b_dden).to(dm.dtype.element_ty), mask=m_t)
+    tl.store(den + i_bh * S + o_p, b_den.to(den.dtype.element_ty), mask=m_t)
+    tl.store(dn + i_bh * S + o_p, b_dn.to(dn.dtype.element_ty), mask=m_t)
+    tl.store(dm + i_bh * S + o_p, (eps * b_dden).to(dm.dtype.element_ty), mask=m_t)
+
+    b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
+    b_min = tl.load(m_in + o_s).to(ACC)
+    b_mout = tl.load(m_in + o_s + 1, mask=i_c + 1 < NC, other=0.).to(ACC)
+    b_mout = tl.where(i_c + 1 < NC, b_mout, tl.load(m_last + i_bh).to(ACC))
+    b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale     # [BT]
+    o_w = o_s * BT + tl.arange(0, BT)
+    tl.store(wa + o_w, (b_w / b_den).to(wa.dtype.element_ty))
+    tl.store(wb + o_w, (b_w * b_dn).to(wb.dtype.element_ty))
+    tl.store(decay + o_s, tl.exp(b_g + b_min - b_mout).to(decay.dtype.element_ty))
 
 
 @triton.jit
 def mlstm_bwd_state_kernel(
-    q, dh, i, f, m_row, den, dn, m_in, m_last, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
-    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, scale,
+    q, dh, wa, wb, decay, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
+    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Reverse scan of the state gradients: grid (cdiv(DK, BK), cdiv(DV, BV), B * NH). Stores
-    the gradient of the state leaving every chunk, and at the end that of the initial state."""
+    the gradient of the state leaving every chunk, and at the end that of the initial state:
+        dC <- decay dC + (wa q)^T dh,   dn <- decay dn + (wb q)^T 1
+    with the per-row weights and per-chunk factors of mlstm_bwd_prologue_kernel."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -250,30 +290,21 @@ def mlstm_bwd_state_kernel(
     p_q, p_dh = _seq(q, i_bh, NH, s_b, s_h), dh + i_bh * S * DV
     b_dc = tl.load(dc_last + i_bh * DK * DV + o_kv, mask=m_kv, other=0.).to(ACC)   # [BK, BV]
     b_dn = tl.load(dn_last + i_bh * DK + o_k, mask=m_k, other=0.).to(ACC)         # [BK]
-    b_mlast = tl.load(m_last + i_bh).to(ACC)
     for i_r in range(NC):
         i_c = NC - 1 - i_r
         o_s = i_bh * NC + i_c
         tl.store(dc_out + o_s * DK * DV + o_kv, b_dc.to(dc_out.dtype.element_ty), mask=m_kv)
         tl.store(dn_out + o_s * DK + o_k, b_dn.to(dn_out.dtype.element_ty), mask=m_k & first_v)
         o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
-        b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
-        b_min = tl.load(m_in + o_s).to(ACC)
-        b_mout = tl.load(m_in + o_s + 1, mask=i_c + 1 < NC, other=0.).to(ACC)
-        b_mout = tl.where(i_c + 1 < NC, b_mout, b_mlast)
-        b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-        b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
-        b_dnr = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-        b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale   # [BT]
+        b_wa = tl.load(wa + o_s * BT + tl.arange(0, BT))             # [BT], 0 where masked
+        b_wb = tl.load(wb + o_s * BT + tl.arange(0, BT))
+        b_decay = tl.load(decay + o_s)
         b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :],
-                      mask=m_t[:, None] & m_k[None, :], other=0.)    # [BT, BK]
+                      mask=m_t[:, None] & m_k[None, :], other=0.).to(ACC)   # [BT, BK]
         b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                        other=0.)                                     # [BT, BV]
-        b_qw = b_q.to(ACC) * b_w[:, None]                            # [BT, BK]
-        b_dnum = b_dh.to(ACC) / b_den[:, None]                       # [BT, BV]
-        b_decay = tl.exp(b_g + b_min - b_mout)
-        b_dc = b_dc * b_decay + _dot(tl.trans(b_qw), b_dnum, MMA, ACC, PREC, INTERP)
-        b_dn = b_dn * b_decay + tl.sum(b_qw * b_dnr[:, None], axis=0)
+        b_dc = b_dc * b_decay + _dot(tl.trans(b_q * b_wa[:, None]), b_dh, MMA, ACC, PREC, INTERP)
+        b_dn = b_dn * b_decay + tl.sum(b_q * b_wb[:, None], axis=0)
     tl.store(dc0 + i_bh * DK * DV + o_kv, b_dc.to(dc0.dtype.element_ty), mask=m_kv)
     tl.store(dn0 + i_bh * DK + o_k, b_dn.to(dn0.dtype.element_ty), mask=m_k & first_v)
 
