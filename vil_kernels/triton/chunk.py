@@ -70,22 +70,21 @@ class _Stopwatch:
 
 
 def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
-    patch_interpreter()
+    """Launch one of the five matmul kernels with the table's parameters."""
     p = heuristics.launch_params(name, DK, DV, BT, dtype, arch)
     meta = dict(BT=BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
     grid = grid(p["BK"], p["BV"]) if callable(grid) else grid
     opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
     if not interpreting() and p["maxnreg"]:
         opts["maxnreg"] = p["maxnreg"]
-    with _stopwatch(name, args[0]):
-        kernel[grid](*args, **meta, **opts)
+    _run(kernel, name, grid, args, **meta, **opts)
 
 
-@contextlib.contextmanager
-def _stopwatch(name, x):
-    """Times what runs inside into KERNEL_EVENTS when bench/tune.py asks for it."""
-    watch = _Stopwatch(x.device) if KERNEL_EVENTS is not None else None
-    yield
+def _run(kernel, name, grid, args, **meta):
+    """Launch one kernel; timed into KERNEL_EVENTS when bench/tune.py asks for it."""
+    patch_interpreter()
+    watch = _Stopwatch(args[0].device) if KERNEL_EVENTS is not None else None
+    kernel[grid](*args, **meta)
     if watch is not None:
         KERNEL_EVENTS.append((name, watch.stop()))
 
@@ -148,16 +147,15 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
     a_row = torch.empty(B, NH, S, dtype=torch.int32, **kw)
     gain = torch.empty(B, NH, NC, BT, dtype=ad, **kw)
     decay = torch.empty(B, NH, NC, dtype=ad, **kw)
-    init = (c0, n0, m0) if has_init else (c_last, n_last, m_last)   # unread placeholders
+    c_init, n_init, m_init = (c0, n0, m0) if has_init else (c_last, n_last, m_last)  # unread
     rev = int(bool(reverse))
-    with _stopwatch("fwd_gates", q):
-        mlstm_fwd_gates_kernel[(B * NH,)](
-            i, f, init[2], m_in, a_in, m_last, a_last, gain, decay, S, NC, rev, BT=BT,
-            HAS_INIT=has_init, ACC=_dot_args(q.dtype)["ACC"],
-            num_warps=heuristics.gates_warps(BT))
+    _run(mlstm_fwd_gates_kernel, "fwd_gates", (B * NH,),
+         (i, f, m_init, m_in, a_in, m_last, a_last, gain, decay, S, NC, rev),
+         BT=BT, HAS_INIT=has_init, ACC=_dot_args(q.dtype)["ACC"],
+         num_warps=heuristics.gates_warps(BT))
     _launch(mlstm_fwd_state_kernel, "fwd_state",
             lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
-            (k, v, gain, decay, *init[:2], c_in, n_in, c_last, n_last,
+            (k, v, gain, decay, c_init, n_init, c_in, n_in, c_last, n_last,
              S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, BT, q.dtype, arch,
             HAS_INIT=has_init)
     _launch(mlstm_fwd_out_kernel, "fwd_out",
@@ -189,11 +187,10 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     wa, wb = (torch.empty(B, NH, NC, BT, dtype=ad, **kw) for _ in range(2))
     decay = torch.empty(B, NH, NC, dtype=ad, **kw)
     p = heuristics.prologue_params(DV, BT, q.dtype, arch)
-    with _stopwatch("bwd_prologue", dh):
-        mlstm_bwd_prologue_kernel[(NC, B * NH)](
-            dh, h, i, f, m_row, n_row, m_in, m_last, den, dn, dm_row, wa, wb, decay,
-            S, NC, DV, rev, scale, eps, BT=BT, BV=p["BV"], ACC=_dot_args(q.dtype)["ACC"],
-            num_warps=p["num_warps"])
+    _run(mlstm_bwd_prologue_kernel, "bwd_prologue", (NC, B * NH),
+         (dh, h, i, f, m_row, n_row, m_in, m_last, den, dn, dm_row, wa, wb, decay,
+          S, NC, DV, rev, scale, eps),
+         BT=BT, BV=p["BV"], ACC=_dot_args(q.dtype)["ACC"], num_warps=p["num_warps"])
 
     dc_out = torch.empty(B, NH, NC, DK, DV, dtype=state_dtype(q), **kw)
     dn_out = torch.empty(B, NH, NC, DK, dtype=ad, **kw)

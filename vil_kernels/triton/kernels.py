@@ -68,6 +68,13 @@ def _seq(x, i_bh, NH, s_b, s_h):
 
 
 @triton.jit
+def _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC: tl.constexpr):
+    """m of the state leaving chunk i_c: the next chunk's entry m, or the last one."""
+    b_next = tl.load(m_in + o_s + 1, mask=i_c + 1 < NC, other=0.).to(ACC)
+    return tl.where(i_c + 1 < NC, b_next, tl.load(m_last + i_bh).to(ACC))
+
+
+@triton.jit
 def _gates(p_i, p_f, o_p, m_t, BT: tl.constexpr, ACC: tl.constexpr):
     """Input gates (NEG when masked), local inclusive cumsum b of logsigmoid(f), and its total g."""
     b_f = tl.load(p_f + o_p, mask=m_t, other=0.).to(ACC)
@@ -260,8 +267,7 @@ def mlstm_bwd_prologue_kernel(
 
     b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
     b_min = tl.load(m_in + o_s).to(ACC)
-    b_mout = tl.load(m_in + o_s + 1, mask=i_c + 1 < NC, other=0.).to(ACC)
-    b_mout = tl.where(i_c + 1 < NC, b_mout, tl.load(m_last + i_bh).to(ACC))
+    b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
     b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale     # [BT]
     o_w = o_s * BT + tl.arange(0, BT)
     tl.store(wa + o_w, (b_w / b_den).to(wa.dtype.element_ty))
@@ -351,8 +357,7 @@ def mlstm_bwd_dqk_kernel(
         b_dkc += _dot(b_v, tl.trans(b_dco), MMA, ACC, PREC, INTERP)
     b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
     b_min = tl.load(m_in + o_s).to(ACC)
-    b_mout = tl.load(m_in + o_s + 1, mask=i_c + 1 < NC, other=0.).to(ACC)
-    b_mout = tl.where(i_c + 1 < NC, b_mout, tl.load(m_last + i_bh).to(ACC))
+    b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_dnr = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_wc = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale      # [BT] entry-state weight
@@ -410,8 +415,7 @@ def mlstm_bwd_dv_kernel(
         b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
         b_kdc += _dot(b_k, b_dco, MMA, ACC, PREC, INTERP)
     b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
-    b_mout = tl.load(m_in + o_s + 1, mask=i_c + 1 < NC, other=0.).to(ACC)
-    b_mout = tl.where(i_c + 1 < NC, b_mout, tl.load(m_last + i_bh).to(ACC))
+    b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
     b_gain = tl.exp(b_g - b_b + b_i - b_mout)                        # [BT] exit-state weight
