@@ -302,6 +302,9 @@ def main(argv=None):
     ap.add_argument("--time-limit", type=float, default=float("inf"),
                     help="stop starting new kernels after this many seconds")
     ap.add_argument("--results-file", default="tune.json")
+    ap.add_argument("--write-table", metavar="FILE",
+                    help="also write (or update) a launch table with every configuration that "
+                         "beat the built-in one; use it with VIL_KERNELS_LAUNCH_TABLE=FILE")
     args = ap.parse_args(argv)
     t0 = time.time()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
@@ -320,8 +323,28 @@ def main(argv=None):
             if not sweep(D, args, result, save, t0, pool):
                 break
     save()
+    if args.write_table:
+        n = write_table(args.write_table, result)
+        print(f"{n} entries in {args.write_table}: export {heuristics.TABLE_ENV}="
+              f"{args.write_table}", flush=True)
     print(f"done in {time.time() - t0:.0f} s", flush=True)
     return result
+
+
+def write_table(path, result):
+    """Merge the sweep's winners (faster than the built-in table, outputs checked) into the
+    launch-table file at path; returns its number of entries."""
+    arch = heuristics.device_arch(torch.device("cuda")) if torch.cuda.is_available() else 0
+    entries = heuristics.read_table(path) if os.path.exists(path) else {}
+    for sw in result["sweeps"]:
+        best = sw["best"]
+        if best and best["ms"] < sw["table_ms"]:
+            key = heuristics.table_key(sw["kernel"], sw["D"], sw["D"], sw["BT"], torch.bfloat16,
+                                       arch)
+            entries[key] = {k: best[k] for k in sw["table"]}
+    Path(path).write_text(json.dumps(dict(device=result["meta"]["device"], entries=entries),
+                                      indent=1))
+    return len(entries)
 
 
 if __name__ == "__main__":

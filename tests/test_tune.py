@@ -1,6 +1,7 @@
 """bench/tune.py, the GPU launch-parameter sweep, dry-run under Triton's interpreter on tiny
 shapes: it compiles in worker processes, checks the table against the float64 reference, times
-every kernel, sweeps one kernel's candidates with their outputs checked, and writes its JSON."""
+every kernel, sweeps one kernel's candidates with their outputs checked, and writes its JSON
+and a launch table; and the dispatcher's use of such a table."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ def test_dry_run_on_the_interpreter(tmp_path):
     r = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "tune.py"), "--dims", "16", "--S", "20", "--B", "1",
          "--NH", "1", "--reps", "1", "--jobs", "1", "--kernels", "bwd_dv",
-         "--results-file", str(out)],
+         "--results-file", str(out), "--write-table", str(tmp_path / "table.json")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -47,3 +49,31 @@ def test_dry_run_on_the_interpreter(tmp_path):
     assert all(row["ok"] for row in sweep["rows"])          # every tile choice is the same function
     (full,) = res["full"]
     assert full["table_ms"] > 0 and full["tuned_ms"] > 0
+    # the winners, if any beat the table, form a launch table the dispatcher reads
+    entries = heuristics.read_table(str(tmp_path / "table.json"))
+    assert all(k.startswith("bwd_dv/16/16/64/bfloat16/sm") for k in entries)
+
+
+def test_launch_table_file(tmp_path, monkeypatch):
+    """$VIL_KERNELS_LAUNCH_TABLE names a measured table used over the built-in one for the
+    entries it has; a malformed file is a ValueError naming the file and the entry."""
+    key = heuristics.table_key("fwd_out", 96, 96, 64, torch.bfloat16, 90)
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"entries": {key: {"BV": 32, "num_warps": 8}}}))
+    monkeypatch.setenv(heuristics.TABLE_ENV, str(path))
+    heuristics.tuned_table(reload=True)
+    try:
+        p = heuristics.launch_params("fwd_out", 96, 96, 64, torch.bfloat16, 90)
+        assert (p["BV"], p["num_warps"], p["num_stages"]) == (32, 8, 1)
+        other = heuristics.launch_params("fwd_out", 96, 96, 64, torch.bfloat16, 80)
+        assert other == heuristics._table_params("fwd_out", 96, 96, 64, torch.bfloat16, 80)
+        for bad in ({"fwd_out/96": {}}, {key: {"BV": 48}}, {key: {"warps": 4}}):
+            path.write_text(json.dumps({"entries": bad}))
+            with pytest.raises(ValueError, match="t.json"):
+                heuristics.tuned_table(reload=True)
+        path.write_text("not json")
+        with pytest.raises(ValueError, match="not a launch table"):
+            heuristics.tuned_table(reload=True)
+    finally:
+        monkeypatch.delenv(heuristics.TABLE_ENV)
+        heuristics.tuned_table(reload=True)

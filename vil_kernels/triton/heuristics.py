@@ -8,8 +8,12 @@ pipeline stage; 4 warps on Hopper (measured on an H200 with bench/tune.py, see _
 8 from 64 positions on Ampere (not measured); at 128 positions 8 warps and head-dim tiles of at
 most 32 (V tiles of 16 in the outputs kernel). Everything is also checked ahead of time
 without a GPU (``python -m vil_kernels.compile_check``: no spills, shared memory under
-the arch's limit, tensor cores used for 16-bit inputs). OVERRIDES lets bench/tune.py sweep.
+the arch's limit, tensor cores used for 16-bit inputs). OVERRIDES lets bench/tune.py sweep;
+a table it measured on another GPU is used where $VIL_KERNELS_LAUNCH_TABLE names its file.
 """
+
+import json
+import os
 
 import torch
 
@@ -60,16 +64,58 @@ def chunk_len(S, DK, DV, dtype, arch, requested=None):
 
 
 # Per-kernel launch parameters forced by bench/tune.py while it sweeps configurations on a GPU:
-# {kernel: {param: value}}, applied over the table below. Empty in normal use.
+# {kernel: {param: value}}, applied over everything else. Empty in normal use.
 OVERRIDES = {}
+# A launch table measured on one's own GPU (bench/tune.py --write-table FILE), used over the
+# built-in one for the entries it has: opt-in autotuning.
+TABLE_ENV = "VIL_KERNELS_LAUNCH_TABLE"
+_PARAMS = {"BK", "BV", "num_warps", "num_stages", "maxnreg"}
+_tuned = None                                                    # {key: params}, loaded once
 
 
 def launch_params(kernel, DK, DV, BT, dtype, arch):
     """BK, BV, num_warps, num_stages, maxnreg for one kernel. dtype: the inputs' torch dtype."""
     assert kernel in KERNELS, kernel
     p = _table_params(kernel, DK, DV, BT, dtype, arch)
+    p.update(tuned_table().get(table_key(kernel, DK, DV, BT, dtype, arch), {}))
     p.update(OVERRIDES.get(kernel, {}))
     return p
+
+
+def table_key(kernel, DK, DV, BT, dtype, arch):
+    """A measured table's key for one kernel launch: "fwd_out/384/384/64/bfloat16/sm90"."""
+    return f"{kernel}/{DK}/{DV}/{BT}/{str(dtype).replace('torch.', '')}/sm{arch}"
+
+
+def tuned_table(reload=False):
+    """The measured table named by $VIL_KERNELS_LAUNCH_TABLE ({} when unset), read once."""
+    global _tuned
+    if _tuned is None or reload:
+        path = os.environ.get(TABLE_ENV)
+        _tuned = read_table(path) if path else {}
+    return _tuned
+
+
+def read_table(path):
+    """Entries of a launch-table file, checked: {"entries": {table_key: {param: value}}}."""
+    try:
+        with open(path) as fh:
+            entries = json.load(fh)["entries"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{TABLE_ENV}={path}: not a launch table ({type(e).__name__}: {e})")
+    pow2 = lambda v: isinstance(v, int) and v >= 16 and v & (v - 1) == 0
+    checks = {"BK": pow2, "BV": pow2,
+              "num_warps": lambda v: v in (1, 2, 4, 8, 16),
+              "num_stages": lambda v: v in (1, 2, 3, 4),
+              "maxnreg": lambda v: v is None or isinstance(v, int) and 32 <= v <= 255}
+    for key, params in entries.items():
+        name = key.split("/")[0]
+        if name not in KERNELS or len(key.split("/")) != 6 or not isinstance(params, dict):
+            raise ValueError(f"{path}: bad entry {key!r}")
+        bad = {k: v for k, v in params.items() if k not in _PARAMS or not checks[k](v)}
+        if bad:
+            raise ValueError(f"{path}: entry {key!r} has invalid launch parameters {bad}")
+    return entries
 
 
 def _table_params(kernel, DK, DV, BT, dtype, arch):
