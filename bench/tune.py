@@ -79,10 +79,9 @@ def run_pass(x, dh, BT, backward):
                            False)
     if not backward:
         return out[0]
-    h, c_last, n_last, m_last = out[:4]
-    z = lambda t: torch.zeros_like(t)
+    h = out[0]
     g = tchunk.mlstm_bwd(x["q"], x["k"], x["v"], x["i"], x["f"], None, None, None, h, dh,
-                         z(c_last), z(n_last), z(m_last), *out[1:], 1e-6, BT, False)
+                         None, None, None, *out[1:], 1e-6, BT, False)   # ViL's: h used alone
     return h, *g[:5]
 
 

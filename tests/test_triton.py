@@ -139,6 +139,31 @@ def test_chunk_sizes_agree(dtype):
         _check(x, dtype, chunk_size=chunk, ref=ref)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_unused_last_states(reverse):
+    """A loss on h alone: the last state's gradients arrive as None and the state-gradient scan
+    starts from zero (no zero tensors); a loss on one of them only: the others count as zero."""
+    dtype, tol = (torch.float64, 1e-9) if DEVICE == "cpu" else (torch.float32, 2e-4)
+    x = make_inputs(NH=2, S=37, DK=16, DV=24, init=True, seed=17, dtype=dtype)
+    x = {n: t.to(DEVICE) for n, t in x.items()}
+    got = run(x, "triton", reverse=reverse, chunk_size=16, last_states=False, compute=dtype)
+    ref = run(x, "parallel", reverse=reverse, last_states=False)
+    errs = {n: rel_err(got[n], ref[n]) for n in ref}
+    assert max(errs.values()) < tol, errs
+    import vil_kernels
+    for which in range(3):
+        grads = []
+        for backend in ("triton", "parallel"):
+            leaves = {n: t.detach().clone().to(torch.float64 if backend == "parallel" else dtype)
+                      .requires_grad_() for n, t in x.items()}
+            h, states = vil_kernels.mlstm(**leaves, backend=backend, reverse=reverse,
+                                          chunk_size=16, return_last_states=True)
+            (h.sum() + 0.5 * states[which].sum()).backward()
+            grads.append([leaves[n].grad for n in leaves])
+        for a, b in zip(*grads):
+            assert rel_err(a.double(), b) < tol
+
+
 def test_split_sequence_matches_whole():
     """Feeding the first part's last states to the second part reproduces the whole sequence."""
     import vil_kernels

@@ -10,7 +10,7 @@ each to its compiled variant (tiles, warps, stages, register cap, dtypes: head d
 values, so many head dims share one binary), and compiles every
 distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
 registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, and the head dims
-each binary serves. Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
+each binary serves (flag: HAS_INIT of the scans, HAS_DLAST of the state-gradient scan). Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
 sm_90: 227 KB), on registers x threads over the 64K register file, when a 16-bit build has no
 HMMA/HGMMA instruction, or on a compile error.
 """
@@ -82,7 +82,8 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                     for name in heuristics.KERNELS:
                         for arch in ARCHS:
                             p = heuristics.launch_params(name, DK, DV, BT, getattr(torch, dt), arch)
-                            for has_init in ((False, True) if name == "fwd_state" else (None,)):
+                            flags = (False, True) if name in ("fwd_state", "bwd_state") else (None,)
+                            for has_init in flags:      # HAS_INIT, HAS_DLAST
                                 key = (name, dt, arch, BT, p["BK"], p["BV"], p["num_warps"],
                                        p["num_stages"], has_init, p["maxnreg"])
                                 out.setdefault(key, set()).add((DK, DV))
@@ -126,9 +127,9 @@ def compile_one(key):
     elif name == "fwd_gates":
         const_names, const_vals = ["BT", "HAS_INIT", "ACC"], [BT, bool(has_init), tl_of[acc]]
     else:
-        const_names = ["BT", "BK", "BV"] + (["HAS_INIT"] if name == "fwd_state" else []) + \
-            ["MMA", "ACC", "PREC", "INTERP"]
-        const_vals = [BT, BK, BV] + ([bool(has_init)] if name == "fwd_state" else []) + \
+        flag = {"fwd_state": ["HAS_INIT"], "bwd_state": ["HAS_DLAST"]}.get(name, [])
+        const_names = ["BT", "BK", "BV"] + flag + ["MMA", "ACC", "PREC", "INTERP"]
+        const_vals = [BT, BK, BV] + [bool(has_init)] * len(flag) + \
             [tl_of[mma], tl_of[acc], prec, False]
     arg_names = fn.arg_names
     n_rt = len(arg_names) - len(const_names)
@@ -236,7 +237,7 @@ def main(argv=None):
         if env_had is not None:
             os.environ["TRITON_INTERPRET"] = env_had
     hdr = (f"{'kernel':<10} {'dtype':<8} {'arch':<5} {'BT':>3} {'BK':>3} {'BV':>3} {'w':>2} "
-           f"{'st':>2} {'init':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6}  "
+           f"{'st':>2} {'flag':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6}  "
            "head dims / status")
     print(hdr)
     print("-" * len(hdr))

@@ -170,7 +170,8 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
               c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in,
               eps, BT, reverse):
     """Gradients (dq, dk, dv, di, df, dc0, dn0, dm0); the state gradients are those of the
-    initial state (zeros-free placeholders when there is none)."""
+    initial state (zeros-free placeholders when there is none). dc_last, dn_last, dm_last: all
+    three, or all None when the last state was not used (no zero tensors then)."""
     q, k, v = _kernel_layout(q, k, v)
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
@@ -196,10 +197,13 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     dn_out = torch.empty(B, NH, NC, DK, dtype=ad, **kw)
     dc0 = torch.empty(B, NH, DK, DV, dtype=ad, **kw)
     dn0 = torch.empty(B, NH, DK, dtype=ad, **kw)
+    has_dlast = dc_last is not None
+    dlast = (dc_last, dn_last) if has_dlast else (dc0, dn0)         # unread placeholders
     _launch(mlstm_bwd_state_kernel, "bwd_state",
             lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
-            (q, dh, wa, wb, decay, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
-             S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, BT, q.dtype, arch)
+            (q, dh, wa, wb, decay, *dlast, dc_out, dn_out, dc0, dn0,
+             S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, BT, q.dtype, arch,
+            HAS_DLAST=has_dlast)
     dq, dk = (torch.empty(B, NH, S, DK, dtype=q.dtype, **kw) for _ in range(2))
     dv = torch.empty(B, NH, S, DV, dtype=q.dtype, **kw)
     p = heuristics.launch_params("bwd_dqk", DK, DV, BT, q.dtype, arch)
@@ -223,8 +227,9 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     dF = rq - rk + dm_row
     dm0 = torch.zeros(B, NH, dtype=ad, **kw)
     route_to_argmax(dm_row, physical(a_row), di, dF, dm0)
-    route_last_state(di, dF, dm0, 0 if reverse else S - 1, physical(a_last), c_last, n_last,
-                     dc_last.to(ad), dn_last.to(ad), dm_last.to(ad))
+    if has_dlast:                                                  # else it adds zeros
+        route_last_state(di, dF, dm0, 0 if reverse else S - 1, physical(a_last), c_last, n_last,
+                         dc_last.to(ad), dn_last.to(ad), dm_last.to(ad))
     # reverse cumsum in logical order = forward cumsum in physical order when reversed
     dfl = dF.cumsum(-1) if reverse else dF.flip(-1).cumsum(-1).flip(-1)   # (B, NH, S) only
     df = dfl * torch.sigmoid(-f.to(ad))
@@ -263,8 +268,9 @@ def _fwd_fake(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse):
 @torch.library.custom_op("vil_kernels::mlstm_chunk_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
             c0: torch.Tensor | None, n0: torch.Tensor | None, m0: torch.Tensor | None,
-            h: torch.Tensor, dh: torch.Tensor, dc_last: torch.Tensor, dn_last: torch.Tensor,
-            dm_last: torch.Tensor, c_last: torch.Tensor, n_last: torch.Tensor,
+            h: torch.Tensor, dh: torch.Tensor, dc_last: torch.Tensor | None,
+            dn_last: torch.Tensor | None, dm_last: torch.Tensor | None, c_last: torch.Tensor,
+            n_last: torch.Tensor,
             m_last: torch.Tensor, a_last: torch.Tensor, m_row: torch.Tensor, n_row: torch.Tensor,
             a_row: torch.Tensor, c_in: torch.Tensor, n_in: torch.Tensor, m_in: torch.Tensor,
             eps: float, chunk: int, reverse: bool) -> _T8:
@@ -275,12 +281,12 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, 
 
 
 @_bwd_op.register_fake
-def _bwd_fake(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, *rest):
+def _bwd_fake(q, k, v, i, f, c0, n0, m0, h, dh, *rest):
     B, NH, S, DK = q.shape
     ad = compute_dtype(q)
     DV = v.shape[-1]
     return (q.new_empty(B, NH, S, DK), q.new_empty(B, NH, S, DK), q.new_empty(B, NH, S, DV),
-            torch.empty_like(i), torch.empty_like(f), q.new_empty(dc_last.shape, dtype=ad),
+            torch.empty_like(i), torch.empty_like(f), q.new_empty(B, NH, DK, DV, dtype=ad),
             q.new_empty(B, NH, DK, dtype=ad), q.new_empty(B, NH, 1, dtype=ad))
 
 
@@ -298,6 +304,7 @@ class MLSTMTritonFunction(torch.autograd.Function):
         h, c_last, n_last, m_last = out[:4]
         ctx.save_for_backward(q, k, v, i, f, *((c0, n0, m0) if has_init else ()), *out)
         ctx.meta = (eps, chunk, reverse, has_init)
+        ctx.set_materialize_grads(False)     # unused last states: None, not zero tensors
         return h, c_last, n_last, m_last
 
     @staticmethod
@@ -310,9 +317,10 @@ class MLSTMTritonFunction(torch.autograd.Function):
         out = saved[8:] if has_init else saved[5:]
         h, c_last, n_last, m_last = out[:4]
         dh = torch.zeros_like(h) if dh is None else dh.to(h.dtype).contiguous()
-        dc_last = torch.zeros_like(c_last) if dc_last is None else dc_last.contiguous()
-        dn_last = torch.zeros_like(n_last) if dn_last is None else dn_last.contiguous()
-        dm_last = torch.zeros_like(m_last) if dm_last is None else dm_last.contiguous()
+        if dc_last is not None or dn_last is not None or dm_last is not None:
+            dc_last, dn_last, dm_last = (torch.zeros_like(x) if g is None else g.contiguous()
+                                         for g, x in zip((dc_last, dn_last, dm_last),
+                                                         (c_last, n_last, m_last)))
         dq, dk, dv, di, df, dc0, dn0, dm0 = _bwd_op(q, k, v, i, f, *init, h, dh, dc_last, dn_last,
                                                     dm_last, *out[1:], eps, chunk, reverse)
         if has_init:

@@ -279,13 +279,14 @@ def mlstm_bwd_prologue_kernel(
 def mlstm_bwd_state_kernel(
     q, dh, wa, wb, decay, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DLAST: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Reverse scan of the state gradients: grid (cdiv(DK, BK), cdiv(DV, BV), B * NH). Stores
     the gradient of the state leaving every chunk, and at the end that of the initial state:
         dC <- decay dC + (wa q)^T dh,   dn <- decay dn + (wb q)^T 1
-    with the per-row weights and per-chunk factors of mlstm_bwd_prologue_kernel."""
+    with the per-row weights and per-chunk factors of mlstm_bwd_prologue_kernel, starting from
+    the last state's gradient (HAS_DLAST) or zero (a caller that did not use the last state)."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -294,8 +295,12 @@ def mlstm_bwd_state_kernel(
     o_kv = o_k[:, None] * DV + o_v[None, :]
     first_v = i_v == 0
     p_q, p_dh = _seq(q, i_bh, NH, s_b, s_h), dh + i_bh * S * DV
-    b_dc = tl.load(dc_last + i_bh * DK * DV + o_kv, mask=m_kv, other=0.).to(ACC)   # [BK, BV]
-    b_dn = tl.load(dn_last + i_bh * DK + o_k, mask=m_k, other=0.).to(ACC)         # [BK]
+    if HAS_DLAST:
+        b_dc = tl.load(dc_last + i_bh * DK * DV + o_kv, mask=m_kv, other=0.).to(ACC)   # [BK, BV]
+        b_dn = tl.load(dn_last + i_bh * DK + o_k, mask=m_k, other=0.).to(ACC)         # [BK]
+    else:
+        b_dc = tl.zeros([BK, BV], dtype=ACC)
+        b_dn = tl.zeros([BK], dtype=ACC)
     for i_r in range(NC):
         i_c = NC - 1 - i_r
         o_s = i_bh * NC + i_c
