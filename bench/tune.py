@@ -37,12 +37,18 @@ from vil_kernels.triton import heuristics  # noqa: E402
 FWD, BWD = ("fwd_state", "fwd_out"), ("bwd_state", "bwd_dqk", "bwd_dv")
 
 
-def candidates(kernel, D, BT):
+def device_arch():
+    """The GPU's arch (0 under the interpreter, which runs Hopper's table)."""
+    return heuristics.device_arch(torch.device("cuda")) if torch.cuda.is_available() else 0
+
+
+def candidates(kernel, D, BT, arch=None):
     """Configurations to try for one kernel besides the table's: head-dim tiles (for the scans
     both tiles own a program; elsewhere the tile a program owns in 32 / 64 / 128, the one it
     loops over in 32 / 64), 4 or 8 warps, 1 or 2 pipeline stages (3 for the scans, whose loops
     run every chunk), and for the scans a cap of 128 registers or none (255)."""
-    base = heuristics.launch_params(kernel, D, D, BT, torch.bfloat16, 90)
+    arch = device_arch() if arch is None else arch
+    base = heuristics.launch_params(kernel, D, D, BT, torch.bfloat16, arch)
     if kernel in ("fwd_state", "bwd_state"):
         tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (64, 128), (128, 64)]
         caps = (128, 255)
@@ -259,7 +265,7 @@ def sweep(D, args, result, save, t0, pool):
             heuristics.OVERRIDES.clear()
             good = [r for r in rows if r.get("ok")]
             best = min(good, key=lambda r: r["ms"]) if good else None
-            table = heuristics.launch_params(kernel, D, D, BT, torch.bfloat16, 90)
+            table = heuristics.launch_params(kernel, D, D, BT, torch.bfloat16, device_arch())
             result["sweeps"].append(dict(D=D, BT=BT, kernel=kernel, table=table,
                                          table_ms=base[kernel], best=best, rows=rows))
             if best and best["ms"] < base[kernel]:
@@ -333,7 +339,7 @@ def main(argv=None):
 def write_table(path, result):
     """Merge the sweep's winners (faster than the built-in table, outputs checked) into the
     launch-table file at path; returns its number of entries."""
-    arch = heuristics.device_arch(torch.device("cuda")) if torch.cuda.is_available() else 0
+    arch = device_arch()
     entries = heuristics.read_table(path) if os.path.exists(path) else {}
     for sw in result["sweeps"]:
         best = sw["best"]
