@@ -35,7 +35,7 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _PTR = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
-def _signature(name, dt, has_init):
+def _signature(name, dt):
     """Argument types of each kernel (pointer dtypes for an input dtype dt; accumulators fp32).
     Scalars: S, NC, DK, DV, REVERSE, then NH and the (batch, head, position) strides of q and k
     (shared) and of v where the kernel reads v, then the float scalars."""
@@ -121,7 +121,7 @@ def compile_one(key):
     import torch
     mma, acc, prec = dot_config(getattr(torch, dt))
     tl_of = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
-    ptrs, scalars = _signature(name, dt, has_init)
+    ptrs, scalars = _signature(name, dt)
     if name == "bwd_prologue":
         const_names, const_vals = ["BT", "BV", "ACC"], [BT, BV, tl_of[acc]]
     elif name == "fwd_gates":

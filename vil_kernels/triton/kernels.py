@@ -68,6 +68,29 @@ def _seq(x, i_bh, NH, s_b, s_h):
 
 
 @triton.jit
+def _state_tile(i_k, i_v, DK, DV, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets and masks of a scan program's [BK, BV] tile of a (DK, DV) state."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < DK, o_v < DV
+    return o_k, o_v, m_k, m_v, m_k[:, None] & m_v[None, :], o_k[:, None] * DV + o_v[None, :]
+
+
+@triton.jit
+def _state_or_zero(c, n, i_bh, o_k, m_k, o_kv, m_kv, DK, DV, PRESENT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr):
+    """A scan's starting (C, n) tile: loaded from (B * NH, DK, DV) / (B * NH, DK) tensors, or
+    zero when the caller has none (PRESENT false: c and n are never read)."""
+    if PRESENT:
+        b_c = tl.load(c + i_bh * DK * DV + o_kv, mask=m_kv, other=0.).to(ACC)    # [BK, BV]
+        b_n = tl.load(n + i_bh * DK + o_k, mask=m_k, other=0.).to(ACC)          # [BK]
+    else:
+        b_c = tl.zeros([BK, BV], dtype=ACC)
+        b_n = tl.zeros([BK], dtype=ACC)
+    return b_c, b_n
+
+
+@triton.jit
 def _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC: tl.constexpr):
     """m of the state leaving chunk i_c: the next chunk's entry m, or the last one."""
     b_next = tl.load(m_in + o_s + 1, mask=i_c + 1 < NC, other=0.).to(ACC)
@@ -138,19 +161,10 @@ def mlstm_fwd_state_kernel(
     chunk's entry state (C block, n block from the i_v == 0 programs) and the last one; the
     gates' part (gain, decay) comes from mlstm_fwd_gates_kernel."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < DK, o_v < DV
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * DV + o_v[None, :]
+    o_k, o_v, m_k, m_v, m_kv, o_kv = _state_tile(i_k, i_v, DK, DV, BK, BV)
     first_v = i_v == 0
     p_k, p_v = _seq(k, i_bh, NH, s_b, s_h), _seq(v, i_bh, NH, sv_b, sv_h)
-    if HAS_INIT:
-        b_c = tl.load(c0 + i_bh * DK * DV + o_kv, mask=m_kv, other=0.).to(ACC)   # [BK, BV]
-        b_n = tl.load(n0 + i_bh * DK + o_k, mask=m_k, other=0.).to(ACC)         # [BK]
-    else:
-        b_c = tl.zeros([BK, BV], dtype=ACC)
-        b_n = tl.zeros([BK], dtype=ACC)
+    b_c, b_n = _state_or_zero(c0, n0, i_bh, o_k, m_k, o_kv, m_kv, DK, DV, HAS_INIT, BK, BV, ACC)
     for i_c in range(NC):
         o_s = i_bh * NC + i_c
         tl.store(c_in + o_s * DK * DV + o_kv, b_c.to(c_in.dtype.element_ty), mask=m_kv)
@@ -288,19 +302,11 @@ def mlstm_bwd_state_kernel(
     with the per-row weights and per-chunk factors of mlstm_bwd_prologue_kernel, starting from
     the last state's gradient (HAS_DLAST) or zero (a caller that did not use the last state)."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < DK, o_v < DV
-    m_kv = m_k[:, None] & m_v[None, :]
-    o_kv = o_k[:, None] * DV + o_v[None, :]
+    o_k, o_v, m_k, m_v, m_kv, o_kv = _state_tile(i_k, i_v, DK, DV, BK, BV)
     first_v = i_v == 0
     p_q, p_dh = _seq(q, i_bh, NH, s_b, s_h), dh + i_bh * S * DV
-    if HAS_DLAST:
-        b_dc = tl.load(dc_last + i_bh * DK * DV + o_kv, mask=m_kv, other=0.).to(ACC)   # [BK, BV]
-        b_dn = tl.load(dn_last + i_bh * DK + o_k, mask=m_k, other=0.).to(ACC)         # [BK]
-    else:
-        b_dc = tl.zeros([BK, BV], dtype=ACC)
-        b_dn = tl.zeros([BK], dtype=ACC)
+    b_dc, b_dn = _state_or_zero(dc_last, dn_last, i_bh, o_k, m_k, o_kv, m_kv, DK, DV, HAS_DLAST,
+                                BK, BV, ACC)
     for i_r in range(NC):
         i_c = NC - 1 - i_r
         o_s = i_bh * NC + i_c
