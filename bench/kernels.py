@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
 import vil_kernels  # noqa: E402
 from machine import PeakMemory, device_name  # noqa: E402
 
@@ -88,15 +89,9 @@ def candidates(device, dtype):
     if device.type == "cuda":
         paths.append(("sdpa-attention", lambda x: F.scaled_dot_product_attention(
             x["q"], x["k"], x["v"], is_causal=True)))
-        try:
-            from mlstm_kernels.torch import get_mlstm_kernel  # optional peer
-            kernel = get_mlstm_kernel("chunkwise--triton_xl_chunk")
-            # kernels in the inputs' dtype, as ours (its default autocast_kernel_dtype is float32)
-            paths.append(("mlstm_kernels-xl_chunk", lambda x: kernel(
-                x["q"], x["k"], x["v"], x["i"], x["f"], chunk_size=128,
-                autocast_kernel_dtype=x["q"].dtype)))
-        except Exception:  # noqa: BLE001 - absent or incompatible: no row
-            pass
+        peer = peers.mlstm_kernels_chunkwise(128)  # optional: when installed
+        if peer is not None:
+            paths.append(("mlstm_kernels-xl_chunk", lambda x: peer(**x)))
     return paths
 
 

@@ -108,7 +108,19 @@ def attention_flops(batch, heads, seq, head_dim):
 
 
 # ---------------------------------------------------------------------------------------------
-# ViL on NX-AI's mlstm_kernels.
+# NX-AI's mlstm_kernels: its chunkwise Triton kernel, and ViL running on it.
+
+# Triton versions whose LLVM aborts the whole process (an SLPVectorizer assertion, "trying to
+# erase instruction with users") while optimising these kernels of mlstm_kernels 2.0.6 for
+# Hopper, at every head dim and chunk size tried (bench/peer_compile.py reproduces it without a
+# GPU; found on an H200 on 2026-11-26). For sm_80 they build. Only those kernels skip LLVM's IR
+# optimiser (-O0 for that pass list; code generation and ptxas still optimise fully); with it
+# off for all of them (Triton's own DISABLE_LLVM_OPT=1) the same kernel spilled 140 bytes
+# instead of 64 at head dim 384.
+SLP_ABORT_TRITON_VERSIONS = ("3.6.",)
+SLP_ABORT_MIN_CAPABILITY = 90
+SLP_ABORT_KERNELS = frozenset({"mlstm_chunkwise__parallel_fw_Hintra_kernel"})
+
 
 def mlstm_kernels_available():
     try:
@@ -118,31 +130,95 @@ def mlstm_kernels_available():
         return False
 
 
+class _SkipIROptimiserFor:
+    """Stands in for the ``llvm`` module seen by Triton's NVIDIA backend: ``optimize_module``
+    runs at O0 for modules that define one of ``kernels`` when built for ``capability`` (set by
+    the backend's make_llir, see avoid_llvm_abort) at least ``min_capability``."""
+
+    def __init__(self, llvm, kernels, min_capability):
+        self._llvm, self._kernels, self._min_capability = llvm, kernels, min_capability
+        self.capability = 0
+
+    def __getattr__(self, name):
+        return getattr(self._llvm, name)
+
+    def optimize_module(self, module, level, *args, **kwargs):
+        if (self.capability >= self._min_capability
+                and any(fn.name in self._kernels for fn in module.get_functions())):
+            level = self._llvm.OPTIMIZE_O0
+        return self._llvm.optimize_module(module, level, *args, **kwargs)
+
+
+def avoid_llvm_abort(kernels=SLP_ABORT_KERNELS):
+    """Lets the peer compile where its Triton would abort (see SLP_ABORT_TRITON_VERSIONS).
+    Returns a description of what was changed, or None where nothing needed to be."""
+    import triton
+    if not triton.__version__.startswith(SLP_ABORT_TRITON_VERSIONS):
+        return None
+    from triton.backends.nvidia import compiler
+    if not isinstance(compiler.llvm, _SkipIROptimiserFor):
+        shim = compiler.llvm = _SkipIROptimiserFor(compiler.llvm, kernels,
+                                                   SLP_ABORT_MIN_CAPABILITY)
+        make_llir = compiler.CUDABackend.make_llir
+
+        def make_llir_noting_capability(self, src, metadata, options, capability):
+            shim.capability = capability
+            return make_llir(self, src, metadata, options, capability)
+
+        compiler.CUDABackend.make_llir = make_llir_noting_capability
+    return (f"Triton {triton.__version__}: LLVM IR optimiser off for "
+            f"{', '.join(sorted(kernels))} on sm_{SLP_ABORT_MIN_CAPABILITY}+ (its SLP "
+            f"vectorizer aborts there)")
+
+
+def mlstm_kernels_chunkwise(chunk_size=128, name="chunkwise--triton_xl_chunk", avoid_abort=True):
+    """NX-AI's chunkwise kernel ``name`` with vil_kernels.mlstm's call convention (q, k, v:
+    (B, NH, S, D); i, f: (B, NH, S) or (B, NH, S, 1); reverse), or None when mlstm_kernels is
+    not installed.
+
+    Its kernels need S to be a multiple of ``chunk_size``: the inputs are padded at the end of
+    the traversal (exact for a causal recurrence; the copy is part of the peer's time). The
+    Triton kernels compute in the inputs' dtype (``autocast_kernel_dtype``; its default would
+    run float32). They train with a backward that drops the normalizer's gradient (exact only
+    when a per-head norm follows, as in ViL), so the peer is timed, not checked for gradients.
+    With ``avoid_abort``, Triton kernels build through ``avoid_llvm_abort``; the returned
+    callable's ``workaround`` says what that changed, if anything.
+    """
+    try:
+        from mlstm_kernels.torch import get_mlstm_kernel
+        kernel = get_mlstm_kernel(name)
+    except Exception:  # noqa: BLE001 - absent or incompatible
+        return None
+    on_triton = "triton" in name
+
+    def run(q, k, v, i, f, reverse=False, **ignored):
+        if i.dim() == 4:
+            i, f = i[..., 0], f[..., 0]
+        if reverse:
+            q, k, v, i, f = (t.flip(2) for t in (q, k, v, i, f))
+        S = q.shape[2]
+        extra = -S % chunk_size
+        if extra:
+            q, k, v = (F.pad(t, (0, 0, 0, extra)) for t in (q, k, v))
+            i, f = (F.pad(t, (0, extra)) for t in (i, f))
+        kw = {"autocast_kernel_dtype": q.dtype} if on_triton else {}
+        h = kernel(q=q, k=k, v=v, i=i, f=f, chunk_size=chunk_size, **kw)[:, :, :S]
+        return h.flip(2) if reverse else h
+
+    run.workaround = avoid_llvm_abort() if on_triton and avoid_abort else None
+    return run
+
+
 def mlstm_kernels_cell(chunk_size=64):
     """A cell with vil_kernels.mlstm's call convention that runs NX-AI's chunkwise kernel:
-    Triton xl_chunk on CUDA, their native PyTorch chunkwise kernel elsewhere.
-
-    Their kernels take gates (B, NH, S), compute in ``autocast_kernel_dtype`` (the input's dtype
-    here) and train with a backward that drops the normalizer's gradient (exact only when a
-    per-head norm follows, as it does in ViL), so the peer is timed, not checked for gradients.
-    """
-    from mlstm_kernels.torch import get_mlstm_kernel
-
+    Triton xl_chunk on CUDA, their native PyTorch chunkwise kernel elsewhere."""
     kernels = {}
 
     def cell(q, k, v, i, f, reverse=False, **ignored):
         name = ("chunkwise--triton_xl_chunk" if q.device.type == "cuda"
                 else "chunkwise--native_autograd")
         if name not in kernels:
-            kernels[name] = get_mlstm_kernel(name)
-        if i.dim() == 4:
-            i, f = i[..., 0], f[..., 0]
-        if reverse:
-            q, k, v, i, f = (t.flip(2) for t in (q, k, v, i, f))
-        kw = dict(chunk_size=chunk_size)
-        if q.device.type == "cuda":
-            kw["autocast_kernel_dtype"] = q.dtype
-        h = kernels[name](q=q, k=k, v=v, i=i, f=f, **kw)
-        return h.flip(2) if reverse else h
+            kernels[name] = mlstm_kernels_chunkwise(chunk_size, name)
+        return kernels[name](q, k, v, i, f, reverse=reverse)
 
     return cell

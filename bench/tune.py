@@ -26,11 +26,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import peers  # noqa: E402
 from vil_kernels.triton import chunk as tchunk  # noqa: E402
 from vil_kernels.triton import heuristics  # noqa: E402
 
@@ -172,43 +172,19 @@ def full_ms(x, reps, fn=None):
     return statistics.median(times)
 
 
-def _peer(pad):
-    """NX-AI's mlstm_kernels chunkwise--triton_xl_chunk (chunks of 128, bfloat16 kernels like
-    ours; its default autocast_kernel_dtype would run float32), when installed. pad=True pads
-    the sequence to a multiple of 128 first, for versions that need it (the copy is timed)."""
-    try:
-        from mlstm_kernels.torch import get_mlstm_kernel
-        kernel = get_mlstm_kernel("chunkwise--triton_xl_chunk")
-    except Exception:  # noqa: BLE001 - absent or incompatible
-        return None
-
-    def run(x):
-        S = x["q"].shape[2]
-        extra = -S % 128 if pad else 0
-        if extra:
-            x = {k: F.pad(v, (0, 0, 0, extra) if v.dim() == 4 else (0, extra))
-                 for k, v in x.items()}
-        h = kernel(x["q"], x["k"], x["v"], x["i"], x["f"], chunk_size=128,
-                   autocast_kernel_dtype=x["q"].dtype)
-        return h[:, :, :S]
-    return run
-
-
 def _peer_ms(job):
-    """fwd+bwd ms of the peer on this sweep's inputs, unpadded, else padded; {} if absent."""
+    """fwd+bwd ms of NX-AI's mlstm_kernels chunkwise--triton_xl_chunk (chunks of 128, padded
+    to them) on this sweep's inputs; {} when it is not installed."""
     B, NH, S, D, reps = job
+    peer = peers.mlstm_kernels_chunkwise(128)
+    if peer is None:
+        return {}
     x = make_inputs(B, NH, S, D, torch.bfloat16)
-    row = {}
-    for pad in (False, True):
-        peer = _peer(pad)
-        if peer is None:
-            break
-        name = f"mlstm_kernels_xl_chunk{'_padded' if pad else ''}"
-        try:
-            row[f"{name}_ms"] = full_ms(x, reps, peer)
-            break
-        except Exception as e:  # noqa: BLE001
-            row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+    row = {"mlstm_kernels_workaround": peer.workaround}
+    try:
+        row["mlstm_kernels_xl_chunk_ms"] = full_ms(x, reps, lambda x: peer(**x))
+    except Exception as e:  # noqa: BLE001
+        row["mlstm_kernels_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return row
 
 
