@@ -19,6 +19,10 @@ step() {                                       # step NAME SECONDS CMD...: log, 
     echo "$name: rc=$? in $((SECONDS - t0)) s"
     tail -n 15 "$OUT/$name.log"
 }
+if ls .whl/mlstm_kernels-*.whl > /dev/null 2>&1; then   # the peer, when carried (carry: [".whl"])
+    python -m pip install -q --no-index --no-deps --no-compile --target /tmp/peer-site .whl/mlstm_kernels-*.whl \
+        && export PYTHONPATH="/tmp/peer-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 step tests 150 python -m pytest tests/test_triton.py -q -x

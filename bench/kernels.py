@@ -6,8 +6,9 @@
 
 On CPU it compares the PyTorch chunkwise path against the parallel form (the published
 formulation); on CUDA the Triton kernels against both, PyTorch SDPA attention at the same shape
-and NX-AI's mlstm_kernels when it is installed, in bfloat16, with TFLOP/s and the fraction of
-the device's peak. Peak memory on CPU is the growth of the process's peak resident set over the
+and NX-AI's mlstm_kernels when it is installed, in bfloat16, with TFLOP/s and fractions of the
+roofline (see roofline_fields: on the function's own I/O, and with a chunkwise kernel's state
+traffic). Peak memory on CPU is the growth of the process's peak resident set over the
 inputs (Linux: /proc/self/clear_refs); on CUDA, torch.cuda.max_memory_allocated over the inputs.
 """
 
@@ -32,8 +33,16 @@ CPU_SHAPES = [(8, 4, 196, 96), (8, 4, 784, 96), (8, 4, 196, 192), (8, 4, 784, 19
               (1, 4, 16384, 96)]
 GPU_SHAPES = [(64, 4, S, D) for S in (196, 784, 3136) for D in (96, 192, 384)] + [(1, 4, 16384, 384),
                                                                                   (8, 4, 16384, 96)]
-# Dense bf16 tensor-core peaks (TFLOP/s) used for the roofline fraction.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Datasheet peaks of the roofline: dense bf16 tensor-core TFLOP/s and HBM TB/s, by the first
+# key found in torch.cuda.get_device_name (more specific names first).
+PEAKS = {"H100 PCIe": (756.0, 2.0), "H100 NVL": (835.0, 3.9), "H100": (989.0, 3.35),
+         "H200": (989.0, 4.8), "A100-SXM4-40GB": (312.0, 1.555), "A100": (312.0, 2.039)}
+ROOF_CHUNK = 64   # the chunk length of the FLOP count and of the chunkwise traffic floor
+
+
+def device_peaks(name):
+    """(TFLOP/s, TB/s) of a CUDA device name, or None when it is not in PEAKS."""
+    return next((v for k, v in PEAKS.items() if k in name), None)
 
 
 def time_call(fn, device, warmup, iters):
@@ -57,6 +66,42 @@ def mlstm_flops(B, NH, S, DK, DV, L):
     intra = 2 * S * L * (DK + DV + 1) / 2          # causal half of QK^T and of SV (plus n)
     states = 2 * S * DK * (DV + 1) * 2             # K^T V into the states, Q C out of them
     return B * NH * (intra + states)
+
+
+def mlstm_bytes(B, NH, S, DK, DV, L, elem, backward):
+    """HBM bytes (io, states) of one pass in ``elem``-byte inputs. io: what any implementation
+    reads and writes once (q, k, v, gates, h; with backward also dh in, dq, dk, dv and the gate
+    gradients out, and two float32 rows of statistics kept for it). states: the extra traffic
+    of a chunkwise kernel that materialises a (DK, DV) state at every chunk boundary, in the
+    input dtype: written once and read once in the forward, and with backward the state
+    gradients too, each read twice (by the dq/dk and the dv kernels) as is the state."""
+    NC = -(-S // L)
+    io = (3 * S * DK + S * DV) * elem + 2 * S * elem       # q, k, v, h, i, f
+    state = NC * DK * DV * elem
+    states = 2 * state
+    if backward:
+        io += (2 * S * DK + 2 * S * DV) * elem + 2 * S * elem + 2 * S * 4
+        states = 6 * state
+    return B * NH * io, B * NH * states
+
+
+def roofline_fields(mode, ms, B, NH, S, D, elem, peaks):
+    """TFLOP/s and the fractions of the roofline (attainable time / measured time) of a pass:
+    ``roofline`` on the function's own I/O (the classic bound: the compute peak unless memory
+    binds first), ``chunkwise_roofline`` with a chunkwise kernel's state traffic added (the
+    design of this library and of mlstm_kernels; what a kernel that keeps states on chip
+    avoids), and ``compute_peak`` (FLOP/s over the dense peak, often called MFU)."""
+    backward = mode != "fwd"
+    flops = mlstm_flops(B, NH, S, D, D, ROOF_CHUNK) * (3.5 if backward else 1)
+    out = {f"{mode}_tflops": flops / ms / 1e9}
+    if peaks:
+        tflops, tbs = peaks
+        io, states = mlstm_bytes(B, NH, S, D, D, ROOF_CHUNK, elem, backward)
+        t_flop = flops / (tflops * 1e12)
+        out[f"{mode}_roofline"] = max(t_flop, io / (tbs * 1e12)) * 1e3 / ms
+        out[f"{mode}_chunkwise_roofline"] = max(t_flop, (io + states) / (tbs * 1e12)) * 1e3 / ms
+        out[f"{mode}_compute_peak"] = t_flop * 1e3 / ms
+    return out
 
 
 def make_inputs(B, NH, S, D, dtype, device, requires_grad):
@@ -98,10 +143,7 @@ def candidates(device, dtype):
 def bench_shape(shape, device, dtype, warmup, iters, mem):
     B, NH, S, D = shape
     rows = []
-    peak = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    peaks = device_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     for name, fn in candidates(device, dtype):
         row = dict(path=name, B=B, NH=NH, S=S, D=D, dtype=str(dtype).replace("torch.", ""))
         if name == "parallel":
@@ -127,10 +169,7 @@ def bench_shape(shape, device, dtype, warmup, iters, mem):
                 call()
                 row[f"{mode}_peak_mib"] = (mem.stop() or 0) / 2**20
                 if device.type == "cuda":
-                    flops = mlstm_flops(B, NH, S, D, D, 64) * (1 if mode == "fwd" else 3.5)
-                    row[f"{mode}_tflops"] = flops / t / 1e12
-                    if peak:
-                        row[f"{mode}_roofline"] = row[f"{mode}_tflops"] / peak
+                    row.update(roofline_fields(mode, t * 1e3, B, NH, S, D, dtype.itemsize, peaks))
             except (RuntimeError, MemoryError) as e:
                 row["note"] = f"failed: {str(e).splitlines()[0][:80]}"
         rows.append(row)
@@ -139,9 +178,9 @@ def bench_shape(shape, device, dtype, warmup, iters, mem):
 
 def print_table(rows):
     cols = ["path", "B", "NH", "S", "D", "fwd_ms", "fwd+bwd_ms", "fwd_peak_mib", "fwd+bwd_peak_mib",
-            "fwd+bwd_tflops", "note"]
+            "fwd+bwd_tflops", "fwd+bwd_roofline", "fwd+bwd_chunkwise_roofline", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]
-    fmt = lambda v: f"{v:.1f}" if isinstance(v, float) else str(v)
+    fmt = lambda v: (f"{v:.1f}" if v >= 0.95 else f"{v:.3f}") if isinstance(v, float) else str(v)
     table = [[fmt(r.get(c, "")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(t[j]) for t in table)) for j, c in enumerate(cols)]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))

@@ -1,0 +1,46 @@
+"""bench/kernels.py: its roofline arithmetic, and a run on this CPU at a tiny shape."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import kernels  # noqa: E402
+
+
+def test_device_peaks_pick_the_specific_name_first():
+    assert kernels.device_peaks("NVIDIA H100 PCIe") == (756.0, 2.0)
+    assert kernels.device_peaks("NVIDIA H100 80GB HBM3") == (989.0, 3.35)
+    assert kernels.device_peaks("NVIDIA H200") == (989.0, 4.8)
+    assert kernels.device_peaks("NVIDIA GeForce RTX 4090") is None
+
+
+def test_roofline_fractions():
+    # one head, S = 128 = 2 chunks, D = 64, 2-byte inputs
+    io, states = kernels.mlstm_bytes(1, 1, 128, 64, 64, 64, 2, backward=False)
+    assert io == (4 * 128 * 64 + 2 * 128) * 2 and states == 2 * 2 * 64 * 64 * 2
+    io_b, states_b = kernels.mlstm_bytes(1, 1, 128, 64, 64, 64, 2, backward=True)
+    assert io_b == io + (4 * 128 * 64 + 2 * 128) * 2 + 2 * 128 * 4
+    assert states_b == 3 * states
+    flops = kernels.mlstm_flops(1, 1, 128, 64, 64, 64)
+    # a compute-bound device: every fraction is the FLOP-time over the measured time
+    r = kernels.roofline_fields("fwd", 1.0, 1, 1, 128, 64, 2, (1.0, 1e9))
+    assert r["fwd_tflops"] == pytest.approx(flops / 1e9)
+    assert r["fwd_roofline"] == r["fwd_chunkwise_roofline"] == r["fwd_compute_peak"] \
+        == pytest.approx(flops / 1e12 * 1e3)
+    # a bandwidth-starved one: the memory roof binds, the state traffic adds to it
+    r = kernels.roofline_fields("fwd+bwd", 1.0, 1, 1, 128, 64, 2, (1e9, 1e-6))
+    assert r["fwd+bwd_roofline"] == pytest.approx(io_b / 1e6 * 1e3)
+    assert r["fwd+bwd_chunkwise_roofline"] == pytest.approx((io_b + states_b) / 1e6 * 1e3)
+    assert "fwd_roofline" not in kernels.roofline_fields("fwd", 1.0, 1, 1, 128, 64, 2, None)
+
+
+def test_cpu_run(tmp_path):
+    out = tmp_path / "k.json"
+    rows = kernels.main(["--device", "cpu", "--shapes", "1,2,40,16", "--num-bench-iter", "1",
+                         "--results-file", str(out)])
+    assert {r["path"] for r in rows} == {"torch-chunkwise", "parallel"}
+    assert all(r["fwd_ms"] > 0 and r["fwd+bwd_ms"] > 0 for r in rows)
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
