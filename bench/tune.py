@@ -45,21 +45,24 @@ def device_arch():
 def candidates(kernel, D, BT, arch=None):
     """Configurations to try for one kernel besides the table's: head-dim tiles (for the scans
     both tiles own a program; elsewhere the tile a program owns in 32 / 64 / 128, the one it
-    loops over in 32 / 64), 4 or 8 warps, 1 or 2 pipeline stages (3 for the scans, whose loops
-    run every chunk), and for the scans a cap of 128 registers or none (255)."""
+    loops over in 32 / 64), 4 warps (and 8 before Hopper: on the H200 8 lost everywhere by
+    1.5-2x), 1 or 2 pipeline stages (3 for the scans, whose loops run every chunk), and
+    register caps of 128 / 168 / none (255) for the scans, 168 or the table's elsewhere (caps
+    at which 4 / 3 / 2 programs of 4 warps share an SM's registers)."""
     arch = device_arch() if arch is None else arch
     base = heuristics.launch_params(kernel, D, D, BT, torch.bfloat16, arch)
     if kernel in ("fwd_state", "bwd_state"):
         tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (64, 128), (128, 64)]
-        caps = (128, 255)
+        caps = (128, 168, 255)
     elif kernel == "bwd_dqk":                                # grid over K tiles, loop over V
         tiles = [(k, 64) for k in (32, 64, 128)] + [(base["BK"], 32)]
-        caps = (base["maxnreg"],)
+        caps = (168, base["maxnreg"])
     else:                                                    # fwd_out, bwd_dv: grid over V
         tiles = [(64, v) for v in (32, 64, 128)] + [(32, base["BV"])]
-        caps = (base["maxnreg"],)
+        caps = (168, base["maxnreg"])
+    warps = (4,) if arch >= 90 or arch == 0 else (4, 8)
     out = [dict(base, BK=BK, BV=BV, num_warps=w, num_stages=st, maxnreg=cap)
-           for (BK, BV), w, st, cap in itertools.product(tiles, (4, 8), (1, 2), caps)]
+           for (BK, BV), w, st, cap in itertools.product(tiles, warps, (1, 2), caps)]
     if kernel in ("fwd_state", "bwd_state"):
         out += [dict(base, num_stages=3, maxnreg=cap) for cap in caps]
     return [c for i, c in enumerate(out) if c not in out[:i] and c != base]

@@ -24,7 +24,24 @@ def test_candidates_vary_one_kernel_and_never_repeat_the_table():
         cands = tune.candidates(kernel, 384, 64, arch=90)
         assert table not in cands and len(cands) == len({tuple(sorted(c.items())) for c in cands})
         assert all(c.keys() == table.keys() for c in cands)
-    assert any(c["maxnreg"] == 128 for c in tune.candidates("fwd_state", 384, 64, arch=90))
+    scans = tune.candidates("fwd_state", 384, 64, arch=90)
+    assert {c["maxnreg"] for c in scans} == {128, 168, 255}
+    assert {c["num_warps"] for c in scans} == {4}                # 8 lost everywhere on Hopper
+    assert {c["num_warps"] for c in tune.candidates("fwd_state", 384, 64, arch=80)} == {4, 8}
+    assert 168 in {c["maxnreg"] for c in tune.candidates("bwd_dqk", 96, 64, arch=90)}
+
+
+def test_scan_register_caps():
+    """The state scans on Hopper: capped so that 3 programs (168 registers) or, for tiles of at
+    most 32 x 32 of 16-bit inputs, 4 (128) share an SM; compile_check proves them spill-free."""
+    lp = heuristics.launch_params
+    for kernel in ("fwd_state", "bwd_state"):
+        assert lp(kernel, 384, 384, 64, torch.bfloat16, 90)["maxnreg"] == 168
+        assert lp(kernel, 96, 96, 64, torch.bfloat16, 90)["maxnreg"] == 128
+        assert lp(kernel, 96, 96, 32, torch.float32, 90)["maxnreg"] == 168
+        assert lp(kernel, 384, 384, 64, torch.bfloat16, 80)["maxnreg"] == heuristics.MAXNREG
+        assert lp(kernel, 384, 384, 128, torch.bfloat16, 90)["maxnreg"] == heuristics.MAXNREG
+    assert lp("bwd_dqk", 384, 384, 64, torch.bfloat16, 90)["maxnreg"] == heuristics.MAXNREG
 
 
 def test_dry_run_on_the_interpreter(tmp_path):

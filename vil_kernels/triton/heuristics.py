@@ -4,7 +4,8 @@ Head dims are tiled by the largest of 64 / 32 / 16 that divides them (96 -> 3 x 
 64, 384 -> 6 x 64: no padding of 96 up to 128), except, on Hopper, the V tiles of the output and
 dv kernels: 128 for 16-bit inputs with DV > 64 (masked where DV is not a multiple); one chunk of 64
 positions by default (fewer for short sequences), at most 128 (float32 inputs: 32); one
-pipeline stage; 4 warps on Hopper (measured on an H200 with bench/tune.py, see _table_params),
+pipeline stage; 4 warps on Hopper (measured on an H200 with bench/tune.py, see _table_params;
+the state scans' registers capped for one more program an SM, see scan_maxnreg),
 8 from 64 positions on Ampere (not measured); at 128 positions 8 warps and head-dim tiles of at
 most 32 (V tiles of 16 in the outputs kernel). Everything is also checked ahead of time
 without a GPU (``python -m vil_kernels.compile_check``: no spills, shared memory under
@@ -135,14 +136,31 @@ def _table_params(kernel, DK, DV, BT, dtype, arch):
     # bench/results/tune-nvidia-h200-d384.json): 4 warps beat 8 in every kernel (1.5-2x: more
     # programs an SM, each a [64, 64] tile), and the output and dv kernels, which recompute
     # q k^T once per V tile, run 1.5x faster with V tiles of 128 (masked lanes included when
-    # DV is not a multiple). Not taken, though faster: a 128-register cap on the scans (another
-    # 1.3x there, but it spills, which compile_check rejects) and two pipeline stages (7-13% in
+    # DV is not a multiple). Not taken, though faster: a 128-register cap on the scans at 64 x
+    # 64 tiles (another 1.3x there, but it spills, which compile_check rejects: 168 instead,
+    # see scan_maxnreg) and two pipeline stages (7-13% in
     # the dq/dk and dv kernels, but WRONG outputs in the outputs kernel with Triton 3.6 at every
     # tile and warp count tried, and the interpreter cannot test pipelining). Other head dims:
     # the same rules, not measured yet.
     if kernel in ("fwd_out", "bwd_dv") and dtype != torch.float32 and DV > 64:
         BV = 128
-    return dict(BK=BK, BV=BV, num_warps=4, num_stages=1, maxnreg=MAXNREG)
+    maxnreg = MAXNREG
+    if kernel in ("fwd_state", "bwd_state"):
+        maxnreg = scan_maxnreg(BT, BK, BV, dtype)
+    return dict(BK=BK, BV=BV, num_warps=4, num_stages=1, maxnreg=maxnreg)
+
+
+def scan_maxnreg(BT, BK, BV, dtype):
+    """Register cap of the two state scans at 4 warps on Hopper: the most that still lets one
+    more program share an SM without spilling. The scans are latency-bound (a serial chain of
+    dependent chunk steps, each a load, a dot and an FMA), so programs an SM is what counts: on
+    the H200 a 128 cap ran them 1.3x faster than no cap at D=384 (64 x 64 tiles) even though
+    it spilled 176 bytes. 168 registers = 3 programs of 128 threads in the 64K register file
+    (2 uncapped: ptxas takes 181-188); 128 = 4, which tiles of at most 32 x 32 of 16-bit
+    inputs at 64 positions fit without spilling. compile_check proves every such build
+    spill-free; the speed-up of 168 itself is not measured yet (bench/tune.py sweeps it)."""
+    small = dtype != torch.float32 and BK * BV * BT <= 32 * 32 * 64
+    return 128 if small else 168
 
 
 def prologue_params(DV, BT, dtype, arch):
