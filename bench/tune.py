@@ -48,7 +48,8 @@ def candidates(kernel, D, BT, arch=None):
     loops over in 32 / 64), 4 warps (and 8 before Hopper: on the H200 8 lost everywhere by
     1.5-2x), 1 or 2 pipeline stages (3 for the scans, whose loops run every chunk), and
     register caps of 128 / 168 / none (255) for the scans, 168 or the table's elsewhere (caps
-    at which 4 / 3 / 2 programs of 4 warps share an SM's registers)."""
+    at which 4 / 3 / 2 programs of 4 warps share an SM's registers); for the scans also their
+    split form (heuristics.launch_params), timed as the sum of its two launches."""
     arch = device_arch() if arch is None else arch
     base = heuristics.launch_params(kernel, D, D, BT, torch.bfloat16, arch)
     if kernel in ("fwd_state", "bwd_state"):
@@ -65,6 +66,9 @@ def candidates(kernel, D, BT, arch=None):
            for (BK, BV), w, st, cap in itertools.product(tiles, warps, (1, 2), caps)]
     if kernel in ("fwd_state", "bwd_state"):
         out += [dict(base, num_stages=3, maxnreg=cap) for cap in caps]
+        # the split form: its parallel pass's tiles and stages (the chain has fixed ones)
+        out += [dict(base, BK=BK, BV=BV, num_stages=st, split=True)
+                for (BK, BV), st in itertools.product(tiles, (1, 2))]
     return [c for i, c in enumerate(out) if c not in out[:i] and c != base]
 
 
@@ -101,8 +105,11 @@ def kernel_times(x, dh, BT, backward, reps):
         tchunk.KERNEL_EVENTS = []
         run_pass(x, dh, BT, backward)
         _sync(x["q"])
+        this = {}                                # a split scan launches twice under its name
         for name, watch in tchunk.KERNEL_EVENTS:
-            per.setdefault(name, []).append(watch.ms())
+            this[name] = this.get(name, 0.) + watch.ms()
+        for name, ms in this.items():
+            per.setdefault(name, []).append(ms)
     tchunk.KERNEL_EVENTS = None
     return {k: statistics.median(v) for k, v in per.items()}
 
@@ -253,6 +260,7 @@ def sweep(D, args, result, save, t0, pool):
                 print(f"D={D} BT={BT} {kernel}: table {base[kernel]:.3f} ms -> best "
                       f"{best['ms']:.3f} ms with BK={best['BK']} BV={best['BV']} "
                       f"w={best['num_warps']} st={best['num_stages']} maxnreg={best['maxnreg']}"
+                      + (" split" if best.get("split") else "")
                       + (f"; {len(rows) - len(good)} wrong/failed" if len(good) < len(rows)
                          else ""), flush=True)
             save()

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90 (no GPU needed).
 
 Runs `python -m vil_kernels.compile_check --quick` (the ViL-S configuration: head dim 192,
-chunk 64, bfloat16, all five kernels, both archs) in a subprocess without TRITON_INTERPRET:
+chunk 64, bfloat16, every kernel incl. the split scans' two, both archs) in a subprocess without TRITON_INTERPRET:
 it fails on a compile error, a register spill, shared memory over the arch limit or a
 bfloat16 build without tensor-core MMA. The full matrix is `python -m vil_kernels.compile_check`.
 """
@@ -25,8 +25,11 @@ def test_variants_cover_every_kernel_and_head_dim():
     served = set().union(*todo.values())
     dims = compile_check.HEAD_DIMS
     assert served == {(a, b) for a in dims for b in dims}
-    assert {k[0] for k in todo} == set(heuristics.KERNELS) | {"fwd_gates", "bwd_prologue"}
+    assert {k[0] for k in todo} == set(heuristics.KERNELS) | {
+        "fwd_gates", "bwd_prologue", "chunk_local", "chunk_chain"}
     assert {k[2] for k in todo} == {80, 90}
+    from vil_kernels.triton.chunk import CHAIN_BLOCK
+    assert compile_check.CHAIN_BLOCK == CHAIN_BLOCK
 
 
 def test_compile_check_quick():
@@ -39,6 +42,6 @@ def test_compile_check_quick():
     rows = [line for line in out.splitlines() if line.endswith(" ok")]
     kernels = {line.split()[0] for line in rows}
     assert kernels == {"fwd_gates", "fwd_state", "fwd_out", "bwd_prologue", "bwd_state",
-                       "bwd_dqk", "bwd_dv"}, out
+                       "bwd_dqk", "bwd_dv", "chunk_local", "chunk_chain"}, out
     assert {line.split()[2] for line in rows} == {"sm80", "sm90"}, out
     assert "0 failed" in out

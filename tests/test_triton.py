@@ -100,6 +100,33 @@ def test_tuner_tile_overrides(overrides, monkeypatch):
     _check(x, torch.bfloat16, reverse=True)
 
 
+# The scans' split form (each chunk's own term in parallel, then an elementwise chain linking
+# them): the same function. DK x DV = 40 x 48 spans two chain programs, the second masked; a
+# loss on h alone starts the state-gradient chain from zero.
+@pytest.mark.parametrize("dtype,init,reverse,last_states", [
+    (torch.float64, True, False, True),
+    (torch.float64, False, True, True),
+    (torch.float64, True, True, False),
+    (torch.bfloat16, True, True, True),
+])
+def test_split_scans(dtype, init, reverse, last_states, monkeypatch):
+    from vil_kernels.triton import heuristics
+    if dtype == torch.float64 and DEVICE == "cuda":
+        dtype = torch.float32                       # float64 kernels are interpreter-only
+    monkeypatch.setattr(heuristics, "OVERRIDES", {"fwd_state": {"split": True},
+                                                  "bwd_state": {"split": True}})
+    assert heuristics.launch_params("bwd_state", 40, 48, 16, dtype, 0)["split"]
+    x = make_inputs(NH=2, S=37, DK=40, DV=48, init=init, seed=18)
+    if last_states:
+        _check(x, dtype, reverse=reverse)
+        return
+    x = {n: t.to(dtype).double().to(DEVICE) for n, t in x.items()}
+    got = run(x, "triton", reverse=reverse, chunk_size=16, last_states=False, compute=dtype)
+    ref = run(x, "parallel", reverse=reverse, last_states=False)
+    errs = {n: rel_err(got[n], ref[n]) for n in ref}
+    assert max(errs.values()) < TOL[dtype], errs
+
+
 def test_chunk_states_stored_in_input_dtype():
     """C entering each chunk is kept in the 16-bit input dtype (it is only a tl.dot operand)
     and in float32 otherwise; the last state returned is float32 either way."""

@@ -5,12 +5,15 @@
 
 Enumerates what vil_kernels.triton's dispatcher can launch: input dtypes (float32, float16,
 bfloat16) x head dims (DQK, DV) in {64, 96, 128, 192, 256, 384, 512}^2 x chunk lengths
-(16, 32, 64, 128) x the five matmul kernels, the gate scan and the backward prologue, maps
-each to its compiled variant (tiles, warps, stages, register cap, dtypes: head dims are runtime
-values, so many head dims share one binary), and compiles every
-distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
-registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, and the head dims
-each binary serves (flag: HAS_INIT of the scans, HAS_DLAST of the state-gradient scan). Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
+(16, 32, 64, 128) x the five matmul kernels, the gate scan and the backward prologue, and the
+scans' split form at the scans' parameters (chunk_local, chunk_chain: chosen only by a
+launch table or the tuner), maps each to its compiled variant (tiles, warps, stages, register
+cap, dtypes: head dims are runtime values, so many head dims share one binary), and compiles
+every distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config,
+arch, registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, and the
+head dims each binary serves (flag: HAS_INIT of the scans, HAS_DLAST of the state-gradient
+scan; f/b and S for the chain's direction and starting state). Exits 1 on any spill, on shared
+memory over the arch's limit (sm_80: 163 KB,
 sm_90: 227 KB), on registers x threads over the 64K register file, when a 16-bit build has no
 HMMA/HGMMA instruction, or on a compile error.
 """
@@ -28,6 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 HEAD_DIMS = (64, 96, 128, 192, 256, 384, 512)
+CHAIN_BLOCK = 1024  # vil_kernels.triton.chunk.CHAIN_BLOCK (not imported: it imports triton)
 CHUNKS = (16, 32, 64, 128)
 DTYPES = ("float32", "float16", "bfloat16")
 ARCHS = (80, 90)
@@ -59,6 +63,12 @@ def _signature(name, dt):
     elif name == "bwd_dv":
         ptrs = [x, x, x, x, x] + [a] * 4 + [x, x]
         scalars = ["i32"] * (5 + 4) + ["fp32"]
+    elif name == "chunk_local":  # x, y, wc, wn, c, n
+        ptrs = [x, x, a, a, x, a]
+        scalars = ["i32"] * (6 + 6)
+    elif name == "chunk_chain":  # c, n, decay, c0, n0, c_end, n_end; NC, DK, DV
+        ptrs = [x] + [a] * 6
+        scalars = ["i32"] * 3
     else:  # bwd_prologue: dh, h, i, f, then 10 float32 rows; S, NC, DV, REVERSE; scale, eps
         ptrs = [x] * 4 + [a] * 10
         scalars = ["i32"] * 4 + ["fp32", "fp32"]
@@ -87,6 +97,14 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                                 key = (name, dt, arch, BT, p["BK"], p["BV"], p["num_warps"],
                                        p["num_stages"], has_init, p["maxnreg"])
                                 out.setdefault(key, set()).add((DK, DV))
+                            if name in heuristics.SCANS:  # their split form, same parameters
+                                key = ("chunk_local", dt, arch, BT, p["BK"], p["BV"],
+                                       p["num_warps"], p["num_stages"], None, p["maxnreg"])
+                                out.setdefault(key, set()).add((DK, DV))
+                    for arch in ARCHS:                      # the split scans' chain
+                        for flag in ("f", "fS", "b", "bS"):
+                            key = ("chunk_chain", dt, arch, 0, 0, CHAIN_BLOCK, 4, 1, flag, None)
+                            out.setdefault(key, set()).add((DK, DV))
                     for arch in ARCHS:                      # the gate scan and the prologue
                         p = heuristics.prologue_params(DV, BT, getattr(torch, dt), arch)
                         key = ("bwd_prologue", dt, arch, BT, 0, p["BV"], p["num_warps"], 1,
@@ -124,6 +142,9 @@ def compile_one(key):
     ptrs, scalars = _signature(name, dt)
     if name == "bwd_prologue":
         const_names, const_vals = ["BT", "BV", "ACC"], [BT, BV, tl_of[acc]]
+    elif name == "chunk_chain":
+        const_names = ["BLOCK", "BACKWARD", "HAS_START", "ACC"]
+        const_vals = [BV, has_init[0] == "b", "S" in has_init, tl_of[acc]]
     elif name == "fwd_gates":
         const_names, const_vals = ["BT", "HAS_INIT", "ACC"], [BT, bool(has_init), tl_of[acc]]
     else:
@@ -143,7 +164,8 @@ def compile_one(key):
     n_int = sum(t == "i32" for t in scalars)
     attrs = {(j,): [["tt.divisibility", 16]] for j in range(len(ptrs))}
     # DV for the prologue; DK, DV and the strides for the matmul kernels; none for the gate scan
-    divisible = {"bwd_prologue": (2,), "fwd_gates": ()}.get(name, (2, 3, *range(6, n_int)))
+    divisible = {"bwd_prologue": (2,), "fwd_gates": (), "chunk_chain": (1, 2)}.get(
+        name, (2, 3, *range(6, n_int)))
     attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in divisible})
     src = ASTSource(fn, sig, consts, attrs)
     row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, BK=BK, BV=BV, warps=warps, stages=stages,
@@ -196,7 +218,7 @@ def problems(row):
     if row["smem"] > SMEM_LIMIT[row["arch"]]:
         bad.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[row['arch']]}")
     if (row["dtype"] in ("bfloat16", "float16") and row["hmma"] + row["hgmma"] == 0
-            and row["kernel"] not in ("bwd_prologue", "fwd_gates")):   # no matmul in them
+            and row["kernel"] not in ("bwd_prologue", "fwd_gates", "chunk_chain")):  # no dot
         bad.append("no tensor-core MMA in SASS")
     return bad
 
@@ -236,7 +258,7 @@ def main(argv=None):
     finally:
         if env_had is not None:
             os.environ["TRITON_INTERPRET"] = env_had
-    hdr = (f"{'kernel':<10} {'dtype':<8} {'arch':<5} {'BT':>3} {'BK':>3} {'BV':>3} {'w':>2} "
+    hdr = (f"{'kernel':<12} {'dtype':<8} {'arch':<5} {'BT':>3} {'BK':>3} {'BV':>3} {'w':>2} "
            f"{'st':>2} {'flag':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6}  "
            "head dims / status")
     print(hdr)
@@ -245,15 +267,16 @@ def main(argv=None):
     for key, row in zip(keys, rows):
         bad = problems(row)
         failed += bool(bad)
-        init = "" if row["has_init"] is None else str(row["has_init"])[0]
+        flag = row["has_init"]
+        init = "" if flag is None else flag if isinstance(flag, str) else str(flag)[0]
         if row["error"]:
-            print(f"{row['kernel']:<10} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>3} "
+            print(f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>3} "
                   f"{row['BK']:>3} {row['BV']:>3} {row['warps']:>2} {row['stages']:>2} {init:<5} "
                   f"FAIL {row['error']}")
             continue
         mma = f"G{row['hgmma']}" if row["hgmma"] else (f"H{row['hmma']}" if row["hmma"] else "-")
         status = "FAIL " + "; ".join(bad) if bad else "ok"
-        print(f"{row['kernel']:<10} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>3} "
+        print(f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>3} "
               f"{row['BK']:>3} {row['BV']:>3} {row['warps']:>2} {row['stages']:>2} {init:<5} "
               f"{row['regs']:>4} {row['spill']:>5} {row['smem']:>7} {mma:>6}  "
               f"{_dims_str(todo[key])} {status}")

@@ -3,7 +3,8 @@
 Forward: mlstm_fwd_gates_kernel (the stabilizer's scan, one program a head: m and argmax entering
 every chunk, each key's weight and the carried state's factor), mlstm_fwd_state_kernel (the
 (C, n) scan, entry state of every chunk) then mlstm_fwd_out_kernel (outputs per chunk; m,
-signed normalizer and argmax per row).
+signed normalizer and argmax per row). With the scans' split launch parameter each scan is
+mlstm_chunk_local_kernel then mlstm_chunk_chain_kernel instead (same function).
 Backward: mlstm_bwd_prologue_kernel (den, dn, dm per row from one pass over dh and h, and the
 state-gradient scan's row weights and chunk factors), mlstm_bwd_state_kernel (reverse
 scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv),
@@ -23,8 +24,8 @@ from ..utils import NEG, compute_dtype, route_last_state, route_to_argmax
 from . import heuristics
 from ._interp import interpreting, patch_interpreter
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_prologue_kernel,
-                      mlstm_bwd_state_kernel, mlstm_fwd_gates_kernel, mlstm_fwd_out_kernel,
-                      mlstm_fwd_state_kernel)
+                      mlstm_bwd_state_kernel, mlstm_chunk_chain_kernel, mlstm_chunk_local_kernel,
+                      mlstm_fwd_gates_kernel, mlstm_fwd_out_kernel, mlstm_fwd_state_kernel)
 
 patch_interpreter()
 
@@ -87,6 +88,26 @@ def _run(kernel, name, grid, args, **meta):
     kernel[grid](*args, **meta)
     if watch is not None:
         KERNEL_EVENTS.append((name, watch.stop()))
+
+
+# Elements of a state one program of mlstm_chunk_chain_kernel carries (also its n program's:
+# head dims up to 512 fit).
+CHAIN_BLOCK = 1024
+
+
+def _split_scan(name, x, y, x_strides, y_strides, wc, wn, decay, c, n, start, end, has_start,
+                backward, S, NC, DK, DV, rev, NH, BT, dtype, arch):
+    """A state scan as mlstm_chunk_local_kernel (every chunk's own term, in parallel) then
+    mlstm_chunk_chain_kernel (linking them, in place in c and n): the split launch parameter.
+    Both launches are timed under the scan's name."""
+    BH = c.shape[0] * c.shape[1]
+    _launch(mlstm_chunk_local_kernel, name,
+            lambda BK, BV: (NC * BH, triton.cdiv(DK, BK), triton.cdiv(DV, BV)),
+            (x, y, wc, wn, c, n, S, NC, DK, DV, rev, NH, *x_strides, *y_strides),
+            DK, DV, BT, dtype, arch)
+    _run(mlstm_chunk_chain_kernel, name, (triton.cdiv(DK * DV, CHAIN_BLOCK) + 1, BH),
+         (c, n, decay, *start, *end, NC, DK, DV), BLOCK=CHAIN_BLOCK, BACKWARD=backward,
+         HAS_START=has_start, ACC=_dot_args(dtype)["ACC"], num_warps=4)
 
 
 def state_dtype(x):
@@ -153,11 +174,16 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
          (i, f, m_init, m_in, a_in, m_last, a_last, gain, decay, S, NC, rev),
          BT=BT, HAS_INIT=has_init, ACC=_dot_args(q.dtype)["ACC"],
          num_warps=heuristics.gates_warps(BT))
-    _launch(mlstm_fwd_state_kernel, "fwd_state",
-            lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
-            (k, v, gain, decay, c_init, n_init, c_in, n_in, c_last, n_last,
-             S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, BT, q.dtype, arch,
-            HAS_INIT=has_init)
+    if heuristics.launch_params("fwd_state", DK, DV, BT, q.dtype, arch)["split"]:
+        _split_scan("fwd_state", k, v, _strides(k), _strides(v), gain, gain, decay, c_in, n_in,
+                    (c_init, n_init), (c_last, n_last), has_init, False,
+                    S, NC, DK, DV, rev, NH, BT, q.dtype, arch)
+    else:
+        _launch(mlstm_fwd_state_kernel, "fwd_state",
+                lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
+                (k, v, gain, decay, c_init, n_init, c_in, n_in, c_last, n_last,
+                 S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, BT, q.dtype, arch,
+                HAS_INIT=has_init)
     _launch(mlstm_fwd_out_kernel, "fwd_out",
             lambda BK, BV: (triton.cdiv(DV, BV), NC, B * NH),
             (q, k, v, i, f, c_in, n_in, m_in, a_in, h, m_row, n_row, a_row,
@@ -199,11 +225,15 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     dn0 = torch.empty(B, NH, DK, dtype=ad, **kw)
     has_dlast = dc_last is not None
     dlast = (dc_last, dn_last) if has_dlast else (dc0, dn0)         # unread placeholders
-    _launch(mlstm_bwd_state_kernel, "bwd_state",
-            lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
-            (q, dh, wa, wb, decay, *dlast, dc_out, dn_out, dc0, dn0,
-             S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, BT, q.dtype, arch,
-            HAS_DLAST=has_dlast)
+    if heuristics.launch_params("bwd_state", DK, DV, BT, q.dtype, arch)["split"]:
+        _split_scan("bwd_state", q, dh, _strides(q), _strides(dh), wa, wb, decay, dc_out, dn_out,
+                    dlast, (dc0, dn0), has_dlast, True, S, NC, DK, DV, rev, NH, BT, q.dtype, arch)
+    else:
+        _launch(mlstm_bwd_state_kernel, "bwd_state",
+                lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
+                (q, dh, wa, wb, decay, *dlast, dc_out, dn_out, dc0, dn0,
+                 S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, BT, q.dtype, arch,
+                HAS_DLAST=has_dlast)
     dq, dk = (torch.empty(B, NH, S, DK, dtype=q.dtype, **kw) for _ in range(2))
     dv = torch.empty(B, NH, S, DV, dtype=q.dtype, **kw)
     p = heuristics.launch_params("bwd_dqk", DK, DV, BT, q.dtype, arch)

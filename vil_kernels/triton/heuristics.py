@@ -30,6 +30,7 @@ DEFAULT_BT = 64
 # caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
 MAXNREG = 255
 KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv")
+SCANS = ("fwd_state", "bwd_state")
 
 
 def device_arch(device):
@@ -70,14 +71,20 @@ OVERRIDES = {}
 # A launch table measured on one's own GPU (bench/tune.py --write-table FILE), used over the
 # built-in one for the entries it has: opt-in autotuning.
 TABLE_ENV = "VIL_KERNELS_LAUNCH_TABLE"
-_PARAMS = {"BK", "BV", "num_warps", "num_stages", "maxnreg"}
+_PARAMS = {"BK", "BV", "num_warps", "num_stages", "maxnreg", "split"}
 _tuned = None                                                    # {key: params}, loaded once
 
 
 def launch_params(kernel, DK, DV, BT, dtype, arch):
-    """BK, BV, num_warps, num_stages, maxnreg for one kernel. dtype: the inputs' torch dtype."""
+    """BK, BV, num_warps, num_stages, maxnreg for one kernel, and for the two scans split: run
+    the scan as a parallel pass of each chunk's own term and an elementwise chain linking them
+    (mlstm_chunk_local_kernel, mlstm_chunk_chain_kernel; BK, BV, warps, stages and the cap
+    then apply to the first) instead of one serial program per tile pair. Not measured yet,
+    so off in the built-in table. dtype: the inputs' torch dtype."""
     assert kernel in KERNELS, kernel
     p = _table_params(kernel, DK, DV, BT, dtype, arch)
+    if kernel in SCANS:
+        p["split"] = False
     p.update(tuned_table().get(table_key(kernel, DK, DV, BT, dtype, arch), {}))
     p.update(OVERRIDES.get(kernel, {}))
     return p
@@ -108,12 +115,14 @@ def read_table(path):
     checks = {"BK": pow2, "BV": pow2,
               "num_warps": lambda v: v in (1, 2, 4, 8, 16),
               "num_stages": lambda v: v in (1, 2, 3, 4),
-              "maxnreg": lambda v: v is None or isinstance(v, int) and 32 <= v <= 255}
+              "maxnreg": lambda v: v is None or isinstance(v, int) and 32 <= v <= 255,
+              "split": lambda v: isinstance(v, bool)}
     for key, params in entries.items():
         name = key.split("/")[0]
         if name not in KERNELS or len(key.split("/")) != 6 or not isinstance(params, dict):
             raise ValueError(f"{path}: bad entry {key!r}")
-        bad = {k: v for k, v in params.items() if k not in _PARAMS or not checks[k](v)}
+        bad = {k: v for k, v in params.items()
+               if k not in _PARAMS or not checks[k](v) or k == "split" and name not in SCANS}
         if bad:
             raise ValueError(f"{path}: entry {key!r} has invalid launch parameters {bad}")
     return entries
@@ -144,10 +153,10 @@ def _table_params(kernel, DK, DV, BT, dtype, arch):
     # the same rules, not measured yet.
     if kernel in ("fwd_out", "bwd_dv") and dtype != torch.float32 and DV > 64:
         BV = 128
-    maxnreg = MAXNREG
-    if kernel in ("fwd_state", "bwd_state"):
-        maxnreg = scan_maxnreg(BT, BK, BV, dtype)
-    return dict(BK=BK, BV=BV, num_warps=4, num_stages=1, maxnreg=maxnreg)
+    p = dict(BK=BK, BV=BV, num_warps=4, num_stages=1, maxnreg=MAXNREG)
+    if kernel in SCANS:
+        p["maxnreg"] = scan_maxnreg(BT, BK, BV, dtype)
+    return p
 
 
 def scan_maxnreg(BT, BK, BV, dtype):

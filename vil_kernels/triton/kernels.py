@@ -184,6 +184,75 @@ def mlstm_fwd_state_kernel(
 
 
 @triton.jit
+def mlstm_chunk_local_kernel(
+    x, y, wc, wn, c, n, S, NC, DK, DV, REVERSE, NH, sx_b, sx_h, sx_t, sy_b, sy_h, sy_t,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Every chunk's own term of a state scan, all chunks at once: grid (NC * B * NH,
+    cdiv(DK, BK), cdiv(DV, BV)). Into each chunk's slot of c [NC, DK, DV] and n [NC, DK]:
+        c = (wc x)^T y,   n = (wn x)^T 1      (per-row weights wc, wn [NC, BT], logical order)
+    for the state scan (x, y, wc, wn) = (k, v, gain, gain), for the state-gradient scan
+    (q, dh, wa, wb). mlstm_chunk_chain_kernel then links the slots into states. The two replace
+    a serial scan (a load, a dot and an FMA per chunk, one program per tile pair) by one fully
+    parallel pass of dots and an elementwise chain: the split launch parameter of the scans."""
+    i_cbh, i_k, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    i_bh, i_c = i_cbh // NC, i_cbh % NC
+    o_k, o_v, m_k, m_v, m_kv, o_kv = _state_tile(i_k, i_v, DK, DV, BK, BV)
+    o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
+    o_w = i_cbh * BT + tl.arange(0, BT)              # i_cbh = i_bh * NC + i_c: the chunk's slot
+    b_x = tl.load(_seq(x, i_bh, NH, sx_b, sx_h) + o_p[:, None] * sx_t + o_k[None, :],
+                  mask=m_t[:, None] & m_k[None, :], other=0.).to(ACC)       # [BT, BK]
+    b_y = tl.load(_seq(y, i_bh, NH, sy_b, sy_h) + o_p[:, None] * sy_t + o_v[None, :],
+                  mask=m_t[:, None] & m_v[None, :], other=0.)               # [BT, BV]
+    b_c = _dot(tl.trans(b_x * tl.load(wc + o_w)[:, None]), b_y, MMA, ACC, PREC, INTERP)
+    b_n = tl.sum(b_x * tl.load(wn + o_w)[:, None], axis=0)                 # [BK]
+    tl.store(c + i_cbh * DK * DV + o_kv, b_c.to(c.dtype.element_ty), mask=m_kv)
+    tl.store(n + i_cbh * DK + o_k, b_n.to(n.dtype.element_ty), mask=m_k & (i_v == 0))
+
+
+@triton.jit
+def _chain(x, x0, x_end, decay, i_bh, o_e, NC, SIZE, BACKWARD: tl.constexpr,
+           HAS_START: tl.constexpr, ACC: tl.constexpr):
+    """One head's slots [NC, SIZE] of x, elements o_e: each chunk's own term becomes the state
+    carried into it, walking the chunks forwards or backwards; the end state goes to x_end."""
+    m_e = o_e < SIZE
+    if HAS_START:
+        b_x = tl.load(x0 + i_bh * SIZE + o_e, mask=m_e, other=0.).to(ACC)
+    else:
+        b_x = tl.zeros(o_e.shape, ACC)
+    for i_r in range(NC):
+        if BACKWARD:
+            i_c = NC - 1 - i_r
+        else:
+            i_c = i_r
+        o_s = i_bh * NC + i_c
+        p_x = x + o_s * SIZE + o_e
+        b_own = tl.load(p_x, mask=m_e, other=0.).to(ACC)   # same addresses, same threads as
+        tl.store(p_x, b_x.to(x.dtype.element_ty), mask=m_e)  # the store: read before written
+        b_x = b_x * tl.load(decay + o_s) + b_own
+    tl.store(x_end + i_bh * SIZE + o_e, b_x.to(x_end.dtype.element_ty), mask=m_e)
+
+
+@triton.jit
+def mlstm_chunk_chain_kernel(
+    c, n, decay, c0, n0, c_end, n_end, NC, DK, DV,
+    BLOCK: tl.constexpr, BACKWARD: tl.constexpr, HAS_START: tl.constexpr, ACC: tl.constexpr,
+):
+    """Links mlstm_chunk_local_kernel's slots into states, in place: grid
+    (cdiv(DK * DV, BLOCK) + 1, B * NH), the last program of a head doing n (DK <= BLOCK).
+        slot <- carry,   carry <- decay * carry + slot's own term
+    chunk by chunk (backwards for the state gradients) from the starting state (c0, n0, or
+    zero), then the end state (the last state, or the initial state's gradient)."""
+    i_e, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    if i_e == tl.num_programs(0) - 1:
+        _chain(n, n0, n_end, decay, i_bh, tl.arange(0, BLOCK), NC, DK, BACKWARD, HAS_START, ACC)
+    else:
+        _chain(c, c0, c_end, decay, i_bh, i_e * BLOCK + tl.arange(0, BLOCK), NC, DK * DV,
+               BACKWARD, HAS_START, ACC)
+
+
+@triton.jit
 def mlstm_fwd_out_kernel(
     q, k, v, i, f, c_in, n_in, m_in, a_in, h, m_row, n_row, a_row,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale, eps,
