@@ -101,20 +101,22 @@ def test_tuner_tile_overrides(overrides, monkeypatch):
 
 
 # The scans' split form (each chunk's own term in parallel, then an elementwise chain linking
-# them): the same function. DK x DV = 40 x 48 spans two chain programs, the second masked; a
-# loss on h alone starts the state-gradient chain from zero.
-@pytest.mark.parametrize("dtype,init,reverse,last_states", [
-    (torch.float64, True, False, True),
-    (torch.float64, False, True, True),
-    (torch.float64, True, True, False),
-    (torch.bfloat16, True, True, True),
+# them): the same function. DK x DV = 40 x 48 spans two chain programs, the second masked; the
+# parallel pass in one masked tile pair, or in 3 x 2 / 2 x 3 masked tiles; a loss on h alone
+# starts the state-gradient chain from zero.
+@pytest.mark.parametrize("dtype,init,reverse,last_states,tiles", [
+    (torch.float64, True, False, True, False),
+    (torch.float64, False, True, True, True),
+    (torch.float64, True, True, False, True),
+    (torch.bfloat16, True, True, True, False),
 ])
-def test_split_scans(dtype, init, reverse, last_states, monkeypatch):
+def test_split_scans(dtype, init, reverse, last_states, tiles, monkeypatch):
     from vil_kernels.triton import heuristics
     if dtype == torch.float64 and DEVICE == "cuda":
         dtype = torch.float32                       # float64 kernels are interpreter-only
-    monkeypatch.setattr(heuristics, "OVERRIDES", {"fwd_state": {"split": True},
-                                                  "bwd_state": {"split": True}})
+    fwd, bwd = (dict(split=True, BK=16, BV=32), dict(split=True, BK=32, BV=16)) if tiles else \
+        (dict(split=True), dict(split=True))
+    monkeypatch.setattr(heuristics, "OVERRIDES", {"fwd_state": fwd, "bwd_state": bwd})
     assert heuristics.launch_params("bwd_state", 40, 48, 16, dtype, 0)["split"]
     x = make_inputs(NH=2, S=37, DK=40, DV=48, init=init, seed=18)
     if last_states:

@@ -84,7 +84,12 @@ def test_launch_table_file(tmp_path, monkeypatch):
         assert (p["BV"], p["num_warps"], p["num_stages"]) == (32, 8, 1)
         other = heuristics.launch_params("fwd_out", 96, 96, 64, torch.bfloat16, 80)
         assert other == heuristics._table_params("fwd_out", 96, 96, 64, torch.bfloat16, 80)
-        for bad in ({"fwd_out/96": {}}, {key: {"BV": 48}}, {key: {"warps": 4}}):
+        scan = heuristics.table_key("bwd_state", 96, 96, 64, torch.bfloat16, 90)
+        path.write_text(json.dumps({"entries": {scan: {"split": True}}}))
+        heuristics.tuned_table(reload=True)
+        assert heuristics.launch_params("bwd_state", 96, 96, 64, torch.bfloat16, 90)["split"]
+        for bad in ({"fwd_out/96": {}}, {key: {"BV": 48}}, {key: {"warps": 4}},
+                    {key: {"split": True}}, {scan: {"split": 1}}):
             path.write_text(json.dumps({"entries": bad}))
             with pytest.raises(ValueError, match="t.json"):
                 heuristics.tuned_table(reload=True)

@@ -102,7 +102,7 @@ def _split_scan(name, x, y, x_strides, y_strides, wc, wn, decay, c, n, start, en
     Both launches are timed under the scan's name."""
     BH = c.shape[0] * c.shape[1]
     _launch(mlstm_chunk_local_kernel, name,
-            lambda BK, BV: (NC * BH, triton.cdiv(DK, BK), triton.cdiv(DV, BV)),
+            lambda BK, BV: (NC * BH * triton.cdiv(DK, BK) * triton.cdiv(DV, BV),),
             (x, y, wc, wn, c, n, S, NC, DK, DV, rev, NH, *x_strides, *y_strides),
             DK, DV, BT, dtype, arch)
     _run(mlstm_chunk_chain_kernel, name, (triton.cdiv(DK * DV, CHAIN_BLOCK) + 1, BH),

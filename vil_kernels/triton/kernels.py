@@ -189,14 +189,18 @@ def mlstm_chunk_local_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """Every chunk's own term of a state scan, all chunks at once: grid (NC * B * NH,
-    cdiv(DK, BK), cdiv(DV, BV)). Into each chunk's slot of c [NC, DK, DV] and n [NC, DK]:
+    """Every chunk's own term of a state scan, all chunks at once: grid (NC * B * NH *
+    cdiv(DK, BK) * cdiv(DV, BV),), a chunk's tiles adjacent (its x and y tiles are each read by
+    several of them: from L2). Into each chunk's slot of c [NC, DK, DV] and n [NC, DK]:
         c = (wc x)^T y,   n = (wn x)^T 1      (per-row weights wc, wn [NC, BT], logical order)
     for the state scan (x, y, wc, wn) = (k, v, gain, gain), for the state-gradient scan
     (q, dh, wa, wb). mlstm_chunk_chain_kernel then links the slots into states. The two replace
     a serial scan (a load, a dot and an FMA per chunk, one program per tile pair) by one fully
     parallel pass of dots and an elementwise chain: the split launch parameter of the scans."""
-    i_cbh, i_k, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    NK, NV = tl.cdiv(DK, BK), tl.cdiv(DV, BV)
+    i_p = tl.program_id(0).to(tl.int64)
+    i_cbh = i_p // (NK * NV)
+    i_k, i_v = ((i_p // NV) % NK).to(tl.int32), (i_p % NV).to(tl.int32)
     i_bh, i_c = i_cbh // NC, i_cbh % NC
     o_k, o_v, m_k, m_v, m_kv, o_kv = _state_tile(i_k, i_v, DK, DV, BK, BV)
     o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
