@@ -66,9 +66,9 @@ def candidates(kernel, D, BT, arch=None):
            for (BK, BV), w, st, cap in itertools.product(tiles, warps, (1, 2), caps)]
     if kernel in ("fwd_state", "bwd_state"):
         out += [dict(base, num_stages=3, maxnreg=cap) for cap in caps]
-        # the split form: its parallel pass's tiles and stages (the chain has fixed ones)
-        out += [dict(base, BK=BK, BV=BV, num_stages=st, split=True)
-                for (BK, BV), st in itertools.product(tiles, (1, 2))]
+        # the split form: its parallel pass's tiles (no loop there to pipeline; the chain's
+        # launch is fixed)
+        out += [dict(base, BK=BK, BV=BV, num_stages=1, split=True) for BK, BV in tiles]
     return [c for i, c in enumerate(out) if c not in out[:i] and c != base]
 
 

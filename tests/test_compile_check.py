@@ -45,3 +45,22 @@ def test_compile_check_quick():
                        "bwd_dqk", "bwd_dv", "chunk_local", "chunk_chain"}, out
     assert {line.split()[2] for line in rows} == {"sm80", "sm90"}, out
     assert "0 failed" in out
+
+
+def test_pipeline_hazard_detected():
+    """The outputs kernel at two stages: summing products of q (the form it runs at one stage)
+    makes Triton 3.6 single-buffer q under its async wgmma, a race that gave wrong outputs on
+    an H200; pipeline_hazards finds it, and the QN_MMA form the launcher uses from two stages
+    on has none."""
+    code = (
+        "from vil_kernels.compile_check import compile_one\n"
+        "key = ('fwd_out', 'bfloat16', 90, 64, 64, 128, 4, 2, None, 255)\n"
+        "print(compile_one(key, {'QN_MMA': False})['hazards'])\n"
+        "print(compile_one(key)['hazards'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    racy, fixed = res.stdout.strip().splitlines()[-2:]
+    assert racy.startswith("['%b_q") and fixed == "[]", res.stdout

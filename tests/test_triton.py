@@ -100,6 +100,28 @@ def test_tuner_tile_overrides(overrides, monkeypatch):
     _check(x, torch.bfloat16, reverse=True)
 
 
+# A software-pipelined outputs kernel (num_stages > 1, chosen by a tuned table) computes q . n
+# on the tensor cores (_matvec: n as a hi + lo pair of MMA columns) to avoid a Triton
+# pipelining bug; the interpreter ignores stages but runs that arithmetic: as exact in float64,
+# as accurate as before in bfloat16.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_outputs_for_pipelining(dtype, monkeypatch):
+    from vil_kernels.triton import heuristics
+    if dtype == torch.float64 and DEVICE == "cuda":
+        dtype = torch.float32
+    monkeypatch.setattr(heuristics, "OVERRIDES", {"fwd_out": {"num_stages": 2}})
+    x = make_inputs(NH=1, S=37, DK=96, DV=48, init=True, seed=19)
+    _check(x, dtype, reverse=True)
+    # the row normalizers (float32) agree with the sum-of-products form to float32 rounding
+    from vil_kernels.triton.chunk import _fwd_op
+    x = {n: t.to(dtype).to(DEVICE) for n, t in x.items()}
+    args = (x["q"], x["k"], x["v"], x["i"], x["f"], None, None, None, 1e-6, 16, False)
+    n_mma = _fwd_op(*args)[6]
+    monkeypatch.setattr(heuristics, "OVERRIDES", {})
+    n_sum = _fwd_op(*args)[6]
+    assert rel_err(n_mma.double(), n_sum.double()) < (1e-12 if dtype == torch.float64 else 1e-5)
+
+
 # The scans' split form (each chunk's own term in parallel, then an elementwise chain linking
 # them): the same function. DK x DV = 40 x 48 spans two chain programs, the second masked; the
 # parallel pass in one masked tile pair, or in 3 x 2 / 2 x 3 masked tiles; a loss on h alone

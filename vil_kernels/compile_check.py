@@ -15,7 +15,8 @@ head dims each binary serves (flag: HAS_INIT of the scans, HAS_DLAST of the stat
 scan; f/b and S for the chain's direction and starting state). Exits 1 on any spill, on shared
 memory over the arch's limit (sm_80: 163 KB,
 sm_90: 227 KB), on registers x threads over the 64K register file, when a 16-bit build has no
-HMMA/HGMMA instruction, or on a compile error.
+HMMA/HGMMA instruction, on a pipelined loop whose asynchronous wgmma reads a single-buffered
+tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile error.
 """
 
 import argparse
@@ -122,8 +123,8 @@ def _bin(tool):
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
-def compile_one(key):
-    """Compile one variant; returns a result row (dict)."""
+def compile_one(key, constexprs=None):
+    """Compile one variant; returns a result row (dict). constexprs: overrides (tests)."""
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
     import triton.language as tl
@@ -148,16 +149,18 @@ def compile_one(key):
     elif name == "fwd_gates":
         const_names, const_vals = ["BT", "HAS_INIT", "ACC"], [BT, bool(has_init), tl_of[acc]]
     else:
-        flag = {"fwd_state": ["HAS_INIT"], "bwd_state": ["HAS_DLAST"]}.get(name, [])
+        flag = {"fwd_state": ["HAS_INIT"], "bwd_state": ["HAS_DLAST"],
+                "fwd_out": ["QN_MMA"]}.get(name, [])
+        flag_val = stages > 1 if name == "fwd_out" else bool(has_init)   # as chunk._launch
         const_names = ["BT", "BK", "BV"] + flag + ["MMA", "ACC", "PREC", "INTERP"]
-        const_vals = [BT, BK, BV] + [bool(has_init)] * len(flag) + \
+        const_vals = [BT, BK, BV] + [flag_val] * len(flag) + \
             [tl_of[mma], tl_of[acc], prec, False]
     arg_names = fn.arg_names
     n_rt = len(arg_names) - len(const_names)
     assert n_rt == len(ptrs) + len(scalars), (name, n_rt, len(ptrs), len(scalars))
     sig = dict(zip(arg_names[:n_rt], ptrs + scalars))
     sig.update({c: "constexpr" for c in const_names})
-    consts = dict(zip(const_names, const_vals))
+    consts = dict(zip(const_names, const_vals), **(constexprs or {}))
     # pointers are 16-byte aligned; DK and DV (scalars 2 and 3) and the q, k, v strides
     # (scalars 6 on, before the floats) are multiples of 16, which the JIT specializes on at
     # launch as well (the launcher copies inputs whose strides are not)
@@ -203,8 +206,33 @@ def compile_one(key):
         os.remove(path)
     row["hmma"] = len(re.findall(r"\bHMMA\b", sass))
     row["hgmma"] = len(re.findall(r"\bHGMMA\b", sass))
+    row["hazards"] = pipeline_hazards(ck.asm["ttgir"])
     row["seconds"] = round(time.time() - t0, 1)
     return row
+
+
+def pipeline_hazards(ttgir):
+    """Shared-memory buffers of a software-pipelined loop that Triton gave a single slot although
+    an asynchronous wgmma reads them: the next iteration's copy into the slot can overwrite the
+    tile the MMA is still reading. Triton 3.6 does this to a loaded tile that also feeds an
+    elementwise reduction in the loop (wrong outputs on an H200; triton-lang/triton#6691).
+    Returns the buffers' names in the TTGIR (empty when there is no such hazard)."""
+    name = r"%[\w.]+"
+    single = set(re.findall(rf"({name}) = ttg\.local_alloc : \(\) -> !ttg\.memdesc<1x", ttgir))
+    views = {b: b for b in single}                 # a view of a single-slot buffer -> buffer
+    grown = True
+    while grown:
+        grown = False
+        for view, src in re.findall(rf"({name}) = ttg\.memdesc_\w+ ({name})", ttgir):
+            if src in views and view not in views:
+                views[view] = views[src]
+                grown = True
+    hazards = set()
+    for line in ttgir.splitlines():
+        if "ttng.warp_group_dot " in line and "isAsync = true" in line:
+            operands = line.split("warp_group_dot", 1)[1].split("{", 1)[0]
+            hazards.update(views[v] for v in re.findall(name, operands) if v in views)
+    return sorted(hazards)
 
 
 def problems(row):
@@ -213,6 +241,8 @@ def problems(row):
         return [row["error"]]
     if row["spill"] > 0:
         bad.append(f"spills {row['spill']} B")
+    if row.get("hazards"):
+        bad.append(f"single-buffered async MMA operand {', '.join(row['hazards'])} (races)")
     if row["regs"] * row["warps"] * 32 > 65536:
         bad.append(f"{row['regs']} registers x {row['warps'] * 32} threads > 64K register file")
     if row["smem"] > SMEM_LIMIT[row["arch"]]:

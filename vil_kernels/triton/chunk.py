@@ -73,6 +73,8 @@ class _Stopwatch:
 def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
     """Launch one of the five matmul kernels with the table's parameters."""
     p = heuristics.launch_params(name, DK, DV, BT, dtype, arch)
+    if name == "fwd_out":                      # its pipelining-safe form (see the kernel)
+        extra["QN_MMA"] = p["num_stages"] > 1
     meta = dict(BT=BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
     grid = grid(p["BK"], p["BV"]) if callable(grid) else grid
     opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])

@@ -4,7 +4,7 @@ Head dims are tiled by the largest of 64 / 32 / 16 that divides them (96 -> 3 x 
 64, 384 -> 6 x 64: no padding of 96 up to 128), except, on Hopper, the V tiles of the output and
 dv kernels: 128 for 16-bit inputs with DV > 64 (masked where DV is not a multiple); one chunk of 64
 positions by default (fewer for short sequences), at most 128 (float32 inputs: 32); one
-pipeline stage; 4 warps on Hopper (measured on an H200 with bench/tune.py, see _table_params;
+pipeline stage (two in Hopper's dq/dk and dv kernels for 16-bit inputs); 4 warps on Hopper (measured on an H200 with bench/tune.py, see _table_params;
 the state scans' registers capped for one more program an SM, see scan_maxnreg),
 8 from 64 positions on Ampere (not measured); at 128 positions 8 warps and head-dim tiles of at
 most 32 (V tiles of 16 in the outputs kernel). Everything is also checked ahead of time
@@ -145,15 +145,18 @@ def _table_params(kernel, DK, DV, BT, dtype, arch):
     # bench/results/tune-nvidia-h200-d384.json): 4 warps beat 8 in every kernel (1.5-2x: more
     # programs an SM, each a [64, 64] tile), and the output and dv kernels, which recompute
     # q k^T once per V tile, run 1.5x faster with V tiles of 128 (masked lanes included when
-    # DV is not a multiple). Not taken, though faster: a 128-register cap on the scans at 64 x
-    # 64 tiles (another 1.3x there, but it spills, which compile_check rejects: 168 instead,
-    # see scan_maxnreg) and two pipeline stages (7-13% in
-    # the dq/dk and dv kernels, but WRONG outputs in the outputs kernel with Triton 3.6 at every
-    # tile and warp count tried, and the interpreter cannot test pipelining). Other head dims:
-    # the same rules, not measured yet.
+    # DV is not a multiple). Two pipeline stages ran the dq/dk and dv kernels 14% and 6% faster
+    # with outputs checked there: taken for 16-bit inputs. Not taken, though faster: a
+    # 128-register cap on the scans at 64 x 64 tiles (another 1.3x there, but it spills, which
+    # compile_check rejects: 168 instead, see scan_maxnreg) and two stages in the outputs
+    # kernel (WRONG outputs at every tile and warp count tried: Triton 3.6 single-buffered q,
+    # which fed a reduction too, under its async wgmma; the kernel's QN_MMA form, used from 2
+    # stages on, removes that race but is untimed, and compile_check.pipeline_hazards now
+    # finds such races in any build). Other head dims: the same rules, not measured yet.
     if kernel in ("fwd_out", "bwd_dv") and dtype != torch.float32 and DV > 64:
         BV = 128
-    p = dict(BK=BK, BV=BV, num_warps=4, num_stages=1, maxnreg=MAXNREG)
+    stages = 2 if kernel in ("bwd_dqk", "bwd_dv") and dtype != torch.float32 else 1
+    p = dict(BK=BK, BV=BV, num_warps=4, num_stages=stages, maxnreg=MAXNREG)
     if kernel in SCANS:
         p["maxnreg"] = scan_maxnreg(BT, BK, BV, dtype)
     return p

@@ -44,6 +44,16 @@ def _dot(a, b, MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP:
 
 
 @triton.jit
+def _hi_lo_columns(x, MMA: tl.constexpr, ACC: tl.constexpr):
+    """A [K] vector in ACC as a [K, 16] tl.dot operand whose columns 0 and 1 are its MMA-dtype
+    part hi and the rest lo (lo is 0 for 32/64-bit MMA types): a @ this, summed over columns,
+    is a @ x as accurately as an ACC dot product (16-bit a exact)."""
+    b_hi = x.to(MMA).to(ACC)
+    o_j = tl.arange(0, 16)[None, :]
+    return tl.where(o_j == 0, b_hi[:, None], tl.where(o_j == 1, (x - b_hi)[:, None], 0.))
+
+
+@triton.jit
 def _argmax_combine(a_v, a_j, b_v, b_j):
     """Running (max, argmax); the earlier index on ties."""
     take_b = b_v > a_v
@@ -260,12 +270,16 @@ def mlstm_chunk_chain_kernel(
 def mlstm_fwd_out_kernel(
     q, k, v, i, f, c_in, n_in, m_in, a_in, h, m_row, n_row, a_row,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale, eps,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QN_MMA: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Outputs of one chunk and V block: grid (cdiv(DV, BV), NC, B * NH). The row max is taken
     over the carried state and the chunk's keys; the normalizer, m and argmax of every row are
-    stored by the i_v == 0 programs."""
+    stored by the i_v == 0 programs. QN_MMA (set when the loop is software-pipelined) computes
+    q . n_in on the tensor cores (_hi_lo_columns) instead of as a sum of products, so that q
+    only feeds dots: with a sum too, Triton 3.6 gives q's pipelined loads one shared-memory
+    buffer instead of two and the next iteration's copy overwrites it while the async wgmma
+    still read it (wrong outputs on an H200 at num_stages=2; triton-lang/triton#6691)."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
@@ -278,6 +292,7 @@ def mlstm_fwd_out_kernel(
     b_qk = tl.zeros([BT, BT], dtype=ACC)
     b_qc = tl.zeros([BT, BV], dtype=ACC)
     b_qn = tl.zeros([BT], dtype=ACC)
+    b_qn16 = tl.zeros([BT, 16], dtype=ACC)                          # QN_MMA: q @ (n hi, lo)
     for i_k in range(tl.cdiv(DK, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < DK
@@ -289,7 +304,12 @@ def mlstm_fwd_out_kernel(
         b_n = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)             # [BK]
         b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
         b_qc += _dot(b_q, b_c, MMA, ACC, PREC, INTERP)
-        b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
+        if QN_MMA:
+            b_qn16 += _dot(b_q, _hi_lo_columns(b_n, MMA, ACC), MMA, ACC, PREC, INTERP)
+        else:
+            b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
+    if QN_MMA:
+        b_qn = tl.sum(b_qn16, axis=1)
     b_min = tl.load(m_in + o_s).to(ACC)
     b_ain = tl.load(a_in + o_s)
     # row max of the chunk's log weights b_t - b_j + i_j (j <= t) = b_t + prefix max of i_j - b_j:
