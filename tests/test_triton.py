@@ -123,19 +123,21 @@ def test_outputs_for_pipelining(dtype, monkeypatch):
 
 
 # The scans' split form (each chunk's own term in parallel, then an elementwise chain linking
-# them): the same function. DK x DV = 40 x 48 spans two chain programs, the second masked; the
-# parallel pass in one masked tile pair, or in 3 x 2 / 2 x 3 masked tiles; a loss on h alone
-# starts the state-gradient chain from zero.
-@pytest.mark.parametrize("dtype,init,reverse,last_states,tiles", [
-    (torch.float64, True, False, True, False),
-    (torch.float64, False, True, True, True),
-    (torch.float64, True, True, False, True),
-    (torch.bfloat16, True, True, True, False),
+# them): the same function. DK x DV = 40 x 48 spans two chain programs of 1024 elements, the
+# second masked (or, in blocks of 16, 120 for C and 3 for n, the last masked); the parallel
+# pass in one masked tile pair, or in 3 x 2 / 2 x 3 masked tiles; a loss on h alone starts the
+# state-gradient chain from zero.
+@pytest.mark.parametrize("dtype,init,reverse,last_states,tiles,block", [
+    (torch.float64, True, False, True, False, 1024),
+    (torch.float64, False, True, True, True, 16),
+    (torch.float64, True, True, False, True, 1024),
+    (torch.bfloat16, True, True, True, False, 1024),
 ])
-def test_split_scans(dtype, init, reverse, last_states, tiles, monkeypatch):
-    from vil_kernels.triton import heuristics
+def test_split_scans(dtype, init, reverse, last_states, tiles, block, monkeypatch):
+    from vil_kernels.triton import chunk, heuristics
     if dtype == torch.float64 and DEVICE == "cuda":
         dtype = torch.float32                       # float64 kernels are interpreter-only
+    monkeypatch.setattr(chunk, "CHAIN_BLOCK", block)
     fwd, bwd = (dict(split=True, BK=16, BV=32), dict(split=True, BK=32, BV=16)) if tiles else \
         (dict(split=True), dict(split=True))
     monkeypatch.setattr(heuristics, "OVERRIDES", {"fwd_state": fwd, "bwd_state": bwd})

@@ -92,8 +92,7 @@ def _run(kernel, name, grid, args, **meta):
         KERNEL_EVENTS.append((name, watch.stop()))
 
 
-# Elements of a state one program of mlstm_chunk_chain_kernel carries (also its n program's:
-# head dims up to 512 fit).
+# Elements of a state one program of mlstm_chunk_chain_kernel carries.
 CHAIN_BLOCK = 1024
 
 
@@ -107,7 +106,8 @@ def _split_scan(name, x, y, x_strides, y_strides, wc, wn, decay, c, n, start, en
             lambda BK, BV: (NC * BH * triton.cdiv(DK, BK) * triton.cdiv(DV, BV),),
             (x, y, wc, wn, c, n, S, NC, DK, DV, rev, NH, *x_strides, *y_strides),
             DK, DV, BT, dtype, arch)
-    _run(mlstm_chunk_chain_kernel, name, (triton.cdiv(DK * DV, CHAIN_BLOCK) + 1, BH),
+    _run(mlstm_chunk_chain_kernel, name,
+         (triton.cdiv(DK * DV, CHAIN_BLOCK) + triton.cdiv(DK, CHAIN_BLOCK), BH),
          (c, n, decay, *start, *end, NC, DK, DV), BLOCK=CHAIN_BLOCK, BACKWARD=backward,
          HAS_START=has_start, ACC=_dot_args(dtype)["ACC"], num_warps=4)
 

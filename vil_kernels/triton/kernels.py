@@ -254,13 +254,15 @@ def mlstm_chunk_chain_kernel(
     BLOCK: tl.constexpr, BACKWARD: tl.constexpr, HAS_START: tl.constexpr, ACC: tl.constexpr,
 ):
     """Links mlstm_chunk_local_kernel's slots into states, in place: grid
-    (cdiv(DK * DV, BLOCK) + 1, B * NH), the last program of a head doing n (DK <= BLOCK).
+    (cdiv(DK * DV, BLOCK) + cdiv(DK, BLOCK), B * NH), BLOCK elements of C a program, then of n.
         slot <- carry,   carry <- decay * carry + slot's own term
     chunk by chunk (backwards for the state gradients) from the starting state (c0, n0, or
     zero), then the end state (the last state, or the initial state's gradient)."""
     i_e, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    if i_e == tl.num_programs(0) - 1:
-        _chain(n, n0, n_end, decay, i_bh, tl.arange(0, BLOCK), NC, DK, BACKWARD, HAS_START, ACC)
+    NCB = tl.cdiv(DK * DV, BLOCK)
+    if i_e >= NCB:
+        _chain(n, n0, n_end, decay, i_bh, (i_e - NCB) * BLOCK + tl.arange(0, BLOCK), NC, DK,
+               BACKWARD, HAS_START, ACC)
     else:
         _chain(c, c0, c_end, decay, i_bh, i_e * BLOCK + tl.arange(0, BLOCK), NC, DK * DV,
                BACKWARD, HAS_START, ACC)
