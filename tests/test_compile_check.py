@@ -64,3 +64,12 @@ def test_pipeline_hazard_detected():
     assert res.returncode == 0, res.stdout + res.stderr
     racy, fixed = res.stdout.strip().splitlines()[-2:]
     assert racy.startswith("['%b_q") and fixed == "[]", res.stdout
+
+
+def test_programs_per_sm():
+    from vil_kernels.compile_check import programs_per_sm
+    # the scans on sm_90 at 4 warps: uncapped (181 registers), capped at 168 (159), at 128
+    assert [programs_per_sm(r, 4, 16384, 90) for r in (181, 159, 128)] == [2, 3, 4]
+    assert programs_per_sm(255, 8, 24576, 80) == 1
+    assert programs_per_sm(32, 4, 100 * 1024, 90) == 2        # shared memory binds
+    assert programs_per_sm(16, 1, 0, 90) == 32                # the CTA limit

@@ -10,8 +10,8 @@ scans' split form at the scans' parameters (chunk_local, chunk_chain: chosen onl
 launch table or the tuner), maps each to its compiled variant (tiles, warps, stages, register
 cap, dtypes: head dims are runtime values, so many head dims share one binary), and compiles
 every distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config,
-arch, registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, and the
-head dims each binary serves (flag: HAS_INIT of the scans, HAS_DLAST of the state-gradient
+arch, registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, programs an
+SM holds at once (occ, programs_per_sm), and the head dims each binary serves (flag: HAS_INIT of the scans, HAS_DLAST of the state-gradient
 scan; f/b and S for the chain's direction and starting state). Exits 1 on any spill, on shared
 memory over the arch's limit (sm_80: 163 KB,
 sm_90: 227 KB), on registers x threads over the 64K register file, when a 16-bit build has no
@@ -253,6 +253,17 @@ def problems(row):
     return bad
 
 
+def programs_per_sm(regs, warps, smem, arch):
+    """Programs (CTAs) of one kernel an SM holds at once, from its registers (allocated per warp
+    in units of 256), its shared memory (plus 1 KB the driver reserves per CTA; 228 KB per SM
+    on sm_90, 164 KB on sm_80) and the 2048-thread and 32-CTA limits. Latency-bound kernels such
+    as the state scans get faster with every extra one (see heuristics.scan_maxnreg)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * warps)
+    by_smem = ({80: 164, 90: 228}[arch] * 1024) // (smem + 1024)
+    return max(0, min(by_regs, by_smem, 2048 // (32 * warps), 32))
+
+
 def _dims_str(dims):
     ks = sorted({d[0] for d in dims})
     vs = sorted({d[1] for d in dims})
@@ -289,7 +300,7 @@ def main(argv=None):
         if env_had is not None:
             os.environ["TRITON_INTERPRET"] = env_had
     hdr = (f"{'kernel':<12} {'dtype':<8} {'arch':<5} {'BT':>3} {'BK':>3} {'BV':>3} {'w':>2} "
-           f"{'st':>2} {'flag':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6}  "
+           f"{'st':>2} {'flag':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6} {'occ':>3}  "
            "head dims / status")
     print(hdr)
     print("-" * len(hdr))
@@ -308,7 +319,8 @@ def main(argv=None):
         status = "FAIL " + "; ".join(bad) if bad else "ok"
         print(f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>3} "
               f"{row['BK']:>3} {row['BV']:>3} {row['warps']:>2} {row['stages']:>2} {init:<5} "
-              f"{row['regs']:>4} {row['spill']:>5} {row['smem']:>7} {mma:>6}  "
+              f"{row['regs']:>4} {row['spill']:>5} {row['smem']:>7} {mma:>6} "
+              f"{programs_per_sm(row['regs'], row['warps'], row['smem'], row['arch']):>3}  "
               f"{_dims_str(todo[key])} {status}")
     print(f"\n{len(rows)} variants compiled in {time.time() - t0:.0f} s with {args.jobs} "
           f"process(es); {failed} failed")
