@@ -49,7 +49,7 @@ def test_dry_run_on_the_interpreter(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
     r = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "tune.py"), "--dims", "16", "--S", "20", "--B", "1",
-         "--NH", "1", "--reps", "1", "--jobs", "1", "--kernels", "bwd_dv",
+         "--NH", "1", "--reps", "1", "--jobs", "1", "--kernels", "bwd_dv", "fwd_state",
          "--results-file", str(out), "--write-table", str(tmp_path / "table.json")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -60,15 +60,18 @@ def test_dry_run_on_the_interpreter(tmp_path):
                "bwd_dv"}
     assert [b["BT"] for b in res["baselines"]] == [32, 64, 128]
     assert all(set(b["ms"]) == kernels for b in res["baselines"])
-    (sweep,) = res["sweeps"]
-    assert sweep["kernel"] == "bwd_dv"
+    sweep, scan = res["sweeps"]
+    assert sweep["kernel"] == "bwd_dv" and scan["kernel"] == "fwd_state"
     assert len(sweep["rows"]) == len(tune.candidates("bwd_dv", 16, 64))
-    assert all(row["ok"] for row in sweep["rows"])          # every tile choice is the same function
+    # every tile choice, and the scan's split form (two launches timed as one), is the same
+    # function
+    assert all(row["ok"] for row in sweep["rows"] + scan["rows"])
+    assert sum(bool(row.get("split")) for row in scan["rows"]) == 6
     (full,) = res["full"]
     assert full["table_ms"] > 0 and full["tuned_ms"] > 0
     # the winners, if any beat the table, form a launch table the dispatcher reads
     entries = heuristics.read_table(str(tmp_path / "table.json"))
-    assert all(k.startswith("bwd_dv/16/16/64/bfloat16/sm") for k in entries)
+    assert all(k.split("/", 1)[1].startswith("16/16/64/bfloat16/sm") for k in entries)
 
 
 def test_launch_table_file(tmp_path, monkeypatch):
