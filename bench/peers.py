@@ -114,9 +114,9 @@ def attention_flops(batch, heads, seq, head_dim):
 # erase instruction with users") while optimising these kernels of mlstm_kernels 2.0.6 for
 # Hopper, at every head dim and chunk size tried (bench/peer_compile.py reproduces it without a
 # GPU; found on an H200 on 2026-11-26). For sm_80 they build. Only those kernels skip LLVM's IR
-# optimiser (-O0 for that pass list; code generation and ptxas still optimise fully); with it
-# off for all of them (Triton's own DISABLE_LLVM_OPT=1) the same kernel spilled 140 bytes
-# instead of 64 at head dim 384.
+# optimiser (-O0 for that pass list; code generation and ptxas still optimise fully): at head
+# dim 384 that kernel then stores 32 bytes of spills, against 140 with Triton's own switch
+# for all of LLVM (DISABLE_LLVM_OPT=1, which also turns off code generation's optimiser).
 SLP_ABORT_TRITON_VERSIONS = ("3.6.",)
 SLP_ABORT_MIN_CAPABILITY = 90
 SLP_ABORT_KERNELS = frozenset({"mlstm_chunkwise__parallel_fw_Hintra_kernel"})
