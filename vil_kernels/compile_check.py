@@ -6,14 +6,14 @@
 Enumerates what vil_kernels.triton's dispatcher can launch: input dtypes (float32, float16,
 bfloat16) x head dims (DQK, DV) in {64, 96, 128, 192, 256, 384, 512}^2 x chunk lengths
 (16, 32, 64, 128) x the five matmul kernels, the gate scan and the backward prologue, and the
-scans' split form at the scans' parameters (chunk_local, chunk_chain: chosen only by a
-launch table or the tuner), maps each to its compiled variant (tiles, warps, stages, register
-cap, dtypes: head dims are runtime values, so many head dims share one binary), and compiles
-every distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config,
-arch, registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, programs an
-SM holds at once (occ, programs_per_sm), and the head dims each binary serves (flag: HAS_INIT of the scans, HAS_DLAST of the state-gradient
-scan; f/b and S for the chain's direction and starting state). Exits 1 on any spill, on shared
-memory over the arch's limit (sm_80: 163 KB,
+scans' split form at the scans' parameters (chunk_local, chunk_chain: chosen only by a launch
+table or the tuner), maps each to its compiled variant (tiles, warps, stages, register cap,
+dtypes: head dims are runtime values, so many head dims share one binary), and compiles every
+distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
+registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, programs an SM
+holds at once (occ, programs_per_sm), and the head dims each binary serves (flag: HAS_INIT of
+the scans, HAS_DLAST of the state-gradient scan; f/b and S for the chain's direction and
+starting state). Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
 sm_90: 227 KB), on registers x threads over the 64K register file, when a 16-bit build has no
 HMMA/HGMMA instruction, on a pipelined loop whose asynchronous wgmma reads a single-buffered
 tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile error.

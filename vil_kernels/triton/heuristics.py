@@ -4,9 +4,9 @@ Head dims are tiled by the largest of 64 / 32 / 16 that divides them (96 -> 3 x 
 64, 384 -> 6 x 64: no padding of 96 up to 128), except, on Hopper, the V tiles of the output and
 dv kernels: 128 for 16-bit inputs with DV > 64 (masked where DV is not a multiple); one chunk of 64
 positions by default (fewer for short sequences), at most 128 (float32 inputs: 32); one
-pipeline stage (two in Hopper's dq/dk and dv kernels for 16-bit inputs); 4 warps on Hopper (measured on an H200 with bench/tune.py, see _table_params;
-the state scans' registers capped for one more program an SM, see scan_maxnreg),
-8 from 64 positions on Ampere (not measured); at 128 positions 8 warps and head-dim tiles of at
+pipeline stage (two in Hopper's dq/dk and dv kernels for 16-bit inputs); 4 warps on Hopper
+(measured on an H200 with bench/tune.py, see _table_params; the state scans' registers capped
+for one more program an SM, see scan_maxnreg), 8 from 64 positions on Ampere (not measured); at 128 positions 8 warps and head-dim tiles of at
 most 32 (V tiles of 16 in the outputs kernel). Everything is also checked ahead of time
 without a GPU (``python -m vil_kernels.compile_check``: no spills, shared memory under
 the arch's limit, tensor cores used for 16-bit inputs). OVERRIDES lets bench/tune.py sweep;
