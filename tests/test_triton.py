@@ -101,9 +101,9 @@ def test_tuner_tile_overrides(overrides, monkeypatch):
 
 
 # A software-pipelined outputs kernel (num_stages > 1, chosen by a tuned table) computes q . n
-# on the tensor cores (_matvec: n as a hi + lo pair of MMA columns) to avoid a Triton
-# pipelining bug; the interpreter ignores stages but runs that arithmetic: as exact in float64,
-# as accurate as before in bfloat16.
+# on the tensor cores (n as hi + lo pairs of the MMA dtype, chunk.hi_lo) to avoid a Triton
+# pipelining race; the interpreter ignores stages but runs that arithmetic: as exact in
+# float64, as accurate as before in bfloat16.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_outputs_for_pipelining(dtype, monkeypatch):
     from vil_kernels.triton import heuristics

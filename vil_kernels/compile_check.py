@@ -40,7 +40,7 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _PTR = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
-def _signature(name, dt):
+def _signature(name, dt, qn_mma=False):
     """Argument types of each kernel (pointer dtypes for an input dtype dt; accumulators fp32).
     Scalars: S, NC, DK, DV, REVERSE, then NH and the (batch, head, position) strides of q and k
     (shared) and of v where the kernel reads v, then the float scalars."""
@@ -52,8 +52,8 @@ def _signature(name, dt):
     elif name == "fwd_state":  # k, v, gain, decay, c0, n0, c_in, n_in, c_last, n_last
         ptrs = [x, x, a, a, a, a, x, a, a, a]
         scalars = ["i32"] * (5 + 7)
-    elif name == "fwd_out":
-        ptrs = [x] * 5 + [x, a, a, i32, x, a, a, i32]
+    elif name == "fwd_out":    # n_in: float32, or (hi, lo) pairs in x when pipelined (QN_MMA)
+        ptrs = [x] * 5 + [x, x if qn_mma else a, a, i32, x, a, a, i32]
         scalars = ["i32"] * (5 + 7) + ["fp32", "fp32"]
     elif name == "bwd_state":  # q, dh, wa, wb, decay, dc_last, dn_last, dc_out, dn_out, dc0, dn0
         ptrs = [x, x] + [a] * 5 + [x, a, a, a]
@@ -140,7 +140,8 @@ def compile_one(key, constexprs=None):
     import torch
     mma, acc, prec = dot_config(getattr(torch, dt))
     tl_of = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
-    ptrs, scalars = _signature(name, dt)
+    qn_mma = (constexprs or {}).get("QN_MMA", stages > 1)     # fwd_out, as mlstm_fwd sets it
+    ptrs, scalars = _signature(name, dt, qn_mma)
     if name == "bwd_prologue":
         const_names, const_vals = ["BT", "BV", "ACC"], [BT, BV, tl_of[acc]]
     elif name == "chunk_chain":
@@ -151,7 +152,7 @@ def compile_one(key, constexprs=None):
     else:
         flag = {"fwd_state": ["HAS_INIT"], "bwd_state": ["HAS_DLAST"],
                 "fwd_out": ["QN_MMA"]}.get(name, [])
-        flag_val = stages > 1 if name == "fwd_out" else bool(has_init)   # as chunk._launch
+        flag_val = qn_mma if name == "fwd_out" else bool(has_init)
         const_names = ["BT", "BK", "BV"] + flag + ["MMA", "ACC", "PREC", "INTERP"]
         const_vals = [BT, BK, BV] + [flag_val] * len(flag) + \
             [tl_of[mma], tl_of[acc], prec, False]

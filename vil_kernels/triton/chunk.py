@@ -70,11 +70,18 @@ class _Stopwatch:
         return self.start.elapsed_time(self.end) if self.cuda else 1e3 * (self.t1 - self.t0)
 
 
+def hi_lo(x, dtype):
+    """x (float32) as pairs (hi, lo) in the MMA dtype of inputs of ``dtype``, hi + lo = x to
+    about 16 bits for 16-bit types (lo = 0 for wider ones): [..., 2]."""
+    mma = heuristics.dot_config(dtype)[0]
+    mma = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mma, x.dtype)
+    hi = x.to(mma)
+    return torch.stack((hi, (x - hi.to(x.dtype)).to(mma)), dim=-1)
+
+
 def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
     """Launch one of the five matmul kernels with the table's parameters."""
     p = heuristics.launch_params(name, DK, DV, BT, dtype, arch)
-    if name == "fwd_out":                      # its pipelining-safe form (see the kernel)
-        extra["QN_MMA"] = p["num_stages"] > 1
     meta = dict(BT=BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
     grid = grid(p["BK"], p["BV"]) if callable(grid) else grid
     opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
@@ -186,11 +193,13 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
                 (k, v, gain, decay, c_init, n_init, c_in, n_in, c_last, n_last,
                  S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, BT, q.dtype, arch,
                 HAS_INIT=has_init)
+    # pipelined, the outputs kernel takes n as (hi, lo) MMA-dtype pairs (see the kernel)
+    qn_mma = heuristics.launch_params("fwd_out", DK, DV, BT, q.dtype, arch)["num_stages"] > 1
     _launch(mlstm_fwd_out_kernel, "fwd_out",
             lambda BK, BV: (triton.cdiv(DV, BV), NC, B * NH),
-            (q, k, v, i, f, c_in, n_in, m_in, a_in, h, m_row, n_row, a_row,
-             S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v), DK ** -0.5, eps),
-            DK, DV, BT, q.dtype, arch)
+            (q, k, v, i, f, c_in, hi_lo(n_in, q.dtype) if qn_mma else n_in, m_in, a_in, h,
+             m_row, n_row, a_row, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v),
+             DK ** -0.5, eps), DK, DV, BT, q.dtype, arch, QN_MMA=qn_mma)
     return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in
 
 

@@ -44,16 +44,6 @@ def _dot(a, b, MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP:
 
 
 @triton.jit
-def _hi_lo_columns(x, MMA: tl.constexpr, ACC: tl.constexpr):
-    """A [K] vector in ACC as a [K, 16] tl.dot operand whose columns 0 and 1 are its MMA-dtype
-    part hi and the rest lo (lo is 0 for 32/64-bit MMA types): a @ this, summed over columns,
-    is a @ x as accurately as an ACC dot product (16-bit a exact)."""
-    b_hi = x.to(MMA).to(ACC)
-    o_j = tl.arange(0, 16)[None, :]
-    return tl.where(o_j == 0, b_hi[:, None], tl.where(o_j == 1, (x - b_hi)[:, None], 0.))
-
-
-@triton.jit
 def _argmax_combine(a_v, a_j, b_v, b_j):
     """Running (max, argmax); the earlier index on ties."""
     take_b = b_v > a_v
@@ -278,10 +268,12 @@ def mlstm_fwd_out_kernel(
     """Outputs of one chunk and V block: grid (cdiv(DV, BV), NC, B * NH). The row max is taken
     over the carried state and the chunk's keys; the normalizer, m and argmax of every row are
     stored by the i_v == 0 programs. QN_MMA (set when the loop is software-pipelined) computes
-    q . n_in on the tensor cores (_hi_lo_columns) instead of as a sum of products, so that q
-    only feeds dots: with a sum too, Triton 3.6 gives q's pipelined loads one shared-memory
-    buffer instead of two and the next iteration's copy overwrites it while the async wgmma
-    still read it (wrong outputs on an H200 at num_stages=2; triton-lang/triton#6691)."""
+    q . n_in on the tensor cores instead of as a sum of products, so that q only feeds dots:
+    with a sum too, Triton 3.6 gives q's pipelined loads one shared-memory buffer instead of
+    two and the next iteration's copy overwrites it while the async wgmma still read it (wrong
+    outputs on an H200 at num_stages=2; triton-lang/triton#6691). n_in is then [NC, DK, 2] in
+    the MMA dtype, each n as hi + lo (chunk.hi_lo), loaded as the first two columns of a
+    [BK, 16] operand: as accurate as the float32 sum, and a plain pipelined load."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
@@ -303,12 +295,15 @@ def mlstm_fwd_out_kernel(
         b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
         b_c = tl.load(c_in + o_s * DK * DV + o_k[:, None] * DV + o_v[None, :],
                       mask=m_k[:, None] & m_v[None, :], other=0.)                    # [BK, BV]
-        b_n = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)             # [BK]
         b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
         b_qc += _dot(b_q, b_c, MMA, ACC, PREC, INTERP)
         if QN_MMA:
-            b_qn16 += _dot(b_q, _hi_lo_columns(b_n, MMA, ACC), MMA, ACC, PREC, INTERP)
+            o_j = tl.arange(0, 16)
+            b_n = tl.load(n_in + (o_s * DK + o_k[:, None]) * 2 + o_j[None, :],
+                          mask=m_k[:, None] & (o_j[None, :] < 2), other=0.)       # [BK, 16]
+            b_qn16 += _dot(b_q, b_n, MMA, ACC, PREC, INTERP)
         else:
+            b_n = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)         # [BK]
             b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
     if QN_MMA:
         b_qn = tl.sum(b_qn16, axis=1)
