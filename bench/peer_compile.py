@@ -16,7 +16,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,9 @@ def child(D, arch, workaround):
     from triton.runtime.jit import JITFunction
 
     sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(HERE.parent))
     import peers
+    from vil_kernels.compile_check import ptxas_usage
 
     target = GPUTarget("cuda", arch, 32)
 
@@ -59,12 +60,9 @@ def child(D, arch, workaround):
         with contextlib.redirect_stdout(log):
             kernel = triton.compile(fn.ASTSource(fn, signature, constexprs, attrs),
                                     target=target, options=options.__dict__)
-        regs = re.findall(r"Used (\d+) registers", log.getvalue())
-        spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", log.getvalue())
-        print(json.dumps({"kernel": fn.fn.__name__, "warps": options.num_warps,
-                          "regs": int(regs[-1]) if regs else None,
-                          "spill": sum(map(int, spills)), "smem": kernel.metadata.shared}),
-              flush=True)
+        regs, spill = ptxas_usage(log.getvalue())
+        print(json.dumps({"kernel": fn.fn.__name__, "warps": options.num_warps, "regs": regs,
+                          "spill": spill, "smem": kernel.metadata.shared}), flush=True)
         return None  # no kernel: JITFunction.run returns without launching
 
     driver.set_active(CompileOnly())

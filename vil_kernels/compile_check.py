@@ -32,7 +32,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 HEAD_DIMS = (64, 96, 128, 192, 256, 384, 512)
-CHAIN_BLOCK = 1024  # vil_kernels.triton.chunk.CHAIN_BLOCK (not imported: it imports triton)
 CHUNKS = (16, 32, 64, 128)
 DTYPES = ("float32", "float16", "bfloat16")
 ARCHS = (80, 90)
@@ -81,6 +80,7 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
     import torch
 
     from .triton import heuristics
+    from .triton.chunk import CHAIN_BLOCK
     out = {}
     dims = dims or ((192,) if quick else HEAD_DIMS)
     chunks = chunks or ((64,) if quick else CHUNKS)
@@ -121,6 +121,16 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
 def _bin(tool):
     import triton
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+
+
+def ptxas_usage(log):
+    """(registers, spill bytes stored + loaded) of the last kernel in a ``ptxas -v`` log
+    (Triton prints it with knobs.nvidia.dump_ptxas_log); registers -1 when absent."""
+    regs = re.findall(r"Used (\d+) registers", log)
+    spill_st = re.findall(r"(\d+) bytes spill stores", log)
+    spill_ld = re.findall(r"(\d+) bytes spill loads", log)
+    return (int(regs[-1]) if regs else -1,
+            (int(spill_st[-1]) if spill_st else 0) + (int(spill_ld[-1]) if spill_ld else 0))
 
 
 def compile_one(key, constexprs=None):
@@ -191,11 +201,7 @@ def compile_one(key, constexprs=None):
         return row
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    regs = re.findall(r"Used (\d+) registers", log)
-    spill_st = re.findall(r"(\d+) bytes spill stores", log)
-    spill_ld = re.findall(r"(\d+) bytes spill loads", log)
-    row["regs"] = int(regs[-1]) if regs else -1
-    row["spill"] = (int(spill_st[-1]) if spill_st else 0) + (int(spill_ld[-1]) if spill_ld else 0)
+    row["regs"], row["spill"] = ptxas_usage(log)
     row["smem"] = int(ck.metadata.shared)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as fh:
         fh.write(ck.asm["cubin"])

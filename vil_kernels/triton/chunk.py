@@ -71,12 +71,10 @@ class _Stopwatch:
 
 
 def hi_lo(x, dtype):
-    """x (float32) as pairs (hi, lo) in the MMA dtype of inputs of ``dtype``, hi + lo = x to
-    about 16 bits for 16-bit types (lo = 0 for wider ones): [..., 2]."""
-    mma = heuristics.dot_config(dtype)[0]
-    mma = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mma, x.dtype)
-    hi = x.to(mma)
-    return torch.stack((hi, (x - hi.to(x.dtype)).to(mma)), dim=-1)
+    """x as pairs (hi, lo) in ``dtype`` (an MMA operand dtype: state_dtype), hi + lo = x to
+    about 16 bits for 16-bit types (lo = 0 when dtype is x's): [..., 2]."""
+    hi = x.to(dtype)
+    return torch.stack((hi, (x - hi.to(x.dtype)).to(dtype)), dim=-1)
 
 
 def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
@@ -197,7 +195,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
     qn_mma = heuristics.launch_params("fwd_out", DK, DV, BT, q.dtype, arch)["num_stages"] > 1
     _launch(mlstm_fwd_out_kernel, "fwd_out",
             lambda BK, BV: (triton.cdiv(DV, BV), NC, B * NH),
-            (q, k, v, i, f, c_in, hi_lo(n_in, q.dtype) if qn_mma else n_in, m_in, a_in, h,
+            (q, k, v, i, f, c_in, hi_lo(n_in, c_in.dtype) if qn_mma else n_in, m_in, a_in, h,
              m_row, n_row, a_row, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v),
              DK ** -0.5, eps), DK, DV, BT, q.dtype, arch, QN_MMA=qn_mma)
     return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in
