@@ -52,7 +52,7 @@ def candidates(kernel, D, BT, arch=None):
     split form (heuristics.launch_params), timed as the sum of its two launches."""
     arch = device_arch() if arch is None else arch
     base = heuristics.launch_params(kernel, D, D, BT, torch.bfloat16, arch)
-    if kernel in ("fwd_state", "bwd_state"):
+    if kernel in heuristics.SCANS:
         tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (64, 128), (128, 64)]
         caps = (128, 168, 255)
     elif kernel == "bwd_dqk":                                # grid over K tiles, loop over V
@@ -64,7 +64,7 @@ def candidates(kernel, D, BT, arch=None):
     warps = (4,) if arch >= 90 or arch == 0 else (4, 8)
     out = [dict(base, BK=BK, BV=BV, num_warps=w, num_stages=st, maxnreg=cap)
            for (BK, BV), w, st, cap in itertools.product(tiles, warps, (1, 2), caps)]
-    if kernel in ("fwd_state", "bwd_state"):
+    if kernel in heuristics.SCANS:
         out += [dict(base, num_stages=3, maxnreg=cap) for cap in caps]
         # the split form: its parallel pass's tiles (no loop there to pipeline; the chain's
         # launch is fixed)
