@@ -93,7 +93,7 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                     for name in heuristics.KERNELS:
                         for arch in ARCHS:
                             p = heuristics.launch_params(name, DK, DV, BT, getattr(torch, dt), arch)
-                            flags = (False, True) if name in ("fwd_state", "bwd_state") else (None,)
+                            flags = (False, True) if name in heuristics.SCANS else (None,)
                             for has_init in flags:      # HAS_INIT, HAS_DLAST
                                 key = (name, dt, arch, BT, p["BK"], p["BV"], p["num_warps"],
                                        p["num_stages"], has_init, p["maxnreg"])
