@@ -33,9 +33,14 @@ _TL = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bf
 assert NEG == -1e30  # the kernels' _NEG
 
 
+# Fixed when the kernels were decorated (imported above), as Triton fixes it then (reading the environment
+# at every launch cost ~0.2 ms of host time a forward and backward).
+INTERPRETED = interpreting()
+
+
 def _dot_args(dtype):
     mma, acc, prec = heuristics.dot_config(dtype)
-    return dict(MMA=_TL[mma], ACC=_TL[acc], PREC=prec, INTERP=interpreting())
+    return dict(MMA=_TL[mma], ACC=_TL[acc], PREC=prec, INTERP=INTERPRETED)
 
 
 def _device(x):
@@ -83,14 +88,15 @@ def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
     meta = dict(BT=BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
     grid = grid(p["BK"], p["BV"]) if callable(grid) else grid
     opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
-    if not interpreting() and p["maxnreg"]:
+    if not INTERPRETED and p["maxnreg"]:
         opts["maxnreg"] = p["maxnreg"]
     _run(kernel, name, grid, args, **meta, **opts)
 
 
 def _run(kernel, name, grid, args, **meta):
     """Launch one kernel; timed into KERNEL_EVENTS when bench/tune.py asks for it."""
-    patch_interpreter()
+    if INTERPRETED:
+        patch_interpreter()
     watch = _Stopwatch(args[0].device) if KERNEL_EVENTS is not None else None
     kernel[grid](*args, **meta)
     if watch is not None:
@@ -329,6 +335,16 @@ def _bwd_fake(q, k, v, i, f, c0, n0, m0, h, dh, *rest):
             q.new_empty(B, NH, DK, dtype=ad), q.new_empty(B, NH, 1, dtype=ad))
 
 
+def _call(op, impl, q, *args):
+    """The custom op where torch.compile traces (its fake implementation gives the shapes); the
+    implementation itself in eager mode, without the dispatcher's round trip (custom-op
+    dispatch and its torch.compile guard cost ~0.1 ms of host time a call)."""
+    if torch.compiler.is_compiling():
+        return op(q, *args)
+    with _device(q):
+        return impl(q, *args)
+
+
 class MLSTMTritonFunction(torch.autograd.Function):
     """Forward-order or reverse mLSTM on (B, NH, S) gates; returns h, c_last, n_last, m_last."""
 
@@ -339,7 +355,7 @@ class MLSTMTritonFunction(torch.autograd.Function):
         has_init = c0 is not None
         if has_init:
             c0, n0, m0 = (x.contiguous() for x in (c0, n0, m0))
-        out = _fwd_op(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse)
+        out = _call(_fwd_op, mlstm_fwd, q, k, v, i, f, c0, n0, m0, eps, chunk, reverse)
         h, c_last, n_last, m_last = out[:4]
         ctx.save_for_backward(q, k, v, i, f, *((c0, n0, m0) if has_init else ()), *out)
         ctx.meta = (eps, chunk, reverse, has_init)
@@ -360,8 +376,9 @@ class MLSTMTritonFunction(torch.autograd.Function):
             dc_last, dn_last, dm_last = (torch.zeros_like(x) if g is None else g.contiguous()
                                          for g, x in zip((dc_last, dn_last, dm_last),
                                                          (c_last, n_last, m_last)))
-        dq, dk, dv, di, df, dc0, dn0, dm0 = _bwd_op(q, k, v, i, f, *init, h, dh, dc_last, dn_last,
-                                                    dm_last, *out[1:], eps, chunk, reverse)
+        dq, dk, dv, di, df, dc0, dn0, dm0 = _call(_bwd_op, mlstm_bwd, q, k, v, i, f, *init, h,
+                                                  dh, dc_last, dn_last, dm_last, *out[1:], eps,
+                                                  chunk, reverse)
         if has_init:
             dstates = tuple(g.to(x.dtype) for g, x in zip((dc0, dn0, dm0), init))
         else:
