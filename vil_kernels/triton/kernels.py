@@ -448,14 +448,21 @@ def mlstm_bwd_dqk_kernel(
         m_v = o_v < DV
         m_tv = m_t[:, None] & m_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
-        b_dnum = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
-        b_dnum = b_dnum.to(ACC) / b_den[:, None]                                     # [BT, BV]
+        # 16-bit dh straight from memory into the MMA: dnum = dh / den is a row scaling,
+        # applied to the products after the loop (no per-tile conversion, no rounding of
+        # dh / den). float32 (tf32x3) divides here: scaling after the loop spilled there.
+        b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)  # [BT, BV]
+        if MMA == tl.float32:
+            b_dh = b_dh.to(ACC) / b_den[:, None]
         b_v = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :], mask=m_tv, other=0.)  # [BT, BV]
         b_c = tl.load(p_c + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)   # [BK, BV]
         b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)
-        b_ds += _dot(b_dnum, tl.trans(b_v), MMA, ACC, PREC, INTERP)
-        b_dqc += _dot(b_dnum, tl.trans(b_c), MMA, ACC, PREC, INTERP)
+        b_ds += _dot(b_dh, tl.trans(b_v), MMA, ACC, PREC, INTERP)
+        b_dqc += _dot(b_dh, tl.trans(b_c), MMA, ACC, PREC, INTERP)
         b_dkc += _dot(b_v, tl.trans(b_dco), MMA, ACC, PREC, INTERP)
+    if MMA != tl.float32:
+        b_ds = b_ds / b_den[:, None]                                   # [BT, BT] dnum v^T
+        b_dqc = b_dqc / b_den[:, None]                                 # [BT, BK] dnum C_in^T
     b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
     b_min = tl.load(m_in + o_s).to(ACC)
     b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
@@ -522,9 +529,9 @@ def mlstm_bwd_dv_kernel(
     b_gain = tl.exp(b_g - b_b + b_i - b_mout)                        # [BT] exit-state weight
     causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
     b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
-    b_s = b_qk * scale * tl.exp(b_lw)                               # [BT, BT] scores
-    b_dnum = tl.load(dh + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
-    b_dnum = b_dnum.to(ACC) / b_den[:, None]                                         # [BT, BV]
-    b_dv = _dot(tl.trans(b_s), b_dnum, MMA, ACC, PREC, INTERP) + b_gain[:, None] * b_kdc
+    # scores over the row normalizer, so that dh enters the MMA as loaded (dnum = dh / den)
+    b_s = b_qk * scale * tl.exp(b_lw) / b_den[:, None]              # [BT, BT]
+    b_dh = tl.load(dh + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
+    b_dv = _dot(tl.trans(b_s), b_dh, MMA, ACC, PREC, INTERP) + b_gain[:, None] * b_kdc
     tl.store(dv + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty),
              mask=m_tv)
