@@ -3,8 +3,9 @@
 # fits a short loan (the device tool allows 10 minutes a command):
 #   profile     where one fwd+bwd spends its time, kernel by kernel, for the Triton op and for
 #               NX-AI's mlstm_kernels (when carried), at ViL-B's shape; the op alone at ViL-T's
-#   tune        the launch-parameter sweep at ViL-B's head dim (outputs checked against the
-#               table's, the table against float64); its winners go to a launch table file
+#   tune        the launch-parameter sweep at TUNE_DIMS (default 384, ViL-B's head dim; outputs
+#               checked against the table's, the table against float64); its winners go to a
+#               launch table file
 #   tests       the Triton tests on CUDA (pytest-xdist when there), with that table
 #   kernels     the operator benchmark at S=784, D=384/192/96, with that table
 #   throughput  the main job at 448 px (inference), with that table; only with STEPS naming it
@@ -16,6 +17,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu-run}"
 STEPS="${STEPS:-profile tune tests kernels}"
+TUNE_DIMS="${TUNE_DIMS:-384}"
+TUNE_LIMIT="${TUNE_LIMIT:-150}"                # seconds of sweeping (the step's box: 20 more)
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 export PYTHONUNBUFFERED=1
@@ -40,22 +43,22 @@ XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 for s in $STEPS; do
     case $s in
     profile)
-        step profile-384 120 python bench/profile_op.py --shape 64,4,784,384 \
+        step profile-384 90 python bench/profile_op.py --shape 64,4,784,384 --peer-chunks 128 \
             --results-file "$OUT/profile-384.json"
         step profile-96 40 python bench/profile_op.py --shape 64,4,784,96 --peer-chunks \
             --results-file "$OUT/profile-96.json" ;;
     tune)
-        step tune 170 python bench/tune.py --dims 384 --time-limit 150 \
+        step tune $((TUNE_LIMIT + 20)) python bench/tune.py --dims $TUNE_DIMS --time-limit $TUNE_LIMIT \
             --results-file "$OUT/tune.json" --write-table "$TABLE"
         # later steps run with the sweep's winners
         [ -f "$TABLE" ] && export VIL_KERNELS_LAUNCH_TABLE="$TABLE" ;;
     tests)
-        step tests 110 python -m pytest tests/test_triton.py -q -x $XDIST ;;
+        step tests 100 python -m pytest tests/test_triton.py -q $XDIST ;;
     kernels)
-        step kernels 90 python bench/kernels.py --shapes 64,4,784,384 \
+        step kernels 80 python bench/kernels.py --shapes 64,4,784,384 \
             --shapes 64,4,784,192 --shapes 64,4,784,96 --results-file "$OUT/kernels.json" ;;
     throughput)
-        step throughput 100 python bench/throughput.py --resolution 448 \
+        step throughput 130 python bench/throughput.py --resolution 448 \
             --bench inference --num-warm-iter 3 --num-bench-iter 10 --no-progress \
             --results-file "$OUT/throughput-448.json" ;;
     *) echo "unknown step $s" ;;

@@ -53,7 +53,7 @@ def candidates(kernel, D, BT, arch=None):
     arch = device_arch() if arch is None else arch
     base = heuristics.launch_params(kernel, D, D, BT, torch.bfloat16, arch)
     if kernel in heuristics.SCANS:
-        tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (64, 128), (128, 64)]
+        tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (32, 128), (64, 128), (128, 64)]
         caps = (128, 168, 255)
     elif kernel == "bwd_dqk":                                # grid over K tiles, loop over V
         tiles = [(k, 64) for k in (32, 64, 128)] + [(base["BK"], 32)]

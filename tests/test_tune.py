@@ -33,15 +33,21 @@ def test_candidates_vary_one_kernel_and_never_repeat_the_table():
 
 def test_scan_register_caps():
     """The state scans on Hopper: capped so that 3 programs (168 registers) or, for tiles of at
-    most 32 x 32 of 16-bit inputs, 4 (128) share an SM; compile_check proves them spill-free."""
+    most 32 x 32 of 16-bit inputs, 4 (128) share an SM, except where that spills (the
+    state-gradient scan at 64 x 128 tiles); compile_check proves the table spill-free. The
+    other kernels are not capped (they spill at 168)."""
     lp = heuristics.launch_params
     for kernel in ("fwd_state", "bwd_state"):
-        assert lp(kernel, 384, 384, 64, torch.bfloat16, 90)["maxnreg"] == 168
-        assert lp(kernel, 96, 96, 64, torch.bfloat16, 90)["maxnreg"] == 128
+        assert lp(kernel, 384, 384, 64, torch.bfloat16, 90)["maxnreg"] == (
+            168 if kernel == "fwd_state" else heuristics.MAXNREG)             # 64 x 128 tiles
+        assert lp(kernel, 96, 96, 64, torch.bfloat16, 90)["maxnreg"] == 168   # 32 x 128 tiles
+        assert lp(kernel, 96, 32, 64, torch.bfloat16, 90)["maxnreg"] == 128   # 32 x 32 tiles
         assert lp(kernel, 96, 96, 32, torch.float32, 90)["maxnreg"] == 168
         assert lp(kernel, 384, 384, 64, torch.bfloat16, 80)["maxnreg"] == heuristics.MAXNREG
         assert lp(kernel, 384, 384, 128, torch.bfloat16, 90)["maxnreg"] == heuristics.MAXNREG
     assert lp("bwd_dqk", 384, 384, 64, torch.bfloat16, 90)["maxnreg"] == heuristics.MAXNREG
+    for kernel in ("fwd_out", "bwd_dv"):
+        assert lp(kernel, 384, 384, 64, torch.bfloat16, 90)["maxnreg"] == heuristics.MAXNREG
 
 
 def test_dry_run_on_the_interpreter(tmp_path):
@@ -66,7 +72,7 @@ def test_dry_run_on_the_interpreter(tmp_path):
     # every tile choice, and the scan's split form (two launches timed as one), is the same
     # function
     assert all(row["ok"] for row in sweep["rows"] + scan["rows"])
-    assert sum(bool(row.get("split")) for row in scan["rows"]) == 6
+    assert sum(bool(row.get("split")) for row in scan["rows"]) == 7      # one per tile shape
     (full,) = res["full"]
     assert full["table_ms"] > 0 and full["tuned_ms"] > 0
     # the winners, if any beat the table, form a launch table the dispatcher reads
@@ -84,7 +90,7 @@ def test_launch_table_file(tmp_path, monkeypatch):
     heuristics.tuned_table(reload=True)
     try:
         p = heuristics.launch_params("fwd_out", 96, 96, 64, torch.bfloat16, 90)
-        assert (p["BV"], p["num_warps"], p["num_stages"]) == (32, 8, 1)
+        assert (p["BV"], p["num_warps"], p["num_stages"]) == (32, 8, 2)   # stages: the table's
         other = heuristics.launch_params("fwd_out", 96, 96, 64, torch.bfloat16, 80)
         assert other == heuristics._table_params("fwd_out", 96, 96, 64, torch.bfloat16, 80)
         scan = heuristics.table_key("bwd_state", 96, 96, 64, torch.bfloat16, 90)

@@ -1,15 +1,16 @@
 """Launch parameters of the chunkwise mLSTM kernels, keyed on (head dims, dtype, arch).
 
 Head dims are tiled by the largest of 64 / 32 / 16 that divides them (96 -> 3 x 32, 192 -> 3 x
-64, 384 -> 6 x 64: no padding of 96 up to 128), except, on Hopper, the V tiles of the output and
-dv kernels: 128 for 16-bit inputs with DV > 64 (masked where DV is not a multiple); one chunk of 64
-positions by default (fewer for short sequences), at most 128 (float32 inputs: 32); one
-pipeline stage (two in Hopper's dq/dk and dv kernels for 16-bit inputs); 4 warps on Hopper
-(measured on an H200 with bench/tune.py, see _table_params; the state scans' registers capped
-for one more program an SM, see scan_maxnreg), 8 from 64 positions on Ampere (not measured); at 128 positions 8 warps and head-dim tiles of at
-most 32 (V tiles of 16 in the outputs kernel). Everything is also checked ahead of time
-without a GPU (``python -m vil_kernels.compile_check``: no spills, shared memory under
-the arch's limit, tensor cores used for 16-bit inputs). OVERRIDES lets bench/tune.py sweep;
+64, 384 -> 6 x 64: no padding of 96 up to 128), except, on Hopper, the V tiles of the scans, the
+output and the dv kernels: 128 for 16-bit inputs with DV > 64 (masked where DV is not a
+multiple); one chunk of 64 positions by default (fewer for short sequences), at most 128
+(float32 inputs: 32). On Hopper (measured on an H200 with bench/tune.py, see _table_params): 4
+warps, two pipeline stages for 16-bit inputs, the scans' registers capped for one more program
+an SM where that does not spill (see scan_maxnreg). On Ampere (not measured): 8 warps
+from 64 positions, one stage. At 128 positions 8 warps and head-dim tiles of at most 32 (V
+tiles of 16 in the outputs kernel). Everything is also checked ahead of time without a GPU
+(``python -m vil_kernels.compile_check``: no spills, shared memory under the arch's limit,
+tensor cores used for 16-bit inputs, no pipelining races). OVERRIDES lets bench/tune.py sweep;
 a table it measured on another GPU is used where $VIL_KERNELS_LAUNCH_TABLE names its file.
 """
 
@@ -141,38 +142,50 @@ def _table_params(kernel, DK, DV, BT, dtype, arch):
         # in registers than Hopper's wgmma): the first table's 8 warps at 64 positions.
         return dict(BK=BK, BV=BV, num_warps=8 if BT >= 64 else 4, num_stages=1, maxnreg=MAXNREG)
     # Hopper (and the interpreter, arch 0, so that the tests run this table), measured with
-    # bench/tune.py on an H200 (bf16, B=64, NH=4, S=784, D=384, BT=64; the sweep is
-    # bench/results/tune-nvidia-h200-d384.json): 4 warps beat 8 in every kernel (1.5-2x: more
-    # programs an SM, each a [64, 64] tile), and the output and dv kernels, which recompute
-    # q k^T once per V tile, run 1.5x faster with V tiles of 128 (masked lanes included when
-    # DV is not a multiple). Two pipeline stages ran the dq/dk and dv kernels 14% and 6% faster
-    # with outputs checked there: taken for 16-bit inputs. Not taken, though faster: a
-    # 128-register cap on the scans at 64 x 64 tiles (another 1.3x there, but it spills, which
-    # compile_check rejects: 168 instead, see scan_maxnreg) and two stages in the outputs
-    # kernel (WRONG outputs at every tile and warp count tried: Triton 3.6 single-buffered q,
-    # which fed a reduction too, under its async wgmma; the kernel's QN_MMA form, used from 2
-    # stages on, removes that race but is untimed, and compile_check.pipeline_hazards now
-    # finds such races in any build). Other head dims: the same rules, not measured yet.
-    if kernel in ("fwd_out", "bwd_dv") and dtype != torch.float32 and DV > 64:
+    # bench/tune.py on an H200 (bf16, B=64, NH=4, S=784, D=384, BT=64; the sweeps are
+    # bench/results/tune-nvidia-h200-d384*.json):
+    # - 4 warps beat 8 in every kernel (1.5-2x: more programs an SM, each a [64, 64] tile);
+    # - V tiles of 128 for 16-bit inputs with DV > 64 (masked lanes included where DV is not a
+    #   multiple): the output and dv kernels, which recompute q k^T once per V tile, ran 1.5x
+    #   faster; the scans, with 2 stages, 1.65x (1.13 -> 0.68 ms, 168-register cap) and 1.5x
+    #   (1.10 -> 0.74 ms, no cap);
+    # - two pipeline stages for 16-bit inputs everywhere: dq/dk 14% and dv 6% faster (the first
+    #   sweep), the scans (above) and the outputs kernel 1.24x (0.63 -> 0.51 ms, in
+    #   its QN_MMA form, which removes the pipelining race that gave wrong outputs at 2 stages
+    #   in the first sweep; compile_check.pipeline_hazards finds such races in any build);
+    # - a 168-register cap (3 programs an SM) in the scans where it does not spill (see
+    #   scan_maxnreg). Not taken, though faster at D=384, because they spill (compile_check
+    #   rejects spills): 168 in the outputs kernel (0.51 -> 0.47 ms, 416 bytes of spill), the
+    #   dv kernel (0.51 -> 0.44 ms, 48 bytes) and the state-gradient scan at 64 x 128 tiles
+    #   (0.74 -> 0.66 ms, 48 bytes).
+    # Other head dims: the same rules (bench/tune.py --dims 96 192 checks them).
+    sixteen = dtype in (torch.float16, torch.bfloat16)
+    if kernel in ("fwd_out", "bwd_dv") + SCANS and sixteen and DV > 64:
         BV = 128
-    stages = 2 if kernel in ("bwd_dqk", "bwd_dv") and dtype != torch.float32 else 1
+    # (the outputs kernel at 16 positions: one stage; two spilled 8 bytes at 64 x 128 tiles)
+    stages = 2 if sixteen and not (kernel == "fwd_out" and BT < 32) else 1
     p = dict(BK=BK, BV=BV, num_warps=4, num_stages=stages, maxnreg=MAXNREG)
     if kernel in SCANS:
-        p["maxnreg"] = scan_maxnreg(BT, BK, BV, dtype)
+        p["maxnreg"] = scan_maxnreg(kernel, BT, BK, BV, dtype)
     return p
 
 
-def scan_maxnreg(BT, BK, BV, dtype):
+def scan_maxnreg(kernel, BT, BK, BV, dtype):
     """Register cap of the two state scans at 4 warps on Hopper: the most that still lets one
     more program share an SM without spilling. The scans are latency-bound (a serial chain of
     dependent chunk steps, each a load, a dot and an FMA), so programs an SM is what counts: on
-    the H200 a 128 cap ran them 1.3x faster than no cap at D=384 (64 x 64 tiles) even though
-    it spilled 176 bytes. 168 registers = 3 programs of 128 threads in the 64K register file
-    (2 uncapped: ptxas takes 181-188); 128 = 4, which tiles of at most 32 x 32 of 16-bit
-    inputs at 64 positions fit without spilling. compile_check proves every such build
-    spill-free; the speed-up of 168 itself is not measured yet (bench/tune.py sweeps it)."""
-    small = dtype != torch.float32 and BK * BV * BT <= 32 * 32 * 64
-    return 128 if small else 168
+    the H200 (D=384, 2026-11-26) a 168 cap ran them 1.1x faster than none at 64 x 128 tiles
+    and two stages, and a 128 cap 1.3x faster than none at 64 x 64 tiles and one stage. 168
+    registers = 3 programs of 128 threads in the 64K register file (2 uncapped: ptxas takes
+    181-188); 128 = 4, which tiles of at most 32 x 32 of 16-bit inputs at 64 positions fit.
+    None (MAXNREG) where the cap would spill, which compile_check rejects: the state-gradient
+    scan's 64 x 128 tiles of 16-bit inputs (its float32 copy of the q tile for the dn sum)."""
+    sixteen = dtype in (torch.float16, torch.bfloat16)
+    if sixteen and BK * BV * BT <= 32 * 32 * 64:
+        return 128
+    if kernel == "bwd_state" and sixteen and BK * BV >= 64 * 128:
+        return MAXNREG
+    return 168
 
 
 def prologue_params(DV, BT, dtype, arch):
