@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Everything a GPU machine should check, in one call, each step time-boxed so that the whole run
 # fits a short loan (the device tool allows 10 minutes a command):
-#   profile     where one fwd+bwd spends its time, kernel by kernel, for the Triton op and for
-#               NX-AI's mlstm_kernels (when carried), at ViL-B's shape; the op alone at ViL-T's
+#   profile     where one fwd+bwd spends its time, kernel by kernel: profile384, the Triton op
+#               and NX-AI's mlstm_kernels (when carried) at ViL-B's shape; profile96, the op
+#               alone at ViL-T's
 #   tune        the launch-parameter sweep at TUNE_DIMS (default 384, ViL-B's head dim; outputs
 #               checked against the table's, the table against float64); its winners go to a
 #               launch table file
-#   tests       the Triton tests on CUDA (pytest-xdist when there), with that table
-#   kernels     the operator benchmark at S=784, D=384/192/96, with that table
+#   tests       the Triton tests on CUDA (pytest-xdist when there); after tune, with its table
+#   kernels     the operator benchmark at S=784, D=384/192/96, with that table (kernels-all:
+#               at every shape of bench/kernels.py's GPU list)
 #   throughput  the main job at 448 px (inference), with that table; only with STEPS naming it
 # STEPS picks and orders steps (default: profile tune tests kernels). Logs and results go to
 # $OUT (the device tool's output folder; at most 8 files come back) or bench/results/gpu-run;
@@ -42,9 +44,15 @@ TABLE="$OUT/launch-table.json"
 XDIST=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
 for s in $STEPS; do
     case $s in
-    profile)
+    profile) STEPS_NOW="profile384 profile96" ;;
+    *) STEPS_NOW=$s ;;
+    esac
+    for t in $STEPS_NOW; do
+    case $t in
+    profile384)
         step profile-384 90 python bench/profile_op.py --shape 64,4,784,384 --peer-chunks 128 \
-            --results-file "$OUT/profile-384.json"
+            --results-file "$OUT/profile-384.json" ;;
+    profile96)
         step profile-96 40 python bench/profile_op.py --shape 64,4,784,96 --peer-chunks \
             --results-file "$OUT/profile-96.json" ;;
     tune)
@@ -57,10 +65,13 @@ for s in $STEPS; do
     kernels)
         step kernels 80 python bench/kernels.py --shapes 64,4,784,384 \
             --shapes 64,4,784,192 --shapes 64,4,784,96 --results-file "$OUT/kernels.json" ;;
+    kernels-all)                               # the list: S=196/784/3136 and 16384
+        step kernels-all 130 python bench/kernels.py --results-file "$OUT/kernels.json" ;;
     throughput)
-        step throughput 130 python bench/throughput.py --resolution 448 \
+        step throughput 110 python bench/throughput.py --resolution 448 \
             --bench inference --num-warm-iter 3 --num-bench-iter 10 --no-progress \
             --results-file "$OUT/throughput-448.json" ;;
-    *) echo "unknown step $s" ;;
+    *) echo "unknown step $t" ;;
     esac
+    done
 done
