@@ -194,8 +194,10 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="input dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--shapes", action="append", default=None, metavar="B,NH,S,D")
-    p.add_argument("--num-warm-iter", type=int, default=1)
-    p.add_argument("--num-bench-iter", type=int, default=3)
+    p.add_argument("--num-warm-iter", type=int, default=None,
+                   help="untimed calls first (default: 3 on CUDA, 1 on CPU)")
+    p.add_argument("--num-bench-iter", type=int, default=None,
+                   help="timed calls, median taken (default: 10 on CUDA, 3 on CPU)")
     p.add_argument("--results-file", default=None)
     args = p.parse_args(argv)
     try:
@@ -212,17 +214,21 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shapes = args.shapes or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    cuda = device.type == "cuda"
+    warm = args.num_warm_iter if args.num_warm_iter is not None else (3 if cuda else 1)
+    iters = args.num_bench_iter if args.num_bench_iter is not None else (10 if cuda else 3)
     mem = PeakMemory(device)
     print(f"# device: {device_name(device)} | torch {torch.__version__} | dtype {dtype}", flush=True)
+    meta = dict(device=device_name(device), torch=torch.__version__, dtype=str(dtype),
+                warmup=warm, iters=iters)
     rows = []
     for shape in shapes:
-        rows += bench_shape(shape, device, dtype, args.num_warm_iter, args.num_bench_iter, mem)
+        rows += bench_shape(shape, device, dtype, warm, iters, mem)
         print(f"  done {shape}", file=sys.stderr, flush=True)
+        if args.results_file:                  # after every shape: a run cut short keeps them
+            Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.results_file).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print_table(rows)
-    if args.results_file:
-        meta = dict(device=device_name(device), torch=torch.__version__, dtype=str(dtype))
-        Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results_file).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     return rows
 
 
