@@ -158,7 +158,10 @@ def _table_params(kernel, DK, DV, BT, dtype, arch):
     #   rejects spills): 168 in the outputs kernel (0.51 -> 0.47 ms, 416 bytes of spill), the
     #   dv kernel (0.51 -> 0.44 ms, 48 bytes) and the state-gradient scan at 64 x 128 tiles
     #   (0.74 -> 0.66 ms, 48 bytes).
-    # Other head dims: the same rules (bench/tune.py --dims 96 192 checks them).
+    # Other head dims: the same rules. Swept at 96 and 192 on an H100 (2026-11-26): the
+    # winners there (some 168-register caps that compile_check would reject as spilling among
+    # them) beat these rules by 2-3% on the whole op; they are a launch-table file in
+    # bench/results/launch-table-nvidia-h100-d96-d192.json, not built in.
     sixteen = dtype in (torch.float16, torch.bfloat16)
     if kernel in ("fwd_out", "bwd_dv") + SCANS and sixteen and DV > 64:
         BV = 128
