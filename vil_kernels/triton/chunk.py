@@ -33,8 +33,8 @@ _TL = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bf
 assert NEG == -1e30  # the kernels' _NEG
 
 
-# Fixed when the kernels were decorated (imported above), as Triton fixes it then (reading the environment
-# at every launch cost ~0.2 ms of host time a forward and backward).
+# Fixed when the kernels were decorated (imported above), as Triton fixes it then (reading the
+# environment at every launch cost ~0.2 ms of host time a forward and backward).
 INTERPRETED = interpreting()
 
 
