@@ -11,7 +11,8 @@ measured): 8 warps from 64 positions, one stage. At 128 positions 8 warps and he
 of at most 32 (V tiles of 16 in the outputs kernel). Everything is also checked ahead of time
 without a GPU (``python -m vil_kernels.compile_check``: no spills, shared memory under the
 arch's limit, tensor cores used for 16-bit inputs, no pipelining races). OVERRIDES lets
-bench/tune.py sweep; a table it measured on another GPU is used where $VIL_KERNELS_LAUNCH_TABLE names its file.
+bench/tune.py sweep; a table it measured on another GPU is used where $VIL_KERNELS_LAUNCH_TABLE
+names its file.
 """
 
 import json
