@@ -1,4 +1,5 @@
-"""bench/kernels.py: its roofline arithmetic, and a run on this CPU at a tiny shape."""
+"""bench/kernels.py: its roofline arithmetic and a run on this CPU at a tiny shape; a dry run of
+bench/profile_op.py."""
 
 import json
 import sys
@@ -44,3 +45,17 @@ def test_cpu_run(tmp_path):
     assert {r["path"] for r in rows} == {"torch-chunkwise", "parallel"}
     assert all(r["fwd_ms"] > 0 and r["fwd+bwd_ms"] > 0 for r in rows)
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_profile_op_dry_run_on_cpu(tmp_path):
+    """bench/profile_op.py on CPU tensors (the kernels under the interpreter here): one row per
+    path with its wall time and per-operator times, written to the results file."""
+    import profile_op
+    out = tmp_path / "p.json"
+    rows = profile_op.main(["--device", "cpu", "--shape", "1,1,20,16", "--reps", "1",
+                            "--peer-chunks", "--results-file", str(out)])
+    (row,) = rows
+    assert row["wall_ms"] > 0 and row["kernels"] and row["kernels_ms"] > 0
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["shape"] == {"B": 1, "NH": 1, "S": 20, "D": 16}
+    assert saved["rows"][0]["path"] == row["path"]
