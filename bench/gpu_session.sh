@@ -11,6 +11,8 @@
 #   kernels     the operator benchmark at S=784, D=384/192/96, with that table (kernels-all:
 #               at every shape of bench/kernels.py's GPU list)
 #   throughput  the main job at 448 px (inference), with that table; only with STEPS naming it
+#   ncu         Nsight Compute's sections for the seven kernels of one fwd+bwd at D=384 (in the
+#               log); only with STEPS naming it
 # STEPS picks and orders steps (default: profile tune tests kernels). Logs and results go to
 # $OUT (the device tool's output folder; at most 8 files come back) or bench/results/gpu-run;
 # copy the JSON files into bench/results/ with the device in the name.
@@ -71,6 +73,17 @@ for s in $STEPS; do
         step throughput 110 python bench/throughput.py --resolution 448 \
             --bench inference --num-warm-iter 3 --num-bench-iter 10 --no-progress \
             --results-file "$OUT/throughput-448.json" ;;
+    ncu)                                       # why each kernel takes its time (D=384)
+        NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+        if [ -n "$NCU" ]; then
+            # the first fwd+bwd's seven kernels: speed of light, memory, occupancy, stalls
+            step ncu 150 "$NCU" --clock-control none --kernel-name "regex:mlstm_" \
+                --launch-count 7 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+                --section Occupancy --section WarpStateStats --section LaunchStats \
+                python bench/profile_op.py --shape 64,4,784,384 --peer-chunks --reps 1
+        else
+            echo "ncu: not found" | tee -a "$LOG"
+        fi ;;
     *) echo "unknown step $t" ;;
     esac
     done
