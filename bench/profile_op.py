@@ -25,7 +25,6 @@ import peers  # noqa: E402
 import vil_kernels  # noqa: E402
 from kernels import make_inputs  # noqa: E402
 from machine import device_name  # noqa: E402
-from vil_kernels.mlstm import _interpreting  # noqa: E402
 from vil_kernels.triton import chunk as tchunk  # noqa: E402
 
 
@@ -94,7 +93,7 @@ def main(argv=None):
     dev = torch.device(args.device)
     x = make_inputs(B, NH, S, D, torch.bfloat16, dev, requires_grad=True)
     w = torch.randn(B, NH, S, D, device=dev, dtype=torch.bfloat16)
-    backend = "triton" if dev.type == "cuda" or _interpreting() else "torch"
+    backend = "triton" if dev.type == "cuda" or tchunk.INTERPRETED else "torch"
     paths = [(backend, lambda x: vil_kernels.mlstm(**x, backend=backend))]
     for chunk in args.peer_chunks:
         peer = peers.mlstm_kernels_chunkwise(chunk)
