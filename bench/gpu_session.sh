@@ -11,8 +11,10 @@
 #   kernels     the operator benchmark at S=784, D=384/192/96, with that table (kernels-all:
 #               at every shape of bench/kernels.py's GPU list)
 #   throughput  the main job at 448 px (inference), with that table; only with STEPS naming it
-#   ncu         Nsight Compute's sections for the seven kernels of one fwd+bwd at D=384 (in the
-#               log); only with STEPS naming it
+#   ncu         Nsight Compute's sections for the seven kernels of one fwd+bwd at D=384 (ncu96:
+#               at D=96; in the log); only with STEPS naming it
+#   model       where ViL steps spend their time by kernel group (bench/profile_model.py: ViL-T
+#               and ViL-B inference, ViL-T training at 448 px); only with STEPS naming it
 # STEPS picks and orders steps (default: profile tune tests kernels). Logs and results go to
 # $OUT (the device tool's output folder; at most 8 files come back) or bench/results/gpu-run;
 # copy the JSON files into bench/results/ with the device in the name.
@@ -73,17 +75,24 @@ for s in $STEPS; do
         step throughput 110 python bench/throughput.py --resolution 448 \
             --bench inference --num-warm-iter 3 --num-bench-iter 10 --no-progress \
             --results-file "$OUT/throughput-448.json" ;;
-    ncu)                                       # why each kernel takes its time (D=384)
-        NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    ncu|ncu96)                                 # why each kernel takes its time
+        D=384; [ "$t" = ncu96 ] && D=96
+        NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -n 1)
         if [ -n "$NCU" ]; then
             # the first fwd+bwd's seven kernels: speed of light, memory, occupancy, stalls
-            step ncu 150 "$NCU" --clock-control none --kernel-name "regex:mlstm_" \
+            step "$t" $([ "$t" = ncu ] && echo 150 || echo 100) "$NCU" --clock-control none --kernel-name "regex:mlstm_" \
                 --launch-count 7 --section SpeedOfLight --section MemoryWorkloadAnalysis \
                 --section Occupancy --section WarpStateStats --section LaunchStats \
-                python bench/profile_op.py --shape 64,4,784,384 --peer-chunks --reps 1
+                python bench/profile_op.py --shape 64,4,784,$D --peer-chunks --reps 1
         else
             echo "ncu: not found" | tee -a "$LOG"
         fi ;;
+    model)
+        for m in "vil2-tiny inference" "vil2-base inference" "vil2-tiny train"; do
+            set -- $m
+            step "model-$1-$2" 60 python bench/profile_model.py --model "$1" --mode "$2" \
+                --results-file "$OUT/profile-model-$1-$2.json"
+        done ;;
     *) echo "unknown step $t" ;;
     esac
     done
