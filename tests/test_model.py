@@ -607,6 +607,68 @@ def test_pretrained_goes_through_torch_hub(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available()
                     and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel,grid,bias,reverse", [
+    (3, (5, 7), True, False), (3, (5, 7), True, True), (3, (4, 40), False, True),
+    (5, (6, 3), True, True), ((3, 5), (7, 6), True, False)])
+def test_triton_conv_silu_matches_pytorch(dtype, kernel, grid, bias, reverse):
+    """The fused conv + bias + SiLU against F.conv2d then F.silu: non-square grids, grid rows
+    over one block of columns (40 > 32), channels over one block (80 > 64, not a multiple),
+    strided tokens (the up-projection's half), both traversal directions, no bias, 5x5 and 3x5
+    kernels; bfloat16 as under autocast (weights rounded to bfloat16, float32 accumulation)."""
+    from vil.layers import SequenceConv2d
+    from vil import triton_conv
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    C, B = 80, 2
+    k2 = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    conv = SequenceConv2d(C, C, kernel_size=k2, padding=(k2[0] // 2, k2[1] // 2), groups=C,
+                          bias=bias).to(dev)
+    assert conv.fusable()
+    S = grid[0] * grid[1]
+    t = torch.randn(B, S, 2 * C, generator=g).to(dev, dtype)[..., :C]      # strided view
+    with torch.no_grad():
+        got = conv.forward_silu_fused(t, grid, reverse=reverse)
+        w = conv._oriented_weight(reverse).to(dtype).float()
+        b = conv.bias.to(dtype).float() if bias else None
+        y = F.conv2d(t.float().transpose(1, 2).unflatten(2, grid), w, b, padding=conv.padding,
+                     groups=C)
+        want = F.silu(y.flatten(2).transpose(1, 2))
+    assert got.dtype == dtype and got.is_contiguous() and got.shape == (B, S, C)
+    assert rel(got.float(), want) < (1e-6 if dtype == torch.float32 else 8e-3)
+    assert not SequenceConv2d(C, C, kernel_size=3, padding=1, groups=C, stride=2).fusable()
+    assert not SequenceConv2d(C, C, kernel_size=3, padding=1).fusable()     # not depthwise
+    with pytest.raises(ValueError, match="do not fit"):
+        triton_conv.conv_silu_triton(t, conv.weight, conv.bias, (grid[0] + 1, grid[1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,affine", [(192, (True, True)), (96, (True, False)),
+                                      (40, (False, False)), (1536, (True, True))])
+def test_triton_layer_norm_matches_pytorch(dtype, N, affine):
+    """The 16-bit pre-norm against float32 F.layer_norm rounded once (what autocast hands the
+    up-projection): rows over one program's block (M = 150), widths not a power of two, with and
+    without weight and bias, strided rows."""
+    from vil import triton_norm
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    x = (3 + 2 * torch.randn(3, 50, N + 8, generator=g)).to(dev, dtype)[..., 4:N + 4]
+    w = torch.randn(N, generator=g).to(dev) if affine[0] else None
+    b = torch.randn(N, generator=g).to(dev) if affine[1] else None
+    got = triton_norm.layer_norm_triton(x, w, b, 1e-5)
+    want = F.layer_norm(x.float(), (N,), w, b, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    # one unit in the last place: GPUs round to nearest, Triton's interpreter truncates
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    assert ((got.float() - want).abs() <= ulp * want.abs() + 1e-6).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("norm_bias", [True, False])
 def test_triton_fused_gating_matches_pytorch(norm_bias, monkeypatch):
     from vil import model as vmodel
@@ -616,7 +678,7 @@ def test_triton_fused_gating_matches_pytorch(norm_bias, monkeypatch):
         pytest.skip("triton not importable")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
-    B, NH, S, DH = 2, 4, 10, 24                                        # DH not a power of two
+    B, NH, S, DH = 2, 4, 37, 24             # DH not a power of two, S over one block of tokens
     norm = MultiHeadLayerNorm(NH * DH, weight=True, bias=norm_bias).to(dev)
     with torch.no_grad():
         for p in norm.parameters():
@@ -631,10 +693,32 @@ def test_triton_fused_gating_matches_pytorch(norm_bias, monkeypatch):
     assert rel(got, want) < 1e-5
     if not norm_bias:
         return
-    # and inside the model (forced on for CPU tensors under the interpreter)
+    # and inside the model, with the fused conv too (forced on for CPU tensors under the
+    # interpreter)
     m = tiny(mlstm_backend="parallel", depth=1).to(dev)
     x = images(1, 64).to(dev)
+    from vil import triton_conv
+    calls = []
+    fused_conv = triton_conv.conv_silu_triton
+    monkeypatch.setattr(triton_conv, "conv_silu_triton",
+                        lambda *a: calls.append(1) or fused_conv(*a))
     with torch.no_grad():
         want = m(x)
-        monkeypatch.setattr(vmodel, "_use_triton_gating", lambda x: True)
+        assert not calls
+        monkeypatch.setattr(vmodel, "_use_triton_inference", lambda x: True)
         assert rel(m(x), want) < 1e-5
+    assert len(calls) == 2                                 # both blocks, both directions
+    # under autocast the pre-norms run in the tokens' 16-bit dtype (CPU autocast here)
+    norms = []
+    fused_norm = vmodel.triton_norm.layer_norm_triton
+    monkeypatch.setattr(vmodel.triton_norm, "layer_norm_triton",
+                        lambda *a: norms.append(1) or fused_norm(*a))
+    with torch.no_grad():
+        exact = m(x)                                       # float32
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            got = m(x)
+            monkeypatch.setattr(vmodel, "_use_triton_inference", lambda x: False)
+            want = m(x)
+    # as close to float32 as autocast's own bfloat16 path is (a random 2-block model amplifies
+    # bfloat16 rounding to ~2% on its logits either way)
+    assert len(norms) == 2 and rel(got.float(), exact) < 1.5 * rel(want.float(), exact) + 5e-3

@@ -179,9 +179,27 @@ class SequenceConv2d(nn.Conv2d):
         B, S, C = x.shape
         H, W = _grid_or_square(S, grid)
         y = x.transpose(1, 2).unflatten(2, (H, W))                     # (B, C, H, W) view
-        w = self.weight.flip(-1, -2) if reverse else self.weight
-        y = F.conv2d(y, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        y = F.conv2d(y, self._oriented_weight(reverse), self.bias, self.stride, self.padding,
+                     self.dilation, self.groups)
         return y.flatten(2).transpose(1, 2)                            # (B, S, C) view
+
+    def _oriented_weight(self, reverse):
+        return self.weight.flip(-1, -2) if reverse else self.weight
+
+    def fusable(self):
+        """Whether ``forward_silu_fused`` computes this conv: depthwise, stride 1, dilation 1,
+        odd kernel sides, zero 'same' padding (ViL's 3x3)."""
+        KH, KW = self.kernel_size
+        return (self.groups == self.in_channels == self.out_channels and self.stride == (1, 1)
+                and self.dilation == (1, 1) and KH % 2 == 1 and KW % 2 == 1
+                and self.padding == (KH // 2, KW // 2) and self.padding_mode == "zeros")
+
+    def forward_silu_fused(self, x, grid=None, reverse=False):
+        """``silu(self(x, grid, reverse))`` as one Triton kernel reading x in place
+        (vil.triton_conv; inference only, and only for a ``fusable`` conv). Contiguous out."""
+        from . import triton_conv
+        return triton_conv.conv_silu_triton(x, self._oriented_weight(reverse), self.bias,
+                                            _grid_or_square(x.shape[1], grid))
 
 
 class CausalConv1d(nn.Module):

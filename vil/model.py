@@ -33,7 +33,7 @@ from torch import nn
 
 import vil_kernels
 
-from . import triton_gating
+from . import triton_gating, triton_norm
 from .layers import (CausalConv1d, DropPath, LayerNorm, LinearHeadwiseExpand, MultiHeadLayerNorm,
                      SequenceConv2d, gated_outnorm, interpolate_pos_embed, to_2tuple)
 
@@ -211,8 +211,12 @@ class ViLLayer(nn.Module):
         # split, not slices: its backward is one cat, where every slice's would zero-fill a
         # full-size gradient and autograd would add them up.
         x_m, z = self.proj_up(x).split(inner, dim=-1)
-        c = self.conv(x_m, grid, reverse=self.reverse)
-        a = F.silu(c, inplace=not torch.is_grad_enabled())
+        if (_use_triton_inference(x) and isinstance(self.conv, SequenceConv2d)
+                and self.conv.fusable()):
+            a = self.conv.forward_silu_fused(x_m, grid, reverse=self.reverse)   # one pass
+        else:
+            c = self.conv(x_m, grid, reverse=self.reverse)
+            a = F.silu(c, inplace=not torch.is_grad_enabled())
         w_a, w_x, b_a, b_x, const = self._cached_fused_weights()
         qkg, vg = _per_head_linear(a, w_a, b_a), _per_head_linear(x_m, w_x, b_x)  # (NH, B*S, .)
         q, k, g_a, _ = qkg.split([DH, DH, G, qkg.shape[-1] - 2 * DH - G], dim=-1)
@@ -223,7 +227,7 @@ class ViLLayer(nn.Module):
         q, k, v = heads(q), heads(k), heads(v)         # views: every backend reads them in place
         h = vil_kernels.mlstm(q, k, v, i, f, reverse=self.reverse,
                               backend=self.mlstm_backend, chunk_size=self.mlstm_chunk_size)
-        if _use_triton_gating(x):
+        if _use_triton_inference(x):
             out = triton_gating.gated_outnorm_triton(h, self.mlstm_cell.outnorm,
                                                      self.learnable_skip, a, z)
         else:
@@ -248,9 +252,9 @@ def _pad_projection_columns(device):
     return device.type == "cuda"
 
 
-def _use_triton_gating(x):
-    """The fused Triton output gating: CUDA inference only (no autograd; under torch.compile
-    inductor fuses the PyTorch path itself)."""
+def _use_triton_inference(x):
+    """The fused Triton kernels around the cell (conv + SiLU, output norm + gating): CUDA
+    inference only (no autograd; under torch.compile inductor fuses the PyTorch path itself)."""
     return (x.is_cuda and not torch.is_grad_enabled() and triton_gating.available()
             and not torch.compiler.is_compiling())
 
@@ -287,7 +291,16 @@ class ViLBlock(nn.Module):
         self.norm.reset_parameters()
 
     def _forward_path(self, x, grid=None):
-        return self.layer(self.norm(x), grid)
+        return self.layer(self._pre_norm(x), grid)
+
+    def _pre_norm(self, x):
+        """The norm before the layer. In CUDA inference under autocast, in the tokens' 16-bit
+        dtype in one pass (vil.triton_norm; the same values the up-projection would get)."""
+        if (x.dtype in (torch.float16, torch.bfloat16) and _use_triton_inference(x)
+                and torch.is_autocast_enabled(x.device.type)):
+            n = self.norm
+            return triton_norm.layer_norm_triton(x, n.weight_proxy, n.bias, n.eps)
+        return self.norm(x)
 
     def forward(self, x, grid=None):
         return self.drop_path(x, self._forward_path, grid=grid)

@@ -3,10 +3,10 @@
     out[b, s, hd*DH + d] = (LN_d(h[b, hd, s, :]) * w[c] + bias[c] + skip[c] * a[b, s, c]) * silu(z[b, s, c])
 
 with c = hd*DH + d and LN the mean/variance normalisation over the DH channels of one head (the
-reference's group norm). One program per (token, head): one read of h, a, z, one write of out,
-where the PyTorch path (vil.layers.gated_outnorm) takes five passes. Forward only: ViLLayer uses
-it when no gradient is needed; training keeps the autograd PyTorch path. On the CPU it runs only
-under TRITON_INTERPRET=1 (tests).
+reference's group norm). One program per block of tokens and head: one read of h, a, z, one
+write of out, where the PyTorch path (vil.layers.gated_outnorm) takes five passes. Forward only:
+ViLLayer uses it when no gradient is needed; training keeps the autograd PyTorch path. On the
+CPU it runs only under TRITON_INTERPRET=1 (tests).
 """
 
 import torch
@@ -19,6 +19,10 @@ except Exception:  # noqa: BLE001 - no Triton: the PyTorch path is used
 
 __all__ = ["available", "gated_outnorm_triton"]
 
+# Tokens a program: [BS, DH] tiles of 16-byte vector loads along the head dim, enough work a
+# program (a token a program, as before, left the kernel at a sixth of HBM bandwidth).
+_BS = 32
+
 
 def available():
     return triton is not None
@@ -26,33 +30,37 @@ def available():
 
 if triton is not None:
     @triton.jit
-    def _gated_outnorm_kernel(h_ptr, a_ptr, z_ptr, w_ptr, b_ptr, skip_ptr, out_ptr,
-                              S, DH, eps,
-                              sh_b, sh_h, sh_s, sh_d,
-                              sa_b, sa_s, sa_c, sz_b, sz_s, sz_c, so_b, so_s,
-                              HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        tok = tl.program_id(0)
-        hd = tl.program_id(1)
-        bi = tok // S
-        si = tok % S
-        d = tl.arange(0, BLOCK)
-        mask = d < DH
-        c = hd * DH + d
-        h = tl.load(h_ptr + bi * sh_b + hd * sh_h + si * sh_s + d * sh_d, mask=mask,
-                    other=0.0).to(tl.float32)
-        mean = tl.sum(h, axis=0) / DH
-        hc = tl.where(mask, h - mean, 0.0)
-        var = tl.sum(hc * hc, axis=0) / DH
-        hn = hc * (1.0 / tl.sqrt(var + eps))
-        w = tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        skip = tl.load(skip_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + bi * sa_b + si * sa_s + c * sa_c, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + bi * sz_b + si * sz_s + c * sz_c, mask=mask, other=0.0).to(tl.float32)
-        y = hn * w + skip * a
+    def _gated_outnorm_kernel(h, a, z, w, bias, skip, out, S, DH, eps,
+                              sh_b, sh_h, sh_s, sa_b, sa_s, sz_b, sz_s, so_b, so_s,
+                              HAS_BIAS: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
+        i_s, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        o_s = i_s * BS + tl.arange(0, BS)
+        o_d = tl.arange(0, BD)
+        m_d = o_d < DH
+        m = (o_s < S)[:, None] & m_d[None, :]
+        o_c = i_h * DH + o_d                                         # [BD] channels
+        b_h = tl.load(h + i_b * sh_b + i_h * sh_h + o_s[:, None] * sh_s + o_d[None, :], mask=m,
+                      other=0.).to(tl.float32)                       # [BS, BD]
+        b_mean = tl.sum(b_h, axis=1) / DH
+        b_hc = tl.where(m, b_h - b_mean[:, None], 0.)
+        b_var = tl.sum(b_hc * b_hc, axis=1) / DH
+        b_hn = b_hc * (1. / tl.sqrt(b_var + eps))[:, None]
+        b_w = tl.load(w + o_c, mask=m_d, other=0.).to(tl.float32)
+        b_skip = tl.load(skip + o_c, mask=m_d, other=0.).to(tl.float32)
+        b_a = tl.load(a + i_b * sa_b + o_s[:, None] * sa_s + o_c[None, :], mask=m,
+                      other=0.).to(tl.float32)
+        b_z = tl.load(z + i_b * sz_b + o_s[:, None] * sz_s + o_c[None, :], mask=m,
+                      other=0.).to(tl.float32)
+        b_y = b_hn * b_w[None, :] + b_skip[None, :] * b_a
         if HAS_BIAS:
-            y += tl.load(b_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        y = y * (z / (1.0 + tl.exp(-z)))
-        tl.store(out_ptr + bi * so_b + si * so_s + c, y.to(out_ptr.dtype.element_ty), mask=mask)
+            b_y += tl.load(bias + o_c, mask=m_d, other=0.).to(tl.float32)[None, :]
+        b_y = b_y * (b_z / (1. + tl.exp(-b_z)))
+        tl.store(out + i_b * so_b + o_s[:, None] * so_s + o_c[None, :],
+                 b_y.to(out.dtype.element_ty), mask=m)
+
+
+def _unit_last(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def gated_outnorm_triton(h, norm, skip, a, z):
@@ -62,15 +70,15 @@ def gated_outnorm_triton(h, norm, skip, a, z):
         raise RuntimeError("Triton is not available")
     B, NH, S, DH = h.shape
     C = NH * DH
+    h, a, z = _unit_last(h), _unit_last(a), _unit_last(z)
     out = torch.empty(B, S, C, device=a.device, dtype=a.dtype)
     w = norm.weight_proxy
     w = (w if w is not None else torch.ones(C, device=a.device)).contiguous()
     bias = norm.bias.contiguous() if norm.bias is not None else w
     skip = skip.contiguous()
-    block = triton.next_power_of_2(DH)
-    _gated_outnorm_kernel[(B * S, NH)](
+    _gated_outnorm_kernel[(triton.cdiv(S, _BS), NH, B)](
         h, a, z, w, bias, skip, out, S, DH, float(norm.eps),
-        *h.stride(), *a.stride(), *z.stride(),
-        out.stride(0), out.stride(1),
-        HAS_BIAS=norm.bias is not None, BLOCK=block)
+        h.stride(0), h.stride(1), h.stride(2), a.stride(0), a.stride(1),
+        z.stride(0), z.stride(1), out.stride(0), out.stride(1),
+        HAS_BIAS=norm.bias is not None, BS=_BS, BD=triton.next_power_of_2(DH), num_warps=4)
     return out
