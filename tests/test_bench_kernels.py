@@ -59,3 +59,22 @@ def test_profile_op_dry_run_on_cpu(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["meta"]["shape"] == {"B": 1, "NH": 1, "S": 20, "D": 16}
     assert saved["rows"][0]["path"] == row["path"]
+
+
+def test_model_kernels_dry_run_with_sweep(tmp_path, monkeypatch):
+    """bench/model_kernels.py on the CPU (the Triton kernels under the interpreter) at a 2 x 2
+    token grid, with a one-entry sweep a kernel: every op timed, the sweep recorded and the
+    kernels' configs restored afterwards."""
+    import model_kernels
+    before = {op: dict(cfg) for op, (cfg, _) in model_kernels.SWEEPS.items()}
+    trimmed = {op: (cfg, [dict(cfg, num_warps=2)]) for op, (cfg, _) in model_kernels.SWEEPS.items()}
+    monkeypatch.setattr(model_kernels, "SWEEPS", trimmed)
+    out = tmp_path / "mk.json"
+    rows = model_kernels.main(["--device", "cpu", "--models", "T", "--resolution", "32",
+                               "--sweep", "--results-file", str(out)])
+    assert [r["op"] for r in rows] == ["conv", "gating", "prenorm", "headwise"]
+    assert all(r["pytorch_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
+    saved = json.loads(out.read_text())
+    assert set(saved["sweeps"]) == {"conv", "gating", "prenorm"}
+    assert all(len(t) == 1 and t[next(iter(t))]["T"] > 0 for t in saved["sweeps"].values())
+    assert {op: dict(cfg) for op, (cfg, _) in model_kernels.SWEEPS.items()} == before

@@ -703,12 +703,13 @@ def test_triton_fused_gating_matches_pytorch(norm_bias, monkeypatch):
     monkeypatch.setattr(triton_conv, "conv_silu_triton",
                         lambda *a: calls.append(1) or fused_conv(*a))
     with torch.no_grad():
+        monkeypatch.setattr(vmodel, "_use_triton_inference", lambda x: False)
         want = m(x)
         assert not calls
         monkeypatch.setattr(vmodel, "_use_triton_inference", lambda x: True)
         assert rel(m(x), want) < 1e-5
     assert len(calls) == 2                                 # both blocks, both directions
-    # under autocast the pre-norms run in the tokens' 16-bit dtype (CPU autocast here)
+    # under autocast the pre-norms run in the tokens' 16-bit dtype
     norms = []
     fused_norm = vmodel.triton_norm.layer_norm_triton
     monkeypatch.setattr(vmodel.triton_norm, "layer_norm_triton",
@@ -722,3 +723,21 @@ def test_triton_fused_gating_matches_pytorch(norm_bias, monkeypatch):
     # as close to float32 as autocast's own bfloat16 path is (a random 2-block model amplifies
     # bfloat16 rounding to ~2% on its logits either way)
     assert len(norms) == 2 and rel(got.float(), exact) < 1.5 * rel(want.float(), exact) + 5e-3
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_per_head_addmm_matches_baddbmm(autocast):
+    """The CUDA-inference per-head projection (a GEMM a head with the bias in the epilogue,
+    written into slices of one result) against baddbmm, on a strided input like the
+    up-projection's half, in float32 and under (CPU) autocast."""
+    from vil.model import _per_head_addmm
+    g = torch.Generator().manual_seed(0)
+    B, S, NH, DH, P = 2, 9, 4, 8, 24
+    t = torch.randn(B, S, 2 * NH * DH, generator=g)[..., :NH * DH]
+    A = t.reshape(B * S, NH, DH).transpose(0, 1)
+    w, b = torch.randn(NH, DH, P, generator=g), torch.randn(NH, 1, P, generator=g)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = _per_head_addmm(A, w, b)
+        want = torch.baddbmm(b, A, w)
+    assert got.dtype == want.dtype and got.shape == (NH, B * S, P) and got.is_contiguous()
+    assert rel(got.float(), want.float()) < (1e-2 if autocast else 1e-6)

@@ -21,7 +21,9 @@ except Exception:  # noqa: BLE001 - no Triton: the PyTorch path is used
 
 __all__ = ["available", "conv_silu_triton"]
 
-_BW, _BC = 32, 64        # [grid columns, channels] a program: 16-byte loads along the channels
+# [grid columns, channels] a program (16-byte loads along the channels) and its warps; module
+# state so that bench/model_kernels.py --sweep can try others
+CONFIG = dict(BW=32, BC=64, num_warps=4)
 
 
 def available():
@@ -76,7 +78,8 @@ def conv_silu_triton(t, weight, bias, grid):
     w = weight.to(t.dtype).contiguous()
     b = bias.to(t.dtype).contiguous() if bias is not None else w
     a = torch.empty(B, S, C, device=t.device, dtype=t.dtype)
-    _conv_silu_kernel[(H * triton.cdiv(W, _BW), triton.cdiv(C, _BC), B)](
+    BW, BC = CONFIG["BW"], CONFIG["BC"]
+    _conv_silu_kernel[(H * triton.cdiv(W, BW), triton.cdiv(C, BC), B)](
         t, w, b, a, H, W, C, t.stride(0), t.stride(1), a.stride(0), a.stride(1),
-        KH=KH, KW=KW, HAS_BIAS=bias is not None, BW=_BW, BC=_BC, num_warps=4)
+        KH=KH, KW=KW, HAS_BIAS=bias is not None, BW=BW, BC=BC, num_warps=CONFIG["num_warps"])
     return a

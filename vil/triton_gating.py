@@ -19,9 +19,11 @@ except Exception:  # noqa: BLE001 - no Triton: the PyTorch path is used
 
 __all__ = ["available", "gated_outnorm_triton"]
 
-# Tokens a program: [BS, DH] tiles of 16-byte vector loads along the head dim, enough work a
-# program (a token a program, as before, left the kernel at a sixth of HBM bandwidth).
-_BS = 32
+# Elements of a program's [BS, DH] tiles (BS tokens) and its warps: enough work a program (a
+# token a program ran at a sixth of HBM bandwidth), few enough registers (32 x 512 tiles of
+# ViL-B's heads spilled 2 KB and ran slower than a token a program). Module state so that
+# bench/model_kernels.py --sweep can try others.
+CONFIG = dict(tile=4096, num_warps=4)
 
 
 def available():
@@ -76,9 +78,11 @@ def gated_outnorm_triton(h, norm, skip, a, z):
     w = (w if w is not None else torch.ones(C, device=a.device)).contiguous()
     bias = norm.bias.contiguous() if norm.bias is not None else w
     skip = skip.contiguous()
-    _gated_outnorm_kernel[(triton.cdiv(S, _BS), NH, B)](
+    BD = triton.next_power_of_2(DH)
+    BS = max(1, min(64, CONFIG["tile"] // BD))
+    _gated_outnorm_kernel[(triton.cdiv(S, BS), NH, B)](
         h, a, z, w, bias, skip, out, S, DH, float(norm.eps),
         h.stride(0), h.stride(1), h.stride(2), a.stride(0), a.stride(1),
         z.stride(0), z.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=norm.bias is not None, BS=_BS, BD=triton.next_power_of_2(DH), num_warps=4)
+        HAS_BIAS=norm.bias is not None, BS=BS, BD=BD, num_warps=CONFIG["num_warps"])
     return out

@@ -19,6 +19,10 @@ except Exception:  # noqa: BLE001 - no Triton: the PyTorch path is used
 
 __all__ = ["available", "layer_norm_triton"]
 
+# Elements of a program's [rows, N] tile and its warps (module state: bench/model_kernels.py
+# --sweep tries others).
+CONFIG = dict(tile=4096, num_warps=4)
+
 
 def available():
     return triton is not None
@@ -57,10 +61,10 @@ def layer_norm_triton(x, weight, bias, eps):
     M = x2.shape[0]
     y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     BN = triton.next_power_of_2(N)
-    BM = max(1, min(64, 4096 // BN))                  # about 4096 elements a program
+    BM = max(1, min(64, CONFIG["tile"] // BN))
     w = weight.contiguous() if weight is not None else x2
     b = bias.contiguous() if bias is not None else x2
     _layer_norm_kernel[(triton.cdiv(M, BM),)](
         x2, w, b, y, M, N, x2.stride(0), float(eps), HAS_W=weight is not None,
-        HAS_B=bias is not None, BM=BM, BN=BN, num_warps=4 if BN <= 1024 else 8)
+        HAS_B=bias is not None, BM=BM, BN=BN, num_warps=CONFIG["num_warps"])
     return y
