@@ -1,5 +1,6 @@
 """Micro-benchmarks of the ViL layer's work around the mLSTM cell, fused Triton kernel against the
-PyTorch path it replaces in CUDA inference (autocast bfloat16, as the main job runs):
+PyTorch path it replaces on CUDA (autocast bfloat16, as the main job runs; inference, or forward
+and backward with --mode train):
 
     conv      depthwise 3x3 conv + bias + SiLU on the up-projection's strided half (cuDNN:
               channels-last copy, conv, broadcast bias add, SiLU)
@@ -7,10 +8,11 @@ PyTorch path it replaces in CUDA inference (autocast bfloat16, as the main job r
     prenorm   the block's pre-norm as the up-projection receives it (autocast: float32 norm of a
               float32 copy, rounded back)
     headwise  the per-head q/k/gate projection, baddbmm against a GEMM a head with the bias in
-              cuBLASLt's epilogue
+              cuBLASLt's epilogue (inference only)
 
     python bench/model_kernels.py                        # ViL-T/S/B shapes, 448 px, batch 256
     python bench/model_kernels.py --sweep                # and the Triton kernels' launch configs
+    python bench/model_kernels.py --mode train           # forward + backward of each op
     python bench/model_kernels.py --device cpu           # a dry run (TRITON_INTERPRET=1), tiny
 
 Times are CUDA-event medians in ms a call; a ViL step makes 24 calls of each.
@@ -65,20 +67,23 @@ def time_ms(fn, device, reps):
     return statistics.median(times)
 
 
-def cases(dim, B, grid, device):
-    """{op: (pytorch_fn, fused_fn)} at one model width."""
+def cases(dim, B, grid, device, train):
+    """{op: (pytorch_fn, fused_fn)} at one model width; with ``train`` each fn runs forward and
+    backward (the inputs and parameters requiring gradients)."""
     inner, NH = 2 * dim, 4
     DH, S = inner // NH, grid[0] * grid[1]
-    bf = dict(device=device, dtype=torch.bfloat16)
+    bf = dict(device=device, dtype=torch.bfloat16, requires_grad=train)
     xz = torch.randn(B, S, 2 * inner, **bf)
     x_m, z = xz.split(inner, dim=-1)                      # strided halves, as in the model
     conv = SequenceConv2d(inner, inner, kernel_size=3, padding=1, groups=inner).to(device)
     h = torch.randn(B, NH, S, DH, **bf)
     a = torch.randn(B, S, inner, **bf)
     norm = MultiHeadLayerNorm(inner, weight=True, bias=True).to(device)
-    skip = torch.ones(inner, device=device)
+    skip = torch.ones(inner, device=device, requires_grad=train)
     x = torch.randn(B, S, dim, **bf)
     pre = LayerNorm(dim, weight=True, bias=True).to(device)
+    leaves = [xz, h, a, skip, x] + list(conv.parameters()) + list(norm.parameters()) + \
+        list(pre.parameters())
     P = 2 * DH + 16                                       # q, k and the gate columns, padded
     A = x_m.reshape(B * S, NH, DH).transpose(0, 1)
     w, b = torch.randn(NH, DH, P, device=device), torch.randn(NH, 1, P, device=device)
@@ -89,7 +94,7 @@ def cases(dim, B, grid, device):
             return torch.nn.functional.silu(conv(x_m, grid), inplace=True)
 
     def gating_torch():
-        return gated_outnorm(h, norm, skip, a, z)        # in place in a (inference)
+        return gated_outnorm(h, norm, skip, a, z)        # inference: in place in a
 
     def prenorm_torch():
         with ac():
@@ -103,13 +108,25 @@ def cases(dim, B, grid, device):
         with ac():
             return _per_head_addmm(A, w, b)
 
-    return {
+    ops = {
         "conv": (conv_torch, lambda: conv.forward_silu_fused(x_m, grid)),
         "gating": (gating_torch, lambda: triton_gating.gated_outnorm_triton(h, norm, skip, a, z)),
         "prenorm": (prenorm_torch,
                     lambda: triton_norm.layer_norm_triton(x, pre.weight_proxy, pre.bias, pre.eps)),
-        "headwise": (headwise_torch, headwise_fused),
     }
+    if not train:                                         # training keeps baddbmm
+        ops["headwise"] = (headwise_torch, headwise_fused)
+        return ops
+
+    def fwd_bwd(fn):
+        def run():
+            for t in leaves:
+                t.grad = None
+            out = fn()
+            out.backward(torch.ones_like(out))
+        return run
+
+    return {op: (fwd_bwd(ref), fwd_bwd(fused)) for op, (ref, fused) in ops.items()}
 
 
 def main(argv=None):
@@ -119,6 +136,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=None, help="default 256 (CUDA), 1 (CPU)")
     ap.add_argument("--reps", type=int, default=None, help="default 20 (CUDA), 1 (CPU)")
     ap.add_argument("--sweep", action="store_true", help="time the Triton kernels' configs")
+    ap.add_argument("--mode", choices=("inference", "train"), default="inference",
+                    help="train: forward and backward of each op")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--results-file")
     args = ap.parse_args(argv)
@@ -130,14 +149,14 @@ def main(argv=None):
     grid = (res // 16, res // 16)
     rows, sweeps = [], {}
     torch.manual_seed(0)
-    with torch.no_grad():
+    with torch.set_grad_enabled(args.mode == "train"):
         for m in args.models.split(","):
-            ops = cases(MODELS[m], B, grid, dev)
+            ops = cases(MODELS[m], B, grid, dev, args.mode == "train")
             for op, (ref, fused) in ops.items():
                 t_ref, t_fused = time_ms(ref, dev, reps), time_ms(fused, dev, reps)
-                rows.append(dict(model=f"ViL-{m}", op=op, pytorch_ms=t_ref, fused_ms=t_fused,
-                                 speedup=t_ref / t_fused))
-                print(f"ViL-{m} {op:9s} pytorch {t_ref:8.3f} ms  fused {t_fused:8.3f} ms  "
+                rows.append(dict(model=f"ViL-{m}", op=op, mode=args.mode, pytorch_ms=t_ref,
+                                 fused_ms=t_fused, speedup=t_ref / t_fused))
+                print(f"ViL-{m} {args.mode} {op:9s} pytorch {t_ref:8.3f} ms  fused {t_fused:8.3f} ms  "
                       f"{t_ref / t_fused:5.2f}x", flush=True)
                 if args.sweep and op in SWEEPS:
                     config, grid_ = SWEEPS[op]
@@ -159,7 +178,7 @@ def main(argv=None):
               f"{table.get(json.dumps(SWEEPS[op][0]), 'not in grid')})")
     if args.results_file:
         meta = dict(device=device_name(dev), torch=torch.__version__, resolution=res,
-                    batch_size=B, reps=reps, dtype="bfloat16 autocast")
+                    batch_size=B, reps=reps, mode=args.mode, dtype="bfloat16 autocast")
         Path(args.results_file).write_text(json.dumps(dict(meta=meta, rows=rows, sweeps=sweeps),
                                                       indent=1))
     return rows

@@ -78,3 +78,7 @@ def test_model_kernels_dry_run_with_sweep(tmp_path, monkeypatch):
     assert set(saved["sweeps"]) == {"conv", "gating", "prenorm"}
     assert all(len(t) == 1 and t[next(iter(t))]["T"] > 0 for t in saved["sweeps"].values())
     assert {op: dict(cfg) for op, (cfg, _) in model_kernels.SWEEPS.items()} == before
+    rows = model_kernels.main(["--device", "cpu", "--models", "T", "--resolution", "32",
+                               "--mode", "train"])
+    assert [r["op"] for r in rows] == ["conv", "gating", "prenorm"]
+    assert all(r["mode"] == "train" and r["fused_ms"] > 0 for r in rows)

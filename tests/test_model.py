@@ -669,6 +669,45 @@ def test_triton_layer_norm_matches_pytorch(dtype, N, affine):
 @pytest.mark.skipif(not torch.cuda.is_available()
                     and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("N,affine", [(40, (True, True)), (24, (True, False)),
+                                      (20, (False, False))])
+def test_triton_layer_norm_gradients(N, affine):
+    """Backward of the pre-norm against autograd through F.layer_norm in float64: x (strided
+    rows), weight, bias; rows over one backward program (150 rows, 32-row programs of 8-row
+    tiles)."""
+    from vil import triton_norm
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    x0 = (1 + 2 * torch.randn(3, 50, N + 8, generator=g)).to(dev)
+    w0 = torch.randn(N, generator=g).to(dev) if affine[0] else None
+    b0 = torch.randn(N, generator=g).to(dev) if affine[1] else None
+    dy = torch.randn(3, 50, N, generator=g).to(dev)
+
+    def grads(fn, dtype):
+        xs = [t.to(dtype).requires_grad_() for t in (x0, w0, b0) if t is not None]
+        x = xs[0][..., 4:N + 4]
+        w = xs[1] if affine[0] else None
+        b = xs[-1] if affine[1] else None
+        out = fn(x, w, b)
+        return out, torch.autograd.grad(out, xs, dy.to(dtype))
+
+    old = dict(triton_norm.CONFIG)
+    triton_norm.CONFIG.update(tile=8 * 64, rows=32)                # N <= 64: 8-row tiles
+    try:
+        got_out, got = grads(lambda x, w, b: triton_norm.layer_norm_triton(x, w, b, 1e-5),
+                             torch.float32)
+    finally:
+        triton_norm.CONFIG.update(old)
+    want_out, want = grads(lambda x, w, b: F.layer_norm(x, (N,), w, b, 1e-5), torch.float64)
+    assert rel(got_out, want_out) < 1e-5
+    assert len(got) == len(want) == 1 + sum(affine)
+    for x, y in zip(got, want):
+        assert x.shape == y.shape and rel(x, y) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("norm_bias", [True, False])
 def test_triton_fused_gating_matches_pytorch(norm_bias, monkeypatch):
     from vil import model as vmodel
@@ -703,10 +742,10 @@ def test_triton_fused_gating_matches_pytorch(norm_bias, monkeypatch):
     monkeypatch.setattr(triton_conv, "conv_silu_triton",
                         lambda *a: calls.append(1) or fused_conv(*a))
     with torch.no_grad():
-        monkeypatch.setattr(vmodel, "_use_triton_inference", lambda x: False)
+        monkeypatch.setattr(vmodel, "_use_triton_fused", lambda x: False)
         want = m(x)
         assert not calls
-        monkeypatch.setattr(vmodel, "_use_triton_inference", lambda x: True)
+        monkeypatch.setattr(vmodel, "_use_triton_fused", lambda x: True)
         assert rel(m(x), want) < 1e-5
     assert len(calls) == 2                                 # both blocks, both directions
     # under autocast the pre-norms run in the tokens' 16-bit dtype
@@ -718,11 +757,108 @@ def test_triton_fused_gating_matches_pytorch(norm_bias, monkeypatch):
         exact = m(x)                                       # float32
         with torch.autocast(dev, dtype=torch.bfloat16):
             got = m(x)
-            monkeypatch.setattr(vmodel, "_use_triton_inference", lambda x: False)
+            monkeypatch.setattr(vmodel, "_use_triton_fused", lambda x: False)
             want = m(x)
     # as close to float32 as autocast's own bfloat16 path is (a random 2-block model amplifies
     # bfloat16 rounding to ~2% on its logits either way)
     assert len(norms) == 2 and rel(got.float(), exact) < 1.5 * rel(want.float(), exact) + 5e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("kernel,grid,bias,reverse", [
+    (3, (5, 7), True, False), (3, (4, 11), True, True), (5, (6, 3), False, False),
+    ((3, 5), (7, 6), True, True)])
+def test_triton_conv_silu_gradients(kernel, grid, bias, reverse):
+    """Backward of the fused conv + bias + SiLU against autograd through F.conv2d and F.silu in
+    float64: the tokens (a strided view), the weight (through the reverse traversal's flip) and
+    the bias; grid rows over one strip of columns (11 > 8) and channels over one block (24 > 16,
+    not a multiple)."""
+    from vil import triton_conv
+    from vil.layers import SequenceConv2d
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    C, B = 24, 2
+    k2 = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    conv = SequenceConv2d(C, C, kernel_size=k2, padding=(k2[0] // 2, k2[1] // 2), groups=C,
+                          bias=bias).to(dev)
+    S = grid[0] * grid[1]
+    t0 = torch.randn(B, S, 2 * C, generator=g).to(dev)
+    da = torch.randn(B, S, C, generator=g).to(dev)
+
+    def grads(fused, dtype):
+        c = SequenceConv2d(C, C, kernel_size=k2, padding=conv.padding, groups=C,
+                           bias=bias).to(dev, dtype)
+        c.load_state_dict(conv.state_dict())
+        t = t0.to(dtype).requires_grad_()
+        x = t[..., :C]                                                    # strided view
+        out = (c.forward_silu_fused(x, grid, reverse) if fused
+               else F.silu(c(x, grid, reverse)))
+        return out, torch.autograd.grad(out, [t] + list(c.parameters()), da.to(dtype))
+
+    old = dict(triton_conv.CONFIG)
+    triton_conv.CONFIG.update(BW=8, BC=16)
+    try:
+        got_out, got = grads(True, torch.float32)
+    finally:
+        triton_conv.CONFIG.update(old)
+    want_out, want = grads(False, torch.float64)
+    assert rel(got_out, want_out) < 1e-5
+    names = ["tokens"] + [n for n, _ in conv.named_parameters()]
+    assert len(got) == len(want) == len(names) == (3 if bias else 2)
+    for name, x, y in zip(names, got, want):
+        assert x.shape == y.shape and rel(x, y) < 1e-5, name
+    assert got[0][..., C:].abs().max() == 0                  # the other half gets no gradient
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("norm_bias,weight", [(True, True), (False, True), (True, False)])
+def test_triton_fused_gating_gradients(norm_bias, weight):
+    """Backward of the fused gating against autograd through the PyTorch path in float64: h,
+    a, z (a strided view), the norm's weight and bias, skip; tokens over one backward program
+    (S = 37 with 16-token programs) and over one tile; a head dim not a power of two."""
+    from vil import triton_gating
+    from vil.layers import MultiHeadLayerNorm, gated_outnorm
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    B, NH, S, DH = 2, 3, 37, 24
+    C = NH * DH
+    norm = MultiHeadLayerNorm(C, weight=weight, bias=norm_bias).to(dev)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    h = torch.randn(B, NH, S, DH, generator=g).to(dev)
+    a = torch.randn(B, S, C, generator=g).to(dev)
+    z = torch.randn(B, S, 2 * C, generator=g).to(dev)[..., C:]
+    skip = torch.randn(C, generator=g).to(dev)
+    dout = torch.randn(B, S, C, generator=g).to(dev)
+    leaves = [h, a, z, skip]
+
+    def grads(fn, dtype):
+        xs = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        n = MultiHeadLayerNorm(C, weight=weight, bias=norm_bias).to(dev, dtype)
+        n.load_state_dict(norm.state_dict())
+        out = fn(xs[0], n, xs[3], xs[1], xs[2])
+        params = list(n.parameters())
+        gs = torch.autograd.grad(out, xs + params, dout.to(dtype))
+        return out, gs
+
+    old = dict(triton_gating.CONFIG)
+    triton_gating.CONFIG.update(tile=8 * 32, rows=16)     # 8-token tiles, 16-token programs
+    try:
+        got_out, got = grads(triton_gating.gated_outnorm_triton, torch.float32)
+    finally:
+        triton_gating.CONFIG.update(old)
+    want_out, want = grads(gated_outnorm, torch.float64)
+    assert rel(got_out, want_out) < 1e-5
+    names = ["h", "a", "z", "skip"] + [n for n, _ in norm.named_parameters()]
+    assert len(got) == len(want) == len(names)
+    for name, x, y in zip(names, got, want):
+        assert x.dtype == torch.float32 and x.shape == y.shape, name
+        assert rel(x, y) < 1e-5, name
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -741,3 +877,37 @@ def test_per_head_addmm_matches_baddbmm(autocast):
         want = torch.baddbmm(b, A, w)
     assert got.dtype == want.dtype and got.shape == (NH, B * S, P) and got.is_contiguous()
     assert rel(got.float(), want.float()) < (1e-2 if autocast else 1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+def test_triton_fused_training_step_matches_pytorch(monkeypatch):
+    """A training step of a 2-block model through the fused kernels (conv + SiLU, gating, and
+    under autocast the pre-norms; forced on for CPU tensors under the interpreter) against the
+    PyTorch path: the loss and every parameter's gradient, in float32; under bfloat16 autocast
+    as close to the float32 gradients as autocast's own PyTorch path is."""
+    from vil import model as vmodel
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = tiny(mlstm_backend="parallel", depth=1).to(dev)
+    x = images(2, 64).to(dev)
+    y = torch.tensor([1, 3], device=dev)
+
+    def step(fused, autocast=False):
+        monkeypatch.setattr(vmodel, "_use_triton_fused", lambda t: fused)
+        m.zero_grad(set_to_none=True)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(m(x).float(), y)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                               if p.grad is not None}
+
+    loss_f, grads_f = step(True)
+    loss_t, grads_t = step(False)
+    assert torch.allclose(loss_f, loss_t, rtol=1e-5) and grads_f.keys() == grads_t.keys()
+    for n in grads_t:
+        assert rel(grads_f[n], grads_t[n]) < 1e-4, n
+    _, ac_f = step(True, autocast=True)
+    _, ac_t = step(False, autocast=True)
+    err = lambda g: sum(rel(g[n].float(), grads_t[n]) for n in grads_t) / len(grads_t)  # noqa: E731
+    assert err(ac_f) < 1.5 * err(ac_t) + 5e-3

@@ -211,8 +211,7 @@ class ViLLayer(nn.Module):
         # split, not slices: its backward is one cat, where every slice's would zero-fill a
         # full-size gradient and autograd would add them up.
         x_m, z = self.proj_up(x).split(inner, dim=-1)
-        if (_use_triton_inference(x) and isinstance(self.conv, SequenceConv2d)
-                and self.conv.fusable()):
+        if _use_triton_fused(x) and isinstance(self.conv, SequenceConv2d) and self.conv.fusable():
             a = self.conv.forward_silu_fused(x_m, grid, reverse=self.reverse)   # one pass
         else:
             c = self.conv(x_m, grid, reverse=self.reverse)
@@ -227,7 +226,7 @@ class ViLLayer(nn.Module):
         q, k, v = heads(q), heads(k), heads(v)         # views: every backend reads them in place
         h = vil_kernels.mlstm(q, k, v, i, f, reverse=self.reverse,
                               backend=self.mlstm_backend, chunk_size=self.mlstm_chunk_size)
-        if _use_triton_inference(x):
+        if _use_triton_fused(x):
             out = triton_gating.gated_outnorm_triton(h, self.mlstm_cell.outnorm,
                                                      self.learnable_skip, a, z)
         else:
@@ -252,11 +251,11 @@ def _pad_projection_columns(device):
     return device.type == "cuda"
 
 
-def _use_triton_inference(x):
-    """The fused Triton kernels around the cell (conv + SiLU, output norm + gating): CUDA
-    inference only (no autograd; under torch.compile inductor fuses the PyTorch path itself)."""
-    return (x.is_cuda and not torch.is_grad_enabled() and triton_gating.available()
-            and not torch.compiler.is_compiling())
+def _use_triton_fused(x):
+    """The fused Triton kernels around the cell (the pre-norm under autocast, conv + SiLU,
+    output norm + gating; forward and backward): on CUDA, except under torch.compile (inductor
+    fuses the PyTorch path itself)."""
+    return x.is_cuda and triton_gating.available() and not torch.compiler.is_compiling()
 
 
 def _per_head_linear(t, w, b):
@@ -312,9 +311,9 @@ class ViLBlock(nn.Module):
         return self.layer(self._pre_norm(x), grid)
 
     def _pre_norm(self, x):
-        """The norm before the layer. In CUDA inference under autocast, in the tokens' 16-bit
-        dtype in one pass (vil.triton_norm; the same values the up-projection would get)."""
-        if (x.dtype in (torch.float16, torch.bfloat16) and _use_triton_inference(x)
+        """The norm before the layer. On CUDA under autocast, in the tokens' 16-bit dtype in one
+        pass (vil.triton_norm; the same values the up-projection would get)."""
+        if (x.dtype in (torch.float16, torch.bfloat16) and _use_triton_fused(x)
                 and torch.is_autocast_enabled(x.device.type)):
             n = self.norm
             return triton_norm.layer_norm_triton(x, n.weight_proxy, n.bias, n.eps)
