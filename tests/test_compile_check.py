@@ -73,3 +73,16 @@ def test_programs_per_sm():
     assert programs_per_sm(255, 8, 24576, 80) == 1
     assert programs_per_sm(32, 4, 100 * 1024, 90) == 2        # shared memory binds
     assert programs_per_sm(16, 1, 0, 90) == 32                # the CTA limit
+
+
+def test_model_fused_kernels_build_without_spills():
+    """`python -m vil.triton_check`: the ViL model's fused kernels (conv + SiLU, gating,
+    pre-norm; forward and backward) at the tiles their launchers pick for ViL-T/S/B, for sm_80
+    and sm_90, without a spill."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", "vil.triton_check"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert "28 builds, 0 with a spill or an error" in out, out[-3000:]

@@ -692,7 +692,7 @@ def test_triton_layer_norm_gradients(N, affine):
         return out, torch.autograd.grad(out, xs, dy.to(dtype))
 
     old = dict(triton_norm.CONFIG)
-    triton_norm.CONFIG.update(tile=8 * 64, rows=32)                # N <= 64: 8-row tiles
+    triton_norm.CONFIG.update(tile=8 * 64, bwd_tile=8 * 64, rows=32)   # N <= 64: 8-row tiles
     try:
         got_out, got = grads(lambda x, w, b: triton_norm.layer_norm_triton(x, w, b, 1e-5),
                              torch.float32)
@@ -798,7 +798,7 @@ def test_triton_conv_silu_gradients(kernel, grid, bias, reverse):
         return out, torch.autograd.grad(out, [t] + list(c.parameters()), da.to(dtype))
 
     old = dict(triton_conv.CONFIG)
-    triton_conv.CONFIG.update(BW=8, BC=16)
+    triton_conv.CONFIG.update(BW=8, BC=16, bwd_BW=8)
     try:
         got_out, got = grads(True, torch.float32)
     finally:
@@ -847,7 +847,7 @@ def test_triton_fused_gating_gradients(norm_bias, weight):
         return out, gs
 
     old = dict(triton_gating.CONFIG)
-    triton_gating.CONFIG.update(tile=8 * 32, rows=16)     # 8-token tiles, 16-token programs
+    triton_gating.CONFIG.update(tile=8 * 32, bwd_tile=8 * 32, rows=16)   # 8-token tiles
     try:
         got_out, got = grads(triton_gating.gated_outnorm_triton, torch.float32)
     finally:

@@ -25,9 +25,10 @@ except Exception:  # noqa: BLE001 - no Triton: the PyTorch path is used
 
 __all__ = ["available", "conv_silu_triton"]
 
-# [grid columns, channels] a program (16-byte loads along the channels) and its warps; module
-# state so that bench/model_kernels.py --sweep can try others
-CONFIG = dict(BW=32, BC=64, num_warps=4)
+# [grid columns, channels] a program (16-byte loads along the channels) and its warps; the
+# backward's strips are narrower (bwd_BW: 32 columns spilled). Module state so that
+# bench/model_kernels.py --sweep can try others; python -m vil.triton_check checks for spills.
+CONFIG = dict(BW=32, BC=64, num_warps=4, bwd_BW=16)
 
 
 def available():
@@ -151,7 +152,7 @@ class _ConvSilu(torch.autograd.Function):
         KH, KW = w.shape[-2:]
         da = da.contiguous()
         dc = torch.empty(B, S, C, device=t.device, dtype=t.dtype)
-        BW, BC = CONFIG["BW"], CONFIG["BC"]
+        BW, BC = CONFIG["bwd_BW"], CONFIG["BC"]
         NWB = triton.cdiv(W, BW)
         pw = torch.empty(B * NWB, KH * KW, C, device=t.device, dtype=torch.float32)
         pb = torch.empty(B * NWB, C, device=t.device, dtype=torch.float32)

@@ -24,10 +24,12 @@ __all__ = ["available", "gated_outnorm_triton"]
 
 # Elements of a program's [BS, DH] tiles (BS tokens) and its warps: enough work a program (a
 # token a program ran at a sixth of HBM bandwidth), few enough registers (32 x 512 tiles of
-# ViL-B's heads spilled 2 KB and ran slower than a token a program). ``rows``: tokens a backward
-# program walks (its parameter-gradient partial sums are one row of C a program). Module state
-# so that bench/model_kernels.py --sweep can try others.
-CONFIG = dict(tile=4096, num_warps=4, rows=256)
+# ViL-B's heads spilled 2 KB and ran slower than a token a program; the backward, with twice
+# the live tiles, spreads 1024 over 8 warps: 2048, or 4 warps, spilled). ``rows``: tokens a
+# backward program walks (its parameter-gradient partial sums are one row of C a program).
+# Module state so that bench/model_kernels.py --sweep can try others; python -m
+# vil.triton_check checks for spills.
+CONFIG = dict(tile=4096, num_warps=4, bwd_tile=1024, bwd_warps=8, rows=256)
 
 
 def available():
@@ -127,15 +129,15 @@ def _unit_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _tiles(DH):
+def _tiles(DH, tile):
     BD = triton.next_power_of_2(DH)
-    return max(1, min(64, CONFIG["tile"] // BD)), BD
+    return max(1, min(64, tile // BD)), BD
 
 
 def _forward(h, a, z, w, bias, skip, eps):
     B, NH, S, DH = h.shape
     out = torch.empty(B, S, NH * DH, device=a.device, dtype=a.dtype)
-    BS, BD = _tiles(DH)
+    BS, BD = _tiles(DH, CONFIG["tile"])
     _gated_outnorm_kernel[(triton.cdiv(S, BS), NH, B)](
         h, a, z, w, bias if bias is not None else w, skip, out, S, DH, eps,
         h.stride(0), h.stride(1), h.stride(2), a.stride(0), a.stride(1),
@@ -160,7 +162,7 @@ class _GatedOutnorm(torch.autograd.Function):
         dh = torch.empty(B, NH, S, DH, device=h.device, dtype=h.dtype)
         da = torch.empty(B, S, C, device=a.device, dtype=a.dtype)
         dz = torch.empty(B, S, C, device=z.device, dtype=z.dtype)
-        BS, BD = _tiles(DH)
+        BS, BD = _tiles(DH, CONFIG["bwd_tile"])
         rows = max(BS, CONFIG["rows"] // BS * BS)
         NT = triton.cdiv(S, rows)
         pw, pb, ps = (torch.empty(B * NT, C, device=h.device, dtype=torch.float32)
@@ -169,7 +171,7 @@ class _GatedOutnorm(torch.autograd.Function):
             dout, h, a, z, w, bias if bias is not None else w, skip, dh, da, dz, pw, pb, ps,
             S, DH, C, ctx.eps, h.stride(0), h.stride(1), h.stride(2), a.stride(0), a.stride(1),
             z.stride(0), z.stride(1), HAS_BIAS=bias is not None, BS=BS, BD=BD, ROWS=rows,
-            num_warps=CONFIG["num_warps"])
+            num_warps=CONFIG["bwd_warps"])
         dw = pw.sum(0).to(w.dtype) if ctx.needs_input_grad[3] else None
         dbias = pb.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None
         dskip = ps.sum(0).to(skip.dtype) if ctx.needs_input_grad[5] else None

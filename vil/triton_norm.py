@@ -22,10 +22,11 @@ except Exception:  # noqa: BLE001 - no Triton: the PyTorch path is used
 
 __all__ = ["available", "layer_norm_triton"]
 
-# Elements of a program's [rows, N] tile and its warps; ``rows``: rows a backward program walks
-# (its parameter-gradient partial sums are one row of N a program). Module state:
-# bench/model_kernels.py --sweep tries others.
-CONFIG = dict(tile=4096, num_warps=4, rows=1024)
+# Elements of a program's [rows, N] tile and its warps (the backward's smaller: it spills at
+# 4096); ``rows``: rows a backward program walks (its parameter-gradient partial sums are one
+# row of N a program). Module state: bench/model_kernels.py --sweep tries others; python -m
+# vil.triton_check checks for spills.
+CONFIG = dict(tile=4096, num_warps=4, bwd_tile=2048, rows=1024)
 
 
 def available():
@@ -86,15 +87,15 @@ if triton is not None:
         tl.store(pb + i_p * N + o_n, acc_b, mask=m_n)
 
 
-def _tiles(N):
+def _tiles(N, tile):
     BN = triton.next_power_of_2(N)
-    return max(1, min(64, CONFIG["tile"] // BN)), BN
+    return max(1, min(64, tile // BN)), BN
 
 
 def _forward(x2, weight, bias, eps, shape):
     M, N = x2.shape
     y = torch.empty(shape, device=x2.device, dtype=x2.dtype)
-    BM, BN = _tiles(N)
+    BM, BN = _tiles(N, CONFIG["tile"])
     _layer_norm_kernel[(triton.cdiv(M, BM),)](
         x2, weight if weight is not None else x2, bias if bias is not None else x2, y, M, N,
         x2.stride(0), eps, HAS_W=weight is not None, HAS_B=bias is not None, BM=BM, BN=BN,
@@ -115,7 +116,7 @@ class _LayerNorm(torch.autograd.Function):
         M, N = x2.shape
         dy = dy.reshape(M, N).contiguous()
         dx = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-        BM, BN = _tiles(N)
+        BM, BN = _tiles(N, CONFIG["bwd_tile"])
         rows = max(BM, CONFIG["rows"] // BM * BM)
         NP = triton.cdiv(M, rows)
         pw, pb = (torch.empty(NP, N, device=x2.device, dtype=torch.float32) for _ in range(2))
