@@ -15,6 +15,10 @@
 #               at D=96; in the log); only with STEPS naming it
 #   model       where ViL steps spend their time by kernel group (bench/profile_model.py: ViL-T
 #               and ViL-B inference, ViL-T training at 448 px); only with STEPS naming it
+#   modeltests  the model's tests on CUDA (its fused kernels, forward and backward)
+#   modelk      bench/model_kernels.py: each fused op around the cell against its PyTorch path,
+#               inference with the launch-config sweep, then forward+backward
+#   train       the main job's training throughput at 448 px (ViL-T/S/B, every row)
 # STEPS picks and orders steps (default: profile tune tests kernels). Logs and results go to
 # $OUT (the device tool's output folder; at most 8 files come back) or bench/results/gpu-run;
 # copy the JSON files into bench/results/ with the device in the name.
@@ -87,6 +91,17 @@ for s in $STEPS; do
         else
             echo "ncu: not found" | tee -a "$LOG"
         fi ;;
+    modeltests)
+        step modeltests 120 python -m pytest tests/test_model.py -q $XDIST ;;
+    modelk)
+        step modelk-sweep 150 python bench/model_kernels.py --sweep \
+            --results-file "$OUT/model-kernels-inference.json"
+        step modelk-train 60 python bench/model_kernels.py --mode train \
+            --results-file "$OUT/model-kernels-train.json" ;;
+    train)
+        step train 200 python bench/throughput.py --resolution 448 \
+            --bench train --num-warm-iter 3 --num-bench-iter 10 --no-progress \
+            --results-file "$OUT/throughput-448-train.json" ;;
     model)
         for m in "vil2-tiny inference" "vil2-base inference" "vil2-tiny train"; do
             set -- $m
