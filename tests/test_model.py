@@ -911,3 +911,32 @@ def test_triton_fused_training_step_matches_pytorch(monkeypatch):
     _, ac_t = step(False, autocast=True)
     err = lambda g: sum(rel(g[n].float(), grads_t[n]) for n in grads_t) / len(grads_t)  # noqa: E731
     assert err(ac_f) < 1.5 * err(ac_t) + 5e-3
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_per_head_linear_function_gradients(autocast):
+    """The CUDA-training per-head projection (forward as _per_head_addmm, backward writing dA
+    into the columns of the input's own layout) against baddbmm's autograd, on a strided input,
+    in float32 and under (CPU) autocast: output, input, weight and bias gradients."""
+    from vil.model import _PerHeadLinear
+    g = torch.Generator().manual_seed(0)
+    B, S, NH, DH, P = 2, 9, 4, 8, 24
+    t0 = torch.randn(B, S, 2 * NH * DH, generator=g)
+    w0, b0 = torch.randn(NH, DH, P, generator=g), torch.randn(NH, 1, P, generator=g)
+    dout = torch.randn(NH, B * S, P, generator=g)
+
+    def run(fn):
+        t, w, b = (x.clone().requires_grad_() for x in (t0, w0, b0))
+        A = t[..., :NH * DH].reshape(B * S, NH, DH).transpose(0, 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(A, w, b)
+        out.backward(dout.to(out.dtype))
+        return out, t.grad, w.grad, b.grad
+
+    got = run(_PerHeadLinear.apply)
+    want = run(lambda A, w, b: torch.baddbmm(b, A, w))
+    tol = 2e-2 if autocast else 1e-6
+    for name, x, y in zip(["out", "dt", "dw", "db"], got, want):
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert rel(x.float(), y.float()) < tol, name
+    assert got[1][..., NH * DH:].abs().max() == 0

@@ -32,11 +32,11 @@ def variants():
     from . import triton_norm as tn
     out = []
     c = tc.CONFIG
-    out.append(("triton_conv", "_conv_silu_kernel",
-                dict(KH=3, KW=3, HAS_BIAS=True, SILU=True, BW=c["BW"], BC=c["BC"]),
-                c["num_warps"]))
-    out.append(("triton_conv", "_conv_silu_bwd_kernel",
-                dict(KH=3, KW=3, HAS_BIAS=True, BW=c["bwd_BW"], BC=c["BC"], BKK=16),
+    for act in (1, 2, 0):                         # forward; backward dc; backward dt
+        out.append(("triton_conv", "_conv_silu_kernel",
+                    dict(KH=3, KW=3, HAS_BIAS=act > 0, ACT=act, BW=c["BW"], BC=c["BC"]),
+                    c["num_warps"]))
+    out.append(("triton_conv", "_conv_dw_kernel", dict(KH=3, KW=3, BW=c["bwd_BW"], BC=c["BC"]),
                 c["num_warps"]))
     for name, dim in WIDTHS.items():
         DH = 2 * dim // 4

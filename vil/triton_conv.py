@@ -6,11 +6,11 @@ fused, forward and backward.
 over the (H, W) token grid (zero padding P = KH // 2, Q = KW // 2), with t read in place: it is
 the strided half of the up-projection's output, which cuDNN would first copy into a
 channels-last buffer, then convolve, then add the bias in a broadcast pass, then apply the SiLU
-in a fourth. Here: one read of t (the taps' overlap hits the cache), one write of a. Backward:
-one pass recomputes the conv, forms dc = da * silu'(c) and the per-program partial sums of the
-weight and bias gradients (reduced in a fixed order: deterministic); dt is then the same conv
-kernel on dc with the kernel rotated by 180 degrees, without bias and SiLU. On the CPU it runs
-only under TRITON_INTERPRET=1 (tests).
+in a fourth. Here: one read of t (the taps' overlap hits the cache), one write of a. Backward,
+all by the same kernel but the last: dc = da * silu'(c) with the conv recomputed; dt = the
+conv of dc with the kernel rotated by 180 degrees; the weight gradient one program a tap,
+channel block and image, reduced over images in a fixed order (deterministic), the bias
+gradient a sum of dc. On the CPU it runs only under TRITON_INTERPRET=1 (tests).
 """
 
 import torch
@@ -25,10 +25,11 @@ except Exception:  # noqa: BLE001 - no Triton: the PyTorch path is used
 
 __all__ = ["available", "conv_silu_triton"]
 
-# [grid columns, channels] a program (16-byte loads along the channels) and its warps; the
-# backward's strips are narrower (bwd_BW: 32 columns spilled). Module state so that
+# [grid columns, channels] a program (16-byte loads along the channels) and its warps: 16 x 128
+# over 2 warps was the fastest of 27 on an H200 at ViL-T/S/B widths (9% ahead of 32 x 64 over
+# 4); bwd_BW: the weight-gradient kernel's columns a tile. Module state so that
 # bench/model_kernels.py --sweep can try others; python -m vil.triton_check checks for spills.
-CONFIG = dict(BW=32, BC=64, num_warps=4, bwd_BW=16)
+CONFIG = dict(BW=16, BC=128, num_warps=2, bwd_BW=16)
 
 
 def available():
@@ -52,10 +53,12 @@ if triton is not None:
         return b_acc
 
     @triton.jit
-    def _conv_silu_kernel(t, w, bias, a, H, W, C, st_b, st_s, sa_b, sa_s,
+    def _conv_silu_kernel(t, w, bias, da, a, H, W, C, st_b, st_s, sa_b, sa_s,
                           KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          SILU: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
-        """Grid (H * cdiv(W, BW), cdiv(C, BC), B): BW tokens of one grid row, BC channels."""
+                          ACT: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
+        """Grid (H * cdiv(W, BW), cdiv(C, BC), B): BW tokens of one grid row, BC channels.
+        c = conv(t) + bias, then by ACT: 0 writes c, 1 silu(c), 2 da * silu'(c) (the backward's
+        dc; da contiguous like a)."""
         NWB = tl.cdiv(W, BW)
         i_p, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         i_y = i_p // NWB
@@ -65,53 +68,42 @@ if triton is not None:
         b_acc = _conv_row(t + i_b * st_b, i_y, o_x, o_c, m_c, w, H, W, st_s, KH, KW, BW, BC)
         if HAS_BIAS:
             b_acc += tl.load(bias + o_c, mask=m_c, other=0.).to(tl.float32)[None, :]
-        if SILU:
+        o_a = i_b * sa_b + (i_y * W + o_x)[:, None] * sa_s + o_c[None, :]
+        m_a = m_x[:, None] & m_c[None, :]
+        if ACT == 1:
             b_acc = b_acc / (1. + tl.exp(-b_acc))
-        tl.store(a + i_b * sa_b + (i_y * W + o_x)[:, None] * sa_s + o_c[None, :],
-                 b_acc.to(a.dtype.element_ty), mask=m_x[:, None] & m_c[None, :])
+        elif ACT == 2:
+            b_sg = 1. / (1. + tl.exp(-b_acc))
+            b_acc = tl.load(da + o_a, mask=m_a, other=0.).to(tl.float32) * b_sg \
+                * (1. + b_acc * (1. - b_sg))
+        tl.store(a + o_a, b_acc.to(a.dtype.element_ty), mask=m_a)
 
     @triton.jit
-    def _conv_silu_bwd_kernel(t, w, bias, da, dc, pw, pb, H, W, C, st_b, st_s,
-                              KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              BW: tl.constexpr, BC: tl.constexpr, BKK: tl.constexpr):
-        """Grid (cdiv(W, BW), cdiv(C, BC), B): a strip of BW grid columns and BC channels over
-        every grid row. dc = da * silu'(c) (c recomputed); da, dc contiguous (B, H * W, C). The
-        strip's sums of dc t (per tap) and dc go to row i_b * cdiv(W, BW) + i_w of pw
-        [., KH * KW, C] and pb [., C]."""
-        i_w, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        o_x = i_w * BW + tl.arange(0, BW)
+    def _conv_dw_kernel(t, dc, pw, H, W, C, st_b, st_s,
+                        KH: tl.constexpr, KW: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
+        """Grid (KH * KW, cdiv(C, BC), B): one tap's weight gradient over one image,
+        sum_p dc[p] t[p + tap], for BC channels, into pw [B, KH * KW, C]. dc contiguous. The
+        taps of an image run side by side and share its reads in L2; a [BW, BC] accumulator is
+        reduced once at the end."""
+        i_k, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        di, dj = i_k // KW - KH // 2, i_k % KW - KW // 2
         o_c = i_c * BC + tl.arange(0, BC)
-        m_x, m_c = o_x < W, o_c < C
-        o_kk = tl.arange(0, BKK)
-        p_t = t + i_b * st_b
-        b_bias = tl.zeros([BC], dtype=tl.float32)
-        if HAS_BIAS:
-            b_bias = tl.load(bias + o_c, mask=m_c, other=0.).to(tl.float32)
-        acc_w = tl.zeros([BKK, BC], dtype=tl.float32)
-        acc_b = tl.zeros([BC], dtype=tl.float32)
+        m_c = o_c < C
+        p_t, p_dc = t + i_b * st_b, dc + i_b * H * W * C
+        acc = tl.zeros([BW, BC], dtype=tl.float32)
         for i_y in range(H):
-            b_c = _conv_row(p_t, i_y, o_x, o_c, m_c, w, H, W, st_s, KH, KW, BW, BC) \
-                + b_bias[None, :]
-            o_xc = i_b * H * W * C + (i_y * W + o_x)[:, None] * C + o_c[None, :]
-            m_xc = m_x[:, None] & m_c[None, :]
-            b_da = tl.load(da + o_xc, mask=m_xc, other=0.).to(tl.float32)
-            b_sg = 1. / (1. + tl.exp(-b_c))
-            b_dc = b_da * b_sg * (1. + b_c * (1. - b_sg))            # [BW, BC], 0 off the grid
-            tl.store(dc + o_xc, b_dc.to(dc.dtype.element_ty), mask=m_xc)
-            acc_b += tl.sum(b_dc, axis=0)
-            for i in tl.static_range(KH):
-                y = i_y + i - KH // 2
-                for j in tl.static_range(KW):
-                    x = o_x + j - KW // 2
-                    m = ((x >= 0) & (x < W) & (y >= 0) & (y < H))[:, None] & m_c[None, :]
-                    b_t = tl.load(p_t + (y * W + x)[:, None] * st_s + o_c[None, :], mask=m,
-                                  other=0.).to(tl.float32)
-                    b_tap = tl.sum(b_dc * b_t, axis=0)                # [BC]
-                    acc_w += tl.where(o_kk[:, None] == i * KW + j, b_tap[None, :], 0.)
-        o_r = i_b * tl.num_programs(0) + i_w
-        tl.store(pw + (o_r * (KH * KW) + o_kk[:, None]) * C + o_c[None, :], acc_w,
-                 mask=(o_kk < KH * KW)[:, None] & m_c[None, :])
-        tl.store(pb + o_r * C + o_c, acc_b, mask=m_c)
+            y = i_y + di
+            for x0 in range(0, W, BW):
+                o_x = x0 + tl.arange(0, BW)
+                x = o_x + dj
+                m_xc = (o_x < W)[:, None] & m_c[None, :]
+                m = ((x >= 0) & (x < W) & (y >= 0) & (y < H))[:, None] & m_xc
+                b_dc = tl.load(p_dc + (i_y * W + o_x)[:, None] * C + o_c[None, :], mask=m,
+                               other=0.).to(tl.float32)
+                b_t = tl.load(p_t + (y * W + x)[:, None] * st_s + o_c[None, :], mask=m,
+                              other=0.).to(tl.float32)
+                acc += b_dc * b_t
+        tl.store(pw + (i_b * (KH * KW) + i_k) * C + o_c, tl.sum(acc, axis=0), mask=m_c)
 
 
 def _check(t, weight, grid):
@@ -123,17 +115,18 @@ def _check(t, weight, grid):
                          f"weight {tuple(weight.shape)} do not fit a depthwise odd-kernel conv")
 
 
-def _conv(t, w, b, grid, silu):
-    """The forward kernel: silu(conv(t) + b) (or the bare conv) into a new (B, S, C) tensor."""
+def _conv(t, w, b, grid, act, da=None):
+    """The conv kernel into a new (B, S, C) tensor: silu(conv(t) + b) (act 1), the bare conv
+    (0), or da * silu'(conv(t) + b) (2)."""
     B, S, C = t.shape
     H, W = grid
     KH, KW = w.shape[-2:]
     a = torch.empty(B, S, C, device=t.device, dtype=t.dtype)
     BW, BC = CONFIG["BW"], CONFIG["BC"]
     _conv_silu_kernel[(H * triton.cdiv(W, BW), triton.cdiv(C, BC), B)](
-        t, w, b if b is not None else w, a, H, W, C, t.stride(0), t.stride(1), a.stride(0),
-        a.stride(1), KH=KH, KW=KW, HAS_BIAS=b is not None, SILU=silu, BW=BW, BC=BC,
-        num_warps=CONFIG["num_warps"])
+        t, w, b if b is not None else w, da if da is not None else a, a, H, W, C, t.stride(0),
+        t.stride(1), a.stride(0), a.stride(1), KH=KH, KW=KW, HAS_BIAS=b is not None, ACT=act,
+        BW=BW, BC=BC, num_warps=CONFIG["num_warps"])
     return a
 
 
@@ -142,7 +135,7 @@ class _ConvSilu(torch.autograd.Function):
     def forward(ctx, t, w, b, grid):
         ctx.save_for_backward(t, w, b)
         ctx.grid = grid
-        return _conv(t, w, b, grid, silu=True)
+        return _conv(t, w, b, grid, act=1)
 
     @staticmethod
     def backward(ctx, da):
@@ -150,22 +143,21 @@ class _ConvSilu(torch.autograd.Function):
         B, S, C = t.shape
         H, W = ctx.grid
         KH, KW = w.shape[-2:]
-        da = da.contiguous()
-        dc = torch.empty(B, S, C, device=t.device, dtype=t.dtype)
-        BW, BC = CONFIG["bwd_BW"], CONFIG["BC"]
-        NWB = triton.cdiv(W, BW)
-        pw = torch.empty(B * NWB, KH * KW, C, device=t.device, dtype=torch.float32)
-        pb = torch.empty(B * NWB, C, device=t.device, dtype=torch.float32)
-        patch_interpreter()                                # a loop over H under the interpreter
-        _conv_silu_bwd_kernel[(NWB, triton.cdiv(C, BC), B)](
-            t, w, b if b is not None else w, da, dc, pw, pb, H, W, C, t.stride(0), t.stride(1),
-            KH=KH, KW=KW, HAS_BIAS=b is not None, BW=BW, BC=BC,
-            BKK=triton.next_power_of_2(KH * KW), num_warps=CONFIG["num_warps"])
+        dc = _conv(t, w, b, ctx.grid, act=2, da=da.contiguous())   # da * silu'(c), c recomputed
         # the transposed depthwise conv = the conv with the kernel rotated by 180 degrees
-        dt = _conv(dc, w.flip(-1, -2).contiguous(), None, ctx.grid, silu=False) \
+        dt = _conv(dc, w.flip(-1, -2).contiguous(), None, ctx.grid, act=0) \
             if ctx.needs_input_grad[0] else None
-        dw = pw.sum(0).t().reshape(w.shape).to(w.dtype) if ctx.needs_input_grad[1] else None
-        db = pb.sum(0).to(b.dtype) if b is not None and ctx.needs_input_grad[2] else None
+        dw = db = None
+        if ctx.needs_input_grad[1]:
+            pw = torch.empty(B, KH * KW, C, device=t.device, dtype=torch.float32)
+            BC = CONFIG["BC"]
+            patch_interpreter()                            # a loop over H under the interpreter
+            _conv_dw_kernel[(KH * KW, triton.cdiv(C, BC), B)](
+                t, dc, pw, H, W, C, t.stride(0), t.stride(1), KH=KH, KW=KW,
+                BW=CONFIG["bwd_BW"], BC=BC, num_warps=CONFIG["num_warps"])
+            dw = pw.sum(0).t().reshape(w.shape).to(w.dtype)
+        if b is not None and ctx.needs_input_grad[2]:
+            db = torch.sum(dc, dim=(0, 1), dtype=torch.float32).to(b.dtype)
         return dt, dw, db, None
 
 
@@ -186,4 +178,4 @@ def conv_silu_triton(t, weight, bias, grid):
     grid = tuple(grid)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (t, w, b)):
         return _ConvSilu.apply(t, w, b, grid)
-    return _conv(t, w, b, grid, silu=True)
+    return _conv(t, w, b, grid, act=1)

@@ -26,7 +26,7 @@ __all__ = ["available", "layer_norm_triton"]
 # 4096); ``rows``: rows a backward program walks (its parameter-gradient partial sums are one
 # row of N a program). Module state: bench/model_kernels.py --sweep tries others; python -m
 # vil.triton_check checks for spills.
-CONFIG = dict(tile=4096, num_warps=4, bwd_tile=2048, rows=1024)
+CONFIG = dict(tile=4096, num_warps=4, bwd_tile=2048, rows=256)
 
 
 def available():
@@ -69,22 +69,24 @@ if triton is not None:
         b_w = tl.full([BN], 1., tl.float32)
         if HAS_W:
             b_w = tl.load(w + o_n, mask=m_n, other=0.).to(tl.float32)
-        acc_w = tl.zeros([BN], dtype=tl.float32)
-        acc_b = tl.zeros([BN], dtype=tl.float32)
+        # [BM, BN] accumulators, reduced over rows once at the end (not a cross-warp reduction
+        # a tile)
+        acc_w = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_b = tl.zeros([BM, BN], dtype=tl.float32)
         for i_r in range(0, ROWS, BM):
             o_m = i_p * ROWS + i_r + tl.arange(0, BM)
             m = (o_m < M)[:, None] & m_n[None, :]
             b_xh, b_rstd = _normalized(x, o_m, o_n, m, N, sx, eps)
             b_dy = tl.load(dy + o_m[:, None] * N + o_n[None, :], mask=m, other=0.).to(tl.float32)
-            acc_w += tl.sum(b_dy * b_xh, axis=0)
-            acc_b += tl.sum(b_dy, axis=0)
+            acc_w += b_dy * b_xh
+            acc_b += b_dy
             b_dxh = b_dy * b_w[None, :]
             b_c1 = tl.sum(b_dxh, axis=1) / N
             b_c2 = tl.sum(b_dxh * b_xh, axis=1) / N
             b_dx = b_rstd[:, None] * (b_dxh - b_c1[:, None] - b_xh * b_c2[:, None])
             tl.store(dx + o_m[:, None] * N + o_n[None, :], b_dx.to(dx.dtype.element_ty), mask=m)
-        tl.store(pw + i_p * N + o_n, acc_w, mask=m_n)
-        tl.store(pb + i_p * N + o_n, acc_b, mask=m_n)
+        tl.store(pw + i_p * N + o_n, tl.sum(acc_w, axis=0), mask=m_n)
+        tl.store(pb + i_p * N + o_n, tl.sum(acc_b, axis=0), mask=m_n)
 
 
 def _tiles(N, tile):
