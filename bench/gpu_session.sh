@@ -76,7 +76,7 @@ for s in $STEPS; do
     kernels-all)                               # the list: S=196/784/3136 and 16384
         step kernels-all 130 python bench/kernels.py --results-file "$OUT/kernels.json" ;;
     throughput)
-        step throughput 110 python bench/throughput.py --resolution 448 \
+        step throughput 150 python bench/throughput.py --resolution 448 \
             --bench inference --num-warm-iter 3 --num-bench-iter 10 --no-progress \
             --results-file "$OUT/throughput-448.json" ;;
     ncu|ncu96)                                 # why each kernel takes its time
@@ -93,15 +93,17 @@ for s in $STEPS; do
         fi ;;
     modeltests)
         step modeltests 120 python -m pytest tests/test_model.py -q $XDIST ;;
-    modelk)
-        step modelk-sweep 150 python bench/model_kernels.py --sweep \
+    modelk)                                    # MODELK_SWEEP="" skips the sweep
+        step modelk-inference 150 python bench/model_kernels.py ${MODELK_SWEEP---sweep} \
             --results-file "$OUT/model-kernels-inference.json"
         step modelk-train 60 python bench/model_kernels.py --mode train \
             --results-file "$OUT/model-kernels-train.json" ;;
-    train)
-        step train 200 python bench/throughput.py --resolution 448 \
-            --bench train --num-warm-iter 3 --num-bench-iter 10 --no-progress \
-            --results-file "$OUT/throughput-448-train.json" ;;
+    train)                                     # a run a model: a timeout loses one only
+        for m in vil2-tiny vil2-small vil2-base; do
+            step "train-$m" 90 python bench/throughput.py --resolution 448 --model "$m" \
+                --bench train --num-warm-iter 2 --num-bench-iter 6 --no-progress \
+                --results-file "$OUT/throughput-448-train-$m.json"
+        done ;;
     model)
         for m in "vil2-tiny inference" "vil2-base inference" "vil2-tiny train"; do
             set -- $m
