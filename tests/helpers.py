@@ -24,14 +24,15 @@ def make_inputs(B=1, NH=2, S=65, DK=16, DV=24, dtype=torch.float64, init=False, 
 
 
 def run(inputs, backend, reverse=False, chunk_size=None, eps=1e-6, compute=torch.float64,
-        last_states=True):
+        last_states=True, **kw):
     """Forward and backward of a fixed random loss over h (and the last states, if asked for).
 
     Inputs are cast to `compute` first; returns {name: tensor} of outputs and gradients in float64.
+    ``kw``: more keywords of vil_kernels.mlstm (recompute_states).
     """
     leaves = {n: t.detach().to(compute).requires_grad_() for n, t in inputs.items()}
     res = vil_kernels.mlstm(**leaves, return_last_states=last_states, eps=eps, reverse=reverse,
-                            chunk_size=chunk_size, backend=backend)
+                            chunk_size=chunk_size, backend=backend, **kw)
     out = {"h": res[0], "c": res[1][0], "n": res[1][1], "m": res[1][2]} if last_states else {"h": res}
     g = torch.Generator().manual_seed(123)
     weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)
@@ -52,3 +53,17 @@ def assert_close(got, ref, tol, what=""):
     for name in ref:
         err = rel_err(got[name], ref[name])
         assert err <= tol, f"{what}{name}: error {err:.3e} > {tol:.1e}"
+
+
+def saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for the backward while ``fn()`` runs its forward
+    (views of one storage counted once per view; what matters here is the difference)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]

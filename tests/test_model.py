@@ -940,3 +940,20 @@ def test_per_head_linear_function_gradients(autocast):
         assert x.dtype == y.dtype and x.shape == y.shape, name
         assert rel(x.float(), y.float()) < tol, name
     assert got[1][..., NH * DH:].abs().max() == 0
+
+
+def test_recompute_states_in_the_model():
+    """mlstm_recompute_states=True reaches every cell and changes no bit of the loss or of any
+    gradient (torch backend on the CPU)."""
+    x, y = images(2, 64), torch.tensor([1, 3])
+    grads = []
+    for recompute in (False, True):
+        m = tiny(mlstm_backend="torch", mlstm_chunk_size=16, depth=1,
+                 mlstm_recompute_states=recompute)
+        assert all(layer.mlstm_recompute_states is recompute for layer in m.modules()
+                   if isinstance(layer, vil.model.ViLLayer))
+        F.cross_entropy(m(x), y).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.equal(grads[0][n], grads[1][n]), n

@@ -281,7 +281,8 @@ def test_help_reads_well(capsys):
     text = capsys.readouterr().out
     for flag in ("--data", "--model", "--img-size", "--checkpoint", "--resume", "--fsdp",
                  "--accum-steps", "--layer-decay", "--drop-path", "--grad-checkpointing",
-                 "--label-smoothing", "--mlstm-backend", "--max-steps", "torchrun"):
+                 "--label-smoothing", "--mlstm-backend", "--recompute-states", "--max-steps",
+                 "torchrun"):
         assert flag in text, flag
 
 
@@ -345,3 +346,13 @@ def test_activation_checkpointing_same_gradients():
         m(x).square().sum().backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, msg=n)
+
+
+def test_recompute_states_flag_reaches_the_cells():
+    """--recompute-states builds every cell with mlstm_recompute_states=True (default off)."""
+    from vil.model import ViLLayer
+    for extra, want in (([], False), (["--recompute-states"], True)):
+        args = vt.parse_args(["--data", "unused"] + TINY + extra)
+        m = vt.build_model(args, num_classes=3)
+        layers = [x for x in m.modules() if isinstance(x, ViLLayer)]
+        assert layers and all(x.mlstm_recompute_states is want for x in layers)

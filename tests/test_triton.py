@@ -295,9 +295,11 @@ def test_strided_views_read_in_place(reverse):
     assert max(rel_err(got[name], ref[name]) for name in ref) < 2e-4
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_torch_compile_fullgraph(recompute):
     """A module calling the Triton backend traces with fullgraph=True (the ops are opaque
-    torch.library custom ops with fake implementations); aot_eager keeps inductor out of it."""
+    torch.library custom ops with fake implementations, the states' recompute among them);
+    aot_eager keeps inductor out of it."""
     import vil_kernels
 
     class Block(torch.nn.Module):
@@ -308,7 +310,8 @@ def test_torch_compile_fullgraph():
         def forward(self, x):
             q, k, v = self.proj(x).unflatten(-1, (3, 1, 16)).permute(2, 0, 3, 1, 4)
             i, f = q.sum(-1), k.sum(-1) + 3
-            return vil_kernels.mlstm(q, k, v, i, f, backend="triton", reverse=True)
+            return vil_kernels.mlstm(q, k, v, i, f, backend="triton", reverse=True,
+                                     recompute_states=recompute)
 
     torch.manual_seed(0)
     block = Block().to(DEVICE)
@@ -322,3 +325,28 @@ def test_torch_compile_fullgraph():
     out.sum().backward()
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
     assert torch.allclose(block.proj.weight.grad, g_ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_recompute_states_same_bits_less_memory(reverse):
+    """recompute_states=True: the backward reruns the two state scans; h, the last states and
+    every gradient (initial states included) are the same bits, and the forward keeps the chunk
+    states' bytes less (S = 40, chunk 16: 3 states of 16 x 24 a head)."""
+    import vil_kernels
+    from helpers import saved_bytes
+    x = make_inputs(B=2, NH=2, S=40, DK=16, DV=24, init=True, seed=21, dtype=torch.float32)
+    x = {n: t.to(DEVICE) for n, t in x.items()}
+    kept = run(x, "triton", reverse=reverse, chunk_size=16, compute=torch.float32)
+    again = run(x, "triton", reverse=reverse, chunk_size=16, compute=torch.float32,
+                recompute_states=True)
+    assert kept.keys() == again.keys()
+    for name in kept:
+        assert torch.equal(kept[name], again[name]), name
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    sizes = [saved_bytes(lambda: vil_kernels.mlstm(**leaves, backend="triton", chunk_size=16,
+                                                   reverse=reverse, recompute_states=r))[1]
+             for r in (False, True)]
+    states = 2 * 2 * 3 * (16 * 24 + 16) * 4              # c_in and n_in, float32
+    assert sizes[0] - sizes[1] == states
+    with pytest.raises(TypeError, match="recompute_states must be a bool"):
+        vil_kernels.mlstm(**x, backend="triton", recompute_states=1)

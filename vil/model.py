@@ -92,7 +92,7 @@ class ViLLayer(nn.Module):
     def __init__(self, dim, direction, expansion=2, qkv_block_size=4, proj_bias=True,
                  norm_bias=True, conv_bias=True, conv_kernel_size=3, conv_kind="2d",
                  init_weights="original", seqlens=None, num_blocks=None, mlstm_backend="auto",
-                 mlstm_chunk_size=None):
+                 mlstm_chunk_size=None, mlstm_recompute_states=False):
         super().__init__()
         if dim % qkv_block_size:
             raise ValueError(f"dim {dim} must be divisible by qkv_block_size {qkv_block_size}")
@@ -108,6 +108,7 @@ class ViLLayer(nn.Module):
         self.num_blocks = num_blocks
         self.mlstm_backend = mlstm_backend
         self.mlstm_chunk_size = mlstm_chunk_size
+        self.mlstm_recompute_states = mlstm_recompute_states
         self.reverse = direction == SequenceTraversal.ROWWISE_FROM_BOT_RIGHT
 
         inner = expansion * dim
@@ -225,7 +226,8 @@ class ViLLayer(nn.Module):
         heads = lambda t: t.view(NH, B, S, -1).transpose(0, 1)         # (B, NH, S, .) view
         q, k, v = heads(q), heads(k), heads(v)         # views: every backend reads them in place
         h = vil_kernels.mlstm(q, k, v, i, f, reverse=self.reverse,
-                              backend=self.mlstm_backend, chunk_size=self.mlstm_chunk_size)
+                              backend=self.mlstm_backend, chunk_size=self.mlstm_chunk_size,
+                              recompute_states=self.mlstm_recompute_states)
         if _use_triton_fused(x):
             out = triton_gating.gated_outnorm_triton(h, self.mlstm_cell.outnorm,
                                                      self.learnable_skip, a, z)
@@ -332,7 +334,8 @@ class _PerHeadLinear(torch.autograd.Function):
 class ViLBlock(nn.Module):
     def __init__(self, dim, direction, drop_path=0.0, conv_kind="2d", conv_kernel_size=3,
                  proj_bias=True, norm_bias=True, seqlens=None, num_blocks=None,
-                 init_weights="original", mlstm_backend="auto", mlstm_chunk_size=None):
+                 init_weights="original", mlstm_backend="auto", mlstm_chunk_size=None,
+                 mlstm_recompute_states=False):
         super().__init__()
         self.dim = dim
         self.direction = direction
@@ -342,7 +345,8 @@ class ViLBlock(nn.Module):
                               conv_kernel_size=conv_kernel_size, seqlens=seqlens,
                               norm_bias=norm_bias, proj_bias=proj_bias, num_blocks=num_blocks,
                               init_weights=init_weights, mlstm_backend=mlstm_backend,
-                              mlstm_chunk_size=mlstm_chunk_size)
+                              mlstm_chunk_size=mlstm_chunk_size,
+                              mlstm_recompute_states=mlstm_recompute_states)
 
     def reset_parameters(self):
         self.layer.reset_parameters()
@@ -468,6 +472,9 @@ class VisionLSTM(nn.Module):
         mlstm_backend: passed to ``vil_kernels.mlstm`` ("auto", "triton", "torch", "parallel",
             "recurrent").
         mlstm_chunk_size: chunk length for the chunkwise backends (None: the operator picks).
+        mlstm_recompute_states: the cells recompute their chunk states in the backward instead
+            of keeping them (``vil_kernels.mlstm(recompute_states=True)``): less training
+            memory, one more state scan a block.
         img_size, num_classes, in_chans: timm-style aliases overriding ``input_shape[1:]``,
             ``output_shape`` and ``input_shape[0]``.
         out_indices: single-block indices (0 .. 2 * depth - 1) whose outputs
@@ -482,7 +489,8 @@ class VisionLSTM(nn.Module):
                  drop_path_rate=0.0, drop_path_decay=False, stride=None, legacy_norm=False,
                  conv_kind="2d", conv_kernel_size=3, proj_bias=True, norm_bias=True,
                  init_weights="original", mlstm_backend="auto", mlstm_chunk_size=None,
-                 img_size=None, num_classes=None, in_chans=None, out_indices=None):
+                 mlstm_recompute_states=False, img_size=None, num_classes=None, in_chans=None,
+                 out_indices=None):
         if depth == 24 and dim < 1024:
             warnings.warn("VisionLSTM depth counts block pairs: ViL-T/S/B use depth=12 (24 blocks); "
                           "are you sure you want depth=24?")
@@ -520,6 +528,7 @@ class VisionLSTM(nn.Module):
         self.init_weights = init_weights
         self.mlstm_backend = mlstm_backend
         self.mlstm_chunk_size = mlstm_chunk_size
+        self.mlstm_recompute_states = mlstm_recompute_states
         self.num_blocks = 2 * depth
         self.out_indices = tuple(out_indices) if out_indices is not None else None
         self.num_features = self.embed_dim = dim
@@ -536,7 +545,8 @@ class VisionLSTM(nn.Module):
                          conv_kernel_size=conv_kernel_size, seqlens=self.patch_embed.grid,
                          proj_bias=proj_bias, norm_bias=norm_bias, num_blocks=2 * depth,
                          init_weights=init_weights, mlstm_backend=mlstm_backend,
-                         mlstm_chunk_size=mlstm_chunk_size)
+                         mlstm_chunk_size=mlstm_chunk_size,
+                         mlstm_recompute_states=mlstm_recompute_states)
             for p in range(depth)])
         head_dim = 2 * dim if (pooling == "bilateral_flatten" and mode == "classifier") else dim
         self.head_dim = head_dim

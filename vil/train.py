@@ -128,6 +128,10 @@ def build_parser():
                    help="mLSTM backend (auto: Triton on GPU, the PyTorch paths on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory)")
+    g.add_argument("--recompute-states", action="store_true",
+                   help="the mLSTM cells recompute their chunk states in the backward instead "
+                        "of keeping them (less memory, one more state scan a block; same "
+                        "gradients)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=300, metavar="N",
                    help="length of the run and of the lr schedule")
@@ -285,6 +289,7 @@ def build_model(args, num_classes):
             raise SystemExit(f"--model-kwargs {k}: set by {flag}")
     kwargs.setdefault("drop_path_rate", args.drop_path)
     kwargs.setdefault("mlstm_backend", args.mlstm_backend)
+    kwargs.setdefault("mlstm_recompute_states", args.recompute_states)
     return create_model(args.model, img_size=args.img_size, num_classes=num_classes, **kwargs)
 
 

@@ -407,11 +407,13 @@ class MLSTMChunkwise(torch.autograd.Function):
     c, n, m when need_last."""
 
     @staticmethod
-    def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, L, need_last, reverse):
+    def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, L, need_last, reverse, recompute=False):
         lay, ct, (qf, kf, vf, i_f, f_f), states = _flat_inputs(q, k, v, i, f, c0, n0, m0, L,
                                                                reverse)
         h, last, saved = _forward(lay, qf, kf, vf, i_f, F.logsigmoid(f_f), *states, eps,
                                   need_last, track=True)
+        if recompute:                      # the chunk states (saved[3:]) come back in backward
+            saved = (*saved[:3], None, None)
         ctx.save_for_backward(qf, kf, vf, i_f, f_f, *states, h, *(last or (None,) * 4), *saved)
         ctx.meta = (lay, eps, ct, [x.dtype for x in (q, k, v, i, f, c0, n0, m0) if x is not None])
         out, last_state = _outputs(lay, h, last, q.dtype)
@@ -423,6 +425,10 @@ class MLSTMChunkwise(torch.autograd.Function):
         qf, kf, vf, i_f, f_f, c0, n0, m0, h, *rest = ctx.saved_tensors
         last, saved = rest[:4], tuple(rest[4:])
         last = None if last[0] is None else tuple(last)
+        if saved[3] is None:                                     # recompute_states
+            _, _, again = _forward(lay, qf, kf, vf, i_f, F.logsigmoid(f_f), c0, n0, m0, eps,
+                                   False, track=True)
+            saved = (*saved[:3], *again[3:])
         dhf = lay.to_flat(dh, ct) if dh is not None else torch.zeros_like(h)
         if last is not None:
             dlast = tuple(torch.zeros_like(x) if d is None else lay.states_to_flat(d, ct)
@@ -436,18 +442,20 @@ class MLSTMChunkwise(torch.autograd.Function):
             grads += [lay.states_from_flat(gr, dt) for gr, dt in zip(dstates, dtypes[5:])]
         else:
             grads += [None] * 3
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def mlstm_chunkwise_torch(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, eps=1e-6,
-                          chunk_size=None, reverse=False, return_last_states=False):
+                          chunk_size=None, reverse=False, return_last_states=False,
+                          recompute_states=False):
     """Validated inputs, gates (B, NH, S). Returns (h, (c, n, m) or None). Without autograd the
     forward runs directly and keeps nothing for a backward."""
     S = q.shape[2]
     L = chunk_size or default_chunk_size(S, q.shape[-1], v.shape[-1], q.device)
     tensors = (q, k, v, i, f, c_initial, n_initial, m_initial)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        out = MLSTMChunkwise.apply(*tensors, eps, L, return_last_states, reverse)
+        out = MLSTMChunkwise.apply(*tensors, eps, L, return_last_states, reverse,
+                                   recompute_states)
         if return_last_states:
             return out[0], tuple(out[1:])
         return out, None

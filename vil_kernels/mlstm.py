@@ -111,7 +111,7 @@ def _choose_backend(q, k, v):
 
 
 def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_last_states=False,
-          eps=1e-6, chunk_size=None, reverse=False, backend="auto"):
+          eps=1e-6, chunk_size=None, reverse=False, backend="auto", recompute_states=False):
     """The mLSTM with exponential gating and stabilizer (xLSTM), chunkwise-parallel.
 
     Computes, per batch element and head, with s = DHQK ** -0.5, fl = logsigmoid(f),
@@ -142,6 +142,11 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
         backend: "triton" (fused kernels, CUDA or TRITON_INTERPRET=1), "torch" (chunkwise
             PyTorch), "parallel" and "recurrent" (the references), or "auto": triton on CUDA
             tensors, otherwise the faster PyTorch path for the sequence length and head dims.
+        recompute_states: training memory for time, in the chunkwise backends: the forward
+            keeps O(S) statistics only, not the state entering every chunk (S / chunk_size x
+            DHQK x DHV a head, most of what a ViL block keeps for its backward), and the
+            backward recomputes those states (triton: the two state scans again; torch: its
+            forward again). Gradients are the same bits. The references ignore it.
 
     Returns:
         h of shape (B, NH, S, DHV) in q's dtype, or ``(h, (c, n, m))`` with return_last_states.
@@ -154,6 +159,9 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
     """
     i, f, states = _check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial, eps, chunk_size,
                                  backend)
+    if not isinstance(recompute_states, bool):
+        raise TypeError(f"mlstm: recompute_states must be a bool, got "
+                        f"{type(recompute_states).__name__}")
     c_initial, n_initial, m_initial = states if states is not None else (None, None, None)
     if backend == "auto":
         backend = _choose_backend(q, k, v)
@@ -161,11 +169,13 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
         from .triton import mlstm_triton
         h, last = mlstm_triton(q, k, v, i, f, c_initial, n_initial, m_initial, eps=float(eps),
                                chunk_size=chunk_size, reverse=reverse,
-                               return_last_states=return_last_states)
+                               return_last_states=return_last_states,
+                               recompute_states=recompute_states)
     elif backend == "torch":
         h, last = mlstm_chunkwise_torch(q, k, v, i, f, c_initial, n_initial, m_initial,
                                         eps=float(eps), chunk_size=chunk_size, reverse=reverse,
-                                        return_last_states=return_last_states)
+                                        return_last_states=return_last_states,
+                                        recompute_states=recompute_states)
     else:
         h, last = _reference(backend, q, k, v, i, f, states, float(eps), reverse,
                              return_last_states)

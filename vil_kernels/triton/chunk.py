@@ -156,10 +156,9 @@ def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
-    """(B, NH, S, D) inputs of any layout, contiguous (B, NH, S) gates. Returns h and the saved
-    tensors."""
-    q, k, v = _kernel_layout(q, k, v)
+def _fwd_states(q, k, v, i, f, c0, n0, m0, BT, reverse):
+    """The forward's two scans (stabilizer, then states) on laid-out q, k, v: returns c_in,
+    n_in, m_in, a_in (entering every chunk) and c_last, n_last, m_last, a_last."""
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     NC = triton.cdiv(S, BT)
@@ -175,10 +174,6 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
     n_last = torch.empty(B, NH, DK, dtype=ad, **kw)
     m_last = torch.empty(B, NH, 1, dtype=ad, **kw)
     a_last = torch.empty(B, NH, dtype=torch.int32, **kw)
-    h = torch.empty(B, NH, S, DV, dtype=q.dtype, **kw)
-    m_row = torch.empty(B, NH, S, dtype=ad, **kw)
-    n_row = torch.empty(B, NH, S, dtype=ad, **kw)
-    a_row = torch.empty(B, NH, S, dtype=torch.int32, **kw)
     gain = torch.empty(B, NH, NC, BT, dtype=ad, **kw)
     decay = torch.empty(B, NH, NC, dtype=ad, **kw)
     c_init, n_init, m_init = (c0, n0, m0) if has_init else (c_last, n_last, m_last)  # unread
@@ -197,6 +192,33 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
                 (k, v, gain, decay, c_init, n_init, c_in, n_in, c_last, n_last,
                  S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, BT, q.dtype, arch,
                 HAS_INIT=has_init)
+    return c_in, n_in, m_in, a_in, c_last, n_last, m_last, a_last
+
+
+def mlstm_states(q, k, v, i, f, c0, n0, m0, BT, reverse):
+    """The states entering every chunk, (c_in, n_in), as mlstm_fwd computes them: the backward
+    recomputes them with this when the forward did not keep them (recompute_states)."""
+    q, k, v = _kernel_layout(q, k, v)
+    return _fwd_states(q, k, v, i, f, c0, n0, m0, BT, reverse)[:2]
+
+
+def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
+    """(B, NH, S, D) inputs of any layout, contiguous (B, NH, S) gates. Returns h and the saved
+    tensors."""
+    q, k, v = _kernel_layout(q, k, v)
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    NC = triton.cdiv(S, BT)
+    ad = compute_dtype(q)
+    arch = heuristics.device_arch(q.device)
+    rev = int(bool(reverse))
+    kw = dict(device=q.device)
+    c_in, n_in, m_in, a_in, c_last, n_last, m_last, a_last = _fwd_states(
+        q, k, v, i, f, c0, n0, m0, BT, reverse)
+    h = torch.empty(B, NH, S, DV, dtype=q.dtype, **kw)
+    m_row = torch.empty(B, NH, S, dtype=ad, **kw)
+    n_row = torch.empty(B, NH, S, dtype=ad, **kw)
+    a_row = torch.empty(B, NH, S, dtype=torch.int32, **kw)
     # pipelined, the outputs kernel takes n as (hi, lo) MMA-dtype pairs (see the kernel)
     qn_mma = heuristics.launch_params("fwd_out", DK, DV, BT, q.dtype, arch)["num_stages"] > 1
     _launch(mlstm_fwd_out_kernel, "fwd_out",
@@ -310,6 +332,22 @@ def _fwd_fake(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse):
             e(B, NH, NC, DK, DV, dtype=state_dtype(q)), e(B, NH, NC, DK), e(B, NH, NC))
 
 
+@torch.library.custom_op("vil_kernels::mlstm_chunk_states", mutates_args=())
+def _states_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor,
+               f: torch.Tensor, c0: torch.Tensor | None, n0: torch.Tensor | None,
+               m0: torch.Tensor | None, chunk: int, reverse: bool) -> tuple[_T, _T]:
+    with _device(q):
+        return mlstm_states(q, k, v, i, f, c0, n0, m0, chunk, reverse)
+
+
+@_states_op.register_fake
+def _states_fake(q, k, v, i, f, c0, n0, m0, chunk, reverse):
+    B, NH, S, DK = q.shape
+    NC = -(-S // chunk)
+    return (q.new_empty(B, NH, NC, DK, v.shape[-1], dtype=state_dtype(q)),
+            q.new_empty(B, NH, NC, DK, dtype=compute_dtype(q)))
+
+
 @torch.library.custom_op("vil_kernels::mlstm_chunk_bwd", mutates_args=())
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
             c0: torch.Tensor | None, n0: torch.Tensor | None, m0: torch.Tensor | None,
@@ -350,14 +388,17 @@ class MLSTMTritonFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, chunk, reverse):
+    def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, chunk, reverse, recompute=False):
         i, f = i.contiguous(), f.contiguous()          # q, k, v: see _kernel_layout
         has_init = c0 is not None
         if has_init:
             c0, n0, m0 = (x.contiguous() for x in (c0, n0, m0))
         out = _call(_fwd_op, mlstm_fwd, q, k, v, i, f, c0, n0, m0, eps, chunk, reverse)
         h, c_last, n_last, m_last = out[:4]
-        ctx.save_for_backward(q, k, v, i, f, *((c0, n0, m0) if has_init else ()), *out)
+        # recompute: the chunk states (out[8:10]: NC x DK x DV a head) are not kept; the
+        # backward reruns the two scans that made them
+        kept = (*out[:8], None, None, out[10]) if recompute else out
+        ctx.save_for_backward(q, k, v, i, f, *((c0, n0, m0) if has_init else ()), *kept)
         ctx.meta = (eps, chunk, reverse, has_init)
         ctx.set_materialize_grads(False)     # unused last states: None, not zero tensors
         return h, c_last, n_last, m_last
@@ -371,6 +412,9 @@ class MLSTMTritonFunction(torch.autograd.Function):
         init = tuple(saved[5:8]) if has_init else (None, None, None)
         out = saved[8:] if has_init else saved[5:]
         h, c_last, n_last, m_last = out[:4]
+        if out[8] is None:                              # recompute_states
+            out = list(out)
+            out[8:10] = _call(_states_op, mlstm_states, q, k, v, i, f, *init, chunk, reverse)
         dh = torch.zeros_like(h) if dh is None else dh.to(h.dtype).contiguous()
         if dc_last is not None or dn_last is not None or dm_last is not None:
             dc_last, dn_last, dm_last = (torch.zeros_like(x) if g is None else g.contiguous()
@@ -383,18 +427,20 @@ class MLSTMTritonFunction(torch.autograd.Function):
             dstates = tuple(g.to(x.dtype) for g, x in zip((dc0, dn0, dm0), init))
         else:
             dstates = (None, None, None)
-        return dq, dk, dv, di, df, *dstates, None, None, None
+        return dq, dk, dv, di, df, *dstates, None, None, None, None
 
 
 def mlstm_triton(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, eps=1e-6,
-                 chunk_size=None, reverse=False, return_last_states=False):
+                 chunk_size=None, reverse=False, return_last_states=False,
+                 recompute_states=False):
     """Fused chunkwise mLSTM. Validated inputs (vil_kernels.mlstm checks them), gates (B, NH, S).
     Returns (h, (c, n, m)) with return_last_states, else (h, None); states float32 (float64 for
-    float64 inputs, supported under the interpreter only)."""
+    float64 inputs, supported under the interpreter only). recompute_states: the backward
+    reruns the state scans instead of the forward keeping every chunk's state."""
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     arch = heuristics.device_arch(q.device)
     BT = heuristics.chunk_len(S, DK, DV, q.dtype, arch, chunk_size)
     h, c, n, m = MLSTMTritonFunction.apply(q, k, v, i, f, c_initial, n_initial, m_initial,
-                                           float(eps), BT, bool(reverse))
+                                           float(eps), BT, bool(reverse), bool(recompute_states))
     return h, ((c, n, m) if return_last_states else None)
