@@ -107,6 +107,9 @@ def build_parser():
                    help="half precision through torch.autocast with float32 weights (default); "
                         "--no-amp casts the model and inputs to --dtype instead")
     p.add_argument("--bench", choices=("inference", "train", "both"), default="both")
+    p.add_argument("--recompute-states", action="store_true",
+                   help="our ViL rows with mlstm_recompute_states=True (the cells recompute "
+                        "their chunk states in the backward: training memory for time)")
     p.add_argument("--rows", type=str, default=",".join(ROW_KINDS),
                    help=f"which rows per model, comma-separated from {','.join(ROW_KINDS)}")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -498,6 +501,11 @@ def prepare_row(spec, model_key, resolution, args, progress):
     torch.manual_seed(args.seed)
     progress.set(f"{label} @{resolution}: building")
     model, impl, backend = factory(resolution)
+    if args.recompute_states and kind == "ours":
+        for m in model.modules():
+            if hasattr(m, "mlstm_recompute_states"):
+                m.mlstm_recompute_states = True
+        impl += " (recompute_states)"
     row["impl"] = impl
     tokens = peers.deit_tokens(resolution) if kind == "deit" else (resolution // PATCH) ** 2
     row["tokens"] = tokens

@@ -187,3 +187,15 @@ def test_failing_peer_is_reported_not_fatal(monkeypatch, interleave):
                             "--num-bench-iter", "1", "--no-progress", interleave])
     assert rows[0]["infer_img_s"] > 0
     assert "peer exploded" in rows[1]["note"] and rows[1].get("infer_img_s") is None
+
+
+def test_recompute_states_flag(tmp_path):
+    """--recompute-states runs our rows with the cells recomputing their chunk states, and says
+    so in the row."""
+    results = tmp_path / "r.json"
+    throughput.main(["--model", "vil2-test", "--resolution", "32", "--batch-size", "2",
+                     "--num-warm-iter", "0", "--num-bench-iter", "1", "--device", "cpu",
+                     "--rows", "ours", "--bench", "train", "--recompute-states", "--no-progress",
+                     "--results-file", str(results)])
+    (row,) = json.loads(results.read_text())["results"]
+    assert row["impl"].endswith("(recompute_states)") and row["train_img_s"] > 0
