@@ -957,3 +957,23 @@ def test_recompute_states_in_the_model():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.equal(grads[0][n], grads[1][n]), n
+
+
+@pytest.mark.parametrize("stride", [None, 8])
+def test_patch_embed_tokens_gemm_matches_conv(stride):
+    """PatchEmbed.tokens: non-overlapping patches as one GEMM over gathered pixels (overlapping
+    ones through the conv) equal the conv's tokens, and so do the gradients of the image, the
+    weight and the bias (float64); a non-square input."""
+    from vil.model import PatchEmbed
+    torch.manual_seed(0)
+    pe = PatchEmbed(32, 3, (64, 96), 16, stride=stride).double()
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64, requires_grad=True)
+    got, grid = pe.tokens(x)
+    want = pe.proj(x).flatten(2).transpose(1, 2)
+    assert grid == pe.grid_size((64, 96)) and got.shape == want.shape
+    assert rel(got, want) < 1e-12
+    params = [x, pe.proj.weight, pe.proj.bias]
+    g_got = torch.autograd.grad(got.square().sum(), params)
+    g_want = torch.autograd.grad(want.square().sum(), params)
+    for a, b in zip(g_got, g_want):
+        assert rel(a, b) < 1e-12

@@ -420,6 +420,25 @@ class PatchEmbed(nn.Module):
         self.grid_size(x.shape[-2:])
         return self.proj(x)                                            # (B, dim, H', W')
 
+    def tokens(self, x):
+        """``forward`` as row-major tokens (B, H' * W', dim), and the grid (H', W'). Patches
+        that do not overlap (stride == patch) go through one GEMM: the pixels are gathered into
+        patch rows by one copy (cast to autocast's dtype on the way) and multiplied by the conv
+        weight with the bias in the GEMM's epilogue; cuDNN ran this conv as a generic implicit
+        GEMM, 3.2 ms of a 54 ms ViL-T step at 448 px on an H200."""
+        H, W = self.grid_size(x.shape[-2:])
+        if self.stride != self.patch_size or x.dim() != 4:
+            return self.proj(x).flatten(2).transpose(1, 2), (H, W)
+        B, C = x.shape[:2]
+        ph, pw = self.patch_size
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        patches = torch.empty(B, H, W, C, ph, pw, device=x.device, dtype=dt)
+        patches.copy_(x.view(B, C, H, ph, W, pw).permute(0, 2, 4, 1, 3, 5))
+        w = self.proj.weight.reshape(self.proj.out_channels, C * ph * pw)
+        y = F.linear(patches.view(B * H * W, C * ph * pw), w, self.proj.bias)
+        return y.view(B, H * W, -1), (H, W)
+
 
 class PosEmbed2d(nn.Module):
     """Learnable (1, H, W, dim) position embedding (key ``pos_embed.embed``), bicubically resized
@@ -612,14 +631,14 @@ class VisionLSTM(nn.Module):
 
     # --------------------------------------------------------------------------------- forward
     def _embed(self, x):
-        x = self.patch_embed(x)                                        # (B, dim, H', W')
-        B, D, H, W = x.shape
-        pe = self.pos_embed.get((H, W), x.dtype).reshape(1, H * W, D)
-        # one pass: transpose to tokens and add the position embedding, row-major tokens out
-        tokens = x.flatten(2).transpose(1, 2)
+        tokens, (H, W) = self.patch_embed.tokens(x)                    # (B, H' * W', dim)
+        B, S, D = tokens.shape
+        pe = self.pos_embed.get((H, W), tokens.dtype).reshape(1, S, D)
         if torch.is_grad_enabled():
             return (tokens + pe).contiguous(), (H, W)
-        return torch.add(tokens, pe, out=x.new_empty(B, H * W, D)), (H, W)
+        if tokens.is_contiguous():                                     # the GEMM's own output
+            return tokens.add_(pe), (H, W)
+        return torch.add(tokens, pe, out=tokens.new_empty(B, S, D)), (H, W)
 
     def _resolve_indices(self, indices):
         n = self.num_blocks
