@@ -604,6 +604,14 @@ def test_pretrained_goes_through_torch_hub(monkeypatch):
         vil.create_model("vil2-large", pretrained=True)
 
 
+def _depthwise(C, kernel, bias):
+    """ViL's kind of SequenceConv2d: depthwise, 'same' zero padding, an int or (KH, KW) kernel."""
+    from vil.layers import SequenceConv2d
+    k2 = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    return SequenceConv2d(C, C, kernel_size=k2, padding=(k2[0] // 2, k2[1] // 2), groups=C,
+                          bias=bias)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available()
                     and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="needs CUDA or TRITON_INTERPRET=1")
@@ -616,19 +624,23 @@ def test_triton_conv_silu_matches_pytorch(dtype, kernel, grid, bias, reverse):
     over one block of columns (40 > 32), channels over one block (80 > 64, not a multiple),
     strided tokens (the up-projection's half), both traversal directions, no bias, 5x5 and 3x5
     kernels; bfloat16 as under autocast (weights rounded to bfloat16, float32 accumulation)."""
-    from vil.layers import SequenceConv2d
     from vil import triton_conv
+    from vil.layers import SequenceConv2d
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     C, B = 80, 2
-    k2 = kernel if isinstance(kernel, tuple) else (kernel, kernel)
-    conv = SequenceConv2d(C, C, kernel_size=k2, padding=(k2[0] // 2, k2[1] // 2), groups=C,
-                          bias=bias).to(dev)
+    conv = _depthwise(C, kernel, bias).to(dev)
     assert conv.fusable()
     S = grid[0] * grid[1]
     t = torch.randn(B, S, 2 * C, generator=g).to(dev, dtype)[..., :C]      # strided view
+    old = dict(triton_conv.CONFIG)
+    triton_conv.CONFIG.update(BW=32, BC=64)
+    try:
+        with torch.no_grad():
+            got = conv.forward_silu_fused(t, grid, reverse=reverse)
+    finally:
+        triton_conv.CONFIG.update(old)
     with torch.no_grad():
-        got = conv.forward_silu_fused(t, grid, reverse=reverse)
         w = conv._oriented_weight(reverse).to(dtype).float()
         b = conv.bias.to(dtype).float() if bias else None
         y = F.conv2d(t.float().transpose(1, 2).unflatten(2, grid), w, b, padding=conv.padding,
@@ -726,8 +738,14 @@ def test_triton_fused_gating_matches_pytorch(norm_bias, monkeypatch):
     a = torch.randn(B, S, NH * DH, generator=g).to(dev)
     z = torch.randn(B, S, 2 * NH * DH, generator=g).to(dev)[..., NH * DH:]   # strided view
     skip = torch.randn(NH * DH, generator=g).to(dev)
+    old = dict(triton_gating.CONFIG)
+    triton_gating.CONFIG.update(tile=8 * 32)                        # 8-token blocks: 5 of them
+    try:
+        with torch.no_grad():
+            got = triton_gating.gated_outnorm_triton(h, norm, skip, a, z)
+    finally:
+        triton_gating.CONFIG.update(old)
     with torch.no_grad():
-        got = triton_gating.gated_outnorm_triton(h, norm, skip, a, z)
         want = gated_outnorm(h, norm, skip, a.clone(), z)
     assert rel(got, want) < 1e-5
     if not norm_bias:
@@ -776,20 +794,16 @@ def test_triton_conv_silu_gradients(kernel, grid, bias, reverse):
     the bias; grid rows over one strip of columns (11 > 8) and channels over one block (24 > 16,
     not a multiple)."""
     from vil import triton_conv
-    from vil.layers import SequenceConv2d
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     C, B = 24, 2
-    k2 = kernel if isinstance(kernel, tuple) else (kernel, kernel)
-    conv = SequenceConv2d(C, C, kernel_size=k2, padding=(k2[0] // 2, k2[1] // 2), groups=C,
-                          bias=bias).to(dev)
+    conv = _depthwise(C, kernel, bias).to(dev)
     S = grid[0] * grid[1]
     t0 = torch.randn(B, S, 2 * C, generator=g).to(dev)
     da = torch.randn(B, S, C, generator=g).to(dev)
 
     def grads(fused, dtype):
-        c = SequenceConv2d(C, C, kernel_size=k2, padding=conv.padding, groups=C,
-                           bias=bias).to(dev, dtype)
+        c = _depthwise(C, kernel, bias).to(dev, dtype)
         c.load_state_dict(conv.state_dict())
         t = t0.to(dtype).requires_grad_()
         x = t[..., :C]                                                    # strided view

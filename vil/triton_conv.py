@@ -17,11 +17,7 @@ import torch
 
 from vil_kernels.triton._interp import patch_interpreter
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001 - no Triton: the PyTorch path is used
-    triton = None
+from ._triton import available, tl, triton
 
 __all__ = ["available", "conv_silu_triton"]
 
@@ -30,10 +26,6 @@ __all__ = ["available", "conv_silu_triton"]
 # 4); bwd_BW: the weight-gradient kernel's columns a tile. Module state so that
 # bench/model_kernels.py --sweep can try others; python -m vil.triton_check checks for spills.
 CONFIG = dict(BW=16, BC=128, num_warps=2, bwd_BW=16)
-
-
-def available():
-    return triton is not None
 
 
 if triton is not None:

@@ -14,11 +14,7 @@ only under TRITON_INTERPRET=1 (tests).
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001 - no Triton: the PyTorch path is used
-    triton = None
+from ._triton import available, tl, triton
 
 __all__ = ["available", "gated_outnorm_triton"]
 
@@ -30,10 +26,6 @@ __all__ = ["available", "gated_outnorm_triton"]
 # Module state so that bench/model_kernels.py --sweep can try others; python -m
 # vil.triton_check checks for spills.
 CONFIG = dict(tile=4096, num_warps=4, bwd_tile=1024, bwd_warps=8, rows=64)
-
-
-def available():
-    return triton is not None
 
 
 if triton is not None:

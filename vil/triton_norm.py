@@ -14,11 +14,7 @@ import torch
 
 from vil_kernels.triton._interp import patch_interpreter
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # noqa: BLE001 - no Triton: the PyTorch path is used
-    triton = None
+from ._triton import available, tl, triton
 
 __all__ = ["available", "layer_norm_triton"]
 
@@ -27,10 +23,6 @@ __all__ = ["available", "layer_norm_triton"]
 # row of N a program). Module state: bench/model_kernels.py --sweep tries others; python -m
 # vil.triton_check checks for spills.
 CONFIG = dict(tile=4096, num_warps=4, bwd_tile=2048, rows=256)
-
-
-def available():
-    return triton is not None
 
 
 if triton is not None:
