@@ -260,10 +260,20 @@ def _use_triton_fused(x):
     return x.is_cuda and triton_gating.available() and not torch.compiler.is_compiling()
 
 
+def _autocast_dtype(x, other_dtype):
+    """The dtype autocast computes a GEMM of x in, or, without autocast, x's promoted with
+    other_dtype (for ops that bypass autocast: out= variants, copies into a buffer)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(x.dtype, other_dtype)
+
+
 def _per_head_linear(t, w, b):
-    """(B, S, NH * DH) -> (NH, B * S, P): ``t_h @ w[h] + b[h]`` for each head h, one batched GEMM
-    reading ``t`` in place (its (B, S) dims must merge: contiguous rows, any row stride), bias
-    fused. The (NH, B*S, .) result viewed as (B, NH, S, .) is what the cell takes."""
+    """(B, S, NH * DH) -> (NH, B * S, P): ``t_h @ w[h] + b[h]`` for each head h, reading ``t`` in
+    place (its (B, S) dims must merge: contiguous rows, any row stride), bias fused: one batched
+    GEMM on the CPU and under torch.compile, a GEMM a head on CUDA (_per_head_addmm,
+    _PerHeadLinear). The (NH, B*S, .) result viewed as (B, NH, S, .) is what the cell takes."""
     B, S, C = t.shape
     NH, DH, P = w.shape
     A = t.reshape(B * S, NH, DH).transpose(0, 1)                      # (NH, B*S, DH) view
@@ -282,9 +292,7 @@ def _per_head_addmm(A, w, b):
     GEMM to read back: at 448 px that copy cost more than the GEMMs (an H200 profile of ViL-B:
     46 ms of copies a step against 39 ms of these GEMMs). out= bypasses autocast, so the
     operands are cast here, to what autocast would have made of them."""
-    dev = A.device.type
-    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else \
-        torch.promote_types(A.dtype, w.dtype)
+    dt = _autocast_dtype(A, w.dtype)
     A, w, b = A.to(dt), w.to(dt), b.to(dt)
     out = A.new_empty(w.shape[0], A.shape[1], w.shape[2])
     for h in range(w.shape[0]):
@@ -431,9 +439,8 @@ class PatchEmbed(nn.Module):
             return self.proj(x).flatten(2).transpose(1, 2), (H, W)
         B, C = x.shape[:2]
         ph, pw = self.patch_size
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        patches = torch.empty(B, H, W, C, ph, pw, device=x.device, dtype=dt)
+        patches = torch.empty(B, H, W, C, ph, pw, device=x.device,
+                              dtype=_autocast_dtype(x, self.proj.weight.dtype))
         patches.copy_(x.view(B, C, H, ph, W, pw).permute(0, 2, 4, 1, 3, 5))
         w = self.proj.weight.reshape(self.proj.out_channels, C * ph * pw)
         y = F.linear(patches.view(B * H * W, C * ph * pw), w, self.proj.bias)
