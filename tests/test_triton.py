@@ -277,6 +277,7 @@ def test_gates_4d_and_noncontiguous():
 def test_strided_views_read_in_place(reverse):
     """ViL's q, k, v: (NH, B)-ordered views with extra columns per row, read in place by the
     kernels (values and every gradient against the float64 reference, initial states too)."""
+    import vil_kernels
     from test_mlstm import _strided_views
     from vil_kernels.triton.chunk import _in_place_ok
     x = make_inputs(B=2, NH=2, S=37, DK=16, DV=32, init=True, seed=13, dtype=torch.float32)
@@ -288,6 +289,18 @@ def test_strided_views_read_in_place(reverse):
     ref = run(x, "parallel", reverse=reverse)
     errs = {name: rel_err(got[name], ref[name]) for name in ref}
     assert max(errs.values()) < 2e-4, errs
+
+    # the gradients come back in the views' (NH, B) order, rows contiguous: autograd hands them
+    # to the projections without a transposing copy
+    leaves = {n: t.detach().requires_grad_() for n, t in views.items()}
+    h = vil_kernels.mlstm(**leaves, backend="triton", chunk_size=16, reverse=reverse)
+    grads = torch.autograd.grad(h.square().sum(), [leaves[n] for n in "qkv"])
+    for g in grads:
+        assert g.transpose(0, 1).is_contiguous()
+    plain = {n: t.detach().requires_grad_() for n, t in x.items()}
+    h = vil_kernels.mlstm(**plain, backend="triton", chunk_size=16, reverse=reverse)
+    assert all(g.is_contiguous() for g in torch.autograd.grad(h.square().sum(),
+                                                               [plain[n] for n in "qkv"]))
 
     odd = _strided_views(x, B=2, NH=2, pad_cols=3)        # row stride 19: copied, same values
     assert not _in_place_ok(odd["q"])

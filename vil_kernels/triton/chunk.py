@@ -150,6 +150,16 @@ def _kernel_layout(q, k, v):
     return q, k, v
 
 
+def _grad_like(x, D):
+    """An empty (B, NH, S, D) gradient stored in x's (B, NH) order, rows contiguous: ViL's q, k,
+    v are (NH, B)-ordered views of its projections, and a gradient in that order reaches them
+    as a view (a (B, NH)-contiguous one took a transposing copy a tensor in autograd)."""
+    B, NH, S = x.shape[:3]
+    if x.stride(1) > x.stride(0):
+        return x.new_empty(NH, B, S, D).transpose(0, 1)
+    return x.new_empty(B, NH, S, D)
+
+
 def _strides(x):
     """(batch, head, position) strides of a (B, NH, S, D) tensor read in place by the kernels
     (q and k share theirs: _kernel_layout makes sure)."""
@@ -235,6 +245,8 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     """Gradients (dq, dk, dv, di, df, dc0, dn0, dm0); the state gradients are those of the
     initial state (zeros-free placeholders when there is none). dc_last, dn_last, dm_last: all
     three, or all None when the last state was not used (no zero tensors then)."""
+    # laid out after the caller's q and v, before any aligning copy
+    dq, dk, dv = (_grad_like(x, x.shape[-1]) for x in (q, q, v))
     q, k, v = _kernel_layout(q, k, v)
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
@@ -271,20 +283,20 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
                 (q, dh, wa, wb, decay, *dlast, dc_out, dn_out, dc0, dn0,
                  S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, BT, q.dtype, arch,
                 HAS_DLAST=has_dlast)
-    dq, dk = (torch.empty(B, NH, S, DK, dtype=q.dtype, **kw) for _ in range(2))
-    dv = torch.empty(B, NH, S, DV, dtype=q.dtype, **kw)
     p = heuristics.launch_params("bwd_dqk", DK, DV, BT, q.dtype, arch)
     NK = triton.cdiv(DK, p["BK"])
     rq = torch.empty(NK, B, NH, S, dtype=ad, **kw)
     rk = torch.empty(NK, B, NH, S, dtype=ad, **kw)
     _launch(mlstm_bwd_dqk_kernel, "bwd_dqk", (NK, NC, B * NH),
             (q, k, v, i, f, dh, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
-             dq, dk, rq, rk, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v), scale),
+             dq, dk, rq, rk, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v),
+             dq.stride(0), dq.stride(1), scale),
             DK, DV, BT, q.dtype, arch)
     _launch(mlstm_bwd_dv_kernel, "bwd_dv",
             lambda BK, BV: (triton.cdiv(DV, BV), NC, B * NH),
             (q, k, dh, i, f, m_row, den, m_in, m_last, dc_out, dv,
-             S, NC, DK, DV, rev, NH, *_strides(q), scale), DK, DV, BT, q.dtype, arch)
+             S, NC, DK, DV, rev, NH, *_strides(q), dv.stride(0), dv.stride(1), scale),
+            DK, DV, BT, q.dtype, arch)
     rq, rk = rq.sum(0), rk.sum(0)                                  # fixed order: deterministic
 
     # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse): argmax
@@ -368,7 +380,7 @@ def _bwd_fake(q, k, v, i, f, c0, n0, m0, h, dh, *rest):
     B, NH, S, DK = q.shape
     ad = compute_dtype(q)
     DV = v.shape[-1]
-    return (q.new_empty(B, NH, S, DK), q.new_empty(B, NH, S, DK), q.new_empty(B, NH, S, DV),
+    return (_grad_like(q, DK), _grad_like(q, DK), _grad_like(v, DV),
             torch.empty_like(i), torch.empty_like(f), q.new_empty(B, NH, DK, DV, dtype=ad),
             q.new_empty(B, NH, DK, dtype=ad), q.new_empty(B, NH, 1, dtype=ad))
 

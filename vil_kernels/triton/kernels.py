@@ -9,8 +9,9 @@ ACC (float32; float64 only under the interpreter); tl.dot operands are cast to M
 dtype), products accumulate in ACC. Head dims are tiled by BK / BV with masks; DK, DV, S are
 runtime values, so one compiled kernel serves every head dim with the same tiles. q, k, v may
 have any strides but a unit last one: (s_b, s_h, s_t) per batch, head and position, shared by q
-and k (one row offset serves both), (sv_b, sv_h, sv_t) for v; everything the kernels write,
-and dh, is contiguous.
+and k (one row offset serves both), (sv_b, sv_h, sv_t) for v; dq and dk are written with
+batch and head strides (sd_b, sd_h), dv with its own, rows contiguous (the launcher lays them
+out in the (B, NH) order of q and v); everything else the kernels write, and dh, is contiguous.
 
 Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
   m_row, n_row  [S]            per-row stabilizer and signed normalizer (physical order)
@@ -420,7 +421,7 @@ def mlstm_bwd_state_kernel(
 def mlstm_bwd_dqk_kernel(
     q, k, v, i, f, dh, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
     dq, dk, rq, rk,
-    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale,
+    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, sd_b, sd_h, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -483,10 +484,9 @@ def mlstm_bwd_dqk_kernel(
         + b_wc[:, None] * (b_dqc + b_dnr[:, None] * b_nin[None, :])
     b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale \
         + b_gain[:, None] * (b_dkc + b_dno[None, :])
-    tl.store(dq + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :], b_dq.to(dq.dtype.element_ty),
-             mask=m_tk)
-    tl.store(dk + i_bh * S * DK + o_p[:, None] * DK + o_k[None, :], b_dk.to(dk.dtype.element_ty),
-             mask=m_tk)
+    o_d = o_p[:, None] * DK + o_k[None, :]
+    tl.store(_seq(dq, i_bh, NH, sd_b, sd_h) + o_d, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(_seq(dk, i_bh, NH, sd_b, sd_h) + o_d, b_dk.to(dk.dtype.element_ty), mask=m_tk)
     o_r = (i_k * tl.num_programs(2) + i_bh) * S + o_p
     tl.store(rq + o_r, tl.sum(b_q.to(ACC) * b_dq, axis=1).to(rq.dtype.element_ty), mask=m_t)
     tl.store(rk + o_r, tl.sum(b_k.to(ACC) * b_dk, axis=1).to(rk.dtype.element_ty), mask=m_t)
@@ -495,7 +495,7 @@ def mlstm_bwd_dqk_kernel(
 @triton.jit
 def mlstm_bwd_dv_kernel(
     q, k, dh, i, f, m_row, den, m_in, m_last, dc_out, dv,
-    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, scale,
+    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sd_b, sd_h, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -533,5 +533,6 @@ def mlstm_bwd_dv_kernel(
     b_s = b_qk * scale * tl.exp(b_lw) / b_den[:, None]              # [BT, BT]
     b_dh = tl.load(dh + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
     b_dv = _dot(tl.trans(b_s), b_dh, MMA, ACC, PREC, INTERP) + b_gain[:, None] * b_kdc
-    tl.store(dv + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], b_dv.to(dv.dtype.element_ty),
+    tl.store(_seq(dv, i_bh, NH, sd_b, sd_h) + o_p[:, None] * DV + o_v[None, :],
+             b_dv.to(dv.dtype.element_ty),
              mask=m_tv)
