@@ -19,6 +19,8 @@
 #   modelk      bench/model_kernels.py: each fused op around the cell against its PyTorch path,
 #               inference with the launch-config sweep, then forward+backward
 #   train       the main job's training throughput at 448 px (ViL-T/S/B, every row)
+#   recompute   ViL-B training at 448 px, our row, with and without --recompute-states
+#               (images/s and peak memory of keeping or recomputing the chunk states)
 # STEPS picks and orders steps (default: profile tune tests kernels). Logs and results go to
 # $OUT (the device tool's output folder; at most 8 files come back) or bench/results/gpu-run;
 # copy the JSON files into bench/results/ with the device in the name.
@@ -103,6 +105,13 @@ for s in $STEPS; do
             step "train-$m" 90 python bench/throughput.py --resolution 448 --model "$m" \
                 --bench train --num-warm-iter 2 --num-bench-iter 6 --no-progress \
                 --results-file "$OUT/throughput-448-train-$m.json"
+        done ;;
+    recompute)
+        for flag in "" --recompute-states; do
+            step "recompute${flag:+-on}" 90 python bench/throughput.py --resolution 448 \
+                --model vil2-base --rows ours --bench train --num-warm-iter 2 \
+                --num-bench-iter 6 --no-progress $flag \
+                --results-file "$OUT/throughput-448-train-vil2-base-recompute${flag:+-on}.json"
         done ;;
     model)
         for m in "vil2-tiny inference" "vil2-base inference" "vil2-tiny train"; do

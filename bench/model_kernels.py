@@ -8,7 +8,9 @@ and backward with --mode train):
     prenorm   the block's pre-norm as the up-projection receives it (autocast: float32 norm of a
               float32 copy, rounded back)
     headwise  the per-head q/k/gate projection, baddbmm against a GEMM a head with the bias in
-              cuBLASLt's epilogue (inference only)
+              cuBLASLt's epilogue (training: vil.model._PerHeadLinear)
+    patch     the 16x16 patch embedding of 3-channel images, the conv against one GEMM over
+              gathered pixels (PatchEmbed.tokens)
 
     python bench/model_kernels.py                        # ViL-T/S/B shapes, 448 px, batch 256
     python bench/model_kernels.py --sweep                # and the Triton kernels' launch configs
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import device_name  # noqa: E402
 from vil import triton_conv, triton_gating, triton_norm  # noqa: E402
 from vil.layers import LayerNorm, MultiHeadLayerNorm, SequenceConv2d, gated_outnorm  # noqa: E402
-from vil.model import _per_head_addmm  # noqa: E402
+from vil.model import PatchEmbed, _per_head_addmm, _PerHeadLinear  # noqa: E402
 
 MODELS = {"T": 192, "S": 384, "B": 768}                   # ViL width; inner = 2x, 4 heads
 SWEEPS = {
@@ -86,7 +88,11 @@ def cases(dim, B, grid, device, train):
         list(pre.parameters())
     P = 2 * DH + 16                                       # q, k and the gate columns, padded
     A = x_m.reshape(B * S, NH, DH).transpose(0, 1)
-    w, b = torch.randn(NH, DH, P, device=device), torch.randn(NH, 1, P, device=device)
+    w = torch.randn(NH, DH, P, device=device, requires_grad=train)
+    b = torch.randn(NH, 1, P, device=device, requires_grad=train)
+    patch = PatchEmbed(dim, 3, (16 * grid[0], 16 * grid[1]), 16).to(device)
+    img = torch.randn(B, 3, 16 * grid[0], 16 * grid[1], device=device)
+    leaves += [w, b] + list(patch.parameters())
     ac = lambda: torch.autocast(device.type, dtype=torch.bfloat16)   # noqa: E731
 
     def conv_torch():
@@ -106,16 +112,25 @@ def cases(dim, B, grid, device, train):
 
     def headwise_fused():
         with ac():
-            return _per_head_addmm(A, w, b)
+            return _PerHeadLinear.apply(A, w, b) if train else _per_head_addmm(A, w, b)
+
+    def patch_torch():
+        with ac():
+            return patch(img).flatten(2).transpose(1, 2)
+
+    def patch_fused():
+        with ac():
+            return patch.tokens(img)[0]
 
     ops = {
         "conv": (conv_torch, lambda: conv.forward_silu_fused(x_m, grid)),
         "gating": (gating_torch, lambda: triton_gating.gated_outnorm_triton(h, norm, skip, a, z)),
         "prenorm": (prenorm_torch,
                     lambda: triton_norm.layer_norm_triton(x, pre.weight_proxy, pre.bias, pre.eps)),
+        "headwise": (headwise_torch, headwise_fused),
+        "patch": (patch_torch, patch_fused),
     }
-    if not train:                                         # training keeps baddbmm
-        ops["headwise"] = (headwise_torch, headwise_fused)
+    if not train:
         return ops
 
     def fwd_bwd(fn):

@@ -72,7 +72,7 @@ def test_model_kernels_dry_run_with_sweep(tmp_path, monkeypatch):
     out = tmp_path / "mk.json"
     rows = model_kernels.main(["--device", "cpu", "--models", "T", "--resolution", "32",
                                "--sweep", "--results-file", str(out)])
-    assert [r["op"] for r in rows] == ["conv", "gating", "prenorm", "headwise"]
+    assert [r["op"] for r in rows] == ["conv", "gating", "prenorm", "headwise", "patch"]
     assert all(r["pytorch_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
     saved = json.loads(out.read_text())
     assert set(saved["sweeps"]) == {"conv", "gating", "prenorm"}
@@ -80,5 +80,5 @@ def test_model_kernels_dry_run_with_sweep(tmp_path, monkeypatch):
     assert {op: dict(cfg) for op, (cfg, _) in model_kernels.SWEEPS.items()} == before
     rows = model_kernels.main(["--device", "cpu", "--models", "T", "--resolution", "32",
                                "--mode", "train"])
-    assert [r["op"] for r in rows] == ["conv", "gating", "prenorm"]
+    assert [r["op"] for r in rows] == ["conv", "gating", "prenorm", "headwise", "patch"]
     assert all(r["mode"] == "train" and r["fused_ms"] > 0 for r in rows)
