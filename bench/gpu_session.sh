@@ -21,6 +21,8 @@
 #   train       the main job's training throughput at 448 px (ViL-T/S/B, every row)
 #   recompute   ViL-B training at 448 px, our row, with and without --recompute-states
 #               (images/s and peak memory of keeping or recomputing the chunk states)
+#   compile     the main job's inference at 448 px under torch.compile (ViL-T: ours, DeiT):
+#               inductor's fusion of the PyTorch path against the fused Triton kernels
 # STEPS picks and orders steps (default: profile tune tests kernels). Logs and results go to
 # $OUT (the device tool's output folder; at most 8 files come back) or bench/results/gpu-run;
 # copy the JSON files into bench/results/ with the device in the name.
@@ -113,6 +115,10 @@ for s in $STEPS; do
                 --num-bench-iter 6 --no-progress $flag \
                 --results-file "$OUT/throughput-448-train-vil2-base-recompute${flag:+-on}.json"
         done ;;
+    compile)
+        step compile 240 python bench/throughput.py --resolution 448 --model vil2-tiny \
+            --rows ours,deit --bench inference --compile --num-warm-iter 3 \
+            --num-bench-iter 10 --no-progress --results-file "$OUT/throughput-448-compile.json" ;;
     model)
         for m in "vil2-tiny inference" "vil2-base inference" "vil2-tiny train"; do
             set -- $m
