@@ -10,3 +10,10 @@ except Exception:  # noqa: BLE001 - any failure to import means no Triton
 
 def available():
     return triton is not None
+
+
+def tiles(n, tile):
+    """(rows, n padded to a power of two) of a program's [rows, n] tile of about ``tile``
+    elements (1 to 64 rows): the row-tiled kernels' (norms, gating) block shape."""
+    padded = 1 << (n - 1).bit_length()
+    return max(1, min(64, tile // padded)), padded

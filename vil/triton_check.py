@@ -28,6 +28,7 @@ def _pow2(n):
 def variants():
     """(kernel module name, kernel, constexprs, warps) at every width the model uses."""
     from . import triton_conv as tc
+    from ._triton import tiles
     from . import triton_gating as tg
     from . import triton_norm as tn
     out = []
@@ -40,17 +41,17 @@ def variants():
                 c["num_warps"]))
     for name, dim in WIDTHS.items():
         DH = 2 * dim // 4
-        BS, BD = tg._tiles(DH, tg.CONFIG["tile"])
+        BS, BD = tiles(DH, tg.CONFIG["tile"])
         out.append(("triton_gating", "_gated_outnorm_kernel", dict(HAS_BIAS=True, BS=BS, BD=BD),
                     tg.CONFIG["num_warps"]))
-        BS, BD = tg._tiles(DH, tg.CONFIG["bwd_tile"])
+        BS, BD = tiles(DH, tg.CONFIG["bwd_tile"])
         rows = max(BS, tg.CONFIG["rows"] // BS * BS)
         out.append(("triton_gating", "_gated_outnorm_bwd_kernel",
                     dict(HAS_BIAS=True, BS=BS, BD=BD, ROWS=rows), tg.CONFIG["bwd_warps"]))
-        BM, BN = tn._tiles(dim, tn.CONFIG["tile"])
+        BM, BN = tiles(dim, tn.CONFIG["tile"])
         out.append(("triton_norm", "_layer_norm_kernel",
                     dict(HAS_W=True, HAS_B=True, BM=BM, BN=BN), tn.CONFIG["num_warps"]))
-        BM, BN = tn._tiles(dim, tn.CONFIG["bwd_tile"])
+        BM, BN = tiles(dim, tn.CONFIG["bwd_tile"])
         rows = max(BM, tn.CONFIG["rows"] // BM * BM)
         out.append(("triton_norm", "_layer_norm_bwd_kernel",
                     dict(HAS_W=True, BM=BM, BN=BN, ROWS=rows), tn.CONFIG["num_warps"]))

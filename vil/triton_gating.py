@@ -14,7 +14,7 @@ only under TRITON_INTERPRET=1 (tests).
 
 import torch
 
-from ._triton import available, tl, triton
+from ._triton import available, tiles, tl, triton
 
 __all__ = ["available", "gated_outnorm_triton"]
 
@@ -123,15 +123,10 @@ def _unit_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _tiles(DH, tile):
-    BD = triton.next_power_of_2(DH)
-    return max(1, min(64, tile // BD)), BD
-
-
 def _forward(h, a, z, w, bias, skip, eps):
     B, NH, S, DH = h.shape
     out = torch.empty(B, S, NH * DH, device=a.device, dtype=a.dtype)
-    BS, BD = _tiles(DH, CONFIG["tile"])
+    BS, BD = tiles(DH, CONFIG["tile"])
     _gated_outnorm_kernel[(triton.cdiv(S, BS), NH, B)](
         h, a, z, w, bias if bias is not None else w, skip, out, S, DH, eps,
         h.stride(0), h.stride(1), h.stride(2), a.stride(0), a.stride(1),
@@ -156,7 +151,7 @@ class _GatedOutnorm(torch.autograd.Function):
         dh = torch.empty(B, NH, S, DH, device=h.device, dtype=h.dtype)
         da = torch.empty(B, S, C, device=a.device, dtype=a.dtype)
         dz = torch.empty(B, S, C, device=z.device, dtype=z.dtype)
-        BS, BD = _tiles(DH, CONFIG["bwd_tile"])
+        BS, BD = tiles(DH, CONFIG["bwd_tile"])
         rows = max(BS, CONFIG["rows"] // BS * BS)
         NT = triton.cdiv(S, rows)
         pw, pb, ps = (torch.empty(B * NT, C, device=h.device, dtype=torch.float32)

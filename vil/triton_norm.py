@@ -14,7 +14,7 @@ import torch
 
 from vil_kernels.triton._interp import patch_interpreter
 
-from ._triton import available, tl, triton
+from ._triton import available, tiles, tl, triton
 
 __all__ = ["available", "layer_norm_triton"]
 
@@ -81,15 +81,10 @@ if triton is not None:
         tl.store(pb + i_p * N + o_n, tl.sum(acc_b, axis=0), mask=m_n)
 
 
-def _tiles(N, tile):
-    BN = triton.next_power_of_2(N)
-    return max(1, min(64, tile // BN)), BN
-
-
 def _forward(x2, weight, bias, eps, shape):
     M, N = x2.shape
     y = torch.empty(shape, device=x2.device, dtype=x2.dtype)
-    BM, BN = _tiles(N, CONFIG["tile"])
+    BM, BN = tiles(N, CONFIG["tile"])
     _layer_norm_kernel[(triton.cdiv(M, BM),)](
         x2, weight if weight is not None else x2, bias if bias is not None else x2, y, M, N,
         x2.stride(0), eps, HAS_W=weight is not None, HAS_B=bias is not None, BM=BM, BN=BN,
@@ -110,7 +105,7 @@ class _LayerNorm(torch.autograd.Function):
         M, N = x2.shape
         dy = dy.reshape(M, N).contiguous()
         dx = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-        BM, BN = _tiles(N, CONFIG["bwd_tile"])
+        BM, BN = tiles(N, CONFIG["bwd_tile"])
         rows = max(BM, CONFIG["rows"] // BM * BM)
         NP = triton.cdiv(M, rows)
         pw, pb = (torch.empty(NP, N, device=x2.device, dtype=torch.float32) for _ in range(2))
