@@ -196,7 +196,7 @@ class SequenceConv2d(nn.Conv2d):
 
     def forward_silu_fused(self, x, grid=None, reverse=False):
         """``silu(self(x, grid, reverse))`` as one Triton kernel reading x in place
-        (vil.triton_conv; inference only, and only for a ``fusable`` conv). Contiguous out."""
+        (vil.triton_conv, with its backward; only for a ``fusable`` conv). Contiguous out."""
         from . import triton_conv
         return triton_conv.conv_silu_triton(x, self._oriented_weight(reverse), self.bias,
                                             _grid_or_square(x.shape[1], grid))

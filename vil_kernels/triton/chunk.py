@@ -166,14 +166,17 @@ def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _dims(q, v, BT):
+    """(B, NH, S, DK, DV, chunks, accumulation dtype, arch) of a pass over laid-out q and v."""
+    B, NH, S, DK = q.shape
+    return (B, NH, S, DK, v.shape[-1], triton.cdiv(S, BT), compute_dtype(q),
+            heuristics.device_arch(q.device))
+
+
 def _fwd_states(q, k, v, i, f, c0, n0, m0, BT, reverse):
     """The forward's two scans (stabilizer, then states) on laid-out q, k, v: returns c_in,
     n_in, m_in, a_in (entering every chunk) and c_last, n_last, m_last, a_last."""
-    B, NH, S, DK = q.shape
-    DV = v.shape[-1]
-    NC = triton.cdiv(S, BT)
-    ad = compute_dtype(q)
-    arch = heuristics.device_arch(q.device)
+    B, NH, S, DK, DV, NC, ad, arch = _dims(q, v, BT)
     has_init = c0 is not None
     kw = dict(device=q.device)
     c_in = torch.empty(B, NH, NC, DK, DV, dtype=state_dtype(q), **kw)
@@ -216,11 +219,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
     """(B, NH, S, D) inputs of any layout, contiguous (B, NH, S) gates. Returns h and the saved
     tensors."""
     q, k, v = _kernel_layout(q, k, v)
-    B, NH, S, DK = q.shape
-    DV = v.shape[-1]
-    NC = triton.cdiv(S, BT)
-    ad = compute_dtype(q)
-    arch = heuristics.device_arch(q.device)
+    B, NH, S, DK, DV, NC, ad, arch = _dims(q, v, BT)
     rev = int(bool(reverse))
     kw = dict(device=q.device)
     c_in, n_in, m_in, a_in, c_last, n_last, m_last, a_last = _fwd_states(
@@ -248,11 +247,7 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     # laid out after the caller's q and v, before any aligning copy
     dq, dk, dv = (_grad_like(x, x.shape[-1]) for x in (q, q, v))
     q, k, v = _kernel_layout(q, k, v)
-    B, NH, S, DK = q.shape
-    DV = v.shape[-1]
-    NC = triton.cdiv(S, BT)
-    ad = compute_dtype(q)
-    arch = heuristics.device_arch(q.device)
+    B, NH, S, DK, DV, NC, ad, arch = _dims(q, v, BT)
     rev = int(bool(reverse))
     scale = DK ** -0.5
     kw = dict(device=q.device)
