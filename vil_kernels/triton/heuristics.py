@@ -75,6 +75,9 @@ OVERRIDES = {}
 TABLE_ENV = "VIL_KERNELS_LAUNCH_TABLE"
 _PARAMS = {"BK", "BV", "num_warps", "num_stages", "maxnreg", "split"}
 _tuned = None                                                    # {key: params}, loaded once
+# launch_params' answers while OVERRIDES is empty (emptied when the table is reloaded): the
+# lookups ran ~10 us each, nine a forward and backward, host time that small shapes wait on
+_cache = {}
 
 
 def launch_params(kernel, DK, DV, BT, dtype, arch):
@@ -85,11 +88,18 @@ def launch_params(kernel, DK, DV, BT, dtype, arch):
     table: on the H200 at ViL-B's shape it ran about 5x slower. dtype: the inputs' torch
     dtype."""
     assert kernel in KERNELS, kernel
+    key = (kernel, DK, DV, BT, dtype, arch)
+    cached = _cache.get(key) if not OVERRIDES else None
+    if cached is not None:
+        return dict(cached)
     p = _table_params(kernel, DK, DV, BT, dtype, arch)
     if kernel in SCANS:
         p["split"] = False
     p.update(tuned_table().get(table_key(kernel, DK, DV, BT, dtype, arch), {}))
-    p.update(OVERRIDES.get(kernel, {}))
+    if OVERRIDES:
+        p.update(OVERRIDES.get(kernel, {}))
+    else:
+        _cache[key] = dict(p)
     return p
 
 
@@ -104,6 +114,7 @@ def tuned_table(reload=False):
     if _tuned is None or reload:
         path = os.environ.get(TABLE_ENV)
         _tuned = read_table(path) if path else {}
+        _cache.clear()
     return _tuned
 
 
