@@ -23,6 +23,8 @@
 #               (images/s and peak memory of keeping or recomputing the chunk states)
 #   compile     the main job's inference at 448 px under torch.compile (ViL-T: ours, DeiT):
 #               inductor's fusion of the PyTorch path against the fused Triton kernels
+#   host        bench/host_overhead.py: host time of a call against its wall time at small
+#               shapes (where launches, not kernels, bound a call), with cProfile's top list
 # STEPS picks and orders steps (default: profile tune tests kernels). Logs and results go to
 # $OUT (the device tool's output folder; at most 8 files come back) or bench/results/gpu-run;
 # copy the JSON files into bench/results/ with the device in the name.
@@ -78,7 +80,11 @@ for s in $STEPS; do
         step kernels 80 python bench/kernels.py --shapes 64,4,784,384 \
             --shapes 64,4,784,192 --shapes 64,4,784,96 --results-file "$OUT/kernels.json" ;;
     kernels-all)                               # the list: S=196/784/3136 and 16384
-        step kernels-all 130 python bench/kernels.py --results-file "$OUT/kernels.json" ;;
+        # (~400 s at 5 timed calls on an H200: KERNELS_SHAPES="--shapes B,NH,S,D ..." for part)
+        step kernels-all "${KERNELS_LIMIT:-420}" python bench/kernels.py --num-bench-iter 5 \
+            ${KERNELS_SHAPES:-} --results-file "$OUT/kernels.json" ;;
+    host)
+        step host 60 python bench/host_overhead.py --profile ;;
     throughput)
         step throughput 150 python bench/throughput.py --resolution 448 \
             --bench inference --num-warm-iter 3 --num-bench-iter 10 --no-progress \
