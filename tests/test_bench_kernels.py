@@ -3,6 +3,7 @@ bench/profile_op.py."""
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,17 @@ def test_model_kernels_dry_run_with_sweep(tmp_path, monkeypatch):
                                "--mode", "train"])
     assert [r["op"] for r in rows] == ["conv", "gating", "prenorm", "headwise", "patch"]
     assert all(r["mode"] == "train" and r["fused_ms"] > 0 for r in rows)
+
+
+def test_time_call_cuts_repetitions_of_slow_calls(monkeypatch):
+    """Calls over SLOW_CALL_S (after the first, which compiles) get one warm-up and two timed
+    repetitions, so that the whole GPU list fits a short loan; fast ones get all of them."""
+    import torch
+    calls = []
+    monkeypatch.setattr(kernels, "SLOW_CALL_S", 0.01)
+    slow = lambda: (calls.append(1), time.sleep(0.02))  # noqa: E731
+    t = kernels.time_call(slow, torch.device("cpu"), warmup=3, iters=10)
+    assert len(calls) == 4 and t >= 0.02
+    calls.clear()
+    kernels.time_call(lambda: calls.append(1), torch.device("cpu"), warmup=3, iters=10)
+    assert len(calls) == 13
