@@ -25,6 +25,8 @@
 #               inductor's fusion of the PyTorch path against the fused Triton kernels
 #   host        bench/host_overhead.py: host time of a call against its wall time at small
 #               shapes (where launches, not kernels, bound a call), with cProfile's top list
+#   fastlaunch  the CUDA tests and the host time with VIL_KERNELS_FAST_LAUNCH=1 (repeat
+#               launches straight to the compiled kernel; off by default until checked here)
 # STEPS picks and orders steps (default: profile tune tests kernels). Logs and results go to
 # $OUT (the device tool's output folder; at most 8 files come back) or bench/results/gpu-run;
 # copy the JSON files into bench/results/ with the device in the name.
@@ -85,6 +87,10 @@ for s in $STEPS; do
             ${KERNELS_SHAPES:-} --results-file "$OUT/kernels.json" ;;
     host)
         step host 60 python bench/host_overhead.py --profile ;;
+    fastlaunch)
+        step fastlaunch-tests 120 env VIL_KERNELS_FAST_LAUNCH=1 python -m pytest \
+            tests/test_triton.py tests/test_model.py -q $XDIST
+        step fastlaunch-host 60 env VIL_KERNELS_FAST_LAUNCH=1 python bench/host_overhead.py ;;
     throughput)
         step throughput 150 python bench/throughput.py --resolution 448 \
             --bench inference --num-warm-iter 3 --num-bench-iter 10 --no-progress \

@@ -363,3 +363,50 @@ def test_recompute_states_same_bits_less_memory(reverse):
     assert sizes[0] - sizes[1] == states
     with pytest.raises(TypeError, match="recompute_states must be a bool"):
         vil_kernels.mlstm(**x, backend="triton", recompute_states=1)
+
+
+def test_fast_launch_reuses_the_compiled_kernel(monkeypatch):
+    """VIL_KERNELS_FAST_LAUNCH's path, with a stand-in for a Triton kernel (a GPU run of the
+    whole suite with the variable set checks it for real): the first launch of a key goes
+    through kernel[grid](...) and keeps what it returns; later ones call that compiled kernel
+    with every argument in order, constexprs last, on a 3-D grid; a new alignment, dtype or
+    scalar is a new key."""
+    from vil_kernels.triton import chunk
+
+    class Compiled:
+        def __init__(self):
+            self.calls = []
+
+        def __getitem__(self, grid):
+            return lambda *a: self.calls.append((grid, a))
+
+    class Kernel:
+        arg_names = ["x", "n", "scale", "BT", "ACC"]
+
+        def __init__(self):
+            self.jit_calls = 0
+
+        def __getitem__(self, grid):
+            def launch(*a, **meta):
+                self.jit_calls += 1
+                return Compiled()
+            return launch
+
+    monkeypatch.setattr(chunk, "INTERPRETED", False)
+    monkeypatch.setattr(chunk, "FAST_LAUNCH", True)
+    monkeypatch.setattr(chunk, "_compiled", {})
+    k = Kernel()
+    x = torch.zeros(64)
+    meta = dict(BT=64, ACC="fp32", num_warps=4)
+    chunk._run(k, "t", (3,), (x, 7, 0.5), **meta)
+    chunk._run(k, "t", (3,), (x, 7, 0.5), **meta)
+    chunk._run(k, "t", (5, 2), (x.clone(), 7, 0.5), **meta)
+    assert k.jit_calls == 1
+    compiled = next(iter(chunk._compiled.values()))[0]
+    assert [c[0] for c in compiled.calls] == [(3, 1, 1), (5, 2, 1)]
+    assert compiled.calls[0][1][1:] == (7, 0.5, 64, "fp32") and compiled.calls[0][1][0] is x
+    for args, m in (((x[1:], 7, 0.5), meta),                 # 4-byte offset: not 16-aligned
+                    ((x.double(), 7, 0.5), meta), ((x, 8, 0.5), meta),
+                    ((x, 7, 0.5), dict(meta, num_warps=8))):
+        chunk._run(k, "t", (3,), args, **m)
+    assert k.jit_calls == 5
