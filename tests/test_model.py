@@ -7,8 +7,11 @@ of NX-AI's VisionLSTM2 forward (tests/reference_vil.py) driven by the same state
 import importlib
 import math
 import os
+import subprocess
 import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +23,8 @@ from vil.model import VisionLSTM
 
 sys.path.insert(0, os.path.dirname(__file__))
 from reference_vil import reference_forward  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rel(a, b):
@@ -998,3 +1003,28 @@ def test_patch_embed_tokens_gemm_matches_conv(stride):
     g_want = torch.autograd.grad(want.square().sum(), params)
     for a, b in zip(g_got, g_want):
         assert rel(a, b) < 1e-12
+
+
+def test_without_triton():
+    """Where triton does not import (macOS, Windows, other CPUs: setup.py asks for it on Linux
+    x86_64/aarch64 only) vil and vil_kernels still load and run on the PyTorch paths, and
+    backend="triton" says what is missing. In a subprocess whose `import triton` fails."""
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["triton"] = None                     # any `import triton` now fails
+        import torch, vil, vil_kernels
+        m = vil.create_model("vil2-tiny", num_classes=10, img_size=64)
+        m(torch.randn(2, 3, 64, 64)).square().sum().backward()
+        x = [torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3)]
+        vil_kernels.mlstm(*x, torch.randn(1, 2, 40), torch.randn(1, 2, 40)).sum().backward()
+        try:
+            vil_kernels.mlstm(*x, torch.randn(1, 2, 40), torch.randn(1, 2, 40), backend="triton")
+        except ValueError as e:
+            assert "triton" in str(e), e
+            print("ok")
+    """)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

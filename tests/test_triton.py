@@ -371,6 +371,7 @@ def test_fast_launch_reuses_the_compiled_kernel(monkeypatch):
     through kernel[grid](...) and keeps what it returns; later ones call that compiled kernel
     with every argument in order, constexprs last, on a 3-D grid; a new alignment, dtype or
     scalar is a new key."""
+    from vil_kernels import _triton_runtime as rt
     from vil_kernels.triton import chunk
 
     class Compiled:
@@ -393,8 +394,9 @@ def test_fast_launch_reuses_the_compiled_kernel(monkeypatch):
             return launch
 
     monkeypatch.setattr(chunk, "INTERPRETED", False)
-    monkeypatch.setattr(chunk, "FAST_LAUNCH", True)
-    monkeypatch.setattr(chunk, "_compiled", {})
+    monkeypatch.setattr(rt, "INTERPRETED", False)
+    monkeypatch.setattr(rt, "FAST_LAUNCH", True)
+    monkeypatch.setattr(rt, "_compiled", {})
     k = Kernel()
     x = torch.zeros(64)
     meta = dict(BT=64, ACC="fp32", num_warps=4)
@@ -402,7 +404,7 @@ def test_fast_launch_reuses_the_compiled_kernel(monkeypatch):
     chunk._run(k, "t", (3,), (x, 7, 0.5), **meta)
     chunk._run(k, "t", (5, 2), (x.clone(), 7, 0.5), **meta)
     assert k.jit_calls == 1
-    compiled = next(iter(chunk._compiled.values()))[0]
+    compiled = next(iter(rt._compiled.values()))[0]
     assert [c[0] for c in compiled.calls] == [(3, 1, 1), (5, 2, 1)]
     assert compiled.calls[0][1][1:] == (7, 0.5, 64, "fp32") and compiled.calls[0][1][0] is x
     for args, m in (((x[1:], 7, 0.5), meta),                 # 4-byte offset: not 16-aligned

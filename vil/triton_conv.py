@@ -15,7 +15,7 @@ gradient a sum of dc. On the CPU it runs only under TRITON_INTERPRET=1 (tests).
 
 import torch
 
-from vil_kernels.triton._interp import patch_interpreter
+from vil_kernels._triton_runtime import launch, patch_interpreter
 
 from ._triton import available, tl, triton
 
@@ -115,10 +115,11 @@ def _conv(t, w, b, grid, act, da=None):
     KH, KW = w.shape[-2:]
     a = torch.empty(B, S, C, device=t.device, dtype=t.dtype)
     BW, BC = CONFIG["BW"], CONFIG["BC"]
-    _conv_silu_kernel[(H * triton.cdiv(W, BW), triton.cdiv(C, BC), B)](
-        t, w, b if b is not None else w, da if da is not None else a, a, H, W, C, t.stride(0),
-        t.stride(1), a.stride(0), a.stride(1), KH=KH, KW=KW, HAS_BIAS=b is not None, ACT=act,
-        BW=BW, BC=BC, num_warps=CONFIG["num_warps"])
+    launch(_conv_silu_kernel, (H * triton.cdiv(W, BW), triton.cdiv(C, BC), B),
+           (t, w, b if b is not None else w, da if da is not None else a, a, H, W, C,
+            t.stride(0), t.stride(1), a.stride(0), a.stride(1)),
+           KH=KH, KW=KW, HAS_BIAS=b is not None, ACT=act, BW=BW, BC=BC,
+           num_warps=CONFIG["num_warps"])
     return a
 
 
@@ -144,9 +145,9 @@ class _ConvSilu(torch.autograd.Function):
             pw = torch.empty(B, KH * KW, C, device=t.device, dtype=torch.float32)
             BC = CONFIG["BC"]
             patch_interpreter()                            # a loop over H under the interpreter
-            _conv_dw_kernel[(KH * KW, triton.cdiv(C, BC), B)](
-                t, dc, pw, H, W, C, t.stride(0), t.stride(1), KH=KH, KW=KW,
-                BW=CONFIG["bwd_BW"], BC=BC, num_warps=CONFIG["num_warps"])
+            launch(_conv_dw_kernel, (KH * KW, triton.cdiv(C, BC), B),
+                   (t, dc, pw, H, W, C, t.stride(0), t.stride(1)),
+                   KH=KH, KW=KW, BW=CONFIG["bwd_BW"], BC=BC, num_warps=CONFIG["num_warps"])
             dw = pw.sum(0).t().reshape(w.shape).to(w.dtype)
         if b is not None and ctx.needs_input_grad[2]:
             db = torch.sum(dc, dim=(0, 1), dtype=torch.float32).to(b.dtype)

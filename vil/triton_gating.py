@@ -14,6 +14,8 @@ only under TRITON_INTERPRET=1 (tests).
 
 import torch
 
+from vil_kernels._triton_runtime import launch
+
 from ._triton import available, tiles, tl, triton
 
 __all__ = ["available", "gated_outnorm_triton"]
@@ -127,11 +129,11 @@ def _forward(h, a, z, w, bias, skip, eps):
     B, NH, S, DH = h.shape
     out = torch.empty(B, S, NH * DH, device=a.device, dtype=a.dtype)
     BS, BD = tiles(DH, CONFIG["tile"])
-    _gated_outnorm_kernel[(triton.cdiv(S, BS), NH, B)](
-        h, a, z, w, bias if bias is not None else w, skip, out, S, DH, eps,
-        h.stride(0), h.stride(1), h.stride(2), a.stride(0), a.stride(1),
-        z.stride(0), z.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, BS=BS, BD=BD, num_warps=CONFIG["num_warps"])
+    launch(_gated_outnorm_kernel, (triton.cdiv(S, BS), NH, B),
+           (h, a, z, w, bias if bias is not None else w, skip, out, S, DH, eps,
+            h.stride(0), h.stride(1), h.stride(2), a.stride(0), a.stride(1),
+            z.stride(0), z.stride(1), out.stride(0), out.stride(1)),
+           HAS_BIAS=bias is not None, BS=BS, BD=BD, num_warps=CONFIG["num_warps"])
     return out
 
 
@@ -156,11 +158,11 @@ class _GatedOutnorm(torch.autograd.Function):
         NT = triton.cdiv(S, rows)
         pw, pb, ps = (torch.empty(B * NT, C, device=h.device, dtype=torch.float32)
                       for _ in range(3))
-        _gated_outnorm_bwd_kernel[(NT, NH, B)](
-            dout, h, a, z, w, bias if bias is not None else w, skip, dh, da, dz, pw, pb, ps,
-            S, DH, C, ctx.eps, h.stride(0), h.stride(1), h.stride(2), a.stride(0), a.stride(1),
-            z.stride(0), z.stride(1), HAS_BIAS=bias is not None, BS=BS, BD=BD, ROWS=rows,
-            num_warps=CONFIG["bwd_warps"])
+        launch(_gated_outnorm_bwd_kernel, (NT, NH, B),
+               (dout, h, a, z, w, bias if bias is not None else w, skip, dh, da, dz, pw, pb, ps,
+                S, DH, C, ctx.eps, h.stride(0), h.stride(1), h.stride(2), a.stride(0),
+                a.stride(1), z.stride(0), z.stride(1)),
+               HAS_BIAS=bias is not None, BS=BS, BD=BD, ROWS=rows, num_warps=CONFIG["bwd_warps"])
         dw = pw.sum(0).to(w.dtype) if ctx.needs_input_grad[3] else None
         dbias = pb.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None
         dskip = ps.sum(0).to(skip.dtype) if ctx.needs_input_grad[5] else None

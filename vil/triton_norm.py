@@ -12,7 +12,7 @@ dx, and per-program partial sums of the parameter gradients reduced in a fixed o
 
 import torch
 
-from vil_kernels.triton._interp import patch_interpreter
+from vil_kernels._triton_runtime import launch, patch_interpreter
 
 from ._triton import available, tiles, tl, triton
 
@@ -85,10 +85,11 @@ def _forward(x2, weight, bias, eps, shape):
     M, N = x2.shape
     y = torch.empty(shape, device=x2.device, dtype=x2.dtype)
     BM, BN = tiles(N, CONFIG["tile"])
-    _layer_norm_kernel[(triton.cdiv(M, BM),)](
-        x2, weight if weight is not None else x2, bias if bias is not None else x2, y, M, N,
-        x2.stride(0), eps, HAS_W=weight is not None, HAS_B=bias is not None, BM=BM, BN=BN,
-        num_warps=CONFIG["num_warps"])
+    launch(_layer_norm_kernel, (triton.cdiv(M, BM),),
+           (x2, weight if weight is not None else x2, bias if bias is not None else x2, y, M, N,
+            x2.stride(0), eps),
+           HAS_W=weight is not None, HAS_B=bias is not None, BM=BM, BN=BN,
+           num_warps=CONFIG["num_warps"])
     return y
 
 
@@ -110,10 +111,10 @@ class _LayerNorm(torch.autograd.Function):
         NP = triton.cdiv(M, rows)
         pw, pb = (torch.empty(NP, N, device=x2.device, dtype=torch.float32) for _ in range(2))
         patch_interpreter()
-        _layer_norm_bwd_kernel[(NP,)](
-            x2, weight if weight is not None else x2, dy, dx, pw, pb, M, N, x2.stride(0),
-            ctx.eps, HAS_W=weight is not None, BM=BM, BN=BN, ROWS=rows,
-            num_warps=CONFIG["num_warps"])
+        launch(_layer_norm_bwd_kernel, (NP,),
+               (x2, weight if weight is not None else x2, dy, dx, pw, pb, M, N, x2.stride(0),
+                ctx.eps),
+               HAS_W=weight is not None, BM=BM, BN=BN, ROWS=rows, num_warps=CONFIG["num_warps"])
         dw = pw.sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] \
             else None
         db = pb.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None \

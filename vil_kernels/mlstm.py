@@ -85,6 +85,9 @@ def _check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial, eps, chunk_siz
             raise ValueError(f"mlstm: chunk_size must be a power of two >= 16, got {chunk_size}")
     if backend not in BACKENDS:
         raise ValueError(f"mlstm: unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "triton" and not _triton_available():
+        raise ValueError("mlstm: backend='triton' needs the triton package, which does not import "
+                         "here; install triton, or use backend='torch'")
     if backend == "triton" and q.device.type != "cuda" and not _interpreting():
         raise ValueError(
             f"mlstm: backend='triton' needs CUDA tensors (got {q.device.type}); set TRITON_INTERPRET=1 "

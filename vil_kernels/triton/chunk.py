@@ -14,7 +14,6 @@ identical bits.
 """
 
 import contextlib
-import os
 import time
 
 import torch
@@ -23,7 +22,7 @@ import triton.language as tl
 
 from ..utils import NEG, compute_dtype, route_last_state, route_to_argmax
 from . import heuristics
-from ._interp import interpreting, patch_interpreter
+from .._triton_runtime import interpreting, launch, patch_interpreter
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_prologue_kernel,
                       mlstm_bwd_state_kernel, mlstm_chunk_chain_kernel, mlstm_chunk_local_kernel,
                       mlstm_fwd_gates_kernel, mlstm_fwd_out_kernel, mlstm_fwd_state_kernel)
@@ -94,50 +93,12 @@ def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
     _run(kernel, name, grid, args, **meta, **opts)
 
 
-# Experimental, off unless VIL_KERNELS_FAST_LAUNCH=1 (not yet checked on a GPU): repeat launches
-# go straight to the compiled kernel (see _launch_fast).
-FAST_LAUNCH = os.environ.get("VIL_KERNELS_FAST_LAUNCH", "") == "1"
-_compiled = {}                              # _launch_key -> (compiled kernel, constexpr values)
-
-
-def _launch_key(kernel, args, meta):
-    """What decides which compiled variant of a kernel a launch runs: tensors by dtype and by
-    16-byte alignment (Triton's only tensor specialization on NVIDIA), every other argument and
-    the launch options by value (stricter than Triton's key, which keeps only an int's
-    divisibility by 16 and whether it is 1: a new shape just takes the normal path once)."""
-    spec = tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a
-                 for a in args)
-    return kernel, args[0].device.index, spec, tuple(meta.items())
-
-
-def _launch_fast(kernel, grid, args, meta):
-    """A launch through the compiled kernel of an earlier launch with the same _launch_key,
-    skipping Triton's per-launch binding, cache key (it formats the options as a string every
-    launch) and checks: at small shapes a forward and backward took ~1.8 ms of an H200
-    machine's host time, about a quarter of it in Triton's launcher (cProfile: ~85 us a
-    launch, seven launches). The first launch of a key takes the normal path and keeps its
-    compiled kernel."""
-    key = _launch_key(kernel, args, meta)
-    hit = _compiled.get(key)
-    if hit is None:
-        compiled = kernel[grid](*args, **meta)
-        names = kernel.arg_names[len(args):]            # the constexprs, after the runtime args
-        if all(n in meta for n in names):
-            _compiled[key] = (compiled, tuple(meta[n] for n in names))
-        return
-    compiled, consts = hit
-    compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *consts)
-
-
 def _run(kernel, name, grid, args, **meta):
     """Launch one kernel; timed into KERNEL_EVENTS when bench/tune.py asks for it."""
     if INTERPRETED:
         patch_interpreter()
     watch = _Stopwatch(args[0].device) if KERNEL_EVENTS is not None else None
-    if FAST_LAUNCH and not INTERPRETED:
-        _launch_fast(kernel, grid, args, meta)
-    else:
-        kernel[grid](*args, **meta)
+    launch(kernel, grid, args, **meta)
     if watch is not None:
         KERNEL_EVENTS.append((name, watch.stop()))
 
