@@ -26,7 +26,7 @@ def test_variants_cover_every_kernel_and_head_dim():
     dims = compile_check.HEAD_DIMS
     assert served == {(a, b) for a in dims for b in dims}
     assert {k[0] for k in todo} == set(heuristics.KERNELS) | {
-        "fwd_gates", "bwd_prologue", "chunk_local", "chunk_chain"}
+        "fwd_gates", "bwd_prologue", "bwd_gates", "chunk_local", "chunk_chain"}
     assert {k[2] for k in todo} == {80, 90}
     from vil_kernels.triton.chunk import CHAIN_BLOCK
     assert {k[5] for k in todo if k[0] == "chunk_chain"} == {CHAIN_BLOCK}
@@ -42,7 +42,7 @@ def test_compile_check_quick():
     rows = [line for line in out.splitlines() if line.endswith(" ok")]
     kernels = {line.split()[0] for line in rows}
     assert kernels == {"fwd_gates", "fwd_state", "fwd_out", "bwd_prologue", "bwd_state",
-                       "bwd_dqk", "bwd_dv", "chunk_local", "chunk_chain"}, out
+                       "bwd_dqk", "bwd_dv", "bwd_gates", "chunk_local", "chunk_chain"}, out
     assert {line.split()[2] for line in rows} == {"sm80", "sm90"}, out
     assert "0 failed" in out
 

@@ -5,9 +5,9 @@
 
 Enumerates what vil_kernels.triton's dispatcher can launch: input dtypes (float32, float16,
 bfloat16) x head dims (DQK, DV) in {64, 96, 128, 192, 256, 384, 512}^2 x chunk lengths
-(16, 32, 64, 128) x the five matmul kernels, the gate scan and the backward prologue, and the
-scans' split form at the scans' parameters (chunk_local, chunk_chain: chosen only by a launch
-table or the tuner), maps each to its compiled variant (tiles, warps, stages, register cap,
+(16, 32, 64, 128) x the five matmul kernels, the gate scan, the backward prologue and gate
+epilogue, and the scans' split form at the scans' parameters (chunk_local, chunk_chain: chosen
+only by a launch table or the tuner), maps each to its compiled variant (tiles, warps, stages, register cap,
 dtypes: head dims are runtime values, so many head dims share one binary), and compiles every
 distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
 registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, programs an SM
@@ -69,6 +69,9 @@ def _signature(name, dt, qn_mma=False):
     elif name == "chunk_chain":  # c, n, decay, c0, n0, c_end, n_end; NC, DK, DV
         ptrs = [x] + [a] * 6
         scalars = ["i32"] * 3
+    elif name == "bwd_gates":  # rq, rk, dm_row, u, w, then f, di, df; S, NK, BH, REVERSE
+        ptrs = [a] * 5 + [x] * 3
+        scalars = ["i32"] * 4
     else:  # bwd_prologue: dh, h, i, f, then 10 float32 rows; S, NC, DV, REVERSE; scale, eps
         ptrs = [x] * 4 + [a] * 10
         scalars = ["i32"] * 4 + ["fp32", "fp32"]
@@ -115,6 +118,9 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                             key = ("fwd_gates", dt, arch, BT, 0, 0, heuristics.gates_warps(BT),
                                    1, has_init, None)
                             out.setdefault(key, set()).add((DK, DV))
+                        key = ("bwd_gates", dt, arch, 0, 0, heuristics.GATES_BLOCK, 4, 1, None,
+                               None)
+                        out.setdefault(key, set()).add((DK, DV))
     return out
 
 
@@ -159,6 +165,8 @@ def compile_one(key, constexprs=None):
         const_vals = [BV, has_init[0] == "b", "S" in has_init, tl_of[acc]]
     elif name == "fwd_gates":
         const_names, const_vals = ["BT", "HAS_INIT", "ACC"], [BT, bool(has_init), tl_of[acc]]
+    elif name == "bwd_gates":                  # its block of positions in the BV slot
+        const_names, const_vals = ["BS", "ACC"], [BV, tl_of[acc]]
     else:
         flag = {"fwd_state": ["HAS_INIT"], "bwd_state": ["HAS_DLAST"],
                 "fwd_out": ["QN_MMA"]}.get(name, [])
@@ -178,7 +186,8 @@ def compile_one(key, constexprs=None):
     n_int = sum(t == "i32" for t in scalars)
     attrs = {(j,): [["tt.divisibility", 16]] for j in range(len(ptrs))}
     # DV for the prologue; DK, DV and the strides for the matmul kernels; none for the gate scan
-    divisible = {"bwd_prologue": (2,), "fwd_gates": (), "chunk_chain": (1, 2)}.get(
+    divisible = {"bwd_prologue": (2,), "fwd_gates": (), "bwd_gates": (),
+                 "chunk_chain": (1, 2)}.get(
         name, (2, 3, *range(6, n_int)))
     attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in divisible})
     src = ASTSource(fn, sig, consts, attrs)
@@ -255,7 +264,8 @@ def problems(row):
     if row["smem"] > SMEM_LIMIT[row["arch"]]:
         bad.append(f"shared memory {row['smem']} B > {SMEM_LIMIT[row['arch']]}")
     if (row["dtype"] in ("bfloat16", "float16") and row["hmma"] + row["hgmma"] == 0
-            and row["kernel"] not in ("bwd_prologue", "fwd_gates", "chunk_chain")):  # no dot
+            and row["kernel"] not in ("bwd_prologue", "fwd_gates", "bwd_gates",
+                                      "chunk_chain")):                 # no dot
         bad.append("no tensor-core MMA in SASS")
     return bad
 

@@ -9,8 +9,8 @@ Backward: mlstm_bwd_prologue_kernel (den, dn, dm per row from one pass over dh a
 state-gradient scan's row weights and chunk factors), mlstm_bwd_state_kernel (reverse
 scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv),
 then the O(S) gate epilogue of the spec: di = k.dk, dF = q.dq - k.dk + dm, eps term routed to
-the recorded argmax, reverse cumsum, times sigmoid(-f). No atomics anywhere: two runs give
-identical bits.
+the recorded argmax (two scatters in PyTorch), reverse cumsum, times sigmoid(-f)
+(mlstm_bwd_gates_kernel). No atomics anywhere: two runs give identical bits.
 """
 
 import contextlib
@@ -23,9 +23,10 @@ import triton.language as tl
 from ..utils import NEG, compute_dtype, route_last_state, route_to_argmax
 from . import heuristics
 from .._triton_runtime import interpreting, launch, patch_interpreter
-from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_prologue_kernel,
-                      mlstm_bwd_state_kernel, mlstm_chunk_chain_kernel, mlstm_chunk_local_kernel,
-                      mlstm_fwd_gates_kernel, mlstm_fwd_out_kernel, mlstm_fwd_state_kernel)
+from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_gates_kernel,
+                      mlstm_bwd_prologue_kernel, mlstm_bwd_state_kernel, mlstm_chunk_chain_kernel,
+                      mlstm_chunk_local_kernel, mlstm_fwd_gates_kernel, mlstm_fwd_out_kernel,
+                      mlstm_fwd_state_kernel)
 
 patch_interpreter()
 
@@ -292,24 +293,24 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
             (q, k, dh, i, f, m_row, den, m_in, m_last, dc_out, dv,
              S, NC, DK, DV, rev, NH, *_strides(q), dv.stride(0), dv.stride(1), scale),
             DK, DV, BT, q.dtype, arch)
-    rq, rk = rq.sum(0), rk.sum(0)                                  # fixed order: deterministic
-
-    # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse): argmax
-    # indices are logical positions, so they are mapped first.
+    # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse): the m
+    # gradients go to the keys that set each m (argmax indices are logical positions, so they
+    # are mapped first), as additions u to di and w to dF (two scatters); then one kernel sums
+    # the row sums' head-dim blocks, adds them, and takes the suffix sum and the sigmoid.
     physical = (lambda a: torch.where(a >= 0, S - 1 - a, a)) if reverse else (lambda a: a)
-    di = rk
-    dF = rq - rk + dm_row
+    u, w = torch.zeros_like(dm_row), torch.zeros_like(dm_row)
     dm0 = torch.zeros(B, NH, dtype=ad, **kw)
-    route_to_argmax(dm_row, physical(a_row), di, dF, dm0)
+    route_to_argmax(dm_row, physical(a_row), u, w, dm0)
     if has_dlast:                                                  # else it adds zeros
-        route_last_state(di, dF, dm0, 0 if reverse else S - 1, physical(a_last), c_last, n_last,
+        route_last_state(u, w, dm0, 0 if reverse else S - 1, physical(a_last), c_last, n_last,
                          dc_last.to(ad), dn_last.to(ad), dm_last.to(ad))
-    # reverse cumsum in logical order = forward cumsum in physical order when reversed
-    dfl = dF.cumsum(-1) if reverse else dF.flip(-1).cumsum(-1).flip(-1)   # (B, NH, S) only
-    df = dfl * torch.sigmoid(-f.to(ad))
+    di, df = torch.empty_like(i), torch.empty_like(f)
+    _run(mlstm_bwd_gates_kernel, "bwd_gates", (B * NH,),
+         (rq, rk, dm_row, u, w, f, di, df, S, NK, B * NH, rev),
+         BS=heuristics.GATES_BLOCK, ACC=_dot_args(q.dtype)["ACC"], num_warps=4)
     if c0 is not None:
         dm0 = dm0 + (dc0 * c0.to(ad)).sum((-2, -1)) + (dn0 * n0.to(ad)).sum(-1)
-    return dq, dk, dv, di.to(i.dtype), df.to(f.dtype), dc0, dn0, dm0[..., None]
+    return dq, dk, dv, di, df, dc0, dn0, dm0[..., None]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -211,6 +211,11 @@ def prologue_params(DV, BT, dtype, arch):
     return dict(BV=min(4096 // BT, max(16, next_power_of_2(DV))), num_warps=4)
 
 
+# Positions a block of the backward's gate epilogue (mlstm_bwd_gates_kernel: one program a head
+# walks the sequence, O(S) work): one block up to ViL's 784 tokens; a constant, so one build.
+GATES_BLOCK = 1024
+
+
 def gates_warps(BT):
     """Warps of the gate scan (one program a head, [BT] vectors only): one up to 64 positions,
     so its cumsum and argmax stay inside a warp."""

@@ -336,6 +336,48 @@ def mlstm_fwd_out_kernel(
 
 
 @triton.jit
+def mlstm_bwd_gates_kernel(
+    rq, rk, dm_row, u, w, f, di, df, S, NK, BH, REVERSE,
+    BS: tl.constexpr, ACC: tl.constexpr,
+):
+    """The gate gradients from the row sums, once per (batch, head): grid (B * NH,), the
+    sequence in blocks of BS, physical order. With the argmax routing's additions u (to di) and
+    w (to dF) done beforehand (scatters, in PyTorch):
+        di = sum_k rk[k] + u,   dF = sum_k (rq[k] - rk[k]) + dm + w      (k: head-dim blocks)
+        df = sigmoid(-f) * (sum of dF over the positions the recurrence sees at or after p)
+    The NK partial sums are added in a fixed order (deterministic). The suffix sum in logical
+    order is one in physical order backwards (forward direction) or forwards (REVERSE), block
+    by block with a carry."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    NB = tl.cdiv(S, BS)
+    b_carry = tl.zeros([], dtype=ACC)
+    for i_r in range(NB):
+        if REVERSE != 0:
+            i_b = i_r
+        else:
+            i_b = NB - 1 - i_r
+        o_p = i_b * BS + tl.arange(0, BS)
+        m_p = o_p < S
+        o_x = i_bh * S + o_p
+        b_rq = tl.zeros([BS], dtype=ACC)
+        b_rk = tl.zeros([BS], dtype=ACC)
+        for i_k in range(NK):
+            b_rq += tl.load(rq + i_k * BH * S + o_x, mask=m_p, other=0.).to(ACC)
+            b_rk += tl.load(rk + i_k * BH * S + o_x, mask=m_p, other=0.).to(ACC)
+        b_u = tl.load(u + o_x, mask=m_p, other=0.).to(ACC)
+        b_dF = (b_rq - b_rk + tl.load(dm_row + o_x, mask=m_p, other=0.).to(ACC)
+                + tl.load(w + o_x, mask=m_p, other=0.).to(ACC))                      # [BS]
+        if REVERSE != 0:
+            b_cs = tl.cumsum(b_dF, axis=0) + b_carry
+        else:
+            b_cs = tl.cumsum(b_dF, axis=0, reverse=True) + b_carry
+        b_carry += tl.sum(b_dF, axis=0)
+        b_f = tl.load(f + o_x, mask=m_p, other=0.).to(ACC)
+        tl.store(di + o_x, (b_rk + b_u).to(di.dtype.element_ty), mask=m_p)
+        tl.store(df + o_x, (b_cs / (1. + tl.exp(b_f))).to(df.dtype.element_ty), mask=m_p)
+
+
+@triton.jit
 def mlstm_bwd_prologue_kernel(
     dh, h, i, f, m_row, n_row, m_in, m_last, den, dn, dm, wa, wb, decay,
     S, NC, DV, REVERSE, scale, eps,
