@@ -27,6 +27,8 @@
 #               shapes (where launches, not kernels, bound a call), with cProfile's top list
 #   fastlaunch  the CUDA tests and the host time with VIL_KERNELS_FAST_LAUNCH=1 (repeat
 #               launches straight to the compiled kernel; off by default until checked here)
+#   train224    ViL-T training at 224 px (196 tokens, where host time bounds a step): ours and
+#               DeiT, then ours with VIL_KERNELS_FAST_LAUNCH=1
 # STEPS picks and orders steps (default: profile tune tests kernels). Logs and results go to
 # $OUT (the device tool's output folder; at most 8 files come back) or bench/results/gpu-run;
 # copy the JSON files into bench/results/ with the device in the name.
@@ -87,6 +89,14 @@ for s in $STEPS; do
             ${KERNELS_SHAPES:-} --results-file "$OUT/kernels.json" ;;
     host)
         step host 60 python bench/host_overhead.py --profile ;;
+    train224)
+        step train224 90 python bench/throughput.py --resolution 224 --model vil2-tiny \
+            --rows ours,deit --bench train --num-warm-iter 2 --num-bench-iter 6 --no-progress \
+            --results-file "$OUT/throughput-224-train-vil2-tiny.json"
+        step train224-fast 90 env VIL_KERNELS_FAST_LAUNCH=1 python bench/throughput.py \
+            --resolution 224 --model vil2-tiny --rows ours --bench train --num-warm-iter 2 \
+            --num-bench-iter 6 --no-progress \
+            --results-file "$OUT/throughput-224-train-vil2-tiny-fast-launch.json" ;;
     fastlaunch)
         step fastlaunch-tests 120 env VIL_KERNELS_FAST_LAUNCH=1 python -m pytest \
             tests/test_triton.py tests/test_model.py -q $XDIST
