@@ -63,7 +63,7 @@ def test_dry_run_on_the_interpreter(tmp_path):
     assert not res["errors"]
     assert all(err < 5e-2 for d in res["checks"]["16"].values() for err in d.values())
     kernels = {"fwd_gates", "fwd_state", "fwd_out", "bwd_prologue", "bwd_state", "bwd_dqk",
-               "bwd_dv"}
+               "bwd_dv", "bwd_gates"}
     assert [b["BT"] for b in res["baselines"]] == [32, 64, 128]
     assert all(set(b["ms"]) == kernels for b in res["baselines"])
     sweep, scan = res["sweeps"]
