@@ -361,9 +361,10 @@ def mlstm_bwd_gates_kernel(
         o_x = i_bh * S + o_p
         b_rq = tl.zeros([BS], dtype=ACC)
         b_rk = tl.zeros([BS], dtype=ACC)
-        for i_k in range(NK):
-            b_rq += tl.load(rq + i_k * BH * S + o_x, mask=m_p, other=0.).to(ACC)
-            b_rk += tl.load(rk + i_k * BH * S + o_x, mask=m_p, other=0.).to(ACC)
+        for i_k in range(NK):                          # (i_k * BH + i_bh: int64, no overflow)
+            o_k = (i_k * BH + i_bh) * S + o_p
+            b_rq += tl.load(rq + o_k, mask=m_p, other=0.).to(ACC)
+            b_rk += tl.load(rk + o_k, mask=m_p, other=0.).to(ACC)
         b_u = tl.load(u + o_x, mask=m_p, other=0.).to(ACC)
         b_dF = (b_rq - b_rk + tl.load(dm_row + o_x, mask=m_p, other=0.).to(ACC)
                 + tl.load(w + o_x, mask=m_p, other=0.).to(ACC))                      # [BS]
