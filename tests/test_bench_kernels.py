@@ -97,3 +97,14 @@ def test_time_call_cuts_repetitions_of_slow_calls(monkeypatch):
     calls.clear()
     kernels.time_call(lambda: calls.append(1), torch.device("cpu"), warmup=3, iters=10)
     assert len(calls) == 13
+
+
+def test_host_overhead_needs_cuda(capsys, monkeypatch):
+    """bench/host_overhead.py times the host's share of a CUDA call: without CUDA it says so
+    (exit 2, argparse's error) instead of timing the CPU."""
+    import torch
+    import host_overhead
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        host_overhead.main(["--shapes", "1,4,196,96"])
+    assert e.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
