@@ -393,7 +393,6 @@ def test_fast_launch_reuses_the_compiled_kernel(monkeypatch):
                 return Compiled()
             return launch
 
-    monkeypatch.setattr(chunk, "INTERPRETED", False)
     monkeypatch.setattr(rt, "INTERPRETED", False)
     monkeypatch.setattr(rt, "FAST_LAUNCH", True)
     monkeypatch.setattr(rt, "_compiled", {})

@@ -15,7 +15,7 @@ gradient a sum of dc. On the CPU it runs only under TRITON_INTERPRET=1 (tests).
 
 import torch
 
-from vil_kernels._triton_runtime import launch, patch_interpreter
+from vil_kernels._triton_runtime import launch
 
 from ._triton import available, tl, triton
 
@@ -144,7 +144,6 @@ class _ConvSilu(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             pw = torch.empty(B, KH * KW, C, device=t.device, dtype=torch.float32)
             BC = CONFIG["BC"]
-            patch_interpreter()                            # a loop over H under the interpreter
             launch(_conv_dw_kernel, (KH * KW, triton.cdiv(C, BC), B),
                    (t, dc, pw, H, W, C, t.stride(0), t.stride(1)),
                    KH=KH, KW=KW, BW=CONFIG["bwd_BW"], BC=BC, num_warps=CONFIG["num_warps"])

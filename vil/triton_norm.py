@@ -12,7 +12,7 @@ dx, and per-program partial sums of the parameter gradients reduced in a fixed o
 
 import torch
 
-from vil_kernels._triton_runtime import launch, patch_interpreter
+from vil_kernels._triton_runtime import launch
 
 from ._triton import available, tiles, tl, triton
 
@@ -110,7 +110,6 @@ class _LayerNorm(torch.autograd.Function):
         rows = max(BM, CONFIG["rows"] // BM * BM)
         NP = triton.cdiv(M, rows)
         pw, pb = (torch.empty(NP, N, device=x2.device, dtype=torch.float32) for _ in range(2))
-        patch_interpreter()
         launch(_layer_norm_bwd_kernel, (NP,),
                (x2, weight if weight is not None else x2, dy, dx, pw, pb, M, N, x2.stride(0),
                 ctx.eps),

@@ -44,6 +44,8 @@ def patch_interpreter():
 
 
 FAST_LAUNCH = os.environ.get("VIL_KERNELS_FAST_LAUNCH", "") == "1"
+# Fixed at import, as Triton fixes it when the kernels are decorated (reading the environment
+# costs ~1.5 us, and it was read about twenty times a forward and backward).
 INTERPRETED = interpreting()
 _compiled = {}                              # _launch_key -> (compiled kernel, constexpr values)
 
@@ -61,7 +63,11 @@ def _launch_key(kernel, args, meta):
 def launch(kernel, grid, args, **meta):
     """Launch ``kernel`` on ``grid`` (a tuple) with runtime ``args`` (positional, in order) and
     the constexprs and launch options in ``meta``."""
-    if not FAST_LAUNCH or INTERPRETED:
+    if INTERPRETED:
+        patch_interpreter()            # here, so that no launch site can run without it
+        kernel[grid](*args, **meta)
+        return
+    if not FAST_LAUNCH:
         kernel[grid](*args, **meta)
         return
     key = _launch_key(kernel, args, meta)

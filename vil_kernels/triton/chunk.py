@@ -22,21 +22,14 @@ import triton.language as tl
 
 from ..utils import NEG, compute_dtype, route_last_state, route_to_argmax
 from . import heuristics
-from .._triton_runtime import interpreting, launch, patch_interpreter
+from .._triton_runtime import INTERPRETED, launch
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_gates_kernel,
                       mlstm_bwd_prologue_kernel, mlstm_bwd_state_kernel, mlstm_chunk_chain_kernel,
                       mlstm_chunk_local_kernel, mlstm_fwd_gates_kernel, mlstm_fwd_out_kernel,
                       mlstm_fwd_state_kernel)
 
-patch_interpreter()
-
 _TL = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 assert NEG == -1e30  # the kernels' _NEG
-
-
-# Fixed when the kernels were decorated (imported above), as Triton fixes it then (reading the
-# environment, ~1.5 us a time, about twenty times a forward and backward is host time too).
-INTERPRETED = interpreting()
 
 
 def _dot_args(dtype):
@@ -96,8 +89,6 @@ def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
 
 def _run(kernel, name, grid, args, **meta):
     """Launch one kernel; timed into KERNEL_EVENTS when bench/tune.py asks for it."""
-    if INTERPRETED:
-        patch_interpreter()
     watch = _Stopwatch(args[0].device) if KERNEL_EVENTS is not None else None
     launch(kernel, grid, args, **meta)
     if watch is not None:
