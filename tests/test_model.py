@@ -969,6 +969,65 @@ def test_per_head_linear_function_gradients(autocast):
     assert got[1][..., NH * DH:].abs().max() == 0
 
 
+def _fold_by_definition(layer, pad):
+    """The folded projection weights by the module docstring of vil/fold.py, with autograd."""
+    cell = layer.mlstm_cell
+    NH = cell.num_heads
+    inner = layer.inner_dim
+    DH, G = inner // NH, 2 * NH
+    wg = torch.cat([cell.igate.weight, cell.fgate.weight], 0)
+    gq, gk, gv = (x.reshape(G, NH, DH).transpose(0, 1) for x in wg.split(inner, dim=1))
+    wq, wk, wv = (p.dense_per_group(DH) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    padded = lambda t: F.pad(t, (0, -t.shape[-1] % pad))
+    w_a = padded(torch.cat([wq, wk, wq @ gq.transpose(1, 2) + wk @ gk.transpose(1, 2)], 2))
+    w_x = padded(torch.cat([wv, wv @ gv.transpose(1, 2)], 2))
+    const = torch.cat([cell.igate.bias, cell.fgate.bias])
+    if layer.q_proj.bias is None:
+        return w_a, w_x, None, None, const
+    bq, bk, bv = (p.bias.view(NH, DH) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    zeros = bq.new_zeros(NH, G)
+    b_a = padded(torch.cat([bq, bk, zeros], 1)[:, None, :])
+    b_x = padded(torch.cat([bv, zeros], 1)[:, None, :])
+    const = const + (gq @ bq[..., None] + gk @ bk[..., None] + gv @ bv[..., None]).sum((0, 2))
+    return w_a, w_x, b_a, b_x, const
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("pad", [1, 16])
+def test_folded_weights_forward_and_gradients(bias, pad):
+    """vil/fold.py's one-node fold (hand-written backward) against its definition with autograd
+    in float64, every parameter's gradient, random upstream gradients; and the no-grad path
+    gives the same weights."""
+    from vil.fold import fold_weights
+    m = tiny(torch.float64, dim=32, depth=1, proj_bias=bias)
+    layer = next(m.iter_blocks()).layer
+    cell = layer.mlstm_cell
+    args = (layer.q_proj, layer.k_proj, layer.v_proj, cell.igate, cell.fgate, cell.num_heads, pad)
+    got, want = fold_weights(*args), _fold_by_definition(layer, pad)
+    g = torch.Generator().manual_seed(0)
+    ups = [None if w is None else torch.randn(w.shape, generator=g, dtype=w.dtype) for w in want]
+    params = [p for p in layer.parameters() if p.requires_grad]
+    grads = []
+    for out in (got, want):
+        for x, w in zip(out, want):
+            assert (x is None) == (w is None)
+        loss = sum((x * u).sum() for x, u in zip(out, ups) if x is not None)
+        grads.append(torch.autograd.grad(loss, params, allow_unused=True))
+    for x, w in zip(got, want):
+        if w is not None:
+            assert x.shape == w.shape and rel(x, w) < 1e-13
+    names = [n for n, p in layer.named_parameters() if p.requires_grad]
+    for name, x, w in zip(names, *grads):
+        assert (x is None) == (w is None), name
+        if w is not None:
+            assert rel(x, w) < 1e-12, name
+    touched = [n for n, x in zip(names, grads[0]) if x is not None]
+    assert any("igate" in n for n in touched) and any("q_proj.weight" in n for n in touched)
+    with torch.no_grad():
+        for x, w in zip(fold_weights(*args), got):
+            assert (x is None) == (w is None) and (w is None or torch.equal(x, w))
+
+
 def test_recompute_states_in_the_model():
     """mlstm_recompute_states=True reaches every cell and changes no bit of the loss or of any
     gradient (torch backend on the CPU)."""

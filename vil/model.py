@@ -34,6 +34,7 @@ from torch import nn
 import vil_kernels
 
 from . import triton_gating, triton_norm
+from .fold import fold_weights
 from .layers import (CausalConv1d, DropPath, LayerNorm, LinearHeadwiseExpand, MultiHeadLayerNorm,
                      SequenceConv2d, gated_outnorm, interpolate_pos_embed, to_2tuple)
 
@@ -156,35 +157,14 @@ class ViLLayer(nn.Module):
 
     def _fused_weights(self):
         """Per cell head: [Wq | Wk | gate cols] (NH, DH, 2 DH + 8) applied to a, [Wv | gate cols]
-        (NH, DH, DH + 8) applied to x_mlstm, their biases, and the gates' constant (8,). On CUDA
-        the column counts are padded with zeros to multiples of 16."""
+        (NH, DH, DH + 8) applied to x_mlstm, their biases, and the gates' constant (8,), as one
+        autograd node (vil/fold.py). On CUDA the column counts are padded with zeros to
+        multiples of 16: the Triton kernels then read q, k, v in place from the projection
+        output with 16-byte vector loads (no copies)."""
         cell = self.mlstm_cell
-        NH = cell.num_heads
-        inner = self.inner_dim
-        DH = inner // NH
-        G = 2 * NH                                                     # i and f gates
-        wg = torch.cat([cell.igate.weight, cell.fgate.weight], 0)      # (G, 3 inner)
-        bg = torch.cat([cell.igate.bias, cell.fgate.bias], 0)          # (G,)
-        gq, gk, gv = (x.reshape(G, NH, DH).transpose(0, 1) for x in wg.split(inner, dim=1))
-        wq, wk, wv = (p.dense_per_group(DH) for p in (self.q_proj, self.k_proj, self.v_proj))
-        # gate_from_q = q @ gq^T = a @ (wq @ gq^T) + bq @ gq^T  (per head, summed over heads)
-        w_a = torch.cat([wq, wk, wq @ gq.transpose(1, 2) + wk @ gk.transpose(1, 2)], dim=2)
-        w_x = torch.cat([wv, wv @ gv.transpose(1, 2)], dim=2)
-        if self.q_proj.bias is not None:
-            bq, bk, bv = (p.bias.view(NH, DH) for p in (self.q_proj, self.k_proj, self.v_proj))
-            zeros = bq.new_zeros(NH, G)
-            b_a = torch.cat([bq, bk, zeros], dim=1)[:, None, :]        # (NH, 1, 2 DH + G)
-            b_x = torch.cat([bv, zeros], dim=1)[:, None, :]
-            const = bg + (gq @ bq[..., None] + gk @ bk[..., None] + gv @ bv[..., None]).sum((0, 2))
-        else:
-            b_a = b_x = None
-            const = bg
-        if _pad_projection_columns(w_a.device):
-            # zero columns up to a multiple of 16: the Triton kernels then read q, k, v in place
-            # from the projection output with 16-byte vector loads (no copies)
-            w_a, w_x, b_a, b_x = (None if t is None else F.pad(t, (0, -t.shape[-1] % 16))
-                                  for t in (w_a, w_x, b_a, b_x))
-        return w_a, w_x, b_a, b_x, const
+        pad = 16 if _pad_projection_columns(self.proj_up.weight.device) else 1
+        return fold_weights(self.q_proj, self.k_proj, self.v_proj, cell.igate, cell.fgate,
+                            cell.num_heads, pad)
 
     def _cached_fused_weights(self):
         """``_fused_weights`` rebuilt only when a parameter changed, while no gradient is
