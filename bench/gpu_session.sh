@@ -25,10 +25,10 @@
 #               inductor's fusion of the PyTorch path against the fused Triton kernels
 #   host        bench/host_overhead.py: host time of a call against its wall time at small
 #               shapes (where launches, not kernels, bound a call), with cProfile's top list
-#   fastlaunch  the CUDA tests and the host time with VIL_KERNELS_FAST_LAUNCH=1 (repeat
-#               launches straight to the compiled kernel; off by default until checked here)
+#   fastlaunch  the CUDA tests and the host time with VIL_KERNELS_FAST_LAUNCH=0 (Triton's own
+#               launch path; the default, the fast path, is what the other steps run)
 #   train224    ViL-T training at 224 px (196 tokens, where host time bounds a step): ours and
-#               DeiT, then ours with VIL_KERNELS_FAST_LAUNCH=1
+#               DeiT, then ours with VIL_KERNELS_FAST_LAUNCH=0
 # STEPS picks and orders steps (default: profile tune tests kernels). Logs and results go to
 # $OUT (the device tool's output folder; at most 8 files come back) or bench/results/gpu-run;
 # copy the JSON files into bench/results/ with the device in the name.
@@ -93,14 +93,14 @@ for s in $STEPS; do
         step train224 90 python bench/throughput.py --resolution 224 --model vil2-tiny \
             --rows ours,deit --bench train --num-warm-iter 2 --num-bench-iter 6 --no-progress \
             --results-file "$OUT/throughput-224-train-vil2-tiny.json"
-        step train224-fast 90 env VIL_KERNELS_FAST_LAUNCH=1 python bench/throughput.py \
-            --resolution 224 --model vil2-tiny --rows ours --bench train --num-warm-iter 2 \
-            --num-bench-iter 6 --no-progress \
-            --results-file "$OUT/throughput-224-train-vil2-tiny-fast-launch.json" ;;
+        step train224-triton-launch 90 env VIL_KERNELS_FAST_LAUNCH=0 python \
+            bench/throughput.py --resolution 224 --model vil2-tiny --rows ours --bench train \
+            --num-warm-iter 2 --num-bench-iter 6 --no-progress \
+            --results-file "$OUT/throughput-224-train-vil2-tiny-triton-launch.json" ;;
     fastlaunch)
-        step fastlaunch-tests 120 env VIL_KERNELS_FAST_LAUNCH=1 python -m pytest \
+        step fastlaunch-tests 120 env VIL_KERNELS_FAST_LAUNCH=0 python -m pytest \
             tests/test_triton.py tests/test_model.py -q $XDIST
-        step fastlaunch-host 60 env VIL_KERNELS_FAST_LAUNCH=1 python bench/host_overhead.py ;;
+        step fastlaunch-host 60 env VIL_KERNELS_FAST_LAUNCH=0 python bench/host_overhead.py ;;
     throughput)
         step throughput 150 python bench/throughput.py --resolution 448 \
             --bench inference --num-warm-iter 3 --num-bench-iter 10 --no-progress \

@@ -366,11 +366,11 @@ def test_recompute_states_same_bits_less_memory(reverse):
 
 
 def test_fast_launch_reuses_the_compiled_kernel(monkeypatch):
-    """VIL_KERNELS_FAST_LAUNCH's path, with a stand-in for a Triton kernel (a GPU run of the
-    whole suite with the variable set checks it for real): the first launch of a key goes
-    through kernel[grid](...) and keeps what it returns; later ones call that compiled kernel
-    with every argument in order, constexprs last, on a 3-D grid; a new alignment, dtype or
-    scalar is a new key."""
+    """The fast launch path's bookkeeping, with a stand-in for a Triton kernel (that it launches
+    what Triton would, through Triton's real JIT: tests/test_fast_launch.py): the first launch
+    of a key goes through kernel[grid](...) and keeps what it returns; later ones call that
+    compiled kernel with every argument in order, constexprs last, on a 3-D grid; a new
+    alignment, dtype or scalar is a new key; the cache starts over at MAX_KEYS."""
     from vil_kernels import _triton_runtime as rt
     from vil_kernels.triton import chunk
 
@@ -411,3 +411,6 @@ def test_fast_launch_reuses_the_compiled_kernel(monkeypatch):
                     ((x, 7, 0.5), dict(meta, num_warps=8))):
         chunk._run(k, "t", (3,), args, **m)
     assert k.jit_calls == 5
+    monkeypatch.setattr(rt, "MAX_KEYS", 5)
+    chunk._run(k, "t", (3,), (x, 9, 0.5), **meta)             # a sixth key: starts over
+    assert len(rt._compiled) == 1 and k.jit_calls == 6

@@ -16,6 +16,7 @@ gradient a sum of dc. On the CPU it runs only under TRITON_INTERPRET=1 (tests).
 import torch
 
 from vil_kernels._triton_runtime import launch
+from vil_kernels.utils import cdiv
 
 from ._triton import available, tl, triton
 
@@ -115,7 +116,7 @@ def _conv(t, w, b, grid, act, da=None):
     KH, KW = w.shape[-2:]
     a = torch.empty(B, S, C, device=t.device, dtype=t.dtype)
     BW, BC = CONFIG["BW"], CONFIG["BC"]
-    launch(_conv_silu_kernel, (H * triton.cdiv(W, BW), triton.cdiv(C, BC), B),
+    launch(_conv_silu_kernel, (H * cdiv(W, BW), cdiv(C, BC), B),
            (t, w, b if b is not None else w, da if da is not None else a, a, H, W, C,
             t.stride(0), t.stride(1), a.stride(0), a.stride(1)),
            KH=KH, KW=KW, HAS_BIAS=b is not None, ACT=act, BW=BW, BC=BC,
@@ -144,7 +145,7 @@ class _ConvSilu(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             pw = torch.empty(B, KH * KW, C, device=t.device, dtype=torch.float32)
             BC = CONFIG["BC"]
-            launch(_conv_dw_kernel, (KH * KW, triton.cdiv(C, BC), B),
+            launch(_conv_dw_kernel, (KH * KW, cdiv(C, BC), B),
                    (t, dc, pw, H, W, C, t.stride(0), t.stride(1)),
                    KH=KH, KW=KW, BW=CONFIG["bwd_BW"], BC=BC, num_warps=CONFIG["num_warps"])
             dw = pw.sum(0).t().reshape(w.shape).to(w.dtype)

@@ -15,6 +15,7 @@ only under TRITON_INTERPRET=1 (tests).
 import torch
 
 from vil_kernels._triton_runtime import launch
+from vil_kernels.utils import cdiv
 
 from ._triton import available, tiles, tl, triton
 
@@ -129,7 +130,7 @@ def _forward(h, a, z, w, bias, skip, eps):
     B, NH, S, DH = h.shape
     out = torch.empty(B, S, NH * DH, device=a.device, dtype=a.dtype)
     BS, BD = tiles(DH, CONFIG["tile"])
-    launch(_gated_outnorm_kernel, (triton.cdiv(S, BS), NH, B),
+    launch(_gated_outnorm_kernel, (cdiv(S, BS), NH, B),
            (h, a, z, w, bias if bias is not None else w, skip, out, S, DH, eps,
             h.stride(0), h.stride(1), h.stride(2), a.stride(0), a.stride(1),
             z.stride(0), z.stride(1), out.stride(0), out.stride(1)),
@@ -155,7 +156,7 @@ class _GatedOutnorm(torch.autograd.Function):
         dz = torch.empty(B, S, C, device=z.device, dtype=z.dtype)
         BS, BD = tiles(DH, CONFIG["bwd_tile"])
         rows = max(BS, CONFIG["rows"] // BS * BS)
-        NT = triton.cdiv(S, rows)
+        NT = cdiv(S, rows)
         pw, pb, ps = (torch.empty(B * NT, C, device=h.device, dtype=torch.float32)
                       for _ in range(3))
         launch(_gated_outnorm_bwd_kernel, (NT, NH, B),

@@ -13,6 +13,7 @@ dx, and per-program partial sums of the parameter gradients reduced in a fixed o
 import torch
 
 from vil_kernels._triton_runtime import launch
+from vil_kernels.utils import cdiv
 
 from ._triton import available, tiles, tl, triton
 
@@ -85,7 +86,7 @@ def _forward(x2, weight, bias, eps, shape):
     M, N = x2.shape
     y = torch.empty(shape, device=x2.device, dtype=x2.dtype)
     BM, BN = tiles(N, CONFIG["tile"])
-    launch(_layer_norm_kernel, (triton.cdiv(M, BM),),
+    launch(_layer_norm_kernel, (cdiv(M, BM),),
            (x2, weight if weight is not None else x2, bias if bias is not None else x2, y, M, N,
             x2.stride(0), eps),
            HAS_W=weight is not None, HAS_B=bias is not None, BM=BM, BN=BN,
@@ -108,7 +109,7 @@ class _LayerNorm(torch.autograd.Function):
         dx = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
         BM, BN = tiles(N, CONFIG["bwd_tile"])
         rows = max(BM, CONFIG["rows"] // BM * BM)
-        NP = triton.cdiv(M, rows)
+        NP = cdiv(M, rows)
         pw, pb = (torch.empty(NP, N, device=x2.device, dtype=torch.float32) for _ in range(2))
         launch(_layer_norm_bwd_kernel, (NP,),
                (x2, weight if weight is not None else x2, dy, dx, pw, pb, M, N, x2.stride(0),

@@ -45,6 +45,13 @@ def route_last_state(di, dF, dm0, last_pos, arg_last, c_last, n_last, dc_last, d
     route_to_argmax(dm_eff[..., None], arg_last[..., None], di, dF, dm0)
 
 
+def cdiv(a, b):
+    """Ceiling division of ints, for launch grids on the host: triton.cdiv is a constexpr
+    function whose call costs microseconds of host time (a dozen calls a forward and
+    backward)."""
+    return -(-a // b)
+
+
 def next_power_of_2(n):
     return 1 << max(n - 1, 0).bit_length()
 

@@ -17,10 +17,9 @@ import contextlib
 import time
 
 import torch
-import triton
 import triton.language as tl
 
-from ..utils import NEG, compute_dtype, route_last_state, route_to_argmax
+from ..utils import NEG, cdiv, compute_dtype, route_last_state, route_to_argmax
 from . import heuristics
 from .._triton_runtime import INTERPRETED, launch
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_gates_kernel,
@@ -106,11 +105,11 @@ def _split_scan(name, x, y, x_strides, y_strides, wc, wn, decay, c, n, start, en
     Both launches are timed under the scan's name."""
     BH = c.shape[0] * c.shape[1]
     _launch(mlstm_chunk_local_kernel, name,
-            lambda BK, BV: (NC * BH * triton.cdiv(DK, BK) * triton.cdiv(DV, BV),),
+            lambda BK, BV: (NC * BH * cdiv(DK, BK) * cdiv(DV, BV),),
             (x, y, wc, wn, c, n, S, NC, DK, DV, rev, NH, *x_strides, *y_strides),
             DK, DV, BT, dtype, arch)
     _run(mlstm_chunk_chain_kernel, name,
-         (triton.cdiv(DK * DV, CHAIN_BLOCK) + triton.cdiv(DK, CHAIN_BLOCK), BH),
+         (cdiv(DK * DV, CHAIN_BLOCK) + cdiv(DK, CHAIN_BLOCK), BH),
          (c, n, decay, *start, *end, NC, DK, DV), BLOCK=CHAIN_BLOCK, BACKWARD=backward,
          HAS_START=has_start, ACC=_dot_args(dtype)["ACC"], num_warps=4)
 
@@ -161,7 +160,7 @@ def _strides(x):
 def _dims(q, v, BT):
     """(B, NH, S, DK, DV, chunks, accumulation dtype, arch) of a pass over laid-out q and v."""
     B, NH, S, DK = q.shape
-    return (B, NH, S, DK, v.shape[-1], triton.cdiv(S, BT), compute_dtype(q),
+    return (B, NH, S, DK, v.shape[-1], cdiv(S, BT), compute_dtype(q),
             heuristics.device_arch(q.device))
 
 
@@ -193,7 +192,7 @@ def _fwd_states(q, k, v, i, f, c0, n0, m0, BT, reverse):
                     S, NC, DK, DV, rev, NH, BT, q.dtype, arch)
     else:
         _launch(mlstm_fwd_state_kernel, "fwd_state",
-                lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
+                lambda BK, BV: (cdiv(DK, BK), cdiv(DV, BV), B * NH),
                 (k, v, gain, decay, c_init, n_init, c_in, n_in, c_last, n_last,
                  S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, BT, q.dtype, arch,
                 HAS_INIT=has_init)
@@ -223,7 +222,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
     # pipelined, the outputs kernel takes n as (hi, lo) MMA-dtype pairs (see the kernel)
     qn_mma = heuristics.launch_params("fwd_out", DK, DV, BT, q.dtype, arch)["num_stages"] > 1
     _launch(mlstm_fwd_out_kernel, "fwd_out",
-            lambda BK, BV: (triton.cdiv(DV, BV), NC, B * NH),
+            lambda BK, BV: (cdiv(DV, BV), NC, B * NH),
             (q, k, v, i, f, c_in, hi_lo(n_in, c_in.dtype) if qn_mma else n_in, m_in, a_in, h,
              m_row, n_row, a_row, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v),
              DK ** -0.5, eps), DK, DV, BT, q.dtype, arch, QN_MMA=qn_mma)
@@ -266,12 +265,12 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
                     dlast, (dc0, dn0), has_dlast, True, S, NC, DK, DV, rev, NH, BT, q.dtype, arch)
     else:
         _launch(mlstm_bwd_state_kernel, "bwd_state",
-                lambda BK, BV: (triton.cdiv(DK, BK), triton.cdiv(DV, BV), B * NH),
+                lambda BK, BV: (cdiv(DK, BK), cdiv(DV, BV), B * NH),
                 (q, dh, wa, wb, decay, *dlast, dc_out, dn_out, dc0, dn0,
                  S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, BT, q.dtype, arch,
                 HAS_DLAST=has_dlast)
     p = heuristics.launch_params("bwd_dqk", DK, DV, BT, q.dtype, arch)
-    NK = triton.cdiv(DK, p["BK"])
+    NK = cdiv(DK, p["BK"])
     rq = torch.empty(NK, B, NH, S, dtype=ad, **kw)
     rk = torch.empty(NK, B, NH, S, dtype=ad, **kw)
     _launch(mlstm_bwd_dqk_kernel, "bwd_dqk", (NK, NC, B * NH),
@@ -280,7 +279,7 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
              dq.stride(0), dq.stride(1), scale),
             DK, DV, BT, q.dtype, arch)
     _launch(mlstm_bwd_dv_kernel, "bwd_dv",
-            lambda BK, BV: (triton.cdiv(DV, BV), NC, B * NH),
+            lambda BK, BV: (cdiv(DV, BV), NC, B * NH),
             (q, k, dh, i, f, m_row, den, m_in, m_last, dc_out, dv,
              S, NC, DK, DV, rev, NH, *_strides(q), dv.stride(0), dv.stride(1), scale),
             DK, DV, BT, q.dtype, arch)
