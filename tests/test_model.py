@@ -1028,6 +1028,19 @@ def test_folded_weights_forward_and_gradients(bias, pad):
             assert (x is None) == (w is None) and (w is None or torch.equal(x, w))
 
 
+def test_torch_func_grad_matches_autograd():
+    """torch.func.grad over functional_call (per-sample gradients, meta-learning) gives the
+    parameter gradients of loss.backward(): the folded weights' autograd node supports it."""
+    from torch.func import functional_call, grad
+    m = tiny(torch.float64, depth=1, img_size=32).train()
+    x = images(2, 32, dtype=torch.float64)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    got = grad(lambda p: functional_call(m, p, (x,)).square().sum())(params)
+    m(x).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert rel(got[name], p.grad) < 1e-12, name
+
+
 def test_recompute_states_in_the_model():
     """mlstm_recompute_states=True reaches every cell and changes no bit of the loss or of any
     gradient (torch backend on the CPU)."""

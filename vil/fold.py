@@ -27,15 +27,16 @@ def fold_weights(q_proj, k_proj, v_proj, igate, fgate, num_heads, pad=1):
     args = (q_proj.weight, k_proj.weight, v_proj.weight, q_proj.bias, k_proj.bias,
             v_proj.bias, igate.weight, fgate.weight, igate.bias, fgate.bias)
     if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
-        return _FoldedWeights.apply(*args, num_heads, pad)
+        return _FoldedWeights.apply(*args, num_heads, pad)[:5]
     with torch.no_grad():
         return _fold(*args, num_heads, pad)[:5]
 
 
 def _bmm_into(dst, a, b):
-    """dst = a @ b, batched, into a strided view (torch.compile refuses a non-contiguous out=;
-    its inductor fuses the copy anyway)."""
-    if torch.compiler.is_compiling():
+    """dst = a @ b, batched, into a strided view: with out= in eager mode; a product and a copy
+    under torch.compile (which refuses a non-contiguous out=; inductor fuses the copy anyway)
+    and under torch.func transforms (which refuse out= on tensors they track)."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         dst.copy_(torch.bmm(a, b))
     else:
         torch.bmm(a, b, out=dst)
@@ -90,15 +91,19 @@ class _FoldedWeights(torch.autograd.Function):
     diagonal blocks of their dense gradients."""
 
     @staticmethod
-    def forward(ctx, wq, wk, wv, bq, bk, bv, wi, wf, bi, bf, NH, pad):
-        w_a, w_x, b_a, b_x, const, wg, g_qk, b_qkv = _fold(wq, wk, wv, bq, bk, bv, wi, wf, bi,
-                                                            bf, NH, pad)
-        ctx.save_for_backward(w_a, w_x, wg, g_qk, b_qkv)
-        ctx.meta = (NH, wq.shape)
-        return w_a, w_x, b_a, b_x, const
+    def forward(wq, wk, wv, bq, bk, bv, wi, wf, bi, bf, NH, pad):
+        # (the setup_context form: torch.func transforms such as grad accept the node)
+        return _fold(wq, wk, wv, bq, bk, bv, wi, wf, bi, bf, NH, pad)
 
     @staticmethod
-    def backward(ctx, dw_a, dw_x, db_a, db_x, dconst):
+    def setup_context(ctx, inputs, output):
+        w_a, w_x, _, _, _, wg, g_qk, b_qkv = output
+        ctx.mark_non_differentiable(*(t for t in (wg, g_qk, b_qkv) if t is not None))
+        ctx.save_for_backward(w_a, w_x, wg, g_qk, b_qkv)
+        ctx.meta = (inputs[10], inputs[0].shape)
+
+    @staticmethod
+    def backward(ctx, dw_a, dw_x, db_a, db_x, dconst, *_):
         w_a, w_x, wg, g_qk, b_qkv = ctx.saved_tensors
         NH, (nb, d, _) = ctx.meta
         inner = nb * d
