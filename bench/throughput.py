@@ -115,6 +115,10 @@ def build_parser():
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile every model (with BACKEND, default inductor; e.g. "
                         "aot_eager to check tracing without code generation)")
+    p.add_argument("--compile-mode", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                    help="CPU only. tuned (default): while timing, glibc malloc keeps the memory "
                         "it frees, as jemalloc or tcmalloc do, and peak memory is measured; "
@@ -208,6 +212,8 @@ def resolve_args(argv=None):
         args.num_bench_iter = 40 if gpu else 2
     if args.batch_size < 1 or args.num_bench_iter < 1 or args.num_warm_iter < 0:
         parser.error("--batch-size and --num-bench-iter must be >= 1, --num-warm-iter >= 0")
+    if args.compile_mode and not args.compile:
+        parser.error("--compile-mode needs --compile")
     if args.results_file and Path(args.results_file).suffix.lower() not in (".json", ".csv"):
         parser.error(f"--results-file {args.results_file}: the extension must be .json or .csv")
     return args
@@ -381,13 +387,14 @@ def _sync(device):
 
 
 class Runner:
-    def __init__(self, model, device, dtype, amp, compile_):
+    def __init__(self, model, device, dtype, amp, compile_, compile_mode=None):
         self.device, self.dtype, self.amp = device, dtype, amp
         model = model.to(device)
         if not amp and dtype != torch.float32:
             model = model.to(dtype)
         self.model = model
-        self.fn = torch.compile(model, backend=compile_) if compile_ else model
+        self.fn = torch.compile(model, backend=compile_, mode=compile_mode) if compile_ \
+            else model
         self.opt = None
 
     def _ctx(self):
@@ -494,7 +501,7 @@ def prepare_row(spec, model_key, resolution, args, progress):
     kind, label, factory, skip = spec
     row = {"model": model_key, "row": kind, "label": label, "resolution": resolution,
            "batch_size": None, "dtype": str(args.dtype).replace("torch.", ""),
-           "amp": args.amp, "compile": args.compile}
+           "amp": args.amp, "compile": args.compile, "compile_mode": args.compile_mode}
     if skip:
         row["note"] = skip
         return row, None
@@ -517,7 +524,7 @@ def prepare_row(spec, model_key, resolution, args, progress):
     except Exception as e:  # noqa: BLE001 - a FLOP count is optional
         row["gflops"] = None
         progress.write(f"note: FLOP count failed for {label}: {e}")
-    runner = Runner(model, args.device, args.dtype, args.amp, args.compile)
+    runner = Runner(model, args.device, args.dtype, args.amp, args.compile, args.compile_mode)
     runner.res = resolution
     runner.ctx = contextlib.nullcontext
     if backend == "mlstm_kernels":
@@ -767,7 +774,8 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name(device), "device_type": device.type,
         "versions": versions(), "dtype": str(args.dtype).replace("torch.", ""),
-        "amp": args.amp, "compile": args.compile, "bench": args.bench,
+        "amp": args.amp, "compile": args.compile, "compile_mode": args.compile_mode,
+        "bench": args.bench,
         "num_warm_iter": args.num_warm_iter, "num_bench_iter": args.num_bench_iter,
         "interleave": args.interleave,
         "timing": ("median seconds per step over the timed steps, rows of a model interleaved "

@@ -28,11 +28,11 @@ def test_compile_flag_runs_compiled_models(tmp_path):
         [sys.executable, str(ROOT / "bench" / "throughput.py"), "--model", "vil2-test",
          "--resolution", "32", "--batch-size", "2", "--num-warm-iter", "1", "--num-bench-iter", "1",
          "--device", "cpu", "--rows", "ours,deit", "--compile", "aot_eager",
-         "--results-file", str(results)],
+         "--compile-mode", "default", "--results-file", str(results)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads(results.read_text())
-    assert data["header"]["compile"] == "aot_eager"
+    assert data["header"]["compile"] == "aot_eager" and data["header"]["compile_mode"] == "default"
     assert all(row["infer_img_s"] > 0 and row["train_img_s"] > 0 for row in data["results"])
 
 

@@ -128,6 +128,14 @@ def build_parser():
                    help="mLSTM backend (auto: Triton on GPU, the PyTorch paths on CPU)")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each block's activations in the backward pass (less memory)")
+    g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (BACKEND: default inductor, e.g. aot_eager); "
+                        "the mLSTM cell stays one opaque op, inductor fuses the work around it")
+    g.add_argument("--compile-mode", default=None,
+                   choices=("default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode (reduce-overhead: CUDA graphs, for steps that wait "
+                        "on the host, e.g. small batches at 224 px)")
     g.add_argument("--recompute-states", action="store_true",
                    help="the mLSTM cells recompute their chunk states in the backward instead "
                         "of keeping them (less memory, one more state scan a block; same "
@@ -196,6 +204,8 @@ def parse_args(argv=None):
     args.model_kwargs = dict(args.model_kwargs)
     if args.accum_steps < 1 or args.batch_size < 1:
         raise SystemExit("--batch-size and --accum-steps must be >= 1")
+    if args.compile_mode and not args.compile:
+        raise SystemExit("--compile-mode needs --compile")
     return args
 
 
@@ -616,6 +626,10 @@ def _run(args, rank, world, device, runlog, signals):
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        # in place (state_dict names unchanged); after DDP, so that its optimizer splits the
+        # graph at the gradient buckets
+        model.compile(backend=args.compile, mode=args.compile_mode)
     torch.manual_seed(args.seed + 1000 * rank + 1)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
