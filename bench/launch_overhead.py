@@ -182,6 +182,23 @@ def _best_us(fn, reps=15, inner=10):
     return best * 1e6
 
 
+def _paths_us(fn, reps, inner):
+    """{"triton": us, "fast": us}: best of reps for each path, the two interleaved rep by rep
+    (a shared machine's slow spells then hit both alike)."""
+    best = {"triton": float("inf"), "fast": float("inf")}
+    for path in best:
+        rt.FAST_LAUNCH = path == "fast"
+        fn()
+    for _ in range(reps):
+        for path in best:
+            rt.FAST_LAUNCH = path == "fast"
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            best[path] = min(best[path], (time.perf_counter() - t0) / inner * 1e6)
+    return best
+
+
 def _captured_launches(shape):
     """(kernel, grid, args, meta) of every launch of an mLSTM forward and backward."""
     seen = []
@@ -205,32 +222,23 @@ def measure(shapes, reps):
             launches = _captured_launches(shapes[0])
             drv.zero_int_buffers = False
             for kernel, grid, args, meta in launches:
-                row = {"workload": f"launch {kernel.fn.__name__}", "shape": list(shapes[0]),
-                       "launches": 1}
-                for path in ("triton", "fast"):
-                    rt.FAST_LAUNCH = path == "fast"
-                    row[f"{path}_us"] = _best_us(lambda: rt.launch(kernel, grid, args, **meta),
-                                                 reps, 100)
-                rows.append(row)
+                us = _paths_us(lambda: rt.launch(kernel, grid, args, **meta), reps, 100)
+                rows.append({"workload": f"launch {kernel.fn.__name__}",
+                             "shape": list(shapes[0]), "launches": 1,
+                             "triton_us": us["triton"], "fast_us": us["fast"]})
             drv.zero_int_buffers = True
             for shape in shapes:
                 x = mlstm_inputs(*shape)
                 for mode, backward in (("fwd", False), ("fwd+bwd", True)):
-                    row = {"workload": f"mlstm {mode}", "shape": list(shape)}
-                    n = 0
-                    for path in ("triton", "fast"):
-                        rt.FAST_LAUNCH = path == "fast"
-                        row[f"{path}_us"] = _best_us(lambda: mlstm_step(x, backward), reps)
-                    n = 3 if mode == "fwd" else 8
-                    row["launches"] = n
-                    rows.append(row)
+                    us = _paths_us(lambda: mlstm_step(x, backward), reps, 10)
+                    rows.append({"workload": f"mlstm {mode}", "shape": list(shape),
+                                 "launches": 3 if mode == "fwd" else 8,
+                                 "triton_us": us["triton"], "fast_us": us["fast"]})
             for name, step in vil_steps().items():
-                row = {"workload": f"vil {name} fwd+bwd", "shape": None,
-                       "launches": 3 if name == "conv" else 2}
-                for path in ("triton", "fast"):
-                    rt.FAST_LAUNCH = path == "fast"
-                    row[f"{path}_us"] = _best_us(step, reps)
-                rows.append(row)
+                us = _paths_us(step, reps, 10)
+                rows.append({"workload": f"vil {name} fwd+bwd", "shape": None,
+                             "launches": 3 if name == "conv" else 2,
+                             "triton_us": us["triton"], "fast_us": us["fast"]})
         finally:
             rt.FAST_LAUNCH = fast
     for r in rows:

@@ -13,9 +13,9 @@ _launch_key (the fast path; VIL_KERNELS_FAST_LAUNCH=0 turns it off), skipping Tr
 per-launch binding, specialization and cache key. Both paths hand Triton's launcher the same
 grid, function and arguments: ``python bench/launch_overhead.py --check`` runs every kernel of
 the package through Triton's real JIT against a stand-in CUDA driver that records the launches,
-and compares them (tests/test_fast_launch.py). On a 2-core AMD EPYC host (same tool) Triton
-3.6's path took 15-45 us a launch and the fast path saved about a third of it. Under the
-interpreter it is always the plain call.
+and compares them (tests/test_fast_launch.py). On a 2-core AMD EPYC host (same tool) an mLSTM
+kernel's launch took 13-27 us through Triton 3.6's path and 8-20 us through this one. Under
+the interpreter it is always the plain call.
 """
 
 import os
