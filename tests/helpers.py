@@ -67,3 +67,14 @@ def saved_bytes(fn):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, total[0]
+
+
+def recompute_saved_bytes(x, backend, reverse, chunk_size=16):
+    """Bytes an mLSTM call on fresh leaves of the inputs ``x`` keeps for its backward, with
+    recompute_states False and True: (kept, recomputed)."""
+    import vil_kernels
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    return tuple(saved_bytes(lambda: vil_kernels.mlstm(**leaves, backend=backend,
+                                                       chunk_size=chunk_size, reverse=reverse,
+                                                       recompute_states=r))[1]
+                 for r in (False, True))

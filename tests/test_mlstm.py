@@ -332,14 +332,11 @@ def test_torch_backend_recompute_states(reverse):
     """The torch backend with recompute_states=True: the backward reruns its forward for the
     chunk states; every output and gradient is the same bits, and the forward keeps the chunk
     states' bytes less."""
-    from helpers import saved_bytes
+    from helpers import recompute_saved_bytes
     x = make_inputs(B=2, NH=2, S=40, DK=16, DV=24, init=True, seed=22)
     kept = run(x, "torch", reverse=reverse, chunk_size=16)
     again = run(x, "torch", reverse=reverse, chunk_size=16, recompute_states=True)
     for name in kept:
         assert torch.equal(kept[name], again[name]), name
-    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
-    sizes = [saved_bytes(lambda: vil_kernels.mlstm(**leaves, backend="torch", chunk_size=16,
-                                                   reverse=reverse, recompute_states=r))[1]
-             for r in (False, True)]
+    sizes = recompute_saved_bytes(x, "torch", reverse)
     assert sizes[0] - sizes[1] >= 2 * 2 * 3 * 16 * 24 * 8     # at least every c_in, float64

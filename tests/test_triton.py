@@ -346,7 +346,7 @@ def test_recompute_states_same_bits_less_memory(reverse):
     every gradient (initial states included) are the same bits, and the forward keeps the chunk
     states' bytes less (S = 40, chunk 16: 3 states of 16 x 24 a head)."""
     import vil_kernels
-    from helpers import saved_bytes
+    from helpers import recompute_saved_bytes
     x = make_inputs(B=2, NH=2, S=40, DK=16, DV=24, init=True, seed=21, dtype=torch.float32)
     x = {n: t.to(DEVICE) for n, t in x.items()}
     kept = run(x, "triton", reverse=reverse, chunk_size=16, compute=torch.float32)
@@ -355,10 +355,7 @@ def test_recompute_states_same_bits_less_memory(reverse):
     assert kept.keys() == again.keys()
     for name in kept:
         assert torch.equal(kept[name], again[name]), name
-    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
-    sizes = [saved_bytes(lambda: vil_kernels.mlstm(**leaves, backend="triton", chunk_size=16,
-                                                   reverse=reverse, recompute_states=r))[1]
-             for r in (False, True)]
+    sizes = recompute_saved_bytes(x, "triton", reverse)
     states = 2 * 2 * 3 * (16 * 24 + 16) * 4              # c_in and n_in, float32
     assert sizes[0] - sizes[1] == states
     with pytest.raises(TypeError, match="recompute_states must be a bool"):
