@@ -362,6 +362,37 @@ def test_recompute_states_same_bits_less_memory(reverse):
         vil_kernels.mlstm(**x, backend="triton", recompute_states=1)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_inference_skips_the_autograd_function(reverse, monkeypatch):
+    """With nothing to differentiate (no_grad, inference_mode, or inputs without grad) the
+    forward runs without MLSTMTritonFunction: the same bits as through it, no graph."""
+    import vil_kernels
+    from vil_kernels.triton import chunk
+    x = make_inputs(B=2, NH=2, S=40, DK=16, DV=24, init=True, seed=23, dtype=torch.float32)
+    x = {n: t.to(DEVICE) for n, t in x.items()}
+    call = lambda: vil_kernels.mlstm(**x, backend="triton", chunk_size=16, reverse=reverse,  # noqa
+                                     return_last_states=True)
+    want_h, want_last = call()                     # leaves without grad: the direct path too
+    leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+    h, last = vil_kernels.mlstm(**leaves, backend="triton", chunk_size=16, reverse=reverse,
+                                return_last_states=True)
+    assert h.grad_fn is not None and torch.equal(h.detach(), want_h)
+    for a, b in zip(last, want_last):
+        assert torch.equal(a.detach(), b)
+
+    def refuse(*args):
+        raise AssertionError("the autograd Function ran without a gradient to compute")
+
+    monkeypatch.setattr(chunk.MLSTMTritonFunction, "apply", refuse)
+    x = leaves
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            got_h, got_last = call()
+        assert got_h.grad_fn is None and torch.equal(got_h, want_h)
+        for a, b in zip(got_last, want_last):
+            assert torch.equal(a, b)
+
+
 def test_fast_launch_reuses_the_compiled_kernel(monkeypatch):
     """The fast launch path's bookkeeping, with a stand-in for a Triton kernel (that it launches
     what Triton would, through Triton's real JIT: tests/test_fast_launch.py): the first launch
