@@ -201,8 +201,10 @@ class ViLLayer(nn.Module):
         qkg, vg = _per_head_linear(a, w_a, b_a), _per_head_linear(x_m, w_x, b_x)  # (NH, B*S, .)
         q, k, g_a, _ = qkg.split([DH, DH, G, qkg.shape[-1] - 2 * DH - G], dim=-1)
         v, g_x, _ = vg.split([DH, G, vg.shape[-1] - DH - G], dim=-1)
-        gates = (g_a.sum(0) + g_x.sum(0) + const).view(B, S, G).transpose(1, 2)
-        i, f = gates.contiguous().split(NH, dim=1)                     # (B, NH, S) each, tiny
+        # (B, NH, S) each, contiguous as the kernels read them (one copy for both; split views
+        # of a (B, 2 NH, S) tensor would each be copied again inside the cell)
+        gates = (g_a.sum(0) + g_x.sum(0) + const).view(B, S, 2, NH).permute(2, 0, 3, 1)
+        i, f = gates.contiguous().unbind(0)
         heads = lambda t: t.view(NH, B, S, -1).transpose(0, 1)         # (B, NH, S, .) view
         q, k, v = heads(q), heads(k), heads(v)         # views: every backend reads them in place
         h = vil_kernels.mlstm(q, k, v, i, f, reverse=self.reverse,
