@@ -35,6 +35,7 @@ from vil_kernels.triton import chunk as tchunk  # noqa: E402
 from vil_kernels.triton import heuristics  # noqa: E402
 
 FWD, BWD = ("fwd_state", "fwd_out"), ("bwd_state", "bwd_dqk", "bwd_dv")
+CHECK_MAX_S = 2048          # longest sequence of the parity check against float64
 
 
 def device_arch():
@@ -219,7 +220,8 @@ def sweep(D, args, result, save, t0, pool):
           f"{len(errs)} failed", flush=True)
     for e in errs:
         print("  " + e, flush=True)
-    result["checks"][D] = check(D, args.NH, args.S)
+    # (the float64 parallel reference holds S x S matrices: long sequences check at 2048)
+    result["checks"][D] = check(D, args.NH, min(args.S, CHECK_MAX_S))
     print(f"D={D} parity vs float64 (max err / max |ref|): {result['checks'][D]}", flush=True)
     x = make_inputs(args.B, args.NH, args.S, D, torch.bfloat16)
     dh = torch.randn_like(x["v"])
