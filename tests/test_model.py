@@ -226,9 +226,11 @@ def test_triton_backend_two_pairs():
 
 def test_padded_projection_columns_feed_triton_in_place(monkeypatch):
     """With the projections' columns padded to multiples of 16 (what ViLLayer does on CUDA) the
-    Triton kernels read q, k, v as views, uncopied, and the model's outputs and gradients equal
-    the unpadded parallel-form model's."""
+    Triton kernels read q, k, v as views, uncopied, and write dq, dk, dv into buffers laid out
+    like the projections' outputs, which the splits take as their gradients uncopied (no cat);
+    the model's outputs and gradients equal the unpadded parallel-form model's."""
     import vil.model as vm
+    import vil_kernels.utils as vku
     from vil_kernels.triton import chunk as tchunk
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x = images(2, 64, dtype=torch.float32).to(dev)
@@ -243,14 +245,24 @@ def test_padded_projection_columns_feed_triton_in_place(monkeypatch):
         seen.append(all(a is b for a, b in zip(out, (q, k, v))))
         return out
 
+    taken = []
+    split_backward = vm._SplitColumns.backward
+
+    def split_spy(ctx, *grads):
+        out = split_backward(ctx, *grads)
+        taken.append(id(out[0]) in vku._GRAD_BUFFERS)
+        return out
+
     monkeypatch.setattr(vm, "_pad_projection_columns", lambda device: True)
     monkeypatch.setattr(tchunk, "_kernel_layout", spy)
+    monkeypatch.setattr(vm._SplitColumns, "backward", staticmethod(split_spy))
     m = tiny(torch.float32, dim=32, depth=1, mlstm_backend="triton").to(dev).train()
     w_a = next(mod for mod in m.modules() if isinstance(mod, vm.ViLLayer))._fused_weights()[0]
     assert w_a.shape[-1] % 16 == 0
     y1 = m(x)
     y1.square().sum().backward()
     assert seen and all(seen)                      # forward and backward: no copies
+    assert taken == [True] * 4                     # q|k|gates and v|gates, two blocks
     assert rel(y1, y0) < 1e-4
     g0 = {n: p.grad for n, p in ref.named_parameters()}
     for n, p in m.named_parameters():

@@ -363,6 +363,61 @@ def test_recompute_states_same_bits_less_memory(reverse):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_views_of_one_projection_get_their_gradients_in_its_layout(reverse, dtype):
+    """q, k, v as column views of one (B, NH, S, 3 D + 16) projection output (the layout of ViL's
+    per-head projections, rows 3 D + 16 long): dq, dk, dv are views of one buffer laid out like
+    it (rows written at that stride), and the projection's gradient equals the parallel
+    reference's in float64."""
+    import vil_kernels
+    import vil_kernels.utils as vku
+    from vil_kernels.triton import chunk
+    B, NH, S, D = 2, 2, 40, 32
+    g = torch.Generator().manual_seed(31)
+    # (values representable in dtype, so that the reference sees the kernels' inputs)
+    proj0 = torch.randn(B, NH, S, 3 * D + 16, generator=g, dtype=torch.float64).to(dtype)
+    gates = torch.randn(2, B, NH, S, generator=g, dtype=torch.float64).to(dtype)
+    gates[1] += 3.0
+    w = torch.randn(B, NH, S, D, generator=g, dtype=torch.float64)
+    seen = []
+    buffers = chunk._grad_buffers
+
+    def spy(q, k, v, share):
+        out = buffers(q, k, v, share)
+        seen.append([vku.grad_buffer_of(t) is not None for t in out])
+        return out
+
+    grads = {}
+    for backend in ("triton", "parallel"):
+        cast = dtype if backend == "triton" else torch.float64
+        proj = proj0.to(DEVICE, cast).clone().requires_grad_()
+        i, f = (t.to(DEVICE, cast).clone().requires_grad_() for t in gates)
+        q, k, v, _ = proj.split([D, D, D, 16], dim=-1)
+        chunk._grad_buffers = spy
+        try:
+            h = vil_kernels.mlstm(q, k, v, i, f, backend=backend, chunk_size=16, reverse=reverse)
+            (h.double() * w.to(DEVICE)).sum().backward()
+        finally:
+            chunk._grad_buffers = buffers
+        grads[backend] = [t.grad.double().cpu() for t in (proj, i, f)]
+    assert seen == [[True, True, True]]
+    tol = TOL[dtype]
+    for got, want in zip(*grads.values()):
+        assert rel_err(got, want) < tol
+    assert grads["triton"][0][..., 3 * D:].abs().max() == 0
+    # q and k one view (overlapping columns): separate gradients, summed by autograd
+    for backend in ("triton", "parallel"):
+        cast = dtype if backend == "triton" else torch.float64
+        proj = proj0.to(DEVICE, cast).clone().requires_grad_()
+        q, v = proj[..., :D], proj[..., 2 * D:3 * D]
+        h = vil_kernels.mlstm(q, q, v, *(t.to(DEVICE, cast) for t in gates), backend=backend,
+                              chunk_size=16, reverse=reverse)
+        (h.double() * w.to(DEVICE)).sum().backward()
+        grads[backend] = proj.grad.double().cpu()
+    assert rel_err(grads["triton"], grads["parallel"]) < tol
+
+
+@pytest.mark.parametrize("reverse", [False, True])
 def test_inference_skips_the_autograd_function(reverse, monkeypatch):
     """With nothing to differentiate (no_grad, inference_mode, or inputs without grad) the
     forward runs without MLSTMTritonFunction: the same bits as through it, no graph."""

@@ -57,12 +57,12 @@ def _signature(name, dt, qn_mma=False):
     elif name == "bwd_state":  # q, dh, wa, wb, decay, dc_last, dn_last, dc_out, dn_out, dc0, dn0
         ptrs = [x, x] + [a] * 5 + [x, a, a, a]
         scalars = ["i32"] * (5 + 4)
-    elif name == "bwd_dqk":    # strides of q/k, of v, then of dq/dk (batch, head)
+    elif name == "bwd_dqk":    # strides of q/k, of v, then of dq/dk (batch, head, position)
         ptrs = [x] * 6 + [a] * 3 + [x, a, a, a, x, a] + [x, x, a, a]
-        scalars = ["i32"] * (5 + 9) + ["fp32"]
-    elif name == "bwd_dv":     # strides of q/k, then of dv (batch, head)
+        scalars = ["i32"] * (5 + 10) + ["fp32"]
+    elif name == "bwd_dv":     # strides of q/k, then of dv (batch, head, position)
         ptrs = [x, x, x, x, x] + [a] * 4 + [x, x]
-        scalars = ["i32"] * (5 + 6) + ["fp32"]
+        scalars = ["i32"] * (5 + 7) + ["fp32"]
     elif name == "chunk_local":  # x, y, wc, wn, c, n
         ptrs = [x, x, a, a, x, a]
         scalars = ["i32"] * (6 + 6)

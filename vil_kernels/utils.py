@@ -1,6 +1,7 @@
 """Helpers shared by the chunkwise backends."""
 
 import math
+import weakref
 
 import torch
 
@@ -43,6 +44,26 @@ def route_last_state(di, dF, dm0, last_pos, arg_last, c_last, n_last, dc_last, d
     dF[..., last_pos] += dm_last
     dm_eff = dm_last - (dc_last * c_last).sum((-2, -1)) - (dn_last * n_last).sum(-1)
     route_to_argmax(dm_eff[..., None], arg_last[..., None], di, dF, dm0)
+
+
+# Gradient buffers a backward laid out like the tensor its inputs are views of (id -> weakref):
+# the split that made those views can then return the buffer as its gradient without a copy.
+_GRAD_BUFFERS = {}
+
+
+def new_grad_buffer(like):
+    """A fresh contiguous tensor shaped like ``like``, registered as such a buffer."""
+    buf = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    key = id(buf)
+    _GRAD_BUFFERS[key] = weakref.ref(buf, lambda _, key=key: _GRAD_BUFFERS.pop(key, None))
+    return buf
+
+
+def grad_buffer_of(g):
+    """The registered buffer (new_grad_buffer) that tensor ``g`` is a view of, else None."""
+    base = g._base
+    ref = _GRAD_BUFFERS.get(id(base)) if base is not None else None
+    return base if ref is not None and ref() is base else None
 
 
 def cdiv(a, b):

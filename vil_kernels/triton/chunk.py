@@ -19,7 +19,8 @@ import time
 import torch
 import triton.language as tl
 
-from ..utils import NEG, cdiv, compute_dtype, route_last_state, route_to_argmax
+from ..utils import (NEG, cdiv, compute_dtype, new_grad_buffer, route_last_state,
+                     route_to_argmax)
 from . import heuristics
 from .._triton_runtime import INTERPRETED, launch
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_gates_kernel,
@@ -151,6 +152,51 @@ def _grad_like(x, D):
     return x.new_empty(B, NH, S, D)
 
 
+def _grad_buffers(q, k, v, share_bases):
+    """dq, dk, dv for the kernels: _grad_like (q's order for dq and dk, v's for dv; rows
+    contiguous), or with share_bases, where q and k (and v) are views of one contiguous tensor
+    at most twice their size (ViL's per-head projection outputs, which also hold the gate
+    columns), views of a fresh buffer laid out like that tensor (utils.new_grad_buffer): the
+    split that made q, k, v then takes the buffer as its gradient without a copy
+    (vil/model.py). v's own base gets its own buffer."""
+    out = {}
+    if share_bases:
+        groups = {}
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            base = x._base
+            if base is not None and base.is_contiguous() and base.dtype == x.dtype:
+                groups.setdefault(id(base), (base, []))[1].append((name, x))
+        for base, members in groups.values():
+            names = [n for n, _ in members]
+            if ("q" in names) != ("k" in names) or base.numel() > 2 * sum(
+                    x.numel() for _, x in members) or not _disjoint_columns(base, members):
+                continue                       # q and k share strides, so a buffer or neither
+            buf = new_grad_buffer(base)
+            for name, x in members:
+                out[name] = buf.as_strided(x.shape, x.stride(),
+                                           x.storage_offset() - base.storage_offset())
+        if "q" in out and out["q"].stride() != out["k"].stride():
+            out.pop("q"), out.pop("k")
+    if "q" not in out:
+        out["q"], out["k"] = _grad_like(q, q.shape[-1]), _grad_like(q, q.shape[-1])
+    if "v" not in out:
+        out["v"] = _grad_like(v, v.shape[-1])
+    return out["q"], out["k"], out["v"]
+
+
+def _disjoint_columns(base, members):
+    """The views are column ranges of base's rows that do not overlap (q and k may be one
+    tensor, or overlapping slices: their gradients must not share memory then)."""
+    spans = []
+    for _, x in members:
+        c = x.storage_offset() - base.storage_offset()
+        if x.stride(-1) != 1 or c >= x.stride(-2):
+            return False
+        spans.append((c, c + x.shape[-1]))
+    spans.sort()
+    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
 def _strides(x):
     """(batch, head, position) strides of a (B, NH, S, D) tensor read in place by the kernels
     (q and k share theirs: _kernel_layout makes sure)."""
@@ -231,12 +277,13 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
 
 def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
               c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in,
-              eps, BT, reverse):
+              eps, BT, reverse, share_bases=False):
     """Gradients (dq, dk, dv, di, df, dc0, dn0, dm0); the state gradients are those of the
     initial state (zeros-free placeholders when there is none). dc_last, dn_last, dm_last: all
-    three, or all None when the last state was not used (no zero tensors then)."""
-    # laid out after the caller's q and v, before any aligning copy
-    dq, dk, dv = (_grad_like(x, x.shape[-1]) for x in (q, q, v))
+    three, or all None when the last state was not used (no zero tensors then). share_bases:
+    see _grad_buffers (eager mode only: the custom op's fake gives _grad_like's layout)."""
+    # laid out after the caller's q, k, v, before any aligning copy
+    dq, dk, dv = _grad_buffers(q, k, v, share_bases)
     q, k, v = _kernel_layout(q, k, v)
     B, NH, S, DK, DV, NC, ad, arch = _dims(q, v, BT)
     rev = int(bool(reverse))
@@ -276,12 +323,12 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     _launch(mlstm_bwd_dqk_kernel, "bwd_dqk", (NK, NC, B * NH),
             (q, k, v, i, f, dh, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
              dq, dk, rq, rk, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v),
-             dq.stride(0), dq.stride(1), scale),
+             *_strides(dq), scale),
             DK, DV, BT, q.dtype, arch)
     _launch(mlstm_bwd_dv_kernel, "bwd_dv",
             lambda BK, BV: (cdiv(DV, BV), NC, B * NH),
             (q, k, dh, i, f, m_row, den, m_in, m_last, dc_out, dv,
-             S, NC, DK, DV, rev, NH, *_strides(q), dv.stride(0), dv.stride(1), scale),
+             S, NC, DK, DV, rev, NH, *_strides(q), *_strides(dv), scale),
             DK, DV, BT, q.dtype, arch)
     # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse): the m
     # gradients go to the keys that set each m (argmax indices are logical positions, so they
@@ -371,6 +418,11 @@ def _bwd_fake(q, k, v, i, f, c0, n0, m0, h, dh, *rest):
             q.new_empty(B, NH, DK, dtype=ad), q.new_empty(B, NH, 1, dtype=ad))
 
 
+def _mlstm_bwd_eager(*args):
+    """mlstm_bwd outside torch.compile: gradients into their projection's layout where it can."""
+    return mlstm_bwd(*args, share_bases=True)
+
+
 def _call(op, impl, q, *args):
     """The custom op where torch.compile traces (its fake implementation gives the shapes); the
     implementation itself in eager mode, without the dispatcher's round trip (custom-op
@@ -423,9 +475,9 @@ class MLSTMTritonFunction(torch.autograd.Function):
             dc_last, dn_last, dm_last = (torch.zeros_like(x) if g is None else g.contiguous()
                                          for g, x in zip((dc_last, dn_last, dm_last),
                                                          (c_last, n_last, m_last)))
-        dq, dk, dv, di, df, dc0, dn0, dm0 = _call(_bwd_op, mlstm_bwd, q, k, v, i, f, *init, h,
-                                                  dh, dc_last, dn_last, dm_last, *out[1:], eps,
-                                                  chunk, reverse)
+        dq, dk, dv, di, df, dc0, dn0, dm0 = _call(_bwd_op, _mlstm_bwd_eager, q, k, v, i, f,
+                                                  *init, h, dh, dc_last, dn_last, dm_last,
+                                                  *out[1:], eps, chunk, reverse)
         if has_init:
             dstates = tuple(g.to(x.dtype) for g, x in zip((dc0, dn0, dm0), init))
         else:

@@ -10,8 +10,9 @@ dtype), products accumulate in ACC. Head dims are tiled by BK / BV with masks; D
 runtime values, so one compiled kernel serves every head dim with the same tiles. q, k, v may
 have any strides but a unit last one: (s_b, s_h, s_t) per batch, head and position, shared by q
 and k (one row offset serves both), (sv_b, sv_h, sv_t) for v; dq and dk are written with
-batch and head strides (sd_b, sd_h), dv with its own, rows contiguous (the launcher lays them
-out in the (B, NH) order of q and v); everything else the kernels write, and dh, is contiguous.
+strides (sd_b, sd_h, sd_t), dv with its own (the launcher lays them out like q, k and v, into
+the buffer their projection's output would take as its gradient where it can); everything
+else the kernels write, and dh, is contiguous.
 
 Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
   m_row, n_row  [S]            per-row stabilizer and signed normalizer (physical order)
@@ -464,7 +465,7 @@ def mlstm_bwd_state_kernel(
 def mlstm_bwd_dqk_kernel(
     q, k, v, i, f, dh, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
     dq, dk, rq, rk,
-    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, sd_b, sd_h, scale,
+    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, sd_b, sd_h, sd_t, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -527,7 +528,7 @@ def mlstm_bwd_dqk_kernel(
         + b_wc[:, None] * (b_dqc + b_dnr[:, None] * b_nin[None, :])
     b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale \
         + b_gain[:, None] * (b_dkc + b_dno[None, :])
-    o_d = o_p[:, None] * DK + o_k[None, :]
+    o_d = o_p[:, None] * sd_t + o_k[None, :]
     tl.store(_seq(dq, i_bh, NH, sd_b, sd_h) + o_d, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(_seq(dk, i_bh, NH, sd_b, sd_h) + o_d, b_dk.to(dk.dtype.element_ty), mask=m_tk)
     o_r = (i_k * tl.num_programs(2) + i_bh) * S + o_p
@@ -538,7 +539,7 @@ def mlstm_bwd_dqk_kernel(
 @triton.jit
 def mlstm_bwd_dv_kernel(
     q, k, dh, i, f, m_row, den, m_in, m_last, dc_out, dv,
-    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sd_b, sd_h, scale,
+    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sd_b, sd_h, sd_t, scale,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -576,6 +577,6 @@ def mlstm_bwd_dv_kernel(
     b_s = b_qk * scale * tl.exp(b_lw) / b_den[:, None]              # [BT, BT]
     b_dh = tl.load(dh + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
     b_dv = _dot(tl.trans(b_s), b_dh, MMA, ACC, PREC, INTERP) + b_gain[:, None] * b_kdc
-    tl.store(_seq(dv, i_bh, NH, sd_b, sd_h) + o_p[:, None] * DV + o_v[None, :],
+    tl.store(_seq(dv, i_bh, NH, sd_b, sd_h) + o_p[:, None] * sd_t + o_v[None, :],
              b_dv.to(dv.dtype.element_ty),
              mask=m_tv)
