@@ -190,9 +190,10 @@ class ViLLayer(nn.Module):
         NH = self.mlstm_cell.num_heads
         DH = inner // NH
         G = 2 * NH
-        # split, not slices: its backward is one cat, where every slice's would zero-fill a
-        # full-size gradient and autograd would add them up.
-        x_m, z = self.proj_up(x).split(inner, dim=-1)
+        # a split, not slices (every slice's backward would zero-fill a full-size gradient and
+        # autograd would add them up); its backward takes over the buffer the fused gating's
+        # backward wrote dz into (see _SplitColumns)
+        x_m, z = _split_columns(self.proj_up(x), [inner, inner])
         if _use_triton_fused(x) and isinstance(self.conv, SequenceConv2d) and self.conv.fusable():
             a = self.conv.forward_silu_fused(x_m, grid, reverse=self.reverse)   # one pass
         else:
@@ -250,12 +251,12 @@ class _SplitColumns(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, sizes):
         ctx.sizes = list(sizes)
-        ctx.layout = (t.shape, t.stride(), t.dtype)
+        ctx.layout = (t.shape, t.stride(), t.dtype, t.is_contiguous())
         return t.split(ctx.sizes, dim=-1)
 
     @staticmethod
     def backward(ctx, *grads):
-        shape, stride, dtype = ctx.layout
+        shape, stride, dtype, contiguous = ctx.layout
         starts = [sum(ctx.sizes[:j]) for j in range(len(ctx.sizes))]
 
         def at_column(g, buf, c0):
@@ -264,21 +265,23 @@ class _SplitColumns(torch.autograd.Function):
 
         buf = None
         for g, c0 in zip(grads, starts):
-            b = None if g is None else grad_buffer_of(g)
-            if (b is not None and b.shape == shape and b.stride() == stride and b.dtype == dtype
-                    and at_column(g, b, c0)):
+            b = None if g is None or not contiguous else grad_buffer_of(g)
+            # (a buffer mirrors the tensor t is a view of, e.g. a linear's 2-D output)
+            if (b is not None and b.is_contiguous() and b.numel() == shape.numel()
+                    and b.dtype == dtype and at_column(g, b, c0)):
                 buf = b
                 break
         if buf is None:
             like = next(g for g in grads if g is not None)
             return torch.cat([like.new_zeros(*shape[:-1], n, dtype=dtype) if g is None
                               else g.to(dtype) for g, n in zip(grads, ctx.sizes)], dim=-1), None
+        out = buf.view(shape)
         for g, c0, n in zip(grads, starts, ctx.sizes):
             if g is None:
-                buf[..., c0:c0 + n].zero_()
+                out[..., c0:c0 + n].zero_()
             elif not at_column(g, buf, c0):
-                buf[..., c0:c0 + n].copy_(g)
-        return buf, None
+                out[..., c0:c0 + n].copy_(g)
+        return out, None
 
 
 def _pad_projection_columns(device):

@@ -15,7 +15,7 @@ only under TRITON_INTERPRET=1 (tests).
 import torch
 
 from vil_kernels._triton_runtime import launch
-from vil_kernels.utils import cdiv
+from vil_kernels.utils import cdiv, grad_in_base_layout
 
 from ._triton import available, tiles, tl, triton
 
@@ -70,11 +70,14 @@ if triton is not None:
     @triton.jit
     def _gated_outnorm_bwd_kernel(dout, h, a, z, w, bias, skip, dh, da, dz, pw, pb, ps,
                                   S, DH, C, eps, sh_b, sh_h, sh_s, sa_b, sa_s, sz_b, sz_s,
+                                  sdz_b, sdz_s,
                                   HAS_BIAS: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr,
                                   ROWS: tl.constexpr):
-        """Grid (cdiv(S, ROWS), NH, B): ROWS tokens of one head in [BS, BD] tiles. dout, dh, da,
-        dz are contiguous ((B, S, C); dh (B, NH, S, DH)); the partial sums of dw, dbias, dskip
-        over the program's tokens go to row i_b * cdiv(S, ROWS) + i_t of pw, pb, ps [., C]."""
+        """Grid (cdiv(S, ROWS), NH, B): ROWS tokens of one head in [BS, BD] tiles. dout, dh, da
+        are contiguous ((B, S, C); dh (B, NH, S, DH)), dz has batch and token strides (sdz_b,
+        sdz_s: the launcher lays it out like z's up-projection output where it can); the partial
+        sums of dw, dbias, dskip over the program's tokens go to row i_b * cdiv(S, ROWS) + i_t
+        of pw, pb, ps [., C]."""
         i_t, i_h, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
         NH = tl.num_programs(1)
         o_d = tl.arange(0, BD)
@@ -90,16 +93,20 @@ if triton is not None:
         acc_w = tl.zeros([BS, BD], dtype=tl.float32)
         acc_b = tl.zeros([BS, BD], dtype=tl.float32)
         acc_s = tl.zeros([BS, BD], dtype=tl.float32)
+        # one image's pointers (int64), then int32 offsets inside it: with int64 offsets for
+        # every tile (dz strided too) ptxas settled on 128 registers and spilled on sm_90
+        p_a, p_z, p_dz = a + i_b * sa_b, z + i_b * sz_b, dz + i_b * sdz_b
+        p_do, p_da = dout + i_b * S * C, da + i_b * S * C
         for i_r in range(0, ROWS, BS):
             o_s = i_t * ROWS + i_r + tl.arange(0, BS)
             m = (o_s < S)[:, None] & m_d[None, :]
             b_hn, b_rstd = _norm_rows(h, i_b, i_h, o_s, o_d, m, DH, eps, sh_b, sh_h, sh_s)
-            b_a = tl.load(a + i_b * sa_b + o_s[:, None] * sa_s + o_c[None, :], mask=m,
+            b_a = tl.load(p_a + o_s[:, None] * sa_s + o_c[None, :], mask=m,
                           other=0.).to(tl.float32)
-            b_z = tl.load(z + i_b * sz_b + o_s[:, None] * sz_s + o_c[None, :], mask=m,
+            b_z = tl.load(p_z + o_s[:, None] * sz_s + o_c[None, :], mask=m,
                           other=0.).to(tl.float32)
-            o_bsc = i_b * S * C + o_s[:, None] * C + o_c[None, :]
-            b_do = tl.load(dout + o_bsc, mask=m, other=0.).to(tl.float32)         # [BS, BD]
+            o_sc = o_s[:, None] * C + o_c[None, :]
+            b_do = tl.load(p_do + o_sc, mask=m, other=0.).to(tl.float32)          # [BS, BD]
             b_y = b_hn * b_w[None, :] + b_skip[None, :] * b_a + b_bias[None, :]
             b_sg = 1. / (1. + tl.exp(-b_z))
             b_dy = b_do * b_z * b_sg                                   # dout * silu(z)
@@ -114,8 +121,9 @@ if triton is not None:
             b_dh = b_rstd[:, None] * (b_dhn - b_c1[:, None] - b_hn * b_c2[:, None])
             tl.store(dh + ((i_b * NH + i_h) * S + o_s[:, None]) * DH + o_d[None, :],
                      b_dh.to(dh.dtype.element_ty), mask=m)
-            tl.store(da + o_bsc, (b_dy * b_skip[None, :]).to(da.dtype.element_ty), mask=m)
-            tl.store(dz + o_bsc, b_dz.to(dz.dtype.element_ty), mask=m)
+            tl.store(p_da + o_sc, (b_dy * b_skip[None, :]).to(da.dtype.element_ty), mask=m)
+            tl.store(p_dz + o_s[:, None] * sdz_s + o_c[None, :], b_dz.to(dz.dtype.element_ty),
+                     mask=m)
         o_p = (i_b * tl.cdiv(S, ROWS) + i_t) * C + o_c
         tl.store(pw + o_p, tl.sum(acc_w, axis=0), mask=m_d)
         tl.store(pb + o_p, tl.sum(acc_b, axis=0), mask=m_d)
@@ -153,7 +161,11 @@ class _GatedOutnorm(torch.autograd.Function):
         dout = dout.contiguous()
         dh = torch.empty(B, NH, S, DH, device=h.device, dtype=h.dtype)
         da = torch.empty(B, S, C, device=a.device, dtype=a.dtype)
-        dz = torch.empty(B, S, C, device=z.device, dtype=z.dtype)
+        # dz in the layout of the up-projection output z is a view of, where it can: ViL's
+        # split of that output then takes it as its gradient without a cat (vil/model.py)
+        dz = grad_in_base_layout(z)
+        if dz is None:
+            dz = torch.empty(B, S, C, device=z.device, dtype=z.dtype)
         BS, BD = tiles(DH, CONFIG["bwd_tile"])
         rows = max(BS, CONFIG["rows"] // BS * BS)
         NT = cdiv(S, rows)
@@ -162,7 +174,7 @@ class _GatedOutnorm(torch.autograd.Function):
         launch(_gated_outnorm_bwd_kernel, (NT, NH, B),
                (dout, h, a, z, w, bias if bias is not None else w, skip, dh, da, dz, pw, pb, ps,
                 S, DH, C, ctx.eps, h.stride(0), h.stride(1), h.stride(2), a.stride(0),
-                a.stride(1), z.stride(0), z.stride(1)),
+                a.stride(1), z.stride(0), z.stride(1), dz.stride(0), dz.stride(1)),
                HAS_BIAS=bias is not None, BS=BS, BD=BD, ROWS=rows, num_warps=CONFIG["bwd_warps"])
         dw = pw.sum(0).to(w.dtype) if ctx.needs_input_grad[3] else None
         dbias = pb.sum(0).to(bias.dtype) if bias is not None and ctx.needs_input_grad[4] else None

@@ -59,6 +59,22 @@ def new_grad_buffer(like):
     return buf
 
 
+def view_in(buf, base, x):
+    """x, a view of the contiguous tensor base, as the same view of buf (base's layout)."""
+    return buf.as_strided(x.shape, x.stride(), x.storage_offset() - base.storage_offset())
+
+
+def grad_in_base_layout(x, max_ratio=2):
+    """An empty gradient for the view x, itself a view of a fresh buffer laid out like the
+    contiguous tensor x is a view of (new_grad_buffer), where that tensor is at most max_ratio
+    times x's size; None otherwise."""
+    base = x._base
+    if (base is None or not base.is_contiguous() or base.dtype != x.dtype
+            or base.numel() > max_ratio * x.numel()):
+        return None
+    return view_in(new_grad_buffer(base), base, x)
+
+
 def grad_buffer_of(g):
     """The registered buffer (new_grad_buffer) that tensor ``g`` is a view of, else None."""
     base = g._base

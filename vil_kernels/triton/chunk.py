@@ -20,7 +20,7 @@ import torch
 import triton.language as tl
 
 from ..utils import (NEG, cdiv, compute_dtype, new_grad_buffer, route_last_state,
-                     route_to_argmax)
+                     route_to_argmax, view_in)
 from . import heuristics
 from .._triton_runtime import INTERPRETED, launch
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_gates_kernel,
@@ -173,8 +173,7 @@ def _grad_buffers(q, k, v, share_bases):
                 continue                       # q and k share strides, so a buffer or neither
             buf = new_grad_buffer(base)
             for name, x in members:
-                out[name] = buf.as_strided(x.shape, x.stride(),
-                                           x.storage_offset() - base.storage_offset())
+                out[name] = view_in(buf, base, x)
         if "q" in out and out["q"].stride() != out["k"].stride():
             out.pop("q"), out.pop("k")
     if "q" not in out:
