@@ -224,13 +224,29 @@ def test_triton_backend_two_pairs():
         assert rel(g1[n], g0[n]) < 2e-3, n
 
 
+def _record_split_takeovers(monkeypatch):
+    """A list that gets, for every backward of ViLLayer's splits, whether it returned a gradient
+    buffer laid out by the backward before it (True) rather than a cat (False)."""
+    import vil.model as vm
+    import vil_kernels.utils as vku
+    taken = []
+    split_backward = vm._SplitColumns.backward
+
+    def spy(ctx, *grads):
+        out = split_backward(ctx, *grads)
+        taken.append(vku.grad_buffer_of(out[0]) is not None)
+        return out
+
+    monkeypatch.setattr(vm._SplitColumns, "backward", staticmethod(spy))
+    return taken
+
+
 def test_padded_projection_columns_feed_triton_in_place(monkeypatch):
     """With the projections' columns padded to multiples of 16 (what ViLLayer does on CUDA) the
     Triton kernels read q, k, v as views, uncopied, and write dq, dk, dv into buffers laid out
     like the projections' outputs, which the splits take as their gradients uncopied (no cat);
     the model's outputs and gradients equal the unpadded parallel-form model's."""
     import vil.model as vm
-    import vil_kernels.utils as vku
     from vil_kernels.triton import chunk as tchunk
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x = images(2, 64, dtype=torch.float32).to(dev)
@@ -245,17 +261,9 @@ def test_padded_projection_columns_feed_triton_in_place(monkeypatch):
         seen.append(all(a is b for a, b in zip(out, (q, k, v))))
         return out
 
-    taken = []
-    split_backward = vm._SplitColumns.backward
-
-    def split_spy(ctx, *grads):
-        out = split_backward(ctx, *grads)
-        taken.append(vku.grad_buffer_of(out[0]) is not None or id(out[0]) in vku._GRAD_BUFFERS)
-        return out
-
     monkeypatch.setattr(vm, "_pad_projection_columns", lambda device: True)
     monkeypatch.setattr(tchunk, "_kernel_layout", spy)
-    monkeypatch.setattr(vm._SplitColumns, "backward", staticmethod(split_spy))
+    taken = _record_split_takeovers(monkeypatch)
     m = tiny(torch.float32, dim=32, depth=1, mlstm_backend="triton").to(dev).train()
     w_a = next(mod for mod in m.modules() if isinstance(mod, vm.ViLLayer))._fused_weights()[0]
     assert w_a.shape[-1] % 16 == 0
@@ -271,30 +279,20 @@ def test_padded_projection_columns_feed_triton_in_place(monkeypatch):
         assert rel(p.grad, g0[n]) < 2e-3, n
 
 
-@pytest.mark.parametrize("reverse_first", [False])
-def test_fused_path_splits_take_over_gradient_buffers(monkeypatch, reverse_first):
+def test_fused_path_splits_take_over_gradient_buffers(monkeypatch):
     """The whole CUDA training path of a layer (padded projections, fused conv + SiLU, fused
     output gating, the Triton cell; here under the interpreter): all three splits of every
     layer take the buffer the backward wrote into as their gradient (the up-projection's from
     the gating's dz, the per-head projections' from the cell's dq, dk, dv), and the gradients
     equal the parallel-form model's."""
     import vil.model as vm
-    import vil_kernels.utils as vku
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x = images(2, 64, dtype=torch.float32).to(dev)
     ref = tiny(torch.float32, dim=32, depth=1, mlstm_backend="parallel").to(dev).train()
     ref(x).square().sum().backward()
-    taken = []
-    split_backward = vm._SplitColumns.backward
-
-    def split_spy(ctx, *grads):
-        out = split_backward(ctx, *grads)
-        taken.append(vku.grad_buffer_of(out[0]) is not None or id(out[0]) in vku._GRAD_BUFFERS)
-        return out
-
     monkeypatch.setattr(vm, "_pad_projection_columns", lambda device: True)
     monkeypatch.setattr(vm, "_use_triton_fused", lambda x: True)
-    monkeypatch.setattr(vm._SplitColumns, "backward", staticmethod(split_spy))
+    taken = _record_split_takeovers(monkeypatch)
     m = tiny(torch.float32, dim=32, depth=1, mlstm_backend="triton").to(dev).train()
     m(x).square().sum().backward()
     assert taken == [True] * 6                     # three splits, two blocks
