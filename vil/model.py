@@ -242,11 +242,13 @@ def _split_columns(t, sizes):
 
 
 class _SplitColumns(torch.autograd.Function):
-    """Column views of t whose backward returns, without a copy, the buffer that the Triton cell's
-    backward wrote dq and dk (or dv) into, laid out like t (vil_kernels.utils.grad_buffer_of): the
-    pieces that arrived as views of it at their columns stay; the others (the gate columns'
-    gradient; zeros for the padding) are written into it. Otherwise the plain cat. At 448 px
-    these cats were most of the 14.8 ms of copies left in a ViL-T training step on an H200."""
+    """Column views of t whose backward returns, without a cat, the buffer laid out like t that
+    the backward before it wrote into (vil_kernels.utils.grad_buffer_of): the Triton cell's dq,
+    dk or dv for the per-head projections, the fused gating's dz for the up-projection. Pieces
+    that arrived as views of it at their columns stay; the others (the gate columns' gradient,
+    zeros for the padding, the conv input's gradient) are written into it. Otherwise the plain
+    cat. At 448 px these cats were most of the 14.8 ms of copies left in a ViL-T training step
+    on an H200 (bench/results/nvidia-h200-profile-model-vil2-tiny-train-s7.json)."""
 
     @staticmethod
     def forward(ctx, t, sizes):
