@@ -170,12 +170,10 @@ def _grad_buffers(q, k, v, share_bases):
             names = [n for n, _ in members]
             if ("q" in names) != ("k" in names) or base.numel() > 2 * sum(
                     x.numel() for _, x in members) or not _disjoint_columns(base, members):
-                continue                       # q and k share strides, so a buffer or neither
+                continue                       # (dq and dk share strides in the kernels)
             buf = new_grad_buffer(base)
             for name, x in members:
                 out[name] = view_in(buf, base, x)
-        if "q" in out and out["q"].stride() != out["k"].stride():
-            out.pop("q"), out.pop("k")
     if "q" not in out:
         out["q"], out["k"] = _grad_like(q, q.shape[-1]), _grad_like(q, q.shape[-1])
     if "v" not in out:
@@ -184,8 +182,11 @@ def _grad_buffers(q, k, v, share_bases):
 
 
 def _disjoint_columns(base, members):
-    """The views are column ranges of base's rows that do not overlap (q and k may be one
-    tensor, or overlapping slices: their gradients must not share memory then)."""
+    """The views share their strides and are column ranges of base's rows that do not overlap
+    (q and k may be one tensor, or overlapping slices: their gradients must not share memory
+    then)."""
+    if len({x.stride() for _, x in members}) != 1:
+        return False
     spans = []
     for _, x in members:
         c = x.storage_offset() - base.storage_offset()
