@@ -21,8 +21,7 @@ from triton.runtime.driver import driver
 
 
 class _Utils:
-    def __init__(self, owner):
-        self.owner = owner
+    def __init__(self):
         self._handles = itertools.count(1)
 
     def load_binary(self, name, kernel, shared, device):
@@ -46,7 +45,7 @@ class FakeCudaDriver:
         self.zero_int_buffers = zero_int_buffers
         self.calls = []
         self.record = True
-        self.utils = _Utils(self)
+        self.utils = _Utils()
         self.launcher_cls = self._launcher
 
     # device and stream

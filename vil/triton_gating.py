@@ -15,7 +15,7 @@ only under TRITON_INTERPRET=1 (tests).
 import torch
 
 from vil_kernels._triton_runtime import launch
-from vil_kernels.utils import cdiv, grad_in_base_layout
+from vil_kernels.utils import cdiv, grads_in_base_layout
 
 from ._triton import available, tiles, tl, triton
 
@@ -163,7 +163,7 @@ class _GatedOutnorm(torch.autograd.Function):
         da = torch.empty(B, S, C, device=a.device, dtype=a.dtype)
         # dz in the layout of the up-projection output z is a view of, where it can: ViL's
         # split of that output then takes it as its gradient without a cat (vil/model.py)
-        dz = grad_in_base_layout(z)
+        dz = (grads_in_base_layout([z]) or [None])[0]
         if dz is None:
             dz = torch.empty(B, S, C, device=z.device, dtype=z.dtype)
         BS, BD = tiles(DH, CONFIG["bwd_tile"])

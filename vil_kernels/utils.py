@@ -59,20 +59,23 @@ def new_grad_buffer(like):
     return buf
 
 
-def view_in(buf, base, x):
-    """x, a view of the contiguous tensor base, as the same view of buf (base's layout)."""
-    return buf.as_strided(x.shape, x.stride(), x.storage_offset() - base.storage_offset())
-
-
-def grad_in_base_layout(x, max_ratio=2):
-    """An empty gradient for the view x, itself a view of a fresh buffer laid out like the
-    contiguous tensor x is a view of (new_grad_buffer), where that tensor is at most max_ratio
-    times x's size; None otherwise."""
-    base = x._base
-    if (base is None or not base.is_contiguous() or base.dtype != x.dtype
-            or base.numel() > max_ratio * x.numel()):
+def grads_in_base_layout(xs, max_ratio=2):
+    """Empty gradients for the views xs of one contiguous tensor, themselves the same views of a
+    fresh buffer laid out like it (new_grad_buffer); None unless the views share their dtype and
+    strides, are column ranges of its rows that do not overlap (q and k may be one tensor: their
+    gradients must not share memory then), and it is at most max_ratio times their total size."""
+    base, stride = xs[0]._base, xs[0].stride()
+    if (base is None or not base.is_contiguous()
+            or any(x._base is not base or x.dtype != base.dtype or x.stride() != stride
+                   for x in xs)
+            or stride[-1] != 1 or base.numel() > max_ratio * sum(x.numel() for x in xs)):
         return None
-    return view_in(new_grad_buffer(base), base, x)
+    starts = [x.storage_offset() - base.storage_offset() for x in xs]
+    spans = sorted((c, c + x.shape[-1]) for c, x in zip(starts, xs))
+    if max(starts) >= stride[-2] or any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+        return None
+    buf = new_grad_buffer(base)
+    return [buf.as_strided(x.shape, stride, c) for c, x in zip(starts, xs)]
 
 
 def grad_buffer_of(g):

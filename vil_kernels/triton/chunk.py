@@ -19,8 +19,8 @@ import time
 import torch
 import triton.language as tl
 
-from ..utils import (NEG, cdiv, compute_dtype, new_grad_buffer, route_last_state,
-                     route_to_argmax, view_in)
+from ..utils import (NEG, cdiv, compute_dtype, grads_in_base_layout, route_last_state,
+                     route_to_argmax)
 from . import heuristics
 from .._triton_runtime import INTERPRETED, launch
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_gates_kernel,
@@ -154,47 +154,22 @@ def _grad_like(x, D):
 
 def _grad_buffers(q, k, v, share_bases):
     """dq, dk, dv for the kernels: _grad_like (q's order for dq and dk, v's for dv; rows
-    contiguous), or with share_bases, where q and k (and v) are views of one contiguous tensor
-    at most twice their size (ViL's per-head projection outputs, which also hold the gate
-    columns), views of a fresh buffer laid out like that tensor (utils.new_grad_buffer): the
-    split that made q, k, v then takes the buffer as its gradient without a copy
-    (vil/model.py). v's own base gets its own buffer."""
-    out = {}
+    contiguous), or with share_bases, where q and k (with v, or v alone) are views of one
+    contiguous tensor (ViL's per-head projection outputs, which also hold the gate columns),
+    views of a fresh buffer laid out like it (utils.grads_in_base_layout): the split that made
+    them then takes the buffer as its gradient without a copy (vil/model.py)."""
+    dq = dk = dv = None
     if share_bases:
-        groups = {}
-        for name, x in (("q", q), ("k", k), ("v", v)):
-            base = x._base
-            if base is not None and base.is_contiguous() and base.dtype == x.dtype:
-                groups.setdefault(id(base), (base, []))[1].append((name, x))
-        for base, members in groups.values():
-            names = [n for n, _ in members]
-            if ("q" in names) != ("k" in names) or base.numel() > 2 * sum(
-                    x.numel() for _, x in members) or not _disjoint_columns(base, members):
-                continue                       # (dq and dk share strides in the kernels)
-            buf = new_grad_buffer(base)
-            for name, x in members:
-                out[name] = view_in(buf, base, x)
-    if "q" not in out:
-        out["q"], out["k"] = _grad_like(q, q.shape[-1]), _grad_like(q, q.shape[-1])
-    if "v" not in out:
-        out["v"] = _grad_like(v, v.shape[-1])
-    return out["q"], out["k"], out["v"]
-
-
-def _disjoint_columns(base, members):
-    """The views share their strides and are column ranges of base's rows that do not overlap
-    (q and k may be one tensor, or overlapping slices: their gradients must not share memory
-    then)."""
-    if len({x.stride() for _, x in members}) != 1:
-        return False
-    spans = []
-    for _, x in members:
-        c = x.storage_offset() - base.storage_offset()
-        if x.stride(-1) != 1 or c >= x.stride(-2):
-            return False
-        spans.append((c, c + x.shape[-1]))
-    spans.sort()
-    return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        if v._base is not None and v._base is q._base:
+            dq, dk, dv = grads_in_base_layout([q, k, v]) or (None,) * 3
+        else:
+            dq, dk = grads_in_base_layout([q, k]) or (None, None)
+            dv = (grads_in_base_layout([v]) or [None])[0]
+    if dq is None:
+        dq, dk = _grad_like(q, q.shape[-1]), _grad_like(q, q.shape[-1])
+    if dv is None:
+        dv = _grad_like(v, v.shape[-1])
+    return dq, dk, dv
 
 
 def _strides(x):
