@@ -417,6 +417,12 @@ class MLSTMChunkwise(torch.autograd.Function):
         ctx.save_for_backward(qf, kf, vf, i_f, f_f, *states, h, *(last or (None,) * 4), *saved)
         ctx.meta = (lay, eps, ct, [x.dtype for x in (q, k, v, i, f, c0, n0, m0) if x is not None])
         out, last_state = _outputs(lay, h, last, q.dtype)
+        if torch.compiler.is_compiling():
+            # Fresh outputs, not views of h and of the states: on torch 2.11 dynamo traced this
+            # backward with None for the gradient of a view output (zeros here), and every
+            # input's gradient came out zero (2.13 traces the gradient)
+            out = out.clone()
+            last_state = None if last_state is None else tuple(x.clone() for x in last_state)
         return out if last_state is None else (out, *last_state)
 
     @staticmethod
