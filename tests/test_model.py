@@ -950,11 +950,14 @@ def test_per_head_addmm_matches_baddbmm(autocast):
 def test_triton_fused_training_step_matches_pytorch(monkeypatch):
     """A training step of a 2-block model through the fused kernels (conv + SiLU, gating, and
     under autocast the pre-norms; forced on for CPU tensors under the interpreter) against the
-    PyTorch path: the loss and every parameter's gradient, in float32; under bfloat16 autocast
-    as close to the float32 gradients as autocast's own PyTorch path is, over three models.
-    (One model's autocast error is noise-dominated: on an H200 the fused path's was 2.0x the
-    PyTorch path's with this test's labels, 1.4x, 1.0x, 1.5x and 0.8x with other labels, seeds,
-    batches and depths; float32 parity held at 4e-6 to 3e-5 in all of them.)"""
+    PyTorch path: the loss and every parameter's gradient in float32 (randomised parameters,
+    three models); under bfloat16 autocast, the whole gradient about as close to the float32
+    one as autocast's own PyTorch path gets (three models at their real initialisation).
+    The autocast check once used the randomised models and max-error ratios: there bf16
+    rounding is amplified into 5-50% gradient errors on either path and their ratio was noise
+    (0.4x to 4x by seed and torch version; it failed on torch 2.11). At the real
+    initialisation both are at bf16's level, the fused path's 1.05x to 1.35x the PyTorch
+    path's (torch 2.11 and 2.13, five seeds)."""
     from vil import model as vmodel
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     x = images(2, 64).to(dev)
@@ -969,7 +972,6 @@ def test_triton_fused_training_step_matches_pytorch(monkeypatch):
         return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
                                if p.grad is not None}
 
-    err_f = err_t = 0.0
     for seed in range(3):
         m = tiny(mlstm_backend="parallel", depth=1, seed=seed).to(dev)
         loss_f, grads_f = step(m, True)
@@ -977,11 +979,17 @@ def test_triton_fused_training_step_matches_pytorch(monkeypatch):
         assert torch.allclose(loss_f, loss_t, rtol=1e-5) and grads_f.keys() == grads_t.keys()
         for n in grads_t:   # (other seeds give some parameters gradients of ~1e-4 at most)
             assert rel(grads_f[n], grads_t[n]) < (1e-4 if seed == 0 else 1e-3), n
-        _, ac_f = step(m, True, autocast=True)
-        _, ac_t = step(m, False, autocast=True)
-        err = lambda g: sum(rel(g[n].float(), grads_t[n]) for n in grads_t) / len(grads_t)  # noqa: E731
-        err_f, err_t = err_f + err(ac_f), err_t + err(ac_t)
-    assert err_f < 1.5 * err_t + 1.5e-2
+
+    def whole(g, names):
+        return torch.cat([g[n].float().flatten() for n in names])
+
+    for seed in range(3):
+        m = tiny(mlstm_backend="parallel", depth=1, seed=seed, randomize=False).to(dev)
+        _, ref = step(m, False)
+        g32 = whole(ref, ref)
+        err = {fused: ((whole(step(m, fused, autocast=True)[1], ref) - g32).norm()
+                       / g32.norm()).item() for fused in (True, False)}
+        assert err[True] < 2e-2 and err[True] < 2 * err[False], (seed, err)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
