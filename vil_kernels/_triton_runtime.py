@@ -2,7 +2,7 @@
 interpreter detection, one interpreter fix, and one launcher. Imports no Triton at module level,
 so that ``vil`` (whose fused-kernel modules import this) loads on machines without Triton.
 
-Interpreter (TRITON_INTERPRET=1): triton 3.6's interpreter turns a tensor into a Python int
+Interpreter (TRITON_INTERPRET=1): triton's interpreter (3.2 to 3.6) turns a tensor into a Python int
 (``range(n)`` over a runtime loop bound) with ``int(array_of_shape_(1,))``, which numpy >= 2.4
 rejects. We re-register that one conversion with ``.reshape(-1)[0]`` while kernels run under the
 interpreter; nothing changes on a GPU.
@@ -36,9 +36,14 @@ def patch_interpreter():
         return
     original = interpreter._patch_lang_tensor
 
-    def _patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    def _patch_lang_tensor(tensor, *scope):
+        # (tensor, scope) since triton 3.4 or so, (tensor) in 3.2, which sets attributes itself
+        original(tensor, *scope)
+        index = lambda self: int(self.handle.data.reshape(-1)[0])   # noqa: E731
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     interpreter._patch_lang_tensor = _patch_lang_tensor
     interpreter._vil_kernels_patched = True
