@@ -11,12 +11,14 @@ setup(
     packages=find_packages(include=["vil_kernels", "vil_kernels.*", "vil", "vil.*"]),
     python_requires=">=3.10",
     # A bare torch requirement would pull a multi-GB CUDA build onto CPU machines: any torch
-    # already installed that is new enough is kept (install the build you want first).
+    # already installed that is new enough is kept (install the build you want first). The
+    # floors are the oldest releases the test suite was run on (README, "Versions"): torch 2.6
+    # with triton 3.2 failed torch.compile of the PyTorch cell and FSDP; torch 2.8 passed.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.8",
         "einops>=0.7",
         "numpy",
-        'triton>=3.2; platform_system == "Linux" and (platform_machine == "x86_64" or platform_machine == "aarch64")',
+        'triton>=3.4; platform_system == "Linux" and (platform_machine == "x86_64" or platform_machine == "aarch64")',
     ],
     extras_require={
         # Pillow decodes images for vil.train where torchvision is absent (its build must match

@@ -9,7 +9,8 @@ interpreter; nothing changes on a GPU.
 
 Launcher: ``launch(kernel, grid, args, **meta)`` is ``kernel[grid](*args, **meta)``, except that
 a repeat launch goes straight to the compiled kernel of an earlier launch with the same
-_launch_key (the fast path; VIL_KERNELS_FAST_LAUNCH=0 turns it off), skipping Triton's
+_launch_key (the fast path, on the triton releases it was checked against, FAST_LAUNCH_TRITON;
+VIL_KERNELS_FAST_LAUNCH=0 turns it off), skipping Triton's
 per-launch binding, specialization and cache key. Both paths hand Triton's launcher the same
 grid, function and arguments: ``python bench/launch_overhead.py --check`` runs every kernel of
 the package through Triton's real JIT against a stand-in CUDA driver that records the launches,
@@ -49,7 +50,22 @@ def patch_interpreter():
     interpreter._vil_kernels_patched = True
 
 
-FAST_LAUNCH = os.environ.get("VIL_KERNELS_FAST_LAUNCH", "1") != "0"
+# Triton releases the fast path was checked against (it calls a compiled kernel the way their
+# JIT does; the check reads their driver internals). Others take Triton's own path.
+FAST_LAUNCH_TRITON = ("3.6.",)
+
+
+def _triton_version():
+    """The installed triton's version without importing it ("" when it is not installed)."""
+    from importlib import metadata
+    try:
+        return metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+FAST_LAUNCH = (os.environ.get("VIL_KERNELS_FAST_LAUNCH", "1") != "0"
+               and _triton_version().startswith(FAST_LAUNCH_TRITON))
 # Fixed at import, as Triton fixes it when the kernels are decorated (reading the environment
 # costs ~1.5 us, and it was read about twenty times a forward and backward).
 INTERPRETED = interpreting()
