@@ -2,19 +2,19 @@
 interpreter detection, one interpreter fix, and one launcher. Imports no Triton at module level,
 so that ``vil`` (whose fused-kernel modules import this) loads on machines without Triton.
 
-Interpreter (TRITON_INTERPRET=1): triton's interpreter (3.2 to 3.6) turns a tensor into a Python int
-(``range(n)`` over a runtime loop bound) with ``int(array_of_shape_(1,))``, which numpy >= 2.4
-rejects. We re-register that one conversion with ``.reshape(-1)[0]`` while kernels run under the
-interpreter; nothing changes on a GPU.
+Interpreter (TRITON_INTERPRET=1): triton's interpreter (3.2 to 3.6) turns a tensor into a
+Python int (``range(n)`` over a runtime loop bound) with ``int(array_of_shape_(1,))``, which
+numpy >= 2.4 rejects. We re-register that one conversion with ``.reshape(-1)[0]`` while
+kernels run under the interpreter; nothing changes on a GPU.
 
 Launcher: ``launch(kernel, grid, args, **meta)`` is ``kernel[grid](*args, **meta)``, except that
 a repeat launch goes straight to the compiled kernel of an earlier launch with the same
 _launch_key (the fast path, on the triton releases it was checked against, FAST_LAUNCH_TRITON;
-VIL_KERNELS_FAST_LAUNCH=0 turns it off), skipping Triton's
-per-launch binding, specialization and cache key. Both paths hand Triton's launcher the same
-grid, function and arguments: ``python bench/launch_overhead.py --check`` runs every kernel of
-the package through Triton's real JIT against a stand-in CUDA driver that records the launches,
-and compares them (tests/test_fast_launch.py). On a 2-core AMD EPYC host (same tool) an mLSTM
+VIL_KERNELS_FAST_LAUNCH=0 turns it off), skipping Triton's per-launch binding, specialization
+and cache key. Both paths hand Triton's launcher the same grid, function and arguments:
+``python bench/launch_overhead.py --check`` runs every kernel of the package through Triton's
+real JIT against a stand-in CUDA driver that records the launches, and compares them
+(tests/test_fast_launch.py). On a 2-core AMD EPYC host (same tool) an mLSTM
 kernel's launch took 13-27 us through Triton 3.6's path and 8-20 us through this one. Under
 the interpreter it is always the plain call.
 """
@@ -38,7 +38,7 @@ def patch_interpreter():
     original = interpreter._patch_lang_tensor
 
     def _patch_lang_tensor(tensor, *scope):
-        # (tensor, scope) since triton 3.4 or so, (tensor) in 3.2, which sets attributes itself
+        # (tensor, scope) in triton 3.6; (tensor) in 3.2 and 3.4, which set the attribute directly
         original(tensor, *scope)
         index = lambda self: int(self.handle.data.reshape(-1)[0])   # noqa: E731
         if scope:
