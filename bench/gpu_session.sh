@@ -7,9 +7,9 @@
 #   tune        the launch-parameter sweep at TUNE_DIMS (default 384, ViL-B's head dim; outputs
 #               checked against the table's, the table against float64); its winners go to a
 #               launch table file
-#   tunelong    the two state scans swept at one long sequence (B=1, S=16384, D=384 and 96),
-#               serial against split form: where the serial scans have too few programs to
-#               fill the GPU (the split form's case; untimed so far); no table written
+#   tunelong    the two state scans swept at the long sequences (S=16384: B=1 at D=384,
+#               B=8 at D=96), serial against split form: where the serial scans have too few
+#               programs to fill the GPU (the split form's case); no table written
 #   tests       the Triton tests on CUDA (pytest-xdist when there); after tune, with its table
 #   kernels     the operator benchmark at S=784, D=384/192/96, with that table (kernels-all:
 #               at every shape of bench/kernels.py's GPU list)
@@ -81,9 +81,11 @@ for s in $STEPS; do
             --results-file "$OUT/tune.json" --write-table "$TABLE"
         # later steps run with the sweep's winners
         [ -f "$TABLE" ] && export VIL_KERNELS_LAUNCH_TABLE="$TABLE" ;;
-    tunelong)
-        step tunelong 200 python bench/tune.py --dims 384 96 --B 1 --S 16384 \
-            --kernels fwd_state bwd_state --time-limit 170 --results-file "$OUT/tune-long.json" ;;
+    tunelong)                                  # the two long shapes
+        step tunelong-384 110 python bench/tune.py --dims 384 --B 1 --S 16384 \
+            --kernels fwd_state bwd_state --time-limit 90 --results-file "$OUT/tune-long-384.json"
+        step tunelong-96 110 python bench/tune.py --dims 96 --B 8 --S 16384 \
+            --kernels fwd_state bwd_state --time-limit 90 --results-file "$OUT/tune-long-96.json" ;;
     tests)
         step tests 100 python -m pytest tests/test_triton.py -q $XDIST ;;
     kernels)
