@@ -136,6 +136,9 @@ def parallel_fits(B, NH, S, device):
     return need < 0.8 * avail, need
 
 
+PATHS = ("triton", "torch-chunkwise", "parallel", "sdpa-attention", "mlstm_kernels-xl_chunk")
+
+
 def candidates(device, dtype):
     """(name, callable(x) -> output) for every path that runs here."""
     paths = []
@@ -152,11 +155,13 @@ def candidates(device, dtype):
     return paths
 
 
-def bench_shape(shape, device, dtype, warmup, iters, mem):
+def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None):
     B, NH, S, D = shape
     rows = []
     peaks = device_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     for name, fn in candidates(device, dtype):
+        if paths and name not in paths:
+            continue
         row = dict(path=name, B=B, NH=NH, S=S, D=D, dtype=str(dtype).replace("torch.", ""))
         if name == "parallel":
             fits, need = parallel_fits(B, NH, S, device)
@@ -210,8 +215,14 @@ def parse_args(argv=None):
                    help="untimed calls first (default: 3 on CUDA, 1 on CPU)")
     p.add_argument("--num-bench-iter", type=int, default=None,
                    help="timed calls, median taken (default: 10 on CUDA, 3 on CPU)")
+    p.add_argument("--paths", default=None, metavar="NAME,...",
+                   help="only these paths (default: every one that runs here), e.g. "
+                        "triton,mlstm_kernels-xl_chunk")
     p.add_argument("--results-file", default=None)
     args = p.parse_args(argv)
+    args.paths = set(args.paths.split(",")) if args.paths else None
+    if args.paths and args.paths - set(PATHS):
+        p.error(f"--paths: unknown {sorted(args.paths - set(PATHS))}; known: {', '.join(PATHS)}")
     try:
         args.shapes = [tuple(int(v) for v in s.split(",")) for s in args.shapes] if args.shapes else None
     except ValueError:
@@ -235,7 +246,7 @@ def main(argv=None):
                 warmup=warm, iters=iters)
     rows = []
     for shape in shapes:
-        rows += bench_shape(shape, device, dtype, warm, iters, mem)
+        rows += bench_shape(shape, device, dtype, warm, iters, mem, args.paths)
         print(f"  done {shape}", file=sys.stderr, flush=True)
         if args.results_file:                  # after every shape: a run cut short keeps them
             Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,15 @@ def test_cpu_run(tmp_path):
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
 
 
+def test_paths_filter():
+    """--paths runs only the named paths; an unknown name is an error naming it."""
+    rows = kernels.main(["--device", "cpu", "--shapes", "1,1,20,16", "--num-bench-iter", "1",
+                         "--paths", "parallel"])
+    assert [r["path"] for r in rows] == ["parallel"] and rows[0]["fwd+bwd_ms"] > 0
+    with pytest.raises(SystemExit):
+        kernels.parse_args(["--paths", "triton,flash"])
+
+
 def test_profile_op_dry_run_on_cpu(tmp_path):
     """bench/profile_op.py on CPU tensors (the kernels under the interpreter here): one row per
     path with its wall time and per-operator times, written to the results file."""

@@ -115,8 +115,8 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                                None, None)
                         out.setdefault(key, set()).add((DK, DV))
                         for has_init in (False, True):
-                            key = ("fwd_gates", dt, arch, BT, 0, 0, heuristics.gates_warps(BT),
-                                   1, has_init, None)
+                            key = ("fwd_gates", dt, arch, BT, 0, heuristics.gates_chunks(BT),
+                                   heuristics.gates_warps(BT), 1, has_init, None)
                             out.setdefault(key, set()).add((DK, DV))
                         key = ("bwd_gates", dt, arch, 0, 0, heuristics.GATES_BLOCK, 4, 1, None,
                                None)
@@ -164,7 +164,9 @@ def compile_one(key, constexprs=None):
         const_names = ["BLOCK", "BACKWARD", "HAS_START", "ACC"]
         const_vals = [BV, has_init[0] == "b", "S" in has_init, tl_of[acc]]
     elif name == "fwd_gates":
-        const_names, const_vals = ["BT", "HAS_INIT", "ACC"], [BT, bool(has_init), tl_of[acc]]
+        # its chunks a block in the BV slot
+        const_names, const_vals = ["BT", "BC", "HAS_INIT", "ACC"], [BT, BV, bool(has_init),
+                                                                     tl_of[acc]]
     elif name == "bwd_gates":                  # its block of positions in the BV slot
         const_names, const_vals = ["BS", "ACC"], [BV, tl_of[acc]]
     else:

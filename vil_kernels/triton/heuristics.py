@@ -180,13 +180,18 @@ def _table_params(kernel, DK, DV, BT, dtype, arch):
         BV = 128
     # (the outputs kernel at 16 positions: one stage; two spilled 8 bytes at 64 x 128 tiles)
     stages = 2 if sixteen and not (kernel == "fwd_out" and BT < 32) else 1
+    if kernel in SCANS and sixteen:
+        # three for the scans, whose loops run every chunk: at S=16384 on the H200 1.26x /
+        # 1.20x faster at D=96 (B=8), 1.08x / 1.06x at D=384 (B=1); at S=784 on the H100
+        # 1.04-1.12x at D=96 and 192 (bench/results/tune-nvidia-h*.json)
+        stages = 3
     p = dict(BK=BK, BV=BV, num_warps=4, num_stages=stages, maxnreg=MAXNREG)
     if kernel in SCANS:
-        p["maxnreg"] = scan_maxnreg(kernel, BT, BK, BV, dtype)
+        p["maxnreg"] = scan_maxnreg(kernel, BT, BK, BV, dtype, stages)
     return p
 
 
-def scan_maxnreg(kernel, BT, BK, BV, dtype):
+def scan_maxnreg(kernel, BT, BK, BV, dtype, stages=2):
     """Register cap of the two state scans at 4 warps on Hopper: the most that still lets one
     more program share an SM without spilling. The scans are latency-bound (a serial chain of
     dependent chunk steps, each a load, a dot and an FMA), so programs an SM is what counts: on
@@ -195,11 +200,13 @@ def scan_maxnreg(kernel, BT, BK, BV, dtype):
     registers = 3 programs of 128 threads in the 64K register file (2 uncapped: ptxas takes
     181-188); 128 = 4, which tiles of at most 32 x 32 of 16-bit inputs at 64 positions fit.
     None (MAXNREG) where the cap would spill, which compile_check rejects: the state-gradient
-    scan's 64 x 128 tiles of 16-bit inputs (its float32 copy of the q tile for the dn sum)."""
+    scan's 64 x 128 tiles of 16-bit inputs (its float32 copy of the q tile for the dn sum),
+    and with three pipeline stages the state scan's too (12-56 bytes at 168; uncapped it ran
+    as fast: 0.498 against 0.495 ms at S=16384, D=384 on the H200)."""
     sixteen = dtype in (torch.float16, torch.bfloat16)
     if sixteen and BK * BV * BT <= 32 * 32 * 64:
         return 128
-    if kernel == "bwd_state" and sixteen and BK * BV >= 64 * 128:
+    if (kernel == "bwd_state" or stages >= 3) and sixteen and BK * BV >= 64 * 128:
         return MAXNREG
     return 168
 
@@ -216,10 +223,16 @@ def prologue_params(DV, BT, dtype, arch):
 GATES_BLOCK = 1024
 
 
+def gates_chunks(BT):
+    """Chunks the forward's gate scan (one program a head) takes at a time: 1024 positions, a
+    [chunks, BT] tile (16 chunks of 64, ViL's 784 tokens in one), at most 32 chunks (its
+    [chunks, chunks] select of each chunk's predecessor took 221 registers at 64)."""
+    return max(1, min(32, 1024 // BT))
+
+
 def gates_warps(BT):
-    """Warps of the gate scan (one program a head, [BT] vectors only): one up to 64 positions,
-    so its cumsum and argmax stay inside a warp."""
-    return 1 if BT <= 64 else 2
+    """Warps of the forward's gate scan: four, for its [1024]-position tiles."""
+    return 4
 
 
 def dot_config(dtype):
