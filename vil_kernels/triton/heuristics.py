@@ -180,18 +180,22 @@ def _table_params(kernel, DK, DV, BT, dtype, arch):
         BV = 128
     # (the outputs kernel at 16 positions: one stage; two spilled 8 bytes at 64 x 128 tiles)
     stages = 2 if sixteen and not (kernel == "fwd_out" and BT < 32) else 1
-    if kernel in SCANS and sixteen:
-        # three for the scans, whose loops run every chunk: at S=16384 on the H200 1.26x /
-        # 1.20x faster at D=96 (B=8), 1.08x / 1.06x at D=384 (B=1); at S=784 on the H100
-        # 1.04-1.12x at D=96 and 192 (bench/results/tune-nvidia-h*.json)
+    if sixteen and (kernel == "bwd_state" or kernel == "fwd_state" and BK * BV < 64 * 128):
+        # three for the scans, whose loops run every chunk, where that keeps the register cap:
+        # on the H200 at S=16384 (B=8, D=96; 32 x 128 tiles) 1.26x (state) and 1.20x (state
+        # gradient), at S=784 (D=384) the state-gradient scan, uncapped either way, 1.02x;
+        # on the H100 at S=784 1.04-1.12x (D=96, 192). At 64 x 128 tiles the state scan's
+        # 168-register cap spills at three stages, and uncapped it ran 1.09x slower at S=784
+        # (D=384, B=64: programs an SM count) though 1.08x faster at S=16384 (B=1: 72
+        # programs, fewer than SMs); bench/results/tune-nvidia-h*.json
         stages = 3
     p = dict(BK=BK, BV=BV, num_warps=4, num_stages=stages, maxnreg=MAXNREG)
     if kernel in SCANS:
-        p["maxnreg"] = scan_maxnreg(kernel, BT, BK, BV, dtype, stages)
+        p["maxnreg"] = scan_maxnreg(kernel, BT, BK, BV, dtype)
     return p
 
 
-def scan_maxnreg(kernel, BT, BK, BV, dtype, stages=2):
+def scan_maxnreg(kernel, BT, BK, BV, dtype):
     """Register cap of the two state scans at 4 warps on Hopper: the most that still lets one
     more program share an SM without spilling. The scans are latency-bound (a serial chain of
     dependent chunk steps, each a load, a dot and an FMA), so programs an SM is what counts: on
@@ -200,13 +204,11 @@ def scan_maxnreg(kernel, BT, BK, BV, dtype, stages=2):
     registers = 3 programs of 128 threads in the 64K register file (2 uncapped: ptxas takes
     181-188); 128 = 4, which tiles of at most 32 x 32 of 16-bit inputs at 64 positions fit.
     None (MAXNREG) where the cap would spill, which compile_check rejects: the state-gradient
-    scan's 64 x 128 tiles of 16-bit inputs (its float32 copy of the q tile for the dn sum),
-    and with three pipeline stages the state scan's too (12-56 bytes at 168; uncapped it ran
-    as fast: 0.498 against 0.495 ms at S=16384, D=384 on the H200)."""
+    scan's 64 x 128 tiles of 16-bit inputs (its float32 copy of the q tile for the dn sum)."""
     sixteen = dtype in (torch.float16, torch.bfloat16)
     if sixteen and BK * BV * BT <= 32 * 32 * 64:
         return 128
-    if (kernel == "bwd_state" or stages >= 3) and sixteen and BK * BV >= 64 * 128:
+    if kernel == "bwd_state" and sixteen and BK * BV >= 64 * 128:
         return MAXNREG
     return 168
 
