@@ -5,8 +5,9 @@ Head dims are tiled by the largest of 64 / 32 / 16 that divides them (96 -> 3 x 
 output and the dv kernels: 128 for 16-bit inputs with DV > 64 (masked where DV is not a
 multiple); one chunk of 64 positions by default (fewer for short sequences), at most 128
 (float32 inputs: 32). On Hopper (measured on an H200 and an H100 with bench/tune.py, see
-_table_params): 4 warps, two pipeline stages for 16-bit inputs, the scans' registers capped
-for one more program an SM where that does not spill (see scan_maxnreg). On Ampere (not
+_table_params): 4 warps, two pipeline stages for 16-bit inputs (three in the scans where
+that keeps their register cap), the scans' registers capped for one more program an SM where
+that does not spill (see scan_maxnreg). On Ampere (not
 measured): 8 warps from 64 positions, one stage. At 128 positions 8 warps and head-dim tiles
 of at most 32 (V tiles of 16 in the outputs kernel). Everything is also checked ahead of time
 without a GPU (``python -m vil_kernels.compile_check``: no spills, shared memory under the
