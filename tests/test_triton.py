@@ -7,6 +7,7 @@ initial states, through a loss on h and on the last states), against vil_kernels
 in float64 on the same (rounded) inputs.
 """
 
+import math
 import os
 
 import torch
@@ -191,6 +192,85 @@ def test_extreme_gates(reverse):
                     f_range=(-20, 20))
     errs = _check(x, torch.float32, reverse=reverse, chunk_size=32)
     assert all(e == e for e in errs.values())
+
+
+def _gate_scan_steps(i, f, m0, BT, reverse):
+    """The forward gate scan's outputs one chunk at a time, in float64 (the recurrence that
+    mlstm_fwd_gates_kernel runs as an associative scan over blocks of chunks)."""
+    BH, S = i.shape
+    NC = -(-S // BT)
+    out = {n: torch.zeros(BH, NC, dtype=torch.float64) for n in ("m_in", "decay")}
+    out["a_in"] = torch.zeros(BH, NC, dtype=torch.int32)
+    out["gain"] = torch.zeros(BH, NC, BT, dtype=torch.float64)
+    out["m_last"] = torch.zeros(BH, dtype=torch.float64)
+    out["a_last"] = torch.zeros(BH, dtype=torch.int32)
+    logsig = torch.nn.functional.logsigmoid
+    for bh in range(BH):
+        m = m0[bh].item() if m0 is not None else -1e30
+        a = -1
+        for c in range(NC):
+            t = torch.arange(c * BT, min(S, (c + 1) * BT))
+            p = S - 1 - t if reverse else t
+            b = torch.cumsum(logsig(f[bh, p]), 0)
+            g = b[-1].item()
+            lw = g - b + i[bh, p]
+            j = int(torch.argmax(lw))                     # the first of equal maxima
+            out["m_in"][bh, c], out["a_in"][bh, c] = m, a
+            carry = g + m
+            m_new = max(carry, lw[j].item())
+            a = a if carry >= lw[j].item() else c * BT + j
+            out["decay"][bh, c] = math.exp(carry - m_new)
+            out["gain"][bh, c, :len(t)] = torch.exp(lw - m_new)
+            m = m_new
+        out["m_last"][bh], out["a_last"][bh] = m, a
+    return out
+
+
+# The forward gate scan takes up to 32 chunks a block (heuristics.gates_chunks): sequences of
+# several blocks, the last one partial, ties everywhere (f = 1000: logsigmoid 0, i = 0: every
+# key weighs the same) and extreme gates, against the step by step recurrence in float64.
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("case", ["random", "ties", "extreme"])
+def test_gate_scan_blocks_match_the_recurrence(case, reverse):
+    from vil_kernels.triton import chunk, heuristics
+    from vil_kernels.triton.kernels import mlstm_fwd_gates_kernel
+    import triton.language as tl
+    g = torch.Generator().manual_seed(3)
+    BH, BT, S = 3, 16, 1100                                   # 69 chunks: blocks of 32, 32, 5
+    assert -(-S // BT) > 2 * heuristics.gates_chunks(BT)
+    i = torch.randn(BH, S, generator=g, dtype=torch.float64)
+    f = torch.randn(BH, S, generator=g, dtype=torch.float64) + 3.0
+    if case == "ties":
+        i, f = torch.zeros_like(i), torch.full_like(f, 1000.0)
+    elif case == "extreme":
+        i, f = 80 * (2 * torch.rand(BH, S, generator=g, dtype=torch.float64) - 1), 10 * f
+    for m0 in (None, torch.randn(BH, generator=g, dtype=torch.float64)):
+        NC = -(-S // BT)
+        got = {n: torch.empty(BH, NC, dtype=torch.float64) for n in ("m_in", "decay")}
+        got["a_in"] = torch.empty(BH, NC, dtype=torch.int32)
+        got["gain"] = torch.empty(BH, NC, BT, dtype=torch.float64)
+        got["m_last"] = torch.empty(BH, dtype=torch.float64)
+        got["a_last"] = torch.empty(BH, dtype=torch.int32)
+        chunk._run(mlstm_fwd_gates_kernel, "fwd_gates", (BH,),
+                   (i, f, m0 if m0 is not None else got["m_last"], got["m_in"], got["a_in"],
+                    got["m_last"], got["a_last"], got["gain"], got["decay"], S, NC,
+                    int(reverse)),
+                   BT=BT, BC=heuristics.gates_chunks(BT), HAS_INIT=m0 is not None,
+                   ACC=tl.float64, num_warps=heuristics.gates_warps(BT))
+        ref = _gate_scan_steps(i, f, m0, BT, reverse)
+        for n in ("a_in", "a_last"):
+            assert torch.equal(got[n], ref[n]), n
+        for n in ("m_in", "m_last", "decay", "gain"):
+            torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-12 * (
+                1 + ref[n].abs().max().item()), msg=n)
+
+
+# The whole op over more chunks than one gate-scan block (chunks of 16: 34 > 32).
+@pytest.mark.parametrize("reverse", [False, True])
+def test_float32_chunks_over_one_gate_block(reverse):
+    x = make_inputs(NH=1, S=530, DK=16, DV=16, init=True, seed=11)
+    _check(x, torch.float32, reverse=reverse, chunk_size=16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
