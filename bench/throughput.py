@@ -115,9 +115,8 @@ def build_parser():
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile every model (with BACKEND, default inductor; e.g. "
                         "aot_eager to check tracing without code generation)")
-    p.add_argument("--compile-mode", default=None,
-                   choices=("default", "reduce-overhead", "max-autotune",
-                            "max-autotune-no-cudagraphs"),
+    from vil.train import COMPILE_MODES
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
                    help="CPU only. tuned (default): while timing, glibc malloc keeps the memory "

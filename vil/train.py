@@ -54,6 +54,10 @@ __all__ = ["main", "parse_args", "build_param_groups", "apply_activation_checkpo
 
 
 # -------------------------------------------------------------------------------- arguments
+# torch.compile's modes, offered by --compile-mode here and in bench/throughput.py
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def _kv(text):
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -131,9 +135,7 @@ def build_parser():
     g.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the model (BACKEND: default inductor, e.g. aot_eager); "
                         "the mLSTM cell stays one opaque op, inductor fuses the work around it")
-    g.add_argument("--compile-mode", default=None,
-                   choices=("default", "reduce-overhead", "max-autotune",
-                            "max-autotune-no-cudagraphs"),
+    g.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode (reduce-overhead: CUDA graphs, for steps that wait "
                         "on the host, e.g. small batches at 224 px)")
     g.add_argument("--recompute-states", action="store_true",
