@@ -194,16 +194,20 @@ def test_extreme_gates(reverse):
     assert all(e == e for e in errs.values())
 
 
+def _gate_scan_outputs(BH, NC, BT):
+    """Zeroed buffers of the forward gate scan's outputs (float64 under the interpreter)."""
+    f64, i32 = dict(dtype=torch.float64), dict(dtype=torch.int32)
+    return dict(m_in=torch.zeros(BH, NC, **f64), a_in=torch.zeros(BH, NC, **i32),
+                m_last=torch.zeros(BH, **f64), a_last=torch.zeros(BH, **i32),
+                gain=torch.zeros(BH, NC, BT, **f64), decay=torch.zeros(BH, NC, **f64))
+
+
 def _gate_scan_steps(i, f, m0, BT, reverse):
     """The forward gate scan's outputs one chunk at a time, in float64 (the recurrence that
     mlstm_fwd_gates_kernel runs as an associative scan over blocks of chunks)."""
     BH, S = i.shape
     NC = -(-S // BT)
-    out = {n: torch.zeros(BH, NC, dtype=torch.float64) for n in ("m_in", "decay")}
-    out["a_in"] = torch.zeros(BH, NC, dtype=torch.int32)
-    out["gain"] = torch.zeros(BH, NC, BT, dtype=torch.float64)
-    out["m_last"] = torch.zeros(BH, dtype=torch.float64)
-    out["a_last"] = torch.zeros(BH, dtype=torch.int32)
+    out = _gate_scan_outputs(BH, NC, BT)
     logsig = torch.nn.functional.logsigmoid
     for bh in range(BH):
         m = m0[bh].item() if m0 is not None else -1e30
@@ -247,11 +251,7 @@ def test_gate_scan_blocks_match_the_recurrence(case, reverse):
         i, f = 80 * (2 * torch.rand(BH, S, generator=g, dtype=torch.float64) - 1), 10 * f
     for m0 in (None, torch.randn(BH, generator=g, dtype=torch.float64)):
         NC = -(-S // BT)
-        got = {n: torch.empty(BH, NC, dtype=torch.float64) for n in ("m_in", "decay")}
-        got["a_in"] = torch.empty(BH, NC, dtype=torch.int32)
-        got["gain"] = torch.empty(BH, NC, BT, dtype=torch.float64)
-        got["m_last"] = torch.empty(BH, dtype=torch.float64)
-        got["a_last"] = torch.empty(BH, dtype=torch.int32)
+        got = {n: t.fill_(7) for n, t in _gate_scan_outputs(BH, NC, BT).items()}  # all written
         chunk._run(mlstm_fwd_gates_kernel, "fwd_gates", (BH,),
                    (i, f, m0 if m0 is not None else got["m_last"], got["m_in"], got["a_in"],
                     got["m_last"], got["a_last"], got["gain"], got["decay"], S, NC,
