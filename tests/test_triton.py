@@ -96,7 +96,8 @@ def test_bfloat16_value_tiles_of_128(reverse):
     assert heuristics.launch_params("fwd_out", 64, 192, 64, torch.bfloat16, 90)["BV"] == 128
     assert heuristics.launch_params("bwd_dv", 64, 192, 16, torch.bfloat16, 90)["BV"] == 128
     assert heuristics.launch_params("fwd_out", 64, 192, 16, torch.bfloat16, 0)["BV"] == 128
-    assert heuristics.launch_params("fwd_out", 64, 192, 64, torch.bfloat16, 80)["BV"] == 64
+    # (Ampere's table: V tiles of 32 there, which Triton 3.7 compiles without spills)
+    assert heuristics.launch_params("fwd_out", 64, 192, 64, torch.bfloat16, 80)["BV"] == 32
     x = make_inputs(NH=1, S=40, DK=64, DV=192, init=True, seed=14)
     _check(x, torch.bfloat16, reverse=reverse)
 
