@@ -7,10 +7,9 @@ multiple); one chunk of 64 positions by default (fewer for short sequences), at 
 (float32 inputs: 32). On Hopper (measured on an H200 and an H100 with bench/tune.py, see
 _table_params): 4 warps, two pipeline stages for 16-bit inputs (three in the scans where
 that keeps their register cap), the scans' registers capped for one more program an SM where
-that does not spill (see scan_maxnreg). On Ampere (not
-measured): 8 warps from 64 positions, one stage, V tiles of at most 32 in the outputs and
-dq/dk kernels there. At 128 positions 8 warps and head-dim tiles
-of at most 32 (V tiles of 16 in the outputs kernel). Everything is also checked ahead of time
+that does not spill (see scan_maxnreg). On Ampere (not measured): 8 warps from 64 positions,
+one stage, V tiles of at most 32 in the outputs and dq/dk kernels there. At 128 positions 8
+warps and head-dim tiles of at most 32 (V tiles of 16 in the outputs kernel). Everything is also checked ahead of time
 without a GPU (``python -m vil_kernels.compile_check``: no spills, shared memory under the
 arch's limit, tensor cores used for 16-bit inputs, no pipelining races). OVERRIDES lets
 bench/tune.py sweep; a table it measured on another GPU is used where $VIL_KERNELS_LAUNCH_TABLE

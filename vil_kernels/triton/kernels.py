@@ -112,7 +112,7 @@ def _gates(p_i, p_f, o_p, m_t, BT: tl.constexpr, ACC: tl.constexpr, AXIS: tl.con
     b_l1p = tl.where(b_u == 1., b_x, tl.log(b_u) * (b_x / b_d))
     b_fl = tl.where(m_t, tl.minimum(b_f, 0.) - b_l1p, 0.)
     b_i = tl.where(m_t, b_i, _NEG)
-    b_b = tl.cumsum(b_fl, axis=AXIS)                                # [BT]
+    b_b = tl.cumsum(b_fl, axis=AXIS)                                # [BT] / [chunks, BT]
     b_g = tl.sum(tl.where(tl.arange(0, BT) == BT - 1, b_b, 0.), axis=AXIS)
     return b_i, b_b, b_g
 
