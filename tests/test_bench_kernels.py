@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import kernels  # noqa: E402
@@ -55,6 +56,9 @@ def test_paths_filter():
     assert [r["path"] for r in rows] == ["parallel"] and rows[0]["fwd+bwd_ms"] > 0
     with pytest.raises(SystemExit):
         kernels.parse_args(["--paths", "triton,flash"])
+    # the names --paths accepts are the names the benchmark gives its paths
+    names = {n for n, _ in kernels.candidates(torch.device("cpu"), torch.float32)}
+    assert names and names <= set(kernels.PATHS)
 
 
 def test_profile_op_dry_run_on_cpu(tmp_path):

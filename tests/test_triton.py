@@ -243,7 +243,8 @@ def test_gate_scan_blocks_match_the_recurrence(case, reverse):
     import triton.language as tl
     g = torch.Generator().manual_seed(3)
     BH, BT, S = 3, 16, 1100                                   # 69 chunks: blocks of 32, 32, 5
-    assert -(-S // BT) > 2 * heuristics.gates_chunks(BT)
+    NC = -(-S // BT)
+    assert NC > 2 * heuristics.gates_chunks(BT)
     i = torch.randn(BH, S, generator=g, dtype=torch.float64)
     f = torch.randn(BH, S, generator=g, dtype=torch.float64) + 3.0
     if case == "ties":
@@ -251,14 +252,13 @@ def test_gate_scan_blocks_match_the_recurrence(case, reverse):
     elif case == "extreme":
         i, f = 80 * (2 * torch.rand(BH, S, generator=g, dtype=torch.float64) - 1), 10 * f
     for m0 in (None, torch.randn(BH, generator=g, dtype=torch.float64)):
-        NC = -(-S // BT)
         got = {n: t.fill_(7) for n, t in _gate_scan_outputs(BH, NC, BT).items()}  # all written
         chunk._run(mlstm_fwd_gates_kernel, "fwd_gates", (BH,),
                    (i, f, m0 if m0 is not None else got["m_last"], got["m_in"], got["a_in"],
                     got["m_last"], got["a_last"], got["gain"], got["decay"], S, NC,
                     int(reverse)),
                    BT=BT, BC=heuristics.gates_chunks(BT), HAS_INIT=m0 is not None,
-                   ACC=tl.float64, num_warps=heuristics.gates_warps(BT))
+                   ACC=tl.float64, num_warps=heuristics.GATES_WARPS)
         ref = _gate_scan_steps(i, f, m0, BT, reverse)
         for n in ("a_in", "a_last"):
             assert torch.equal(got[n], ref[n]), n

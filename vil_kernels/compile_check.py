@@ -116,7 +116,7 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                         out.setdefault(key, set()).add((DK, DV))
                         for has_init in (False, True):
                             key = ("fwd_gates", dt, arch, BT, 0, heuristics.gates_chunks(BT),
-                                   heuristics.gates_warps(BT), 1, has_init, None)
+                                   heuristics.GATES_WARPS, 1, has_init, None)
                             out.setdefault(key, set()).add((DK, DV))
                         key = ("bwd_gates", dt, arch, 0, 0, heuristics.GATES_BLOCK, 4, 1, None,
                                None)

@@ -206,7 +206,7 @@ def _fwd_states(q, k, v, i, f, c0, n0, m0, BT, reverse):
     _run(mlstm_fwd_gates_kernel, "fwd_gates", (B * NH,),
          (i, f, m_init, m_in, a_in, m_last, a_last, gain, decay, S, NC, rev),
          BT=BT, BC=heuristics.gates_chunks(BT), HAS_INIT=has_init, ACC=_dot_args(q.dtype)["ACC"],
-         num_warps=heuristics.gates_warps(BT))
+         num_warps=heuristics.GATES_WARPS)
     if heuristics.launch_params("fwd_state", DK, DV, BT, q.dtype, arch)["split"]:
         _split_scan("fwd_state", k, v, _strides(k), _strides(v), gain, gain, decay, c_in, n_in,
                     (c_init, n_init), (c_last, n_last), has_init, False,

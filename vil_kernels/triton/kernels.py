@@ -53,12 +53,19 @@ def _argmax_combine(a_v, a_j, b_v, b_j):
 
 
 @triton.jit
+def _physical(o_t, S, REVERSE):
+    """Physical positions of logical positions o_t (any shape; 0 where masked), and the
+    in-sequence mask."""
+    m_t = o_t < S
+    o_p = tl.where(REVERSE != 0, S - 1 - o_t, o_t)
+    return tl.where(m_t, o_p, 0), m_t
+
+
+@triton.jit
 def _rows(i_c, S, REVERSE, BT: tl.constexpr):
     """Logical positions of chunk i_c, their physical positions and the in-sequence mask."""
     o_t = i_c * BT + tl.arange(0, BT)
-    m_t = o_t < S
-    o_p = tl.where(REVERSE != 0, S - 1 - o_t, o_t)
-    o_p = tl.where(m_t, o_p, 0)
+    o_p, m_t = _physical(o_t, S, REVERSE)
     return o_t, o_p, m_t
 
 
@@ -151,9 +158,7 @@ def mlstm_fwd_gates_kernel(
     for i_cb in range(tl.cdiv(NC, BC)):
         o_c = i_cb * BC + o_b                                       # [BC] chunks
         m_c = o_c < NC
-        o_t = o_c[:, None] * BT + o_j[None, :]                      # [BC, BT] logical
-        m_t = o_t < S
-        o_p = tl.where(m_t, tl.where(REVERSE != 0, S - 1 - o_t, o_t), 0)
+        o_p, m_t = _physical(o_c[:, None] * BT + o_j[None, :], S, REVERSE)     # [BC, BT]
         b_i, b_b, b_g = _gates(p_i, p_f, o_p, m_t, BT, ACC, 1)      # [BC, BT], [BC, BT], [BC]
         b_lw = b_g[:, None] - b_b + b_i                             # key log-weights
         b_mloc, b_jloc = tl.max(b_lw, axis=1, return_indices=True)  # [BC]
