@@ -13,6 +13,9 @@
 #   tests       the Triton tests on CUDA (pytest-xdist when there); after tune, with its table
 #   kernels     the operator benchmark at S=784, D=384/192/96, with that table (kernels-all:
 #               at every shape of bench/kernels.py's GPU list)
+#   chunks      the Triton op in chunks of 64, 128, 256 and 1024 positions (the state kept at
+#               their boundaries; tiles of 64 either way) at ViL shapes and at S=16384 (not
+#               1024 there), against the peer at 64: which chunk length the table should pick
 #   throughput  the main job at 448 px (inference), with that table; only with STEPS naming it
 #   ncu         Nsight Compute's sections for the seven kernels of one fwd+bwd at D=384 (ncu96:
 #               at D=96; in the log); only with STEPS naming it
@@ -95,6 +98,16 @@ for s in $STEPS; do
         # (~400 s at 5 timed calls on an H200: KERNELS_SHAPES="--shapes B,NH,S,D ..." for part)
         step kernels-all "${KERNELS_LIMIT:-420}" python bench/kernels.py --num-bench-iter 5 \
             ${KERNELS_SHAPES:-} --results-file "$OUT/kernels.json" ;;
+    chunks)                                    # a file a chunk length
+        for c in 64 128 256 1024; do
+            LONG="--shapes 1,4,16384,384 --shapes 8,4,16384,96"
+            [ "$c" = 1024 ] && LONG=""
+            PEER=""; [ "$c" = 64 ] && PEER=",mlstm_kernels-xl_chunk"
+            step "chunks-$c" 120 python bench/kernels.py --paths "triton$PEER" --chunk-size "$c" \
+                --num-bench-iter 5 --shapes 64,4,784,384 --shapes 64,4,784,192 \
+                --shapes 64,4,784,96 --shapes 64,4,196,192 --shapes 64,4,3136,96 $LONG \
+                --results-file "$OUT/kernels-chunk$c.json"
+        done ;;
     host)
         step host 60 python bench/host_overhead.py --profile ;;
     train224)

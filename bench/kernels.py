@@ -2,6 +2,7 @@
 
     python bench/kernels.py                      # this machine's device, default shapes
     python bench/kernels.py --shapes 8,4,784,96  # B,NH,S,D (repeatable)
+    python bench/kernels.py --paths triton --chunk-size 256   # the kernels in chunks of 256
     python bench/kernels.py --results-file bench/results/kernels-cpu.json
 
 On CPU it compares the PyTorch chunkwise path against the parallel form (the published
@@ -137,14 +138,18 @@ def parallel_fits(B, NH, S, device):
 
 
 PATHS = ("triton", "torch-chunkwise", "parallel", "sdpa-attention", "mlstm_kernels-xl_chunk")
+CHUNKED = ("triton", "torch-chunkwise")     # the paths --chunk-size sets the chunk of
 
 
-def candidates(device, dtype):
-    """(name, callable(x) -> output) for every path that runs here."""
+def candidates(device, dtype, chunk=None):
+    """(name, callable(x) -> output) for every path that runs here; chunk: the chunkwise
+    paths' chunk_size (None: their default)."""
     paths = []
     if device.type == "cuda":
-        paths.append(("triton", lambda x: vil_kernels.mlstm(**x, backend="triton")))
-    paths.append(("torch-chunkwise", lambda x: vil_kernels.mlstm(**x, backend="torch")))
+        paths.append(("triton", lambda x: vil_kernels.mlstm(**x, backend="triton",
+                                                            chunk_size=chunk)))
+    paths.append(("torch-chunkwise", lambda x: vil_kernels.mlstm(**x, backend="torch",
+                                                                 chunk_size=chunk)))
     paths.append(("parallel", lambda x: vil_kernels.mlstm(**x, backend="parallel")))
     if device.type == "cuda":
         paths.append(("sdpa-attention", lambda x: F.scaled_dot_product_attention(
@@ -155,14 +160,16 @@ def candidates(device, dtype):
     return paths
 
 
-def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None):
+def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunk=None):
     B, NH, S, D = shape
     rows = []
     peaks = device_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    for name, fn in candidates(device, dtype):
+    for name, fn in candidates(device, dtype, chunk):
         if paths and name not in paths:
             continue
         row = dict(path=name, B=B, NH=NH, S=S, D=D, dtype=str(dtype).replace("torch.", ""))
+        if chunk and name in CHUNKED:
+            row["chunk_size"] = chunk
         if name == "parallel":
             fits, need = parallel_fits(B, NH, S, device)
             if not fits:
@@ -194,8 +201,8 @@ def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None):
 
 
 def print_table(rows):
-    cols = ["path", "B", "NH", "S", "D", "fwd_ms", "fwd+bwd_ms", "fwd_peak_mib", "fwd+bwd_peak_mib",
-            "fwd+bwd_tflops", "fwd+bwd_roofline", "fwd+bwd_chunkwise_roofline", "note"]
+    cols = ["path", "chunk_size", "B", "NH", "S", "D", "fwd_ms", "fwd+bwd_ms", "fwd_peak_mib",
+            "fwd+bwd_peak_mib", "fwd+bwd_tflops", "fwd+bwd_roofline", "fwd+bwd_chunkwise_roofline", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]
     fmt = lambda v: (f"{v:.1f}" if v >= 0.95 else f"{v:.3f}") if isinstance(v, float) else str(v)
     table = [[fmt(r.get(c, "")) for c in cols] for r in rows]
@@ -218,8 +225,15 @@ def parse_args(argv=None):
     p.add_argument("--paths", default=None, metavar="NAME,...",
                    help="only these paths (default: every one that runs here), e.g. "
                         "triton,mlstm_kernels-xl_chunk")
+    p.add_argument("--chunk-size", type=int, default=None, metavar="N",
+                   help="chunk length of the triton and torch-chunkwise paths (a power of two "
+                        ">= 16; default: theirs). The state is kept every N positions: longer "
+                        "chunks move fewer states for more intra-chunk products")
     p.add_argument("--results-file", default=None)
     args = p.parse_args(argv)
+    if args.chunk_size is not None and (args.chunk_size < 16
+                                        or args.chunk_size & (args.chunk_size - 1)):
+        p.error(f"--chunk-size takes a power of two >= 16, got {args.chunk_size}")
     args.paths = set(args.paths.split(",")) if args.paths else None
     if args.paths and args.paths - set(PATHS):
         p.error(f"--paths: unknown {sorted(args.paths - set(PATHS))}; known: {', '.join(PATHS)}")
@@ -243,10 +257,10 @@ def main(argv=None):
     mem = PeakMemory(device)
     print(f"# device: {device_name(device)} | torch {torch.__version__} | dtype {dtype}", flush=True)
     meta = dict(device=device_name(device), torch=torch.__version__, dtype=str(dtype),
-                warmup=warm, iters=iters)
+                warmup=warm, iters=iters, chunk_size=args.chunk_size)
     rows = []
     for shape in shapes:
-        rows += bench_shape(shape, device, dtype, warm, iters, mem, args.paths)
+        rows += bench_shape(shape, device, dtype, warm, iters, mem, args.paths, args.chunk_size)
         print(f"  done {shape}", file=sys.stderr, flush=True)
         if args.results_file:                  # after every shape: a run cut short keeps them
             Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,9 @@ def build_parser():
     p.add_argument("--recompute-states", action="store_true",
                    help="our ViL rows with mlstm_recompute_states=True (the cells recompute "
                         "their chunk states in the backward: training memory for time)")
+    p.add_argument("--mlstm-chunk-size", type=int, default=None, metavar="N",
+                   help="our ViL rows with mlstm_chunk_size=N (a power of two >= 16: the state "
+                        "kept every N positions; default: the operator's choice)")
     p.add_argument("--rows", type=str, default=",".join(ROW_KINDS),
                    help=f"which rows per model, comma-separated from {','.join(ROW_KINDS)}")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
@@ -162,6 +165,9 @@ def resolve_args(argv=None):
         parser.error(f"--device {args.device}: only cuda and cpu are supported")
     args.device = device
     gpu = device.type == "cuda"
+    n = args.mlstm_chunk_size
+    if n is not None and (n < 16 or n & (n - 1)):
+        parser.error(f"--mlstm-chunk-size takes a power of two >= 16, got {n}")
 
     # models
     names = []
@@ -512,6 +518,11 @@ def prepare_row(spec, model_key, resolution, args, progress):
             if hasattr(m, "mlstm_recompute_states"):
                 m.mlstm_recompute_states = True
         impl += " (recompute_states)"
+    if args.mlstm_chunk_size and kind == "ours":
+        for m in model.modules():
+            if hasattr(m, "mlstm_chunk_size"):
+                m.mlstm_chunk_size = args.mlstm_chunk_size
+        impl += f" (chunk {args.mlstm_chunk_size})"
     row["impl"] = impl
     tokens = peers.deit_tokens(resolution) if kind == "deit" else (resolution // PATCH) ** 2
     row["tokens"] = tokens

@@ -35,6 +35,10 @@ from vil_kernels.triton import chunk as tchunk  # noqa: E402
 from vil_kernels.triton import heuristics  # noqa: E402
 
 FWD, BWD = ("fwd_state", "fwd_out"), ("bwd_state", "bwd_dqk", "bwd_dv")
+# chunk lengths the table's parameters are timed at, kernel by kernel, before the sweeps: one
+# tile a chunk (32, 64) and chunks of 2, 4 and 16 tiles of 64 (1024: ViL's 784 tokens in one
+# chunk, the quadratic form)
+BASELINE_CHUNKS = (32, 64, 128, 256, 1024)
 CHECK_MAX_S = 2048          # longest sequence of the parity check against float64
 
 
@@ -43,7 +47,7 @@ def device_arch():
     return heuristics.device_arch(torch.device("cuda")) if torch.cuda.is_available() else 0
 
 
-def candidates(kernel, D, BT, arch=None):
+def candidates(kernel, D, L, arch=None):
     """Configurations to try for one kernel besides the table's: head-dim tiles (for the scans
     both tiles own a program; elsewhere the tile a program owns in 32 / 64 / 128, the one it
     loops over in 32 / 64), 4 warps (and 8 before Hopper: on the H200 8 lost everywhere by
@@ -52,7 +56,7 @@ def candidates(kernel, D, BT, arch=None):
     at which 4 / 3 / 2 programs of 4 warps share an SM's registers); for the scans also their
     split form (heuristics.launch_params), timed as the sum of its two launches."""
     arch = device_arch() if arch is None else arch
-    base = heuristics.launch_params(kernel, D, D, BT, torch.bfloat16, arch)
+    base = heuristics.launch_params(kernel, D, D, L, torch.bfloat16, arch)
     if kernel in heuristics.SCANS:
         tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (32, 128), (64, 128), (128, 64)]
         caps = (128, 168, 255)
@@ -87,24 +91,25 @@ def make_inputs(B, NH, S, D, dtype, seed=0):
                 f=(mk(B, NH, S).float() + 3.0).to(dtype))
 
 
-def run_pass(x, dh, BT, backward):
-    """The forward kernels, and with backward=True the backward kernels on its saved tensors."""
-    out = tchunk.mlstm_fwd(x["q"], x["k"], x["v"], x["i"], x["f"], None, None, None, 1e-6, BT,
+def run_pass(x, dh, L, backward):
+    """The forward kernels in chunks of L, and with backward=True the backward kernels on its
+    saved tensors."""
+    out = tchunk.mlstm_fwd(x["q"], x["k"], x["v"], x["i"], x["f"], None, None, None, 1e-6, L,
                            False)
     if not backward:
         return out[0]
     h = out[0]
     g = tchunk.mlstm_bwd(x["q"], x["k"], x["v"], x["i"], x["f"], None, None, None, h, dh,
-                         None, None, None, *out[1:], 1e-6, BT, False)   # ViL's: h used alone
+                         None, None, None, *out[1:], 1e-6, L, False)    # ViL's: h used alone
     return h, *g[:5]
 
 
-def kernel_times(x, dh, BT, backward, reps):
-    """Median ms per kernel over reps passes (CUDA events around each launch)."""
+def kernel_times(x, dh, L, backward, reps):
+    """Median ms per kernel over reps passes in chunks of L (CUDA events around each launch)."""
     per = {}
     for _ in range(reps):
         tchunk.KERNEL_EVENTS = []
-        run_pass(x, dh, BT, backward)
+        run_pass(x, dh, L, backward)
         _sync(x["q"])
         this = {}                                # a split scan launches twice under its name
         for name, watch in tchunk.KERNEL_EVENTS:
@@ -123,13 +128,13 @@ def _close(a, b):
 
 def _warm(job):
     """Compile (into Triton's disk cache) what one configuration of one kernel launches."""
-    kernel, cfg, D, BT, NH, S = job
+    kernel, cfg, D, L, NH, S = job
     heuristics.OVERRIDES.clear()
     if kernel:
         heuristics.OVERRIDES[kernel] = cfg
     try:
         x = make_inputs(1, NH, S, D, torch.bfloat16)
-        run_pass(x, torch.randn_like(x["v"]), BT, kernel in BWD or kernel is None)
+        run_pass(x, torch.randn_like(x["v"]), L, kernel in BWD or kernel is None)
         if kernel is None:                                     # what check() runs
             xs = {k: v.requires_grad_() for k, v in x.items()}
             for rev in (False, True):
@@ -168,9 +173,10 @@ def check(D, NH, S):
     return out
 
 
-def full_ms(x, reps, fn=None):
-    """Median ms of fwd+bwd through the autograd op (prologue and epilogue included)."""
-    fn = fn or _mlstm
+def full_ms(x, reps, fn=None, chunk=None):
+    """Median ms of fwd+bwd through the autograd op (prologue and epilogue included), in chunks
+    of `chunk` (the default's where None)."""
+    fn = fn or (lambda xs: _mlstm(xs, chunk_size=chunk))
     xs = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
     times = []
     for r in range(reps + 2):
@@ -210,9 +216,10 @@ def _peer_in_child(job):
 
 
 def sweep(D, args, result, save, t0, pool):
-    jobs = [(None, None, D, BT, args.NH, args.S) for BT in (32, 64, 128)]
-    jobs += [(k, c, D, BT, args.NH, args.S) for BT in args.chunks for k in args.kernels
-             for c in candidates(k, D, BT)]
+    tile = lambda L: heuristics.tile_len(L, torch.bfloat16)
+    jobs = [(None, None, D, L, args.NH, args.S) for L in BASELINE_CHUNKS]
+    jobs += [(k, c, D, L, args.NH, args.S) for L in args.chunks for k in args.kernels
+             for c in candidates(k, D, L)]
     t1 = time.time()
     errs = [e for e in pool.map(_warm, jobs) if e]
     result["errors"] += errs
@@ -226,40 +233,42 @@ def sweep(D, args, result, save, t0, pool):
     x = make_inputs(args.B, args.NH, args.S, D, torch.bfloat16)
     dh = torch.randn_like(x["v"])
     heuristics.OVERRIDES.clear()
-    for BT in (32, 64, 128):
-        t = kernel_times(x, dh, BT, True, args.reps)
-        result["baselines"].append(dict(D=D, BT=BT, ms=t, kernels_ms=sum(t.values())))
-        print(f"D={D} BT={BT} table: " + " ".join(f"{k} {v:.3f}" for k, v in t.items())
+    for L in BASELINE_CHUNKS:
+        t = kernel_times(x, dh, L, True, args.reps)
+        result["baselines"].append(dict(D=D, chunk=L, BT=tile(L), ms=t,
+                                        kernels_ms=sum(t.values())))
+        print(f"D={D} chunk={L} table: " + " ".join(f"{k} {v:.3f}" for k, v in t.items())
               + f" | kernels {sum(t.values()):.3f} ms", flush=True)
     save()
     best_all = {}
-    for BT in args.chunks:
-        ref = run_pass(x, dh, BT, True)
-        base = kernel_times(x, dh, BT, True, args.reps)
+    for L in args.chunks:
+        BT = tile(L)
+        ref = run_pass(x, dh, L, True)
+        base = kernel_times(x, dh, L, True, args.reps)
         for kernel in args.kernels:
             if time.time() - t0 > args.time_limit:
                 print("time limit reached", flush=True)
                 return False
             rows = []
-            for cfg in candidates(kernel, D, BT):
+            for cfg in candidates(kernel, D, L):
                 heuristics.OVERRIDES.clear()
                 heuristics.OVERRIDES[kernel] = cfg
                 try:
-                    ok = _close(run_pass(x, dh, BT, True), ref)
-                    ms = kernel_times(x, dh, BT, kernel in BWD, args.reps)[kernel]
+                    ok = _close(run_pass(x, dh, L, True), ref)
+                    ms = kernel_times(x, dh, L, kernel in BWD, args.reps)[kernel]
                     rows.append(dict(cfg, ms=ms, ok=ok))
                 except Exception as e:  # noqa: BLE001
                     rows.append(dict(cfg, error=f"{type(e).__name__}: {str(e)[:120]}"))
             heuristics.OVERRIDES.clear()
             good = [r for r in rows if r.get("ok")]
             best = min(good, key=lambda r: r["ms"]) if good else None
-            table = heuristics.launch_params(kernel, D, D, BT, torch.bfloat16, device_arch())
-            result["sweeps"].append(dict(D=D, BT=BT, kernel=kernel, table=table,
+            table = heuristics.launch_params(kernel, D, D, L, torch.bfloat16, device_arch())
+            result["sweeps"].append(dict(D=D, chunk=L, BT=BT, kernel=kernel, table=table,
                                          table_ms=base[kernel], best=best, rows=rows))
             if best and best["ms"] < base[kernel]:
                 best_all[kernel] = {k: best[k] for k in table}
             if best:
-                print(f"D={D} BT={BT} {kernel}: table {base[kernel]:.3f} ms -> best "
+                print(f"D={D} chunk={L} {kernel}: table {base[kernel]:.3f} ms -> best "
                       f"{best['ms']:.3f} ms with BK={best['BK']} BV={best['BV']} "
                       f"w={best['num_warps']} st={best['num_stages']} maxnreg={best['maxnreg']}"
                       + (" split" if best.get("split") else "")
@@ -269,13 +278,14 @@ def sweep(D, args, result, save, t0, pool):
         # the whole op (autograd, prologue and epilogue) with the table and with the best
         # configuration of every kernel, and the peer, on the same inputs
         heuristics.OVERRIDES.clear()
-        row = dict(D=D, BT=BT, table_ms=full_ms(x, args.reps), tuned=best_all)
+        row = dict(D=D, chunk=L, BT=BT, table_ms=full_ms(x, args.reps, chunk=L),
+                   tuned=best_all)
         heuristics.OVERRIDES.update(best_all)
-        row["tuned_ms"] = full_ms(x, args.reps)
+        row["tuned_ms"] = full_ms(x, args.reps, chunk=L)
         heuristics.OVERRIDES.clear()
         row.update(_peer_in_child((args.B, args.NH, args.S, D, args.reps)))
         result["full"].append(row)
-        print(f"D={D} BT={BT} fwd+bwd op: " + ", ".join(
+        print(f"D={D} chunk={L} fwd+bwd op: " + ", ".join(
             f"{k} {v:.3f}" for k, v in row.items() if k.endswith("_ms")), flush=True)
         save()
     return True
@@ -285,7 +295,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dims", type=int, nargs="+", default=[384, 96, 192])
     ap.add_argument("--chunks", type=int, nargs="+", default=[64],
-                    help="chunk lengths BT to sweep at (table parameters also timed at 32, 128)")
+                    help="chunk lengths to sweep at (table parameters are also timed at "
+                         f"{', '.join(map(str, BASELINE_CHUNKS))})")
     ap.add_argument("--B", type=int, default=64)
     ap.add_argument("--NH", type=int, default=4)
     ap.add_argument("--S", type=int, default=784)
@@ -333,8 +344,8 @@ def write_table(path, result):
     for sw in result["sweeps"]:
         best = sw["best"]
         if best and best["ms"] < sw["table_ms"]:
-            key = heuristics.table_key(sw["kernel"], sw["D"], sw["D"], sw["BT"], torch.bfloat16,
-                                       arch)
+            key = heuristics.table_key(sw["kernel"], sw["D"], sw["D"], sw["chunk"],
+                                       torch.bfloat16, arch)
             entries[key] = {k: best[k] for k in sw["table"]}
     Path(path).write_text(json.dumps(dict(device=result["meta"]["device"], entries=entries),
                                       indent=1))

@@ -49,6 +49,16 @@ def test_cpu_run(tmp_path):
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
 
 
+def test_chunk_size_option():
+    """--chunk-size sets the chunkwise paths' chunk (recorded per row); a bad one is an error."""
+    rows = kernels.main(["--device", "cpu", "--shapes", "1,1,40,16", "--num-bench-iter", "1",
+                         "--chunk-size", "32"])
+    assert {r["path"]: r.get("chunk_size") for r in rows} == {"torch-chunkwise": 32,
+                                                             "parallel": None}
+    with pytest.raises(SystemExit):
+        kernels.parse_args(["--chunk-size", "48"])
+
+
 def test_paths_filter():
     """--paths runs only the named paths; an unknown name is an error naming it."""
     rows = kernels.main(["--device", "cpu", "--shapes", "1,1,20,16", "--num-bench-iter", "1",

@@ -1,9 +1,10 @@
 """Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90 (no GPU needed).
 
 Runs `python -m vil_kernels.compile_check --quick` (the ViL-S configuration: head dim 192,
-chunk 64, bfloat16, every kernel incl. the split scans' two, both archs) in a subprocess without TRITON_INTERPRET:
-it fails on a compile error, a register spill, shared memory over the arch limit or a
-bfloat16 build without tensor-core MMA. The full matrix is `python -m vil_kernels.compile_check`.
+chunks of 64 and 128, one and two tiles, bfloat16, every kernel incl. the split scans' two,
+both archs) in a subprocess without TRITON_INTERPRET: it fails on a compile error, a register
+spill, shared memory over the arch limit or a bfloat16 build without tensor-core MMA. The full
+matrix is `python -m vil_kernels.compile_check`.
 """
 
 import os
@@ -30,6 +31,9 @@ def test_variants_cover_every_kernel_and_head_dim():
     assert {k[2] for k in todo} == {80, 90}
     from vil_kernels.triton.chunk import CHAIN_BLOCK
     assert {k[5] for k in todo if k[0] == "chunk_chain"} == {CHAIN_BLOCK}
+    # chunks of one tile, and of 2, 4 and 16 tiles of 64 (float32: 4, 8, 16, 64 of 16)
+    assert {k[10] for k in todo if k[0] == "fwd_out"} == {1, 2, 4, 8, 16, 64}
+    assert {k[10] for k in compile_check.variants(quick=True) if k[0] == "bwd_dqk"} == {1, 2}
 
 
 def test_compile_check_quick():
@@ -54,7 +58,7 @@ def test_pipeline_hazard_detected():
     on has none."""
     code = (
         "from vil_kernels.compile_check import compile_one\n"
-        "key = ('fwd_out', 'bfloat16', 90, 64, 64, 128, 4, 2, None, 255)\n"
+        "key = ('fwd_out', 'bfloat16', 90, 64, 64, 128, 4, 2, None, 255, 1)\n"
         "print(compile_one(key, {'QN_MMA': False})['hazards'])\n"
         "print(compile_one(key)['hazards'])\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -199,3 +199,27 @@ def test_recompute_states_flag(tmp_path):
                      "--results-file", str(results)])
     (row,) = json.loads(results.read_text())["results"]
     assert row["impl"].endswith("(recompute_states)") and row["train_img_s"] > 0
+
+
+def test_mlstm_chunk_size_flag(tmp_path, monkeypatch):
+    """--mlstm-chunk-size runs our rows' cells in chunks of N (the operator sees it) and says so
+    in the row; a chunk that is not a power of two >= 16 is an error."""
+    import vil_kernels
+    seen = []
+    real = vil_kernels.mlstm
+
+    def spy(*a, **kw):
+        seen.append(kw.get("chunk_size"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(vil_kernels, "mlstm", spy)
+    results = tmp_path / "r.json"
+    throughput.main(["--model", "vil2-test", "--resolution", "32", "--batch-size", "2",
+                     "--num-warm-iter", "0", "--num-bench-iter", "1", "--device", "cpu",
+                     "--rows", "ours", "--bench", "inference", "--mlstm-chunk-size", "32",
+                     "--no-progress", "--results-file", str(results)])
+    (row,) = json.loads(results.read_text())["results"]
+    assert row["impl"].endswith("(chunk 32)") and row["infer_img_s"] > 0
+    assert seen and set(seen) == {32}
+    with pytest.raises(SystemExit):
+        throughput.resolve_args(["--mlstm-chunk-size", "40"])

@@ -75,6 +75,7 @@ def test_float64_exact(reverse):
     (33, 192, 96, False, True, 16),
     (65, 64, 192, True, True, 32),
     (65, 96, 96, False, False, None),
+    (65, 96, 64, True, True, 64),          # chunks of two float32 tiles of 32
 ])
 def test_float32(S, DK, DV, init, reverse, chunk):
     x = make_inputs(NH=1, S=S, DK=DK, DV=DV, init=init, seed=S + DK)
@@ -195,35 +196,44 @@ def test_extreme_gates(reverse):
     assert all(e == e for e in errs.values())
 
 
-def _gate_scan_outputs(BH, NC, BT):
+def _gate_scan_outputs(BH, S, NC, L):
     """Zeroed buffers of the forward gate scan's outputs (float64 under the interpreter)."""
     f64, i32 = dict(dtype=torch.float64), dict(dtype=torch.int32)
-    return dict(m_in=torch.zeros(BH, NC, **f64), a_in=torch.zeros(BH, NC, **i32),
-                m_last=torch.zeros(BH, **f64), a_last=torch.zeros(BH, **i32),
-                gain=torch.zeros(BH, NC, BT, **f64), decay=torch.zeros(BH, NC, **f64))
+    return dict(m_in=torch.zeros(BH, NC, **f64), m_last=torch.zeros(BH, **f64),
+                a_last=torch.zeros(BH, **i32), gain=torch.zeros(BH, NC, L, **f64),
+                decay=torch.zeros(BH, NC, **f64), b_row=torch.zeros(BH, S, **f64),
+                m_row=torch.zeros(BH, S, **f64), a_row=torch.zeros(BH, S, **i32))
 
 
-def _gate_scan_steps(i, f, m0, BT, reverse):
-    """The forward gate scan's outputs one chunk at a time, in float64 (the recurrence that
-    mlstm_fwd_gates_kernel runs as an associative scan over blocks of chunks)."""
+def _gate_scan_steps(i, f, m0, L, reverse):
+    """The forward gate scan's outputs one chunk and one row at a time, in float64 (the
+    recurrence that mlstm_fwd_gates_kernel runs as associative scans over blocks of chunks
+    and along each chunk)."""
     BH, S = i.shape
-    NC = -(-S // BT)
-    out = _gate_scan_outputs(BH, NC, BT)
+    NC = -(-S // L)
+    out = _gate_scan_outputs(BH, S, NC, L)
     logsig = torch.nn.functional.logsigmoid
     for bh in range(BH):
         m = m0[bh].item() if m0 is not None else -1e30
         a = -1
         for c in range(NC):
-            t = torch.arange(c * BT, min(S, (c + 1) * BT))
+            t = torch.arange(c * L, min(S, (c + 1) * L))
             p = S - 1 - t if reverse else t
             b = torch.cumsum(logsig(f[bh, p]), 0)
             g = b[-1].item()
             lw = g - b + i[bh, p]
             j = int(torch.argmax(lw))                     # the first of equal maxima
-            out["m_in"][bh, c], out["a_in"][bh, c] = m, a
+            out["m_in"][bh, c] = m
+            for r in range(len(t)):                       # rows: keys up to r, or the carry
+                own = i[bh, p[:r + 1]] - b[:r + 1]
+                jr = int(torch.argmax(own))
+                carry, intra = b[r].item() + m, b[r].item() + own[jr].item()
+                out["b_row"][bh, p[r]] = b[r]
+                out["m_row"][bh, p[r]] = max(carry, intra)
+                out["a_row"][bh, p[r]] = a if carry >= intra else c * L + jr
             carry = g + m
             m_new = max(carry, lw[j].item())
-            a = a if carry >= lw[j].item() else c * BT + j
+            a = a if carry >= lw[j].item() else c * L + j
             out["decay"][bh, c] = math.exp(carry - m_new)
             out["gain"][bh, c, :len(t)] = torch.exp(lw - m_new)
             m = m_new
@@ -233,18 +243,20 @@ def _gate_scan_steps(i, f, m0, BT, reverse):
 
 # The forward gate scan takes up to 32 chunks a block (heuristics.gates_chunks): sequences of
 # several blocks, the last one partial, ties everywhere (f = 1000: logsigmoid 0, i = 0: every
-# key weighs the same) and extreme gates, against the step by step recurrence in float64.
+# key weighs the same) and extreme gates, against the step by step recurrence in float64; and
+# chunks of 256 (multi-tile chunks: 4 a block).
 @pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
 @pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("case", ["random", "ties", "extreme"])
-def test_gate_scan_blocks_match_the_recurrence(case, reverse):
+@pytest.mark.parametrize("case,L", [("random", 16), ("ties", 16), ("extreme", 16),
+                                    ("random", 256)])
+def test_gate_scan_blocks_match_the_recurrence(case, L, reverse):
     from vil_kernels.triton import chunk, heuristics
     from vil_kernels.triton.kernels import mlstm_fwd_gates_kernel
     import triton.language as tl
     g = torch.Generator().manual_seed(3)
-    BH, BT, S = 3, 16, 1100                                   # 69 chunks: blocks of 32, 32, 5
-    NC = -(-S // BT)
-    assert NC > 2 * heuristics.gates_chunks(BT)
+    BH, S = 3, 1100                    # chunks of 16: 69, blocks of 32, 32, 5; of 256: 5, of 4, 1
+    NC = -(-S // L)
+    assert NC > heuristics.gates_chunks(L)
     i = torch.randn(BH, S, generator=g, dtype=torch.float64)
     f = torch.randn(BH, S, generator=g, dtype=torch.float64) + 3.0
     if case == "ties":
@@ -252,17 +264,17 @@ def test_gate_scan_blocks_match_the_recurrence(case, reverse):
     elif case == "extreme":
         i, f = 80 * (2 * torch.rand(BH, S, generator=g, dtype=torch.float64) - 1), 10 * f
     for m0 in (None, torch.randn(BH, generator=g, dtype=torch.float64)):
-        got = {n: t.fill_(7) for n, t in _gate_scan_outputs(BH, NC, BT).items()}  # all written
+        got = {n: t.fill_(7) for n, t in _gate_scan_outputs(BH, S, NC, L).items()}  # all written
         chunk._run(mlstm_fwd_gates_kernel, "fwd_gates", (BH,),
-                   (i, f, m0 if m0 is not None else got["m_last"], got["m_in"], got["a_in"],
-                    got["m_last"], got["a_last"], got["gain"], got["decay"], S, NC,
-                    int(reverse)),
-                   BT=BT, BC=heuristics.gates_chunks(BT), HAS_INIT=m0 is not None,
+                   (i, f, m0 if m0 is not None else got["m_last"], got["m_in"], got["m_last"],
+                    got["a_last"], got["gain"], got["decay"], got["b_row"], got["m_row"],
+                    got["a_row"], S, NC, int(reverse)),
+                   L=L, BC=heuristics.gates_chunks(L), HAS_INIT=m0 is not None,
                    ACC=tl.float64, num_warps=heuristics.GATES_WARPS)
-        ref = _gate_scan_steps(i, f, m0, BT, reverse)
-        for n in ("a_in", "a_last"):
+        ref = _gate_scan_steps(i, f, m0, L, reverse)
+        for n in ("a_last", "a_row"):
             assert torch.equal(got[n], ref[n]), n
-        for n in ("m_in", "m_last", "decay", "gain"):
+        for n in ("m_in", "m_last", "decay", "gain", "b_row", "m_row"):
             torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-12 * (
                 1 + ref[n].abs().max().item()), msg=n)
 
@@ -276,15 +288,44 @@ def test_float32_chunks_over_one_gate_block(reverse):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_chunk_sizes_agree(dtype):
-    """Chunks 64 and 128, and a requested 256 (run as the kernels' largest chunk, 128), compute
-    the same function. float32 inputs run chunks of at most 32 (heuristics.max_chunk), so the
-    large chunks are checked in float64 (interpreter only) and bfloat16."""
+    """Chunks 64, 128 and 256 (one, two and four tiles of 64; at S = 150 the last chunk of 256
+    holds three) compute the same function, in float64 (interpreter only) and bfloat16."""
     if dtype == torch.float64 and DEVICE == "cuda":
         pytest.skip("float64 kernels are for the interpreter")
     x = make_inputs(NH=1, S=150, DK=32, DV=16, init=True, seed=6)
     ref = run({n: t.to(dtype).double().to(DEVICE) for n, t in x.items()}, "parallel")
     for chunk in (64, 128, 256):
         _check(x, dtype, chunk_size=chunk, ref=ref)
+
+
+# Chunks longer than a tile (the state kept every L positions, the kernels looping over the
+# chunk's other tiles): tiles of 16 here (heuristics.MAX_TILE patched), chunks of 4 tiles and a
+# requested 1024 (one chunk for the whole sequence, the quadratic form), S a multiple of
+# neither, both directions, initial states, a loss on h alone (the state-gradient scan from
+# zero), extreme gates, and the scans' split form over multi-tile chunks.
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
+@pytest.mark.parametrize("chunk,S,reverse,init,last_states,extreme,split", [
+    (64, 70, False, True, True, False, False),
+    (64, 70, True, True, True, False, False),
+    (64, 150, True, False, False, False, False),
+    (1024, 50, True, True, True, False, False),
+    (1024, 50, False, False, True, True, False),
+    (32, 37, True, True, True, False, True),
+])
+def test_multi_tile_chunks(chunk, S, reverse, init, last_states, extreme, split, monkeypatch):
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "MAX_TILE", 16)
+    L = heuristics.chunk_len(S, 24, 40, torch.float64, 0, chunk)
+    assert heuristics.tile_len(L, torch.float64) == 16 and L // 16 > 1
+    if split:
+        monkeypatch.setattr(heuristics, "OVERRIDES", {"fwd_state": dict(split=True),
+                                                      "bwd_state": dict(split=True)})
+    gates = dict(i_range=(-80, 80), f_range=(-20, 20)) if extreme else {}
+    x = make_inputs(NH=2, S=S, DK=24, DV=40, init=init, seed=S + chunk, **gates)
+    got = run(x, "triton", reverse=reverse, chunk_size=chunk, last_states=last_states)
+    ref = run(x, "parallel", reverse=reverse, last_states=last_states)
+    errs = {n: rel_err(got[n], ref[n]) for n in ref}
+    assert max(errs.values()) < 1e-9, errs
 
 
 @pytest.mark.parametrize("reverse", [False, True])

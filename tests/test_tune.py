@@ -44,10 +44,32 @@ def test_scan_register_caps():
         assert lp(kernel, 96, 32, 64, torch.bfloat16, 90)["maxnreg"] == 128   # 32 x 32 tiles
         assert lp(kernel, 96, 96, 32, torch.float32, 90)["maxnreg"] == 168
         assert lp(kernel, 384, 384, 64, torch.bfloat16, 80)["maxnreg"] == heuristics.MAXNREG
-        assert lp(kernel, 384, 384, 128, torch.bfloat16, 90)["maxnreg"] == heuristics.MAXNREG
     assert lp("bwd_dqk", 384, 384, 64, torch.bfloat16, 90)["maxnreg"] == heuristics.MAXNREG
     for kernel in ("fwd_out", "bwd_dv"):
         assert lp(kernel, 384, 384, 64, torch.bfloat16, 90)["maxnreg"] == heuristics.MAXNREG
+
+
+def test_multi_tile_chunks_parameters():
+    """Chunks of several tiles: tiles of 64 (float32: 16), keyed on the chunk; the same
+    parameters as one tile except where compile_check found the multi-tile loops spilling:
+    the scans uncapped, dq/dk at 8 warps on Hopper and with K tiles of 32 on Ampere."""
+    lp, bf16 = heuristics.launch_params, torch.bfloat16
+    assert [heuristics.tile_len(L, bf16) for L in (16, 64, 128, 1024)] == [16, 64, 64, 64]
+    assert [heuristics.tile_len(L, torch.float32) for L in (32, 64)] == [32, 16]
+    assert heuristics.chunk_len(784, 384, 384, bf16, 90) == 64                 # the default
+    assert heuristics.chunk_len(784, 384, 384, bf16, 90, 4096) == 1024
+    assert heuristics.chunk_len(100, 384, 384, bf16, 90, 1024) == 128          # one chunk
+    for kernel in heuristics.SCANS:
+        assert lp(kernel, 384, 384, 128, bf16, 90)["maxnreg"] == heuristics.MAXNREG
+    assert lp("bwd_dqk", 384, 384, 128, bf16, 90)["num_warps"] == 8
+    assert lp("bwd_dqk", 384, 384, 64, bf16, 90)["num_warps"] == 4
+    assert lp("bwd_dqk", 384, 96, 64, bf16, 90)["BK"] == 32      # (64 x 32 spilled 264 bytes)
+    assert lp("bwd_dqk", 384, 384, 256, bf16, 80)["BK"] == 32
+    for kernel in ("fwd_out", "bwd_dv"):
+        assert lp(kernel, 384, 384, 1024, bf16, 90) == lp(kernel, 384, 384, 64, bf16, 90)
+    # a measured table's entry for chunks of 128 is not one for chunks of 64
+    assert heuristics.table_key("fwd_out", 384, 384, 128, bf16, 90) == \
+        "fwd_out/384/384/128/bfloat16/sm90"
 
 
 def test_dry_run_on_the_interpreter(tmp_path):
@@ -64,7 +86,9 @@ def test_dry_run_on_the_interpreter(tmp_path):
     assert all(err < 5e-2 for d in res["checks"]["16"].values() for err in d.values())
     kernels = {"fwd_gates", "fwd_state", "fwd_out", "bwd_prologue", "bwd_state", "bwd_dqk",
                "bwd_dv", "bwd_gates"}
-    assert [b["BT"] for b in res["baselines"]] == [32, 64, 128]
+    # chunks of one tile, and of 2, 4 and 16 tiles of 64
+    assert [b["chunk"] for b in res["baselines"]] == [32, 64, 128, 256, 1024]
+    assert [b["BT"] for b in res["baselines"]] == [32, 64, 64, 64, 64]
     assert all(set(b["ms"]) == kernels for b in res["baselines"])
     sweep, scan = res["sweeps"]
     assert sweep["kernel"] == "bwd_dv" and scan["kernel"] == "fwd_state"
@@ -92,7 +116,7 @@ def test_launch_table_file(tmp_path, monkeypatch):
         p = heuristics.launch_params("fwd_out", 96, 96, 64, torch.bfloat16, 90)
         assert (p["BV"], p["num_warps"], p["num_stages"]) == (32, 8, 2)   # stages: the table's
         other = heuristics.launch_params("fwd_out", 96, 96, 64, torch.bfloat16, 80)
-        assert other == heuristics._table_params("fwd_out", 96, 96, 64, torch.bfloat16, 80)
+        assert other == heuristics._table_params("fwd_out", 96, 96, 64, 1, torch.bfloat16, 80)
         scan = heuristics.table_key("bwd_state", 96, 96, 64, torch.bfloat16, 90)
         path.write_text(json.dumps({"entries": {scan: {"split": True}}}))
         heuristics.tuned_table(reload=True)

@@ -5,7 +5,7 @@
 
 Enumerates what vil_kernels.triton's dispatcher can launch: input dtypes (float32, float16,
 bfloat16) x head dims (DQK, DV) in {64, 96, 128, 192, 256, 384, 512}^2 x chunk lengths
-(16, 32, 64, 128) x the five matmul kernels, the gate scan, the backward prologue and gate
+(16, 32, 64 and the default: one tile a chunk; 128, 256, 1024: 2, 4, 16 tiles) x the five matmul kernels, the gate scan, the backward prologue and gate
 epilogue, and the scans' split form at the scans' parameters (chunk_local, chunk_chain: chosen
 only by a launch table or the tuner), maps each to its compiled variant (tiles, warps, stages, register cap,
 dtypes: head dims are runtime values, so many head dims share one binary), and compiles every
@@ -32,7 +32,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 HEAD_DIMS = (64, 96, 128, 192, 256, 384, 512)
-CHUNKS = (16, 32, 64, 128)
+# requested chunk lengths: one tile a chunk (16, 32, 64; float32 inputs: 32 at most), and
+# 2, 4 and 16 tiles of 64 (float32: 4, 8, 16 and 64 tiles of 16)
+CHUNKS = (16, 32, 64, 128, 256, 1024)
+QUICK_CHUNKS = (64, 128)
 DTYPES = ("float32", "float16", "bfloat16")
 ARCHS = (80, 90)
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -45,23 +48,23 @@ def _signature(name, dt, qn_mma=False):
     (shared) and of v where the kernel reads v, then the float scalars."""
     # x: an input's dtype, which is also the per-chunk states' (C in, dC out) storage dtype
     x, a, i32 = f"*{_PTR[dt]}", "*fp32", "*i32"
-    if name == "fwd_gates":    # i, f, m0, m_in, a_in, m_last, a_last, gain, decay; S, NC, REVERSE
-        ptrs = [x, x, a, a, i32, a, i32, a, a]
+    if name == "fwd_gates":    # i, f, m0, m_in, m_last, a_last, gain, decay, b_row, m_row, a_row;
+        ptrs = [x, x, a, a, a, i32, a, a, a, a, i32]            # S, NC, REVERSE
         scalars = ["i32"] * 3
     elif name == "fwd_state":  # k, v, gain, decay, c0, n0, c_in, n_in, c_last, n_last
         ptrs = [x, x, a, a, a, a, x, a, a, a]
         scalars = ["i32"] * (5 + 7)
-    elif name == "fwd_out":    # n_in: float32, or (hi, lo) pairs in x when pipelined (QN_MMA)
-        ptrs = [x] * 5 + [x, x if qn_mma else a, a, i32, x, a, a, i32]
+    elif name == "fwd_out":    # q, k, v, i, c_in, n_in, m_in, b_row, m_row, h, n_row; n_in:
+        ptrs = [x] * 4 + [x, x if qn_mma else a, a, a, a, x, a]  # (hi, lo) pairs in x at QN_MMA
         scalars = ["i32"] * (5 + 7) + ["fp32", "fp32"]
     elif name == "bwd_state":  # q, dh, wa, wb, decay, dc_last, dn_last, dc_out, dn_out, dc0, dn0
         ptrs = [x, x] + [a] * 5 + [x, a, a, a]
         scalars = ["i32"] * (5 + 4)
     elif name == "bwd_dqk":    # strides of q/k, of v, then of dq/dk (batch, head, position)
-        ptrs = [x] * 6 + [a] * 3 + [x, a, a, a, x, a] + [x, x, a, a]
+        ptrs = [x] * 5 + [a] * 4 + [x, a, a, a, x, a] + [x, x, a, a]
         scalars = ["i32"] * (5 + 10) + ["fp32"]
     elif name == "bwd_dv":     # strides of q/k, then of dv (batch, head, position)
-        ptrs = [x, x, x, x, x] + [a] * 4 + [x, x]
+        ptrs = [x, x, x, x] + [a] * 5 + [x, x]
         scalars = ["i32"] * (5 + 7) + ["fp32"]
     elif name == "chunk_local":  # x, y, wc, wn, c, n
         ptrs = [x, x, a, a, x, a]
@@ -72,54 +75,59 @@ def _signature(name, dt, qn_mma=False):
     elif name == "bwd_gates":  # rq, rk, dm_row, u, w, then f, di, df; S, NK, BH, REVERSE
         ptrs = [a] * 5 + [x] * 3
         scalars = ["i32"] * 4
-    else:  # bwd_prologue: dh, h, i, f, then 10 float32 rows; S, NC, DV, REVERSE; scale, eps
-        ptrs = [x] * 4 + [a] * 10
+    else:  # bwd_prologue: dh, h, then 11 float32 rows; S, NC, DV, REVERSE; scale, eps
+        ptrs = [x] * 2 + [a] * 11
         scalars = ["i32"] * 4 + ["fp32", "fp32"]
     return ptrs, scalars
 
 
 def variants(quick=False, dims=None, chunks=None, dtypes=None):
-    """Distinct compiled variants the dispatcher can choose, each with the head dims it serves."""
+    """Distinct compiled variants the dispatcher can choose, each with the head dims it serves.
+    A key: (kernel, dtype, arch, BT, BK, BV, warps, stages, flag, maxnreg, NT); the gate scan
+    has its chunk length in the BT slot and its chunks a block in the BV slot."""
     import torch
 
     from .triton import heuristics
     from .triton.chunk import CHAIN_BLOCK
     out = {}
     dims = dims or ((192,) if quick else HEAD_DIMS)
-    chunks = chunks or ((64,) if quick else CHUNKS)
+    chunks = chunks or (QUICK_CHUNKS if quick else CHUNKS)
     dtypes = dtypes or (("bfloat16",) if quick else DTYPES)
     for dt in dtypes:
+        dtype = getattr(torch, dt)
         for DK in dims:
             for DV in dims:
                 for requested in chunks:
-                    BT = heuristics.chunk_len(4096, DK, DV, getattr(torch, dt), 90, requested)
+                    L = heuristics.chunk_len(4096, DK, DV, dtype, 90, requested)
+                    BT = heuristics.tile_len(L, dtype)
+                    NT = L // BT
                     for name in heuristics.KERNELS:
                         for arch in ARCHS:
-                            p = heuristics.launch_params(name, DK, DV, BT, getattr(torch, dt), arch)
+                            p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
                             flags = (False, True) if name in heuristics.SCANS else (None,)
                             for has_init in flags:      # HAS_INIT, HAS_DLAST
                                 key = (name, dt, arch, BT, p["BK"], p["BV"], p["num_warps"],
-                                       p["num_stages"], has_init, p["maxnreg"])
+                                       p["num_stages"], has_init, p["maxnreg"], NT)
                                 out.setdefault(key, set()).add((DK, DV))
                             if name in heuristics.SCANS:  # their split form, same parameters
                                 key = ("chunk_local", dt, arch, BT, p["BK"], p["BV"],
-                                       p["num_warps"], p["num_stages"], None, p["maxnreg"])
+                                       p["num_warps"], p["num_stages"], None, p["maxnreg"], NT)
                                 out.setdefault(key, set()).add((DK, DV))
                     for arch in ARCHS:                      # the split scans' chain
                         for flag in ("f", "fS", "b", "bS"):
-                            key = ("chunk_chain", dt, arch, 0, 0, CHAIN_BLOCK, 4, 1, flag, None)
+                            key = ("chunk_chain", dt, arch, 0, 0, CHAIN_BLOCK, 4, 1, flag, None, 1)
                             out.setdefault(key, set()).add((DK, DV))
                     for arch in ARCHS:                      # the gate scan and the prologue
-                        p = heuristics.prologue_params(DV, BT, getattr(torch, dt), arch)
+                        p = heuristics.prologue_params(DV, BT, dtype, arch)
                         key = ("bwd_prologue", dt, arch, BT, 0, p["BV"], p["num_warps"], 1,
-                               None, None)
+                               None, None, NT)
                         out.setdefault(key, set()).add((DK, DV))
                         for has_init in (False, True):
-                            key = ("fwd_gates", dt, arch, BT, 0, heuristics.gates_chunks(BT),
-                                   heuristics.GATES_WARPS, 1, has_init, None)
+                            key = ("fwd_gates", dt, arch, L, 0, heuristics.gates_chunks(L),
+                                   heuristics.GATES_WARPS, 1, has_init, None, 1)
                             out.setdefault(key, set()).add((DK, DV))
                         key = ("bwd_gates", dt, arch, 0, 0, heuristics.GATES_BLOCK, 4, 1, None,
-                               None)
+                               None, 1)
                         out.setdefault(key, set()).add((DK, DV))
     return out
 
@@ -151,7 +159,7 @@ def compile_one(key, constexprs=None):
     from .triton import kernels
     from .triton.heuristics import dot_config
 
-    name, dt, arch, BT, BK, BV, warps, stages, has_init, maxnreg = key
+    name, dt, arch, BT, BK, BV, warps, stages, has_init, maxnreg, NT = key
     fn = getattr(kernels, f"mlstm_{name}_kernel")
     import torch
     mma, acc, prec = dot_config(getattr(torch, dt))
@@ -159,22 +167,22 @@ def compile_one(key, constexprs=None):
     qn_mma = (constexprs or {}).get("QN_MMA", stages > 1)     # fwd_out, as mlstm_fwd sets it
     ptrs, scalars = _signature(name, dt, qn_mma)
     if name == "bwd_prologue":
-        const_names, const_vals = ["BT", "BV", "ACC"], [BT, BV, tl_of[acc]]
+        const_names, const_vals = ["BT", "NT", "BV", "ACC"], [BT, NT, BV, tl_of[acc]]
     elif name == "chunk_chain":
         const_names = ["BLOCK", "BACKWARD", "HAS_START", "ACC"]
         const_vals = [BV, has_init[0] == "b", "S" in has_init, tl_of[acc]]
     elif name == "fwd_gates":
-        # its chunks a block in the BV slot
-        const_names, const_vals = ["BT", "BC", "HAS_INIT", "ACC"], [BT, BV, bool(has_init),
-                                                                     tl_of[acc]]
+        # its chunk length in the BT slot, its chunks a block in the BV slot
+        const_names, const_vals = ["L", "BC", "HAS_INIT", "ACC"], [BT, BV, bool(has_init),
+                                                                    tl_of[acc]]
     elif name == "bwd_gates":                  # its block of positions in the BV slot
         const_names, const_vals = ["BS", "ACC"], [BV, tl_of[acc]]
     else:
         flag = {"fwd_state": ["HAS_INIT"], "bwd_state": ["HAS_DLAST"],
                 "fwd_out": ["QN_MMA"]}.get(name, [])
         flag_val = qn_mma if name == "fwd_out" else bool(has_init)
-        const_names = ["BT", "BK", "BV"] + flag + ["MMA", "ACC", "PREC", "INTERP"]
-        const_vals = [BT, BK, BV] + [flag_val] * len(flag) + \
+        const_names = ["BT", "NT", "BK", "BV"] + flag + ["MMA", "ACC", "PREC", "INTERP"]
+        const_vals = [BT, NT, BK, BV] + [flag_val] * len(flag) + \
             [tl_of[mma], tl_of[acc], prec, False]
     arg_names = fn.arg_names
     n_rt = len(arg_names) - len(const_names)
@@ -193,8 +201,8 @@ def compile_one(key, constexprs=None):
         name, (2, 3, *range(6, n_int)))
     attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in divisible})
     src = ASTSource(fn, sig, consts, attrs)
-    row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, BK=BK, BV=BV, warps=warps, stages=stages,
-               has_init=has_init, maxnreg=maxnreg, error=None)
+    row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, NT=NT, BK=BK, BV=BV, warps=warps,
+               stages=stages, has_init=has_init, maxnreg=maxnreg, error=None)
     t0 = time.time()
     # a fresh cache, so that ptxas runs and logs registers and spills
     cache = knobs.cache.dir = tempfile.mkdtemp(prefix="vil_cc_")
@@ -292,7 +300,8 @@ def _dims_str(dims):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="head dim 192 (3 x 64 tiles), chunk 64, bfloat16, both archs: the "
+                    help="head dim 192 (3 x 64 tiles), chunks 64 and 128 (one and two tiles), "
+                         "bfloat16, both archs: the "
                          "ViL-S configuration, a representative subset for the test suite")
     ap.add_argument("--dims", type=int, nargs="+", help="head dims (DQK and DV from these)")
     ap.add_argument("--chunks", type=int, nargs="+", help="requested chunk sizes")
@@ -307,7 +316,7 @@ def main(argv=None):
     todo = {k: v for k, v in todo.items()
             if (not args.arch or k[2] in args.arch) and (not args.kernel or k[0] in args.kernel)
             and (not args.dtype or k[1] in args.dtype)}
-    keys = sorted(todo, key=lambda k: (k[0], k[1], k[2], k[3], k[4], k[5], str(k[8])))
+    keys = sorted(todo, key=lambda k: (k[0], k[1], k[2], k[3], k[10], k[4], k[5], str(k[8])))
     env_had = os.environ.pop("TRITON_INTERPRET", None)
     try:
         if args.jobs > 1:
@@ -318,7 +327,7 @@ def main(argv=None):
     finally:
         if env_had is not None:
             os.environ["TRITON_INTERPRET"] = env_had
-    hdr = (f"{'kernel':<12} {'dtype':<8} {'arch':<5} {'BT':>3} {'BK':>3} {'BV':>3} {'w':>2} "
+    hdr = (f"{'kernel':<12} {'dtype':<8} {'arch':<5} {'BT':>4} {'NT':>2} {'BK':>3} {'BV':>3} {'w':>2} "
            f"{'st':>2} {'flag':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6} {'occ':>3}  "
            "head dims / status")
     print(hdr)
@@ -330,13 +339,13 @@ def main(argv=None):
         flag = row["has_init"]
         init = "" if flag is None else flag if isinstance(flag, str) else str(flag)[0]
         if row["error"]:
-            print(f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>3} "
+            print(f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>4} {row['NT']:>2} "
                   f"{row['BK']:>3} {row['BV']:>3} {row['warps']:>2} {row['stages']:>2} {init:<5} "
                   f"FAIL {row['error']}")
             continue
         mma = f"G{row['hgmma']}" if row["hgmma"] else (f"H{row['hmma']}" if row["hmma"] else "-")
         status = "FAIL " + "; ".join(bad) if bad else "ok"
-        print(f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>3} "
+        print(f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>4} {row['NT']:>2} "
               f"{row['BK']:>3} {row['BV']:>3} {row['warps']:>2} {row['stages']:>2} {init:<5} "
               f"{row['regs']:>4} {row['spill']:>5} {row['smem']:>7} {mma:>6} "
               f"{programs_per_sm(row['regs'], row['warps'], row['smem'], row['arch']):>3}  "

@@ -139,7 +139,11 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
         eps: added to the normalizer's denominator.
         chunk_size: positions per chunk of the chunkwise backends, a power of two >= 16;
             None picks one by head dims and sequence length (on the torch backend a divisor
-            of S near 64 where there is one, so that nothing is padded).
+            of S near 64 where there is one, so that nothing is padded). The state is kept at
+            chunk boundaries only: a longer chunk moves fewer (DHQK, DHV) states for more
+            intra-chunk products. The triton backend runs chunks of up to 1024 positions (a
+            longer request runs as 1024, or as one chunk for the whole sequence) in tiles of
+            at most 64. Any chunk size computes the same function up to rounding.
         reverse: traverse the sequence from its end (ViL's odd blocks); equals flipping
             every input and the output along S, without materialising the flips in the kernels.
         backend: "triton" (fused kernels, CUDA or TRITON_INTERPRET=1), "torch" (chunkwise

@@ -1,10 +1,13 @@
 """Launchers, torch.library ops and the autograd Function of the fused chunkwise mLSTM.
 
-Forward: mlstm_fwd_gates_kernel (the stabilizer's scan, one program a head: m and argmax entering
-every chunk, each key's weight and the carried state's factor), mlstm_fwd_state_kernel (the
-(C, n) scan, entry state of every chunk) then mlstm_fwd_out_kernel (outputs per chunk; m,
-signed normalizer and argmax per row). With the scans' split launch parameter each scan is
-mlstm_chunk_local_kernel then mlstm_chunk_chain_kernel instead (same function).
+The state is kept at the boundaries of chunks of L positions; the matmul kernels work on tiles
+of BT = heuristics.tile_len(L) positions, NT = L / BT a chunk (kernels.py).
+Forward: mlstm_fwd_gates_kernel (the stabilizer's scan, one program a head: m entering every
+chunk, each key's weight and the carried state's factor; per row the chunk-relative log-forget
+cumsum, m and argmax), mlstm_fwd_state_kernel (the (C, n) scan, entry state of every chunk)
+then mlstm_fwd_out_kernel (outputs per tile; signed normalizer per row). With the scans' split
+launch parameter each scan is mlstm_chunk_local_kernel then mlstm_chunk_chain_kernel instead
+(same function).
 Backward: mlstm_bwd_prologue_kernel (den, dn, dm per row from one pass over dh and h, and the
 state-gradient scan's row weights and chunk factors), mlstm_bwd_state_kernel (reverse
 scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv),
@@ -76,10 +79,10 @@ def hi_lo(x, dtype):
     return torch.stack((hi, (x - hi.to(x.dtype)).to(dtype)), dim=-1)
 
 
-def _launch(kernel, name, grid, args, DK, DV, BT, dtype, arch, **extra):
-    """Launch one of the five matmul kernels with the table's parameters."""
-    p = heuristics.launch_params(name, DK, DV, BT, dtype, arch)
-    meta = dict(BT=BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
+def _launch(kernel, name, grid, args, DK, DV, BT, NT, dtype, arch, **extra):
+    """Launch one of the five matmul kernels with the table's parameters (keyed on the tile)."""
+    p = heuristics.launch_params(name, DK, DV, BT * NT, dtype, arch)
+    meta = dict(BT=BT, NT=NT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
     grid = grid(p["BK"], p["BV"]) if callable(grid) else grid
     opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
     if not INTERPRETED and p["maxnreg"]:
@@ -100,7 +103,7 @@ CHAIN_BLOCK = 1024
 
 
 def _split_scan(name, x, y, x_strides, y_strides, wc, wn, decay, c, n, start, end, has_start,
-                backward, S, NC, DK, DV, rev, NH, BT, dtype, arch):
+                backward, S, NC, DK, DV, rev, NH, BT, NT, dtype, arch):
     """A state scan as mlstm_chunk_local_kernel (every chunk's own term, in parallel) then
     mlstm_chunk_chain_kernel (linking them, in place in c and n): the split launch parameter.
     Both launches are timed under the scan's name."""
@@ -108,7 +111,7 @@ def _split_scan(name, x, y, x_strides, y_strides, wc, wn, decay, c, n, start, en
     _launch(mlstm_chunk_local_kernel, name,
             lambda BK, BV: (NC * BH * cdiv(DK, BK) * cdiv(DV, BV),),
             (x, y, wc, wn, c, n, S, NC, DK, DV, rev, NH, *x_strides, *y_strides),
-            DK, DV, BT, dtype, arch)
+            DK, DV, BT, NT, dtype, arch)
     _run(mlstm_chunk_chain_kernel, name,
          (cdiv(DK * DV, CHAIN_BLOCK) + cdiv(DK, CHAIN_BLOCK), BH),
          (c, n, decay, *start, *end, NC, DK, DV), BLOCK=CHAIN_BLOCK, BACKWARD=backward,
@@ -178,81 +181,83 @@ def _strides(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _dims(q, v, BT):
-    """(B, NH, S, DK, DV, chunks, accumulation dtype, arch) of a pass over laid-out q and v."""
+def _dims(q, v, L):
+    """(B, NH, S, DK, DV, chunks, tile, tiles a chunk, accumulation dtype, arch) of a pass over
+    laid-out q and v in chunks of L positions."""
     B, NH, S, DK = q.shape
-    return (B, NH, S, DK, v.shape[-1], cdiv(S, BT), compute_dtype(q),
+    BT = heuristics.tile_len(L, q.dtype)
+    return (B, NH, S, DK, v.shape[-1], cdiv(S, L), BT, L // BT, compute_dtype(q),
             heuristics.device_arch(q.device))
 
 
-def _fwd_states(q, k, v, i, f, c0, n0, m0, BT, reverse):
+def _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse):
     """The forward's two scans (stabilizer, then states) on laid-out q, k, v: returns c_in,
-    n_in, m_in, a_in (entering every chunk) and c_last, n_last, m_last, a_last."""
-    B, NH, S, DK, DV, NC, ad, arch = _dims(q, v, BT)
+    n_in, m_in (entering every chunk), c_last, n_last, m_last, a_last, and per row b_row,
+    m_row, a_row."""
+    B, NH, S, DK, DV, NC, BT, NT, ad, arch = _dims(q, v, L)
     has_init = c0 is not None
     kw = dict(device=q.device)
     c_in = torch.empty(B, NH, NC, DK, DV, dtype=state_dtype(q), **kw)
     n_in = torch.empty(B, NH, NC, DK, dtype=ad, **kw)
     m_in = torch.empty(B, NH, NC, dtype=ad, **kw)
-    a_in = torch.empty(B, NH, NC, dtype=torch.int32, **kw)
     c_last = torch.empty(B, NH, DK, DV, dtype=ad, **kw)
     n_last = torch.empty(B, NH, DK, dtype=ad, **kw)
     m_last = torch.empty(B, NH, 1, dtype=ad, **kw)
     a_last = torch.empty(B, NH, dtype=torch.int32, **kw)
-    gain = torch.empty(B, NH, NC, BT, dtype=ad, **kw)
+    gain = torch.empty(B, NH, NC, L, dtype=ad, **kw)
     decay = torch.empty(B, NH, NC, dtype=ad, **kw)
+    b_row = torch.empty(B, NH, S, dtype=ad, **kw)
+    m_row = torch.empty(B, NH, S, dtype=ad, **kw)
+    a_row = torch.empty(B, NH, S, dtype=torch.int32, **kw)
     c_init, n_init, m_init = (c0, n0, m0) if has_init else (c_last, n_last, m_last)  # unread
     rev = int(bool(reverse))
     _run(mlstm_fwd_gates_kernel, "fwd_gates", (B * NH,),
-         (i, f, m_init, m_in, a_in, m_last, a_last, gain, decay, S, NC, rev),
-         BT=BT, BC=heuristics.gates_chunks(BT), HAS_INIT=has_init, ACC=_dot_args(q.dtype)["ACC"],
+         (i, f, m_init, m_in, m_last, a_last, gain, decay, b_row, m_row, a_row, S, NC, rev),
+         L=L, BC=heuristics.gates_chunks(L), HAS_INIT=has_init, ACC=_dot_args(q.dtype)["ACC"],
          num_warps=heuristics.GATES_WARPS)
-    if heuristics.launch_params("fwd_state", DK, DV, BT, q.dtype, arch)["split"]:
+    if heuristics.launch_params("fwd_state", DK, DV, L, q.dtype, arch)["split"]:
         _split_scan("fwd_state", k, v, _strides(k), _strides(v), gain, gain, decay, c_in, n_in,
                     (c_init, n_init), (c_last, n_last), has_init, False,
-                    S, NC, DK, DV, rev, NH, BT, q.dtype, arch)
+                    S, NC, DK, DV, rev, NH, BT, NT, q.dtype, arch)
     else:
         _launch(mlstm_fwd_state_kernel, "fwd_state",
                 lambda BK, BV: (cdiv(DK, BK), cdiv(DV, BV), B * NH),
                 (k, v, gain, decay, c_init, n_init, c_in, n_in, c_last, n_last,
-                 S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, BT, q.dtype, arch,
-                HAS_INIT=has_init)
-    return c_in, n_in, m_in, a_in, c_last, n_last, m_last, a_last
+                 S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, BT, NT, q.dtype,
+                arch, HAS_INIT=has_init)
+    return c_in, n_in, m_in, c_last, n_last, m_last, a_last, b_row, m_row, a_row
 
 
-def mlstm_states(q, k, v, i, f, c0, n0, m0, BT, reverse):
+def mlstm_states(q, k, v, i, f, c0, n0, m0, L, reverse):
     """The states entering every chunk, (c_in, n_in), as mlstm_fwd computes them: the backward
     recomputes them with this when the forward did not keep them (recompute_states)."""
     q, k, v = _kernel_layout(q, k, v)
-    return _fwd_states(q, k, v, i, f, c0, n0, m0, BT, reverse)[:2]
+    return _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse)[:2]
 
 
-def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, BT, reverse):
-    """(B, NH, S, D) inputs of any layout, contiguous (B, NH, S) gates. Returns h and the saved
-    tensors."""
+def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse):
+    """(B, NH, S, D) inputs of any layout, contiguous (B, NH, S) gates, chunks of L positions.
+    Returns h and the saved tensors."""
     q, k, v = _kernel_layout(q, k, v)
-    B, NH, S, DK, DV, NC, ad, arch = _dims(q, v, BT)
+    B, NH, S, DK, DV, NC, BT, NT, ad, arch = _dims(q, v, L)
     rev = int(bool(reverse))
-    kw = dict(device=q.device)
-    c_in, n_in, m_in, a_in, c_last, n_last, m_last, a_last = _fwd_states(
-        q, k, v, i, f, c0, n0, m0, BT, reverse)
-    h = torch.empty(B, NH, S, DV, dtype=q.dtype, **kw)
-    m_row = torch.empty(B, NH, S, dtype=ad, **kw)
-    n_row = torch.empty(B, NH, S, dtype=ad, **kw)
-    a_row = torch.empty(B, NH, S, dtype=torch.int32, **kw)
+    c_in, n_in, m_in, c_last, n_last, m_last, a_last, b_row, m_row, a_row = _fwd_states(
+        q, k, v, i, f, c0, n0, m0, L, reverse)
+    h = torch.empty(B, NH, S, DV, dtype=q.dtype, device=q.device)
+    n_row = torch.empty(B, NH, S, dtype=ad, device=q.device)
     # pipelined, the outputs kernel takes n as (hi, lo) MMA-dtype pairs (see the kernel)
-    qn_mma = heuristics.launch_params("fwd_out", DK, DV, BT, q.dtype, arch)["num_stages"] > 1
+    qn_mma = heuristics.launch_params("fwd_out", DK, DV, L, q.dtype, arch)["num_stages"] > 1
     _launch(mlstm_fwd_out_kernel, "fwd_out",
-            lambda BK, BV: (cdiv(DV, BV), NC, B * NH),
-            (q, k, v, i, f, c_in, hi_lo(n_in, c_in.dtype) if qn_mma else n_in, m_in, a_in, h,
-             m_row, n_row, a_row, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v),
-             DK ** -0.5, eps), DK, DV, BT, q.dtype, arch, QN_MMA=qn_mma)
-    return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in
+            lambda BK, BV: (cdiv(DV, BV), cdiv(S, BT), B * NH),
+            (q, k, v, i, c_in, hi_lo(n_in, c_in.dtype) if qn_mma else n_in, m_in, b_row, m_row,
+             h, n_row, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v), DK ** -0.5, eps),
+            DK, DV, BT, NT, q.dtype, arch, QN_MMA=qn_mma)
+    return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, b_row
 
 
 def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
-              c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in,
-              eps, BT, reverse, share_bases=False):
+              c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, b_row,
+              eps, L, reverse, share_bases=False):
     """Gradients (dq, dk, dv, di, df, dc0, dn0, dm0); the state gradients are those of the
     initial state (zeros-free placeholders when there is none). dc_last, dn_last, dm_last: all
     three, or all None when the last state was not used (no zero tensors then). share_bases:
@@ -260,7 +265,8 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     # laid out after the caller's q, k, v, before any aligning copy
     dq, dk, dv = _grad_buffers(q, k, v, share_bases)
     q, k, v = _kernel_layout(q, k, v)
-    B, NH, S, DK, DV, NC, ad, arch = _dims(q, v, BT)
+    B, NH, S, DK, DV, NC, BT, NT, ad, arch = _dims(q, v, L)
+    NTS = cdiv(S, BT)
     rev = int(bool(reverse))
     scale = DK ** -0.5
     kw = dict(device=q.device)
@@ -268,13 +274,13 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     # (utils.normalizer_backward in one pass, without float32 copies of dh and h), and the
     # state-gradient scan's row weights and chunk factors.
     den, dn, dm_row = (torch.empty(B, NH, S, dtype=ad, **kw) for _ in range(3))
-    wa, wb = (torch.empty(B, NH, NC, BT, dtype=ad, **kw) for _ in range(2))
+    wa, wb = (torch.empty(B, NH, NC, L, dtype=ad, **kw) for _ in range(2))
     decay = torch.empty(B, NH, NC, dtype=ad, **kw)
     p = heuristics.prologue_params(DV, BT, q.dtype, arch)
-    _run(mlstm_bwd_prologue_kernel, "bwd_prologue", (NC, B * NH),
-         (dh, h, i, f, m_row, n_row, m_in, m_last, den, dn, dm_row, wa, wb, decay,
+    _run(mlstm_bwd_prologue_kernel, "bwd_prologue", (NTS, B * NH),
+         (dh, h, b_row, m_row, n_row, m_in, m_last, den, dn, dm_row, wa, wb, decay,
           S, NC, DV, rev, scale, eps),
-         BT=BT, BV=p["BV"], ACC=_dot_args(q.dtype)["ACC"], num_warps=p["num_warps"])
+         BT=BT, NT=NT, BV=p["BV"], ACC=_dot_args(q.dtype)["ACC"], num_warps=p["num_warps"])
 
     dc_out = torch.empty(B, NH, NC, DK, DV, dtype=state_dtype(q), **kw)
     dn_out = torch.empty(B, NH, NC, DK, dtype=ad, **kw)
@@ -282,29 +288,30 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     dn0 = torch.empty(B, NH, DK, dtype=ad, **kw)
     has_dlast = dc_last is not None
     dlast = (dc_last, dn_last) if has_dlast else (dc0, dn0)         # unread placeholders
-    if heuristics.launch_params("bwd_state", DK, DV, BT, q.dtype, arch)["split"]:
+    if heuristics.launch_params("bwd_state", DK, DV, L, q.dtype, arch)["split"]:
         _split_scan("bwd_state", q, dh, _strides(q), _strides(dh), wa, wb, decay, dc_out, dn_out,
-                    dlast, (dc0, dn0), has_dlast, True, S, NC, DK, DV, rev, NH, BT, q.dtype, arch)
+                    dlast, (dc0, dn0), has_dlast, True, S, NC, DK, DV, rev, NH, BT, NT, q.dtype,
+                    arch)
     else:
         _launch(mlstm_bwd_state_kernel, "bwd_state",
                 lambda BK, BV: (cdiv(DK, BK), cdiv(DV, BV), B * NH),
                 (q, dh, wa, wb, decay, *dlast, dc_out, dn_out, dc0, dn0,
-                 S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, BT, q.dtype, arch,
+                 S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, BT, NT, q.dtype, arch,
                 HAS_DLAST=has_dlast)
-    p = heuristics.launch_params("bwd_dqk", DK, DV, BT, q.dtype, arch)
+    p = heuristics.launch_params("bwd_dqk", DK, DV, L, q.dtype, arch)
     NK = cdiv(DK, p["BK"])
     rq = torch.empty(NK, B, NH, S, dtype=ad, **kw)
     rk = torch.empty(NK, B, NH, S, dtype=ad, **kw)
-    _launch(mlstm_bwd_dqk_kernel, "bwd_dqk", (NK, NC, B * NH),
-            (q, k, v, i, f, dh, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
+    _launch(mlstm_bwd_dqk_kernel, "bwd_dqk", (NK, NTS, B * NH),
+            (q, k, v, i, dh, b_row, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
              dq, dk, rq, rk, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v),
              *_strides(dq), scale),
-            DK, DV, BT, q.dtype, arch)
+            DK, DV, BT, NT, q.dtype, arch)
     _launch(mlstm_bwd_dv_kernel, "bwd_dv",
-            lambda BK, BV: (cdiv(DV, BV), NC, B * NH),
-            (q, k, dh, i, f, m_row, den, m_in, m_last, dc_out, dv,
+            lambda BK, BV: (cdiv(DV, BV), NTS, B * NH),
+            (q, k, dh, i, b_row, m_row, den, m_in, m_last, dc_out, dv,
              S, NC, DK, DV, rev, NH, *_strides(q), *_strides(dv), scale),
-            DK, DV, BT, q.dtype, arch)
+            DK, DV, BT, NT, q.dtype, arch)
     # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse): the m
     # gradients go to the keys that set each m (argmax indices are logical positions, so they
     # are mapped first), as additions u to di and w to dF (two scatters); then one kernel sums
@@ -330,12 +337,12 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
 
 _T = torch.Tensor
 _T8 = tuple[_T, _T, _T, _T, _T, _T, _T, _T]
-_T11 = tuple[_T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T]
+_T12 = tuple[_T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T]
 
 @torch.library.custom_op("vil_kernels::mlstm_chunk_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
             c0: torch.Tensor | None, n0: torch.Tensor | None, m0: torch.Tensor | None,
-            eps: float, chunk: int, reverse: bool) -> _T11:
+            eps: float, chunk: int, reverse: bool) -> _T12:
     with _device(q):
         return mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse)
 
@@ -349,7 +356,8 @@ def _fwd_fake(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse):
     e = lambda *shape, dtype=ad: q.new_empty(shape, dtype=dtype)
     return (e(B, NH, S, DV, dtype=q.dtype), e(B, NH, DK, DV), e(B, NH, DK), e(B, NH, 1),
             e(B, NH, dtype=i32), e(B, NH, S), e(B, NH, S), e(B, NH, S, dtype=i32),
-            e(B, NH, NC, DK, DV, dtype=state_dtype(q)), e(B, NH, NC, DK), e(B, NH, NC))
+            e(B, NH, NC, DK, DV, dtype=state_dtype(q)), e(B, NH, NC, DK), e(B, NH, NC),
+            e(B, NH, S))
 
 
 @torch.library.custom_op("vil_kernels::mlstm_chunk_states", mutates_args=())
@@ -376,11 +384,11 @@ def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, 
             n_last: torch.Tensor,
             m_last: torch.Tensor, a_last: torch.Tensor, m_row: torch.Tensor, n_row: torch.Tensor,
             a_row: torch.Tensor, c_in: torch.Tensor, n_in: torch.Tensor, m_in: torch.Tensor,
-            eps: float, chunk: int, reverse: bool) -> _T8:
+            b_row: torch.Tensor, eps: float, chunk: int, reverse: bool) -> _T8:
     with _device(q):
         return mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last, c_last,
-                         n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, eps, chunk,
-                         reverse)
+                         n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, b_row, eps,
+                         chunk, reverse)
 
 
 @_bwd_op.register_fake
@@ -427,7 +435,7 @@ class MLSTMTritonFunction(torch.autograd.Function):
         h, c_last, n_last, m_last = out[:4]
         # recompute: the chunk states (out[8:10]: NC x DK x DV a head) are not kept; the
         # backward reruns the two scans that made them
-        kept = (*out[:8], None, None, out[10]) if recompute else out
+        kept = (*out[:8], None, None, *out[10:]) if recompute else out
         ctx.save_for_backward(q, k, v, i, f, *((c0, n0, m0) if has_init else ()), *kept)
         ctx.meta = (eps, chunk, reverse, has_init)
         ctx.set_materialize_grads(False)     # unused last states: None, not zero tensors
@@ -470,15 +478,15 @@ def mlstm_triton(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, 
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     arch = heuristics.device_arch(q.device)
-    BT = heuristics.chunk_len(S, DK, DV, q.dtype, arch, chunk_size)
+    L = heuristics.chunk_len(S, DK, DV, q.dtype, arch, chunk_size)
     inputs = (q, k, v, i, f, c_initial, n_initial, m_initial)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
-        h, c, n, m = MLSTMTritonFunction.apply(*inputs, float(eps), BT, bool(reverse),
+        h, c, n, m = MLSTMTritonFunction.apply(*inputs, float(eps), L, bool(reverse),
                                                bool(recompute_states))
     else:
         # nothing to differentiate (inference): the forward alone, without the autograd
         # Function's bookkeeping (~50 us of host time a call)
         i, f, c0, n0, m0 = _contiguous_gates_and_states(i, f, c_initial, n_initial, m_initial)
-        h, c, n, m = _call(_fwd_op, mlstm_fwd, q, k, v, i, f, c0, n0, m0, float(eps), BT,
+        h, c, n, m = _call(_fwd_op, mlstm_fwd, q, k, v, i, f, c0, n0, m0, float(eps), L,
                            bool(reverse))[:4]
     return h, ((c, n, m) if return_last_states else None)

@@ -1,19 +1,22 @@
-"""Launch parameters of the chunkwise mLSTM kernels, keyed on (head dims, dtype, arch).
+"""Launch parameters of the chunkwise mLSTM kernels, keyed on (head dims, chunk, dtype, arch).
 
 Head dims are tiled by the largest of 64 / 32 / 16 that divides them (96 -> 3 x 32, 192 -> 3 x
 64, 384 -> 6 x 64: no padding of 96 up to 128), except, on Hopper, the V tiles of the scans, the
 output and the dv kernels: 128 for 16-bit inputs with DV > 64 (masked where DV is not a
-multiple); one chunk of 64 positions by default (fewer for short sequences), at most 128
-(float32 inputs: 32). On Hopper (measured on an H200 and an H100 with bench/tune.py, see
-_table_params): 4 warps, two pipeline stages for 16-bit inputs (three in the scans where
-that keeps their register cap), the scans' registers capped for one more program an SM where
-that does not spill (see scan_maxnreg). On Ampere (not measured): 8 warps from 64 positions,
-one stage, V tiles of at most 32 in the outputs and dq/dk kernels there. At 128 positions 8
-warps and head-dim tiles of at most 32 (V tiles of 16 in the outputs kernel). Everything is also checked ahead of time
-without a GPU (``python -m vil_kernels.compile_check``: no spills, shared memory under the
-arch's limit, tensor cores used for 16-bit inputs, no pipelining races). OVERRIDES lets
-bench/tune.py sweep; a table it measured on another GPU is used where $VIL_KERNELS_LAUNCH_TABLE
-names its file.
+multiple). Chunks (the state kept at their boundaries) of 64 positions by default (fewer for
+short sequences; float32 inputs: 32), any power of two up to 1024 on request; the kernels take
+them in tiles of at most 64 positions (float32: 32). On Hopper (measured on an H200 and an H100
+with bench/tune.py, see _table_params): 4 warps, two pipeline stages for 16-bit inputs (three
+in the scans where that keeps their register cap), the scans' registers capped for one more
+program an SM where that does not spill (see scan_maxnreg). On Ampere (not measured): 8 warps
+from 64 positions, one stage, V tiles of at most 32 in the outputs and dq/dk kernels there.
+Chunks of several tiles (not timed yet; chosen only on request) take the same parameters
+except where their loops over the chunk's other tiles would spill: the scans uncapped, the
+dq/dk kernel at 8 warps on Hopper and with K tiles of 32 on Ampere, float32 inputs in tiles of
+16 positions. Everything is also checked ahead of time without a GPU (``python -m
+vil_kernels.compile_check``: no spills, shared memory under the arch's limit, tensor cores
+used for 16-bit inputs, no pipelining races). OVERRIDES lets bench/tune.py sweep; a table it
+measured on another GPU is used where $VIL_KERNELS_LAUNCH_TABLE names its file.
 """
 
 import json
@@ -23,12 +26,16 @@ import torch
 
 from ..utils import next_power_of_2
 
-# Largest chunk the fused kernels run: at BT = 128 the [BT, BT] float32 tiles (q k^T, scores,
-# dS) take 64 registers a thread each at 8 warps, so the head-dim tiles shrink to 32; a requested
-# chunk_size of 256 runs as 128, which computes the same function (the chunk length only changes
-# the rounding).
-MAX_BT = 128
-DEFAULT_BT = 64
+# Largest tile of positions the matmul kernels take (16-bit and float64 inputs; float32: 32):
+# a [BT, BT] float32 tile (q k^T, scores, dS) and [BT, 64] accumulators at 4 warps. Longer
+# chunks run as several tiles (kernels.py: NT tiles a chunk).
+MAX_TILE = 64
+DEFAULT_CHUNK = 64
+# Longest chunk: the gate scan holds one chunk's gates as a [1, L] tile, and a tile's program
+# loops over up to L / BT - 1 others. The chunk length only changes the rounding, never the
+# function: a longer chunk keeps fewer states (S / L of DK x DV a head, the largest memory
+# traffic of a pass at large head dims) for more intra-chunk products.
+MAX_CHUNK = 1024
 # ptxas otherwise sometimes settles on 128 registers and spills a few bytes (compile_check
 # caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
 MAXNREG = 255
@@ -52,20 +59,30 @@ def head_block(D):
     return min(64, max(16, next_power_of_2(D)))
 
 
-def max_chunk(dtype):
-    """Largest chunk the kernels run without register spills for an input dtype: float32 operands
-    (tf32x3: every tile split in two) need twice the registers of 16-bit ones."""
-    return 32 if dtype == torch.float32 else MAX_BT
+def max_tile(dtype):
+    """Largest tile of positions for an input dtype: float32 operands (tf32x3: every tile split
+    in two) need twice the registers of 16-bit ones."""
+    return 32 if dtype == torch.float32 else MAX_TILE
 
 
 def chunk_len(S, DK, DV, dtype, arch, requested=None):
-    """Positions per chunk BT: the requested power of two (capped at max_chunk(dtype)), else the
-    default, shortened for sequences that fit one smaller chunk. The chunk length only changes
-    the rounding, never the function."""
-    cap = max_chunk(dtype)
+    """Positions per chunk L (the state is kept at chunk boundaries): the requested power of
+    two, at most MAX_CHUNK and no longer than the sequence needs (one chunk holds it either
+    way); by default DEFAULT_CHUNK, at most one tile (max_tile), shortened for sequences that
+    fit one smaller chunk. The chunk length only changes the rounding, never the function."""
+    fits = max(16, next_power_of_2(S))
     if requested is not None:
-        return min(int(requested), cap)
-    return max(16, min(DEFAULT_BT, cap, next_power_of_2(S)))
+        return min(int(requested), MAX_CHUNK, fits)
+    return min(DEFAULT_CHUNK, max_tile(dtype), fits)
+
+
+def tile_len(L, dtype):
+    """Positions per tile BT of the matmul kernels for chunks of L: the chunk up to max_tile,
+    longer chunks in tiles of max_tile, for float32 inputs of 16 (at 32 the multi-tile loops'
+    tf32x3 operands spill, compile_check)."""
+    if L <= max_tile(dtype):
+        return L
+    return 16 if dtype == torch.float32 else max_tile(dtype)
 
 
 # Per-kernel launch parameters forced by bench/tune.py while it sweeps configurations on a GPU:
@@ -81,22 +98,24 @@ _tuned = None                                                    # {key: params}
 _cache = {}
 
 
-def launch_params(kernel, DK, DV, BT, dtype, arch):
-    """BK, BV, num_warps, num_stages, maxnreg for one kernel, and for the two scans split: run
+def launch_params(kernel, DK, DV, L, dtype, arch):
+    """BK, BV, num_warps, num_stages, maxnreg for one kernel in chunks of L positions (tiles of
+    tile_len(L): L itself up to 64), and for the two scans split: run
     the scan as a parallel pass of each chunk's own term and an elementwise chain linking them
     (mlstm_chunk_local_kernel, mlstm_chunk_chain_kernel; BK, BV, warps, stages and the cap
     then apply to the first) instead of one serial program per tile pair. Off in the built-in
     table: on the H200 at ViL-B's shape it ran about 5x slower. dtype: the inputs' torch
     dtype."""
     assert kernel in KERNELS, kernel
-    key = (kernel, DK, DV, BT, dtype, arch)
+    key = (kernel, DK, DV, L, dtype, arch)
     cached = _cache.get(key) if not OVERRIDES else None
     if cached is not None:
         return dict(cached)
-    p = _table_params(kernel, DK, DV, BT, dtype, arch)
+    BT = tile_len(L, dtype)
+    p = _table_params(kernel, DK, DV, BT, L // BT, dtype, arch)
     if kernel in SCANS:
         p["split"] = False
-    p.update(tuned_table().get(table_key(kernel, DK, DV, BT, dtype, arch), {}))
+    p.update(tuned_table().get(table_key(kernel, DK, DV, L, dtype, arch), {}))
     if OVERRIDES:
         p.update(OVERRIDES.get(kernel, {}))
     else:
@@ -104,9 +123,10 @@ def launch_params(kernel, DK, DV, BT, dtype, arch):
     return p
 
 
-def table_key(kernel, DK, DV, BT, dtype, arch):
-    """A measured table's key for one kernel launch: "fwd_out/384/384/64/bfloat16/sm90"."""
-    return f"{kernel}/{DK}/{DV}/{BT}/{str(dtype).replace('torch.', '')}/sm{arch}"
+def table_key(kernel, DK, DV, L, dtype, arch):
+    """A measured table's key for one kernel launch in chunks of L:
+    "fwd_out/384/384/64/bfloat16/sm90"."""
+    return f"{kernel}/{DK}/{DV}/{L}/{str(dtype).replace('torch.', '')}/sm{arch}"
 
 
 def tuned_table(reload=False):
@@ -143,14 +163,11 @@ def read_table(path):
     return entries
 
 
-def _table_params(kernel, DK, DV, BT, dtype, arch):
+def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
     BK, BV = head_block(DK), head_block(DV)
     if dtype == torch.float32:
         # tf32x3 splits every fp32 operand into two tf32 tiles: half-size head-dim tiles
         BK, BV = min(BK, 32), min(BV, 32)
-    if BT >= 128:
-        BK, BV = min(BK, 32), min(BV, 32 if kernel != "fwd_out" else 16)
-        return dict(BK=BK, BV=BV, num_warps=8, num_stages=1, maxnreg=MAXNREG)
     if 0 < arch < 90:
         # Ampere: not measured yet. 4 warps spill here (its MMA keeps more of the accumulators
         # in registers than Hopper's wgmma): the first table's 8 warps at 64 positions. V tiles
@@ -158,6 +175,8 @@ def _table_params(kernel, DK, DV, BT, dtype, arch):
         # 3.7 spills 8 and 368 bytes there (3.6 does not)
         if kernel in ("fwd_out", "bwd_dqk") and BT >= 64:
             BV = min(BV, 32)
+        if kernel == "bwd_dqk" and NT > 1 and BT >= 64:
+            BK = min(BK, 32)                # (the multi-tile loops spill 88 bytes at 64 x 32)
         return dict(BK=BK, BV=BV, num_warps=8 if BT >= 64 else 4, num_stages=1, maxnreg=MAXNREG)
     # Hopper (and the interpreter, arch 0, so that the tests run this table), measured with
     # bench/tune.py on an H200 (bf16, B=64, NH=4, S=784, D=384, BT=64; the sweeps are
@@ -194,8 +213,18 @@ def _table_params(kernel, DK, DV, BT, dtype, arch):
         # (D=384, B=64: programs an SM count) though 1.08x faster at S=16384 (B=1: 72
         # programs, fewer than SMs); bench/results/tune-nvidia-h*.json
         stages = 3
-    p = dict(BK=BK, BV=BV, num_warps=4, num_stages=stages, maxnreg=MAXNREG)
-    if kernel in SCANS:
+    warps = 4
+    if kernel == "bwd_dqk" and sixteen and BT >= 64:
+        if NT > 1:
+            # chunks of several tiles (not timed yet): its loops over the chunk's other tiles
+            # hold dq and dk at once, and at 4 warps spill 120-784 bytes; at 8, none
+            warps = 8
+        elif BK >= 64 and BV < 64:
+            BK = 32         # (64 x 32 tiles, DK a multiple of 64 and DV = 96: a 264-byte spill)
+    p = dict(BK=BK, BV=BV, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
+    if kernel in SCANS and NT == 1:
+        # (chunks of several tiles: the chunk-boundary step holds more registers, and the
+        # capped builds spill)
         p["maxnreg"] = scan_maxnreg(kernel, BT, BK, BV, dtype)
     return p
 
@@ -230,11 +259,11 @@ def prologue_params(DV, BT, dtype, arch):
 GATES_BLOCK = 1024
 
 
-def gates_chunks(BT):
+def gates_chunks(L):
     """Chunks the forward's gate scan (one program a head) takes at a time: 1024 positions, a
-    [chunks, BT] tile (16 chunks of 64, ViL's 784 tokens in one), at most 32 chunks (its
+    [chunks, L] tile (16 chunks of 64, ViL's 784 tokens in one), at most 32 chunks (its
     [chunks, chunks] select of each chunk's predecessor took 221 registers at 64)."""
-    return max(1, min(32, 1024 // BT))
+    return max(1, min(32, 1024 // L))
 
 
 # Warps of the forward's gate scan: four, for its [1024]-position tiles whatever the chunk.

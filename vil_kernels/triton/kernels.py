@@ -3,27 +3,34 @@
 Conventions: logical position t counts in processing order (t = 0 is the first position the
 recurrence sees); physical position p indexes memory, p = t forward and p = S - 1 - t with
 REVERSE, so reverse=True walks the sequence from its end without flipped copies. Chunk c holds
-logical positions [c * BT, (c + 1) * BT); positions t >= S are masked (log forget 0, input gate
-NEG: they keep the state and contribute nothing). All of m, n, gates, cumsums and states are in
-ACC (float32; float64 only under the interpreter); tl.dot operands are cast to MMA (the input
-dtype), products accumulate in ACC. Head dims are tiled by BK / BV with masks; DK, DV, S are
-runtime values, so one compiled kernel serves every head dim with the same tiles. q, k, v may
-have any strides but a unit last one: (s_b, s_h, s_t) per batch, head and position, shared by q
-and k (one row offset serves both), (sv_b, sv_h, sv_t) for v; dq and dk are written with
-strides (sd_b, sd_h, sd_t), dv with its own (the launcher lays them out like q, k and v, into
-the buffer their projection's output would take as its gradient where it can); everything
-else the kernels write, and dh, is contiguous.
+logical positions [c * L, (c + 1) * L): the state (C, n, m) is kept at chunk boundaries only.
+The matmul kernels work on tiles of BT positions, L = NT * BT (NT tiles a chunk): a program
+takes one tile r (in chunk r // NT) and, for the intra-chunk part, loops over the chunk's other
+tiles (the earlier ones as keys, the later ones as rows), so that a chunk longer than a tile
+moves fewer states through memory (NC = cdiv(S, L) of them, DK x DV each) at the price of more
+intra-chunk products; with NT = 1 those loops are not built. Positions t >= S are masked (log
+forget 0, input gate NEG: they keep the state and contribute nothing). All of m, n, gates,
+cumsums and states are in ACC (float32; float64 only under the interpreter); tl.dot operands
+are cast to MMA (the input dtype), products accumulate in ACC. Head dims are tiled by BK / BV
+with masks; DK, DV, S are runtime values, so one compiled kernel serves every head dim with the
+same tiles. q, k, v may have any strides but a unit last one: (s_b, s_h, s_t) per batch, head
+and position, shared by q and k (one row offset serves both), (sv_b, sv_h, sv_t) for v; dq and
+dk are written with strides (sd_b, sd_h, sd_t), dv with its own (the launcher lays them out
+like q, k and v, into the buffer their projection's output would take as its gradient where it
+can); everything else the kernels write, and dh, is contiguous.
 
 Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
-  m_row, n_row  [S]            per-row stabilizer and signed normalizer (physical order)
+  b_row         [S]            cumsum of logsigmoid(f) from the row's chunk start, inclusive
+  m_row, n_row  [S]            per-row stabilizer and signed normalizer
   a_row         [S] int32      logical index of the row's argmax key, -1 = the initial state
-  c_in, n_in    [NC, DK(, DV)] state entering each chunk, m_in / a_in [NC] its m and argmax
+  (b_row, m_row, a_row from the gate scan; [S] rows are in physical order)
+  c_in, n_in    [NC, DK(, DV)] state entering each chunk, m_in [NC] its m
   dc_out, dn_out [NC, DK(, DV)] gradient of the state leaving each chunk
   (c_in and dc_out are stored in the MMA dtype: they are only ever tl.dot operands)
   rq, rk        [NK, S]        per K block: q . dq and k . dk per row (for the gate gradients)
-  gain, decay   [NC, BT], [NC] the state scan's key weights and carried-state factors
-  wa, wb, decay [NC, BT], [NC] the state-gradient scan's row weights (w / den, w dn) and factors
-  ([NC, BT] vectors are in logical order: row j of chunk c is logical position c * BT + j)
+  gain, decay   [NC, L], [NC]  the state scan's key weights and carried-state factors
+  wa, wb, decay [NC, L], [NC]  the state-gradient scan's row weights (w / den, w dn) and factors
+  ([NC, L] vectors are in logical order: entry t is logical position t)
 """
 
 import triton
@@ -62,11 +69,47 @@ def _physical(o_t, S, REVERSE):
 
 
 @triton.jit
-def _rows(i_c, S, REVERSE, BT: tl.constexpr):
-    """Logical positions of chunk i_c, their physical positions and the in-sequence mask."""
-    o_t = i_c * BT + tl.arange(0, BT)
+def _rows(i_r, S, REVERSE, BT: tl.constexpr):
+    """Logical positions of tile i_r, their physical positions and the in-sequence mask."""
+    o_t = i_r * BT + tl.arange(0, BT)
     o_p, m_t = _physical(o_t, S, REVERSE)
     return o_t, o_p, m_t
+
+
+@triton.jit
+def _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC: tl.constexpr):
+    """A tile's chunk-relative log-forget cumsum b (0 where masked) and input gates (NEG where
+    masked, so that such keys weigh nothing)."""
+    b_b = tl.load(b_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    b_i = tl.load(i + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    return b_b, tl.where(m_t, b_i, _NEG)
+
+
+@triton.jit
+def _chunk_total(b_row, i_bh, i_c, S, REVERSE, L: tl.constexpr, ACC: tl.constexpr):
+    """g of chunk i_c, the sum of its log forget gates: b at its last position in the sequence."""
+    o_t = tl.minimum(i_c * L + L - 1, S - 1)
+    o_p = tl.where(REVERSE != 0, S - 1 - o_t, o_t)
+    return tl.load(b_row + i_bh * S + o_p).to(ACC)
+
+
+@triton.jit
+def _weights(b_ba, b_ma, m_a, b_bb, b_ib):
+    """exp(log D - m) of a tile of rows a and an earlier tile of keys b of the same chunk (every
+    key before every row): exp(b_t - b_j + i_j - m_t), 0 for masked rows. [BT, BT]"""
+    return tl.exp(tl.where(m_a[:, None], b_ba[:, None] - b_bb[None, :] + b_ib[None, :]
+                           - b_ma[:, None], _NEG))
+
+
+@triton.jit
+def _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC: tl.constexpr):
+    """A tile's rows as the backward weighs them: gate cumsum b, stabilizer m, normalizer den
+    and its gradient dn (masked rows: 0, 0, 1, 0)."""
+    b_b = tl.load(b_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
+    b_dn = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    return b_b, b_m, b_den, b_dn
 
 
 @triton.jit
@@ -107,9 +150,9 @@ def _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC: tl.constexpr):
 
 
 @triton.jit
-def _gates(p_i, p_f, o_p, m_t, BT: tl.constexpr, ACC: tl.constexpr, AXIS: tl.constexpr = 0):
-    """Input gates (NEG when masked), local inclusive cumsum b of logsigmoid(f), and its total g,
-    of one chunk ([BT] positions) or of several (AXIS=1: [chunks, BT])."""
+def _gates(p_i, p_f, o_p, m_t, L: tl.constexpr, ACC: tl.constexpr):
+    """Input gates (NEG when masked), chunk-local inclusive cumsum b of logsigmoid(f), and its
+    total g, of a [chunks, L] tile of positions."""
     b_f = tl.load(p_f + o_p, mask=m_t, other=0.).to(ACC)
     b_i = tl.load(p_i + o_p, mask=m_t, other=0.).to(ACC)
     # logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)), log1p by Goldberg's trick (accurate to ulps)
@@ -119,8 +162,8 @@ def _gates(p_i, p_f, o_p, m_t, BT: tl.constexpr, ACC: tl.constexpr, AXIS: tl.con
     b_l1p = tl.where(b_u == 1., b_x, tl.log(b_u) * (b_x / b_d))
     b_fl = tl.where(m_t, tl.minimum(b_f, 0.) - b_l1p, 0.)
     b_i = tl.where(m_t, b_i, _NEG)
-    b_b = tl.cumsum(b_fl, axis=AXIS)                                # [BT] / [chunks, BT]
-    b_g = tl.sum(tl.where(tl.arange(0, BT) == BT - 1, b_b, 0.), axis=AXIS)
+    b_b = tl.cumsum(b_fl, axis=1)                                   # [chunks, L]
+    b_g = tl.sum(tl.where(tl.arange(0, L)[None, :] == L - 1, b_b, 0.), axis=1)
     return b_i, b_b, b_g
 
 
@@ -136,17 +179,20 @@ def _m_compose(g1, m1, j1, g2, m2, j2):
 
 @triton.jit
 def mlstm_fwd_gates_kernel(
-    i, f, m0, m_in, a_in, m_last, a_last, gain, decay, S, NC, REVERSE,
-    BT: tl.constexpr, BC: tl.constexpr, HAS_INIT: tl.constexpr, ACC: tl.constexpr,
+    i, f, m0, m_in, m_last, a_last, gain, decay, b_row, m_row, a_row, S, NC, REVERSE,
+    L: tl.constexpr, BC: tl.constexpr, HAS_INIT: tl.constexpr, ACC: tl.constexpr,
 ):
-    """The stabilizer's scan over chunks, once per (batch, head): grid (B * NH,). Writes every
-    chunk's entry m and argmax, the last ones, and what the state scan needs per chunk: each
-    key's weight into the new state (gain [NC, BT], logical order) and the carried state's
-    factor (decay [NC]). The state scan's programs (one per head-dim tile pair) then do no
-    gate arithmetic: its serial chain is a load, a scale and a dot per chunk. BC chunks at a
-    time, as a [BC, BT] tile: their gates in parallel, then an associative scan of their steps
-    (_m_compose) from the carried m; a chunk at a time, the loads' latency made the scan
-    ~0.9 us a chunk (0.23 ms at S=16384 on an H200)."""
+    """The stabilizer's scan over chunks of L positions, once per (batch, head): grid (B * NH,).
+    Writes every chunk's entry m, the last m and argmax, what the state scan needs per chunk
+    (each key's weight into the new state, gain [NC, L] in logical order, and the carried
+    state's factor, decay [NC]) and per row what the matmul kernels need (b_row, m_row,
+    a_row): the state scan's programs (one per head-dim tile pair) then do no gate arithmetic,
+    their serial chain is a load, a scale and a dot per tile. BC chunks at a time, as a [BC, L]
+    tile: their gates in parallel, then an associative scan of their steps (_m_compose) from
+    the carried m; a chunk at a time, the loads' latency made the scan ~0.9 us a chunk (0.23
+    ms at S=16384 on an H200). A row's m and argmax: the larger of the carried state's
+    (b + m_in, its argmax; it wins ties) and the chunk's keys up to the row (b + prefix max of
+    i - b, the earliest index on ties), as the references' earliest-key rule."""
     i_bh = tl.program_id(0).to(tl.int64)
     p_i, p_f = i + i_bh * S, f + i_bh * S
     if HAS_INIT:
@@ -154,15 +200,15 @@ def mlstm_fwd_gates_kernel(
     else:
         b_m = tl.full([], _NEG, ACC)
     b_a = tl.full([], -1, tl.int32)
-    o_b, o_j = tl.arange(0, BC), tl.arange(0, BT)
+    o_b, o_j = tl.arange(0, BC), tl.arange(0, L)
     for i_cb in range(tl.cdiv(NC, BC)):
         o_c = i_cb * BC + o_b                                       # [BC] chunks
         m_c = o_c < NC
-        o_p, m_t = _physical(o_c[:, None] * BT + o_j[None, :], S, REVERSE)     # [BC, BT]
-        b_i, b_b, b_g = _gates(p_i, p_f, o_p, m_t, BT, ACC, 1)      # [BC, BT], [BC, BT], [BC]
+        o_p, m_t = _physical(o_c[:, None] * L + o_j[None, :], S, REVERSE)      # [BC, L]
+        b_i, b_b, b_g = _gates(p_i, p_f, o_p, m_t, L, ACC)       # [BC, L], [BC, L], [BC]
         b_lw = b_g[:, None] - b_b + b_i                             # key log-weights
         b_mloc, b_jloc = tl.max(b_lw, axis=1, return_indices=True)  # [BC]
-        b_jloc = (b_jloc + o_c * BT).to(tl.int32)
+        b_jloc = (b_jloc + o_c * L).to(tl.int32)
         # every chunk's step from the block's start, then from the carried (m, argmax); chunks
         # past NC are identities (g = 0, own max NEG) that keep the last chunk's result
         b_G, b_M, b_J = tl.associative_scan((b_g, b_mloc, b_jloc), axis=0, combine_fn=_m_compose)
@@ -175,11 +221,21 @@ def mlstm_fwd_gates_kernel(
         b_ain = tl.where(o_b == 0, b_a, tl.sum(tl.where(prev, b_aout[None, :], 0), axis=1))
         o_s = i_bh * NC + o_c
         tl.store(m_in + o_s, b_min.to(m_in.dtype.element_ty), mask=m_c)
-        tl.store(a_in + o_s, b_ain, mask=m_c)
         tl.store(decay + o_s, tl.exp(b_g + b_min - b_mout).to(decay.dtype.element_ty), mask=m_c)
-        tl.store(gain + o_s[:, None] * BT + o_j[None, :],
+        tl.store(gain + o_s[:, None] * L + o_j[None, :],
                  tl.exp(b_lw - b_mout[:, None]).to(gain.dtype.element_ty),
                  mask=m_c[:, None])                                 # 0 where masked
+        # rows: the chunk's keys up to each row (a prefix max along the chunk) or the carry
+        b_pv, b_pj = tl.associative_scan((b_i - b_b, tl.broadcast_to(o_j[None, :], (BC, L))),
+                                         axis=1, combine_fn=_argmax_combine)
+        b_carry = b_b + b_min[:, None]
+        b_mintra = b_b + b_pv
+        b_mrow = tl.maximum(b_carry, b_mintra)                      # [BC, L]
+        b_arow = tl.where(b_carry >= b_mintra, b_ain[:, None], b_pj + (o_c * L)[:, None])
+        o_x = i_bh * S + o_p
+        tl.store(b_row + o_x, b_b.to(b_row.dtype.element_ty), mask=m_t)
+        tl.store(m_row + o_x, b_mrow.to(m_row.dtype.element_ty), mask=m_t)
+        tl.store(a_row + o_x, b_arow.to(tl.int32), mask=m_t)
         last = o_b == BC - 1
         b_m = tl.sum(tl.where(last, b_mout, 0.), axis=0)
         b_a = tl.sum(tl.where(last, b_aout, 0), axis=0)
@@ -191,31 +247,37 @@ def mlstm_fwd_gates_kernel(
 def mlstm_fwd_state_kernel(
     k, v, gain, decay, c0, n0, c_in, n_in, c_last, n_last,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
+    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_INIT: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """Inter-chunk scan of (C, n): grid (cdiv(DK, BK), cdiv(DV, BV), B * NH). Writes every
-    chunk's entry state (C block, n block from the i_v == 0 programs) and the last one; the
-    gates' part (gain, decay) comes from mlstm_fwd_gates_kernel."""
+    """Inter-chunk scan of (C, n): grid (cdiv(DK, BK), cdiv(DV, BV), B * NH), a tile of BT
+    positions a step. At every chunk's first tile it writes the chunk's entry state (C block, n
+    block from the i_v == 0 programs) and applies the chunk's decay; at the end the last state.
+    The gates' part (gain, decay) comes from mlstm_fwd_gates_kernel."""
     i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     o_k, o_v, m_k, m_v, m_kv, o_kv = _state_tile(i_k, i_v, DK, DV, BK, BV)
     first_v = i_v == 0
     p_k, p_v = _seq(k, i_bh, NH, s_b, s_h), _seq(v, i_bh, NH, sv_b, sv_h)
+    p_g = gain + i_bh * NC * (BT * NT)
     b_c, b_n = _state_or_zero(c0, n0, i_bh, o_k, m_k, o_kv, m_kv, DK, DV, HAS_INIT, BK, BV, ACC)
-    for i_c in range(NC):
-        o_s = i_bh * NC + i_c
-        tl.store(c_in + o_s * DK * DV + o_kv, b_c.to(c_in.dtype.element_ty), mask=m_kv)
-        tl.store(n_in + o_s * DK + o_k, b_n.to(n_in.dtype.element_ty), mask=m_k & first_v)
-        o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
-        b_gain = tl.load(gain + o_s * BT + tl.arange(0, BT))         # [BT]
-        b_decay = tl.load(decay + o_s)
+    for i_r in range(tl.cdiv(S, BT)):
+        if i_r % NT == 0:                                   # (always, and folded, at NT = 1)
+            o_s = i_bh * NC + i_r // NT
+            tl.store(c_in + o_s * DK * DV + o_kv, b_c.to(c_in.dtype.element_ty), mask=m_kv)
+            tl.store(n_in + o_s * DK + o_k, b_n.to(n_in.dtype.element_ty), mask=m_k & first_v)
+            b_decay = tl.load(decay + o_s)
+            b_c = b_c * b_decay
+            b_n = b_n * b_decay
+        o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
+        b_gain = tl.load(p_g + o_t)                                 # [BT]
         b_kt = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :],
                        mask=m_t[:, None] & m_k[None, :], other=0.)  # [BT, BK]
         b_vt = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :],
                        mask=m_t[:, None] & m_v[None, :], other=0.)  # [BT, BV]
         b_kg = b_kt.to(ACC) * b_gain[:, None]                       # [BT, BK]
-        b_c = b_c * b_decay + _dot(tl.trans(b_kg), b_vt, MMA, ACC, PREC, INTERP)
-        b_n = b_n * b_decay + tl.sum(b_kg, axis=0)
+        b_c = b_c + _dot(tl.trans(b_kg), b_vt, MMA, ACC, PREC, INTERP)
+        b_n = b_n + tl.sum(b_kg, axis=0)
     tl.store(c_last + i_bh * DK * DV + o_kv, b_c.to(c_last.dtype.element_ty), mask=m_kv)
     tl.store(n_last + i_bh * DK + o_k, b_n.to(n_last.dtype.element_ty), mask=m_k & first_v)
 
@@ -223,16 +285,16 @@ def mlstm_fwd_state_kernel(
 @triton.jit
 def mlstm_chunk_local_kernel(
     x, y, wc, wn, c, n, S, NC, DK, DV, REVERSE, NH, sx_b, sx_h, sx_t, sy_b, sy_h, sy_t,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Every chunk's own term of a state scan, all chunks at once: grid (NC * B * NH *
     cdiv(DK, BK) * cdiv(DV, BV),), a chunk's tiles adjacent (its x and y tiles are each read by
     several of them: from L2). Into each chunk's slot of c [NC, DK, DV] and n [NC, DK]:
-        c = (wc x)^T y,   n = (wn x)^T 1      (per-row weights wc, wn [NC, BT], logical order)
+        c = (wc x)^T y,   n = (wn x)^T 1      (per-row weights wc, wn [NC, L], logical order)
     for the state scan (x, y, wc, wn) = (k, v, gain, gain), for the state-gradient scan
     (q, dh, wa, wb). mlstm_chunk_chain_kernel then links the slots into states. The two replace
-    a serial scan (a load, a dot and an FMA per chunk, one program per tile pair) by one fully
+    a serial scan (a load, a dot and an FMA per tile, one program per tile pair) by one fully
     parallel pass of dots and an elementwise chain: the split launch parameter of the scans."""
     NK, NV = tl.cdiv(DK, BK), tl.cdiv(DV, BV)
     i_p = tl.program_id(0).to(tl.int64)
@@ -240,14 +302,21 @@ def mlstm_chunk_local_kernel(
     i_k, i_v = ((i_p // NV) % NK).to(tl.int32), (i_p % NV).to(tl.int32)
     i_bh, i_c = i_cbh // NC, i_cbh % NC
     o_k, o_v, m_k, m_v, m_kv, o_kv = _state_tile(i_k, i_v, DK, DV, BK, BV)
-    o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
-    o_w = i_cbh * BT + tl.arange(0, BT)              # i_cbh = i_bh * NC + i_c: the chunk's slot
-    b_x = tl.load(_seq(x, i_bh, NH, sx_b, sx_h) + o_p[:, None] * sx_t + o_k[None, :],
-                  mask=m_t[:, None] & m_k[None, :], other=0.).to(ACC)       # [BT, BK]
-    b_y = tl.load(_seq(y, i_bh, NH, sy_b, sy_h) + o_p[:, None] * sy_t + o_v[None, :],
-                  mask=m_t[:, None] & m_v[None, :], other=0.)               # [BT, BV]
-    b_c = _dot(tl.trans(b_x * tl.load(wc + o_w)[:, None]), b_y, MMA, ACC, PREC, INTERP)
-    b_n = tl.sum(b_x * tl.load(wn + o_w)[:, None], axis=0)                 # [BK]
+    p_x, p_y = _seq(x, i_bh, NH, sx_b, sx_h), _seq(y, i_bh, NH, sy_b, sy_h)
+    b_c = tl.zeros([BK, BV], dtype=ACC)
+    b_n = tl.zeros([BK], dtype=ACC)
+    for i_s in range(NT):
+        o_t, o_p, m_t = _rows(i_c * NT + i_s, S, REVERSE, BT)
+        o_w = i_bh * NC * (BT * NT) + o_t                  # [NC, L] slots: logical positions
+        b_x = tl.load(p_x + o_p[:, None] * sx_t + o_k[None, :],
+                      mask=m_t[:, None] & m_k[None, :], other=0.).to(ACC)   # [BT, BK]
+        b_y = tl.load(p_y + o_p[:, None] * sy_t + o_v[None, :],
+                      mask=m_t[:, None] & m_v[None, :], other=0.)           # [BT, BV]
+        # (the weights of tiles past the sequence's end may be unwritten: masked)
+        b_wc = tl.load(wc + o_w, mask=m_t, other=0.)
+        b_wn = tl.load(wn + o_w, mask=m_t, other=0.)
+        b_c += _dot(tl.trans(b_x * b_wc[:, None]), b_y, MMA, ACC, PREC, INTERP)
+        b_n += tl.sum(b_x * b_wn[:, None], axis=0)                         # [BK]
     tl.store(c + i_cbh * DK * DV + o_kv, b_c.to(c.dtype.element_ty), mask=m_kv)
     tl.store(n + i_cbh * DK + o_k, b_n.to(n.dtype.element_ty), mask=m_k & (i_v == 0))
 
@@ -296,28 +365,48 @@ def mlstm_chunk_chain_kernel(
 
 
 @triton.jit
+def _tile_dot(p_a, p_b, o_pa, m_a, o_pb, m_b, sa_t, sb_t, D, BT: tl.constexpr, BD: tl.constexpr,
+              MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """a b^T of a tile of rows of a (physical positions o_pa, row stride sa_t) and a tile of
+    rows of b (o_pb, sb_t) over a head dim D in blocks of BD: q k^T, or dh v^T. [BT, BT]"""
+    b_ab = tl.zeros([BT, BT], dtype=ACC)
+    for i_d in range(tl.cdiv(D, BD)):
+        o_d = i_d * BD + tl.arange(0, BD)
+        m_d = o_d < D
+        b_a = tl.load(p_a + o_pa[:, None] * sa_t + o_d[None, :], mask=m_a[:, None] & m_d[None, :],
+                      other=0.)                                     # [BT, BD]
+        b_b = tl.load(p_b + o_pb[:, None] * sb_t + o_d[None, :], mask=m_b[:, None] & m_d[None, :],
+                      other=0.)                                     # [BT, BD]
+        b_ab += _dot(b_a, tl.trans(b_b), MMA, ACC, PREC, INTERP)
+    return b_ab
+
+
+@triton.jit
 def mlstm_fwd_out_kernel(
-    q, k, v, i, f, c_in, n_in, m_in, a_in, h, m_row, n_row, a_row,
+    q, k, v, i, c_in, n_in, m_in, b_row, m_row, h, n_row,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale, eps,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, QN_MMA: tl.constexpr,
+    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    QN_MMA: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """Outputs of one chunk and V block: grid (cdiv(DV, BV), NC, B * NH). The row max is taken
-    over the carried state and the chunk's keys; the normalizer, m and argmax of every row are
-    stored by the i_v == 0 programs. QN_MMA (set when the loop is software-pipelined) computes
-    q . n_in on the tensor cores instead of as a sum of products, so that q only feeds dots:
-    with a sum too, Triton 3.6 gives q's pipelined loads one shared-memory buffer instead of
-    two and the next iteration's copy overwrites it while the async wgmma still read it (wrong
-    outputs on an H200 at num_stages=2; triton-lang/triton#6691). n_in is then [NC, DK, 2] in
-    the MMA dtype, each n as hi + lo (chunk.hi_lo), loaded as the first two columns of a
-    [BK, 16] operand: as accurate as the float32 sum, and a plain pipelined load."""
-    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    """Outputs of one tile of rows and V block: grid (cdiv(DV, BV), cdiv(S, BT), B * NH). The
+    rows' m (the gate scan's m_row) is the max over the carried state and the chunk's keys up
+    to each row; the signed normalizer of every row is stored by the i_v == 0 programs. The
+    tile's own keys and the carried state in one pass over DK, then the chunk's earlier tiles.
+    QN_MMA (set when the loop is software-pipelined) computes q . n_in on the tensor cores
+    instead of as a sum of products, so that q only feeds dots: with a sum too, Triton 3.6
+    gives q's pipelined loads one shared-memory buffer instead of two and the next iteration's
+    copy overwrites it while the async wgmma still read it (wrong outputs on an H200 at
+    num_stages=2; triton-lang/triton#6691). n_in is then [NC, DK, 2] in the MMA dtype, each n
+    as hi + lo (chunk.hi_lo), loaded as the first two columns of a [BK, 16] operand: as
+    accurate as the float32 sum, and a plain pipelined load."""
+    i_v, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_c = i_r // NT
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     o_i = tl.arange(0, BT)
     o_s = i_bh * NC + i_c
-    o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
-    b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
+    o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
 
     p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
     b_qk = tl.zeros([BT, BT], dtype=ACC)
@@ -344,31 +433,34 @@ def mlstm_fwd_out_kernel(
             b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
     if QN_MMA:
         b_qn = tl.sum(b_qn16, axis=1)
+    b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
+    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_min = tl.load(m_in + o_s).to(ACC)
-    b_ain = tl.load(a_in + o_s)
-    # row max of the chunk's log weights b_t - b_j + i_j (j <= t) = b_t + prefix max of i_j - b_j:
-    # a scan over [BT], not a [BT, BT] reduction
-    b_pv, b_pj = tl.associative_scan((b_i - b_b, o_i), axis=0, combine_fn=_argmax_combine)
-    b_mintra = b_b + b_pv
-    b_carry = b_b + b_min
-    b_m = tl.maximum(b_carry, b_mintra)                             # [BT]
-    b_arg = tl.where(b_carry >= b_mintra, b_ain, (b_pj + i_c * BT).to(tl.int32))
-    b_w = tl.exp(b_carry - b_m) * scale                             # [BT]
+    b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale     # [BT] carried state's weight
     causal = o_i[:, None] >= o_i[None, :]
     b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
     b_s = b_qk * scale * tl.exp(b_lw)                               # [BT, BT]
-    b_vt = tl.load(_seq(v, i_bh, NH, sv_b, sv_h) + o_p[:, None] * sv_t + o_v[None, :],
+    p_v = _seq(v, i_bh, NH, sv_b, sv_h)
+    b_vt = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :],
                    mask=m_t[:, None] & m_v[None, :], other=0.)      # [BT, BV]
     b_num = _dot(b_s, b_vt, MMA, ACC, PREC, INTERP) + b_w[:, None] * b_qc
     b_nrow = tl.sum(b_s, axis=1) + b_w * b_qn
+    if NT > 1:
+        for i_j in range(i_c * NT, i_r):          # the chunk's earlier tiles: all keys, unmasked
+            o_tj, o_pj, m_tj = _rows(i_j, S, REVERSE, BT)
+            b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+            b_qk = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK,
+                             MMA, ACC, PREC, INTERP)
+            b_s = b_qk * scale * _weights(b_b, b_m, m_t, b_bj, b_ij)    # [BT, BT]
+            b_vj = tl.load(p_v + o_pj[:, None] * sv_t + o_v[None, :],
+                           mask=m_tj[:, None] & m_v[None, :], other=0.)             # [BT, BV]
+            b_num += _dot(b_s, b_vj, MMA, ACC, PREC, INTERP)
+            b_nrow += tl.sum(b_s, axis=1)
     b_den = tl.maximum(tl.abs(b_nrow), tl.exp(-b_m)) + eps
     b_h = b_num / b_den[:, None]
     tl.store(h + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], b_h.to(h.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
-    m_row0 = m_t & (i_v == 0)
-    tl.store(m_row + i_bh * S + o_p, b_m.to(m_row.dtype.element_ty), mask=m_row0)
-    tl.store(n_row + i_bh * S + o_p, b_nrow.to(n_row.dtype.element_ty), mask=m_row0)
-    tl.store(a_row + i_bh * S + o_p, b_arg, mask=m_row0)
+    tl.store(n_row + i_bh * S + o_p, b_nrow.to(n_row.dtype.element_ty), mask=m_t & (i_v == 0))
 
 
 @triton.jit
@@ -416,20 +508,22 @@ def mlstm_bwd_gates_kernel(
 
 @triton.jit
 def mlstm_bwd_prologue_kernel(
-    dh, h, i, f, m_row, n_row, m_in, m_last, den, dn, dm, wa, wb, decay,
+    dh, h, b_row, m_row, n_row, m_in, m_last, den, dn, dm, wa, wb, decay,
     S, NC, DV, REVERSE, scale, eps,
-    BT: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr,
+    BT: tl.constexpr, NT: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr,
 ):
-    """The backward's O(S * DV) start, one chunk per program: grid (NC, B * NH). With every m
-    held constant the normalizer is one more value column (spec):
+    """The backward's O(S * DV) start, one tile of BT rows per program: grid (cdiv(S, BT),
+    B * NH). With every m held constant the normalizer is one more value column (spec):
         den = max(|n|, exp(-m)) + eps,  dden = -(dh . h) / den,
         dn = dden * sign(n) where |n| wins the max (else 0),  dm = eps * dden (for the argmax),
-    stored per row (physical order). For the state-gradient scan, per row (logical [NC, BT]):
+    stored per row (physical order). For the state-gradient scan, per row (logical [NC, L]):
     w = s exp(b + m_in - m) (the entry state's weight in the row), wa = w / den, wb = w dn,
-    and per chunk the factor of the gradient carried across it, exp(g + m_in - m_out)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    and per chunk (by its first tile's program) the factor of the gradient carried across it,
+    exp(g + m_in - m_out)."""
+    i_r, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    i_c = i_r // NT
     o_s = i_bh * NC + i_c
-    o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
+    o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
     p_dh, p_h = dh + i_bh * S * DV, h + i_bh * S * DV
     b_dot = tl.zeros([BT], dtype=ACC)
     for i_v in range(tl.cdiv(DV, BV)):
@@ -449,25 +543,30 @@ def mlstm_bwd_prologue_kernel(
     tl.store(dn + i_bh * S + o_p, b_dn.to(dn.dtype.element_ty), mask=m_t)
     tl.store(dm + i_bh * S + o_p, (eps * b_dden).to(dm.dtype.element_ty), mask=m_t)
 
-    b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
+    b_b = tl.load(b_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_min = tl.load(m_in + o_s).to(ACC)
-    b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
     b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale     # [BT]
-    o_w = o_s * BT + tl.arange(0, BT)
+    o_w = i_bh * NC * (BT * NT) + o_t                               # [NC, L]: logical positions
     tl.store(wa + o_w, (b_w / b_den).to(wa.dtype.element_ty))
     tl.store(wb + o_w, (b_w * b_dn).to(wb.dtype.element_ty))
-    tl.store(decay + o_s, tl.exp(b_g + b_min - b_mout).to(decay.dtype.element_ty))
+    if i_r % NT == 0:
+        b_g = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
+        b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
+        tl.store(decay + o_s, tl.exp(b_g + b_min - b_mout).to(decay.dtype.element_ty))
 
 
 @triton.jit
 def mlstm_bwd_state_kernel(
     q, dh, wa, wb, decay, dc_last, dn_last, dc_out, dn_out, dc0, dn0,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DLAST: tl.constexpr,
+    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_DLAST: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """Reverse scan of the state gradients: grid (cdiv(DK, BK), cdiv(DV, BV), B * NH). Stores
-    the gradient of the state leaving every chunk, and at the end that of the initial state:
+    """Reverse scan of the state gradients: grid (cdiv(DK, BK), cdiv(DV, BV), B * NH), a tile
+    of BT positions a step from the end. At every chunk's last tile it stores the gradient of
+    the state leaving the chunk and applies the chunk's factor; at the end that of the
+    initial state:
         dC <- decay dC + (wa q)^T dh,   dn <- decay dn + (wb q)^T 1
     with the per-row weights and per-chunk factors of mlstm_bwd_prologue_kernel, starting from
     the last state's gradient (HAS_DLAST) or zero (a caller that did not use the last state)."""
@@ -475,47 +574,56 @@ def mlstm_bwd_state_kernel(
     o_k, o_v, m_k, m_v, m_kv, o_kv = _state_tile(i_k, i_v, DK, DV, BK, BV)
     first_v = i_v == 0
     p_q, p_dh = _seq(q, i_bh, NH, s_b, s_h), dh + i_bh * S * DV
+    p_wa, p_wb = wa + i_bh * NC * (BT * NT), wb + i_bh * NC * (BT * NT)
     b_dc, b_dn = _state_or_zero(dc_last, dn_last, i_bh, o_k, m_k, o_kv, m_kv, DK, DV, HAS_DLAST,
                                 BK, BV, ACC)
-    for i_r in range(NC):
-        i_c = NC - 1 - i_r
-        o_s = i_bh * NC + i_c
-        tl.store(dc_out + o_s * DK * DV + o_kv, b_dc.to(dc_out.dtype.element_ty), mask=m_kv)
-        tl.store(dn_out + o_s * DK + o_k, b_dn.to(dn_out.dtype.element_ty), mask=m_k & first_v)
-        o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
-        b_wa = tl.load(wa + o_s * BT + tl.arange(0, BT))             # [BT], 0 where masked
-        b_wb = tl.load(wb + o_s * BT + tl.arange(0, BT))
-        b_decay = tl.load(decay + o_s)
+    NTS = tl.cdiv(S, BT)
+    for i_rr in range(NTS):
+        i_r = NTS - 1 - i_rr
+        if (i_r % NT == NT - 1) | (i_r == NTS - 1):         # (always, and folded, at NT = 1)
+            o_s = i_bh * NC + i_r // NT
+            tl.store(dc_out + o_s * DK * DV + o_kv, b_dc.to(dc_out.dtype.element_ty), mask=m_kv)
+            tl.store(dn_out + o_s * DK + o_k, b_dn.to(dn_out.dtype.element_ty),
+                     mask=m_k & first_v)
+            b_decay = tl.load(decay + o_s)
+            b_dc = b_dc * b_decay
+            b_dn = b_dn * b_decay
+        o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
+        b_wa = tl.load(p_wa + o_t)                                   # [BT], 0 where masked
+        b_wb = tl.load(p_wb + o_t)
         b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :],
                       mask=m_t[:, None] & m_k[None, :], other=0.).to(ACC)   # [BT, BK]
         b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
                        other=0.)                                     # [BT, BV]
-        b_dc = b_dc * b_decay + _dot(tl.trans(b_q * b_wa[:, None]), b_dh, MMA, ACC, PREC, INTERP)
-        b_dn = b_dn * b_decay + tl.sum(b_q * b_wb[:, None], axis=0)
+        b_dc = b_dc + _dot(tl.trans(b_q * b_wa[:, None]), b_dh, MMA, ACC, PREC, INTERP)
+        b_dn = b_dn + tl.sum(b_q * b_wb[:, None], axis=0)
     tl.store(dc0 + i_bh * DK * DV + o_kv, b_dc.to(dc0.dtype.element_ty), mask=m_kv)
     tl.store(dn0 + i_bh * DK + o_k, b_dn.to(dn0.dtype.element_ty), mask=m_k & first_v)
 
 
 @triton.jit
 def mlstm_bwd_dqk_kernel(
-    q, k, v, i, f, dh, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
+    q, k, v, i, dh, b_row, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
     dq, dk, rq, rk,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, sd_b, sd_h, sd_t, scale,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """dq, dk of one chunk and K block: grid (cdiv(DK, BK), NC, B * NH), no atomics.
+    """dq, dk of one tile of positions and K block: grid (cdiv(DK, BK), cdiv(S, BT), B * NH),
+    no atomics.
         dq = (dS * W) k s + wc (dnum C_in^T + dn n_in)
         dk = (dS * W)^T q s + gain (v dC_out^T + dn_out),   dS = dnum v^T + dn
     (gated linear attention with values [v, 1], plus the paths through the chunk's entry and
-    exit states). Also stores this K block's part of q . dq and k . dk per row in rq / rk
-    [NK, B * NH, S] (summed over blocks by the caller)."""
-    i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    exit states); the tile's own block of dS first, then, within the chunk, the earlier tiles'
+    keys for dq and the later tiles' rows for dk. Also stores this K block's part of q . dq and
+    k . dk per row in rq / rk [NK, B * NH, S] (summed over blocks by the caller)."""
+    i_k, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_c = i_r // NT
     o_i = tl.arange(0, BT)
     o_s = i_bh * NC + i_c
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < DK
-    o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
+    o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
     m_tk = m_t[:, None] & m_k[None, :]
     p_dh, p_v = dh + i_bh * S * DV, _seq(v, i_bh, NH, sv_b, sv_h)
     p_c, p_dc = c_in + o_s * DK * DV, dc_out + o_s * DK * DV
@@ -543,7 +651,8 @@ def mlstm_bwd_dqk_kernel(
     if MMA != tl.float32:
         b_ds = b_ds / b_den[:, None]                                   # [BT, BT] dnum v^T
         b_dqc = b_dqc / b_den[:, None]                                 # [BT, BK] dnum C_in^T
-    b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
+    b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
+    b_g = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
     b_min = tl.load(m_in + o_s).to(ACC)
     b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
@@ -553,16 +662,40 @@ def mlstm_bwd_dqk_kernel(
     causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
     b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
     b_ds = (b_ds + b_dnr[:, None]) * tl.exp(b_lw)                   # [BT, BT] dS * weights
-    b_q = tl.load(_seq(q, i_bh, NH, s_b, s_h) + o_p[:, None] * s_t + o_k[None, :], mask=m_tk,
-                  other=0.)
-    b_k = tl.load(_seq(k, i_bh, NH, s_b, s_h) + o_p[:, None] * s_t + o_k[None, :], mask=m_tk,
-                  other=0.)
+    p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
+    b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
+    b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
     b_nin = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
     b_dno = tl.load(dn_out + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
     b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale \
         + b_wc[:, None] * (b_dqc + b_dnr[:, None] * b_nin[None, :])
     b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale \
         + b_gain[:, None] * (b_dkc + b_dno[None, :])
+    if NT > 1:
+        for i_j in range(i_c * NT, i_r):          # dq: the chunk's earlier tiles' keys
+            o_tj, o_pj, m_tj = _rows(i_j, S, REVERSE, BT)
+            b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+            b_ds = _tile_dot(p_dh, p_v, o_p, m_t, o_pj, m_tj, DV, sv_t, DV, BT, BV,
+                             MMA, ACC, PREC, INTERP)                # [BT, BT] dh v^T
+            b_ds = (b_ds / b_den[:, None] + b_dnr[:, None]) * _weights(b_b, b_m, m_t, b_bj, b_ij)
+            b_kj = tl.load(p_k + o_pj[:, None] * s_t + o_k[None, :],
+                           mask=m_tj[:, None] & m_k[None, :], other=0.)    # [BT, BK]
+            b_dq += _dot(b_ds, b_kj, MMA, ACC, PREC, INTERP) * scale
+        for i_u in range(i_r + 1, tl.minimum(i_c * NT + NT, tl.cdiv(S, BT))):
+            # dk: the chunk's later tiles' rows (the last may run past the sequence: masked)
+            o_tu, o_pu, m_tu = _rows(i_u, S, REVERSE, BT)
+            b_bu, b_mu, b_denu, b_dnu = _row_stats(b_row, m_row, den, dn, i_bh, o_pu, m_tu, S,
+                                                   ACC)
+            b_ds = _tile_dot(p_dh, p_v, o_pu, m_tu, o_p, m_t, DV, sv_t, DV, BT, BV,
+                             MMA, ACC, PREC, INTERP)
+            b_ds = (b_ds / b_denu[:, None] + b_dnu[:, None]) * _weights(b_bu, b_mu, m_tu, b_b,
+                                                                         b_i)
+            b_qu = tl.load(p_q + o_pu[:, None] * s_t + o_k[None, :],
+                           mask=m_tu[:, None] & m_k[None, :], other=0.)    # [BT, BK]
+            b_dk += _dot(tl.trans(b_ds), b_qu, MMA, ACC, PREC, INTERP) * scale
+        # reloaded for the row sums rather than held through the loops (registers)
+        b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
+        b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
     o_d = o_p[:, None] * sd_t + o_k[None, :]
     tl.store(_seq(dq, i_bh, NH, sd_b, sd_h) + o_d, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(_seq(dk, i_bh, NH, sd_b, sd_h) + o_d, b_dk.to(dk.dtype.element_ty), mask=m_tk)
@@ -573,21 +706,25 @@ def mlstm_bwd_dqk_kernel(
 
 @triton.jit
 def mlstm_bwd_dv_kernel(
-    q, k, dh, i, f, m_row, den, m_in, m_last, dc_out, dv,
+    q, k, dh, i, b_row, m_row, den, m_in, m_last, dc_out, dv,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sd_b, sd_h, sd_t, scale,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """dv of one chunk and V block: grid (cdiv(DV, BV), NC, B * NH), no atomics.
-        dv = (s q k^T * W)^T dnum + gain (k dC_out)"""
-    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    """dv of one tile of positions and V block: grid (cdiv(DV, BV), cdiv(S, BT), B * NH), no
+    atomics.
+        dv = (s q k^T * W)^T dnum + gain (k dC_out)
+    the tile's own rows first, then the chunk's later tiles' rows."""
+    i_v, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    i_c = i_r // NT
     o_i = tl.arange(0, BT)
     o_s = i_bh * NC + i_c
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
-    o_t, o_p, m_t = _rows(i_c, S, REVERSE, BT)
+    o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
     m_tv = m_t[:, None] & m_v[None, :]
     p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
+    p_dh = dh + i_bh * S * DV
     p_dc = dc_out + o_s * DK * DV
     b_qk = tl.zeros([BT, BT], dtype=ACC)
     b_kdc = tl.zeros([BT, BV], dtype=ACC)
@@ -601,7 +738,8 @@ def mlstm_bwd_dv_kernel(
                         mask=m_k[:, None] & m_v[None, :], other=0.)                  # [BK, BV]
         b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
         b_kdc += _dot(b_k, b_dco, MMA, ACC, PREC, INTERP)
-    b_i, b_b, b_g = _gates(i + i_bh * S, f + i_bh * S, o_p, m_t, BT, ACC)
+    b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
+    b_g = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
     b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
@@ -610,8 +748,20 @@ def mlstm_bwd_dv_kernel(
     b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
     # scores over the row normalizer, so that dh enters the MMA as loaded (dnum = dh / den)
     b_s = b_qk * scale * tl.exp(b_lw) / b_den[:, None]              # [BT, BT]
-    b_dh = tl.load(dh + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
+    b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
     b_dv = _dot(tl.trans(b_s), b_dh, MMA, ACC, PREC, INTERP) + b_gain[:, None] * b_kdc
+    if NT > 1:
+        for i_u in range(i_r + 1, tl.minimum(i_c * NT + NT, tl.cdiv(S, BT))):
+            o_tu, o_pu, m_tu = _rows(i_u, S, REVERSE, BT)
+            b_bu = tl.load(b_row + i_bh * S + o_pu, mask=m_tu, other=0.).to(ACC)
+            b_mu = tl.load(m_row + i_bh * S + o_pu, mask=m_tu, other=0.).to(ACC)
+            b_denu = tl.load(den + i_bh * S + o_pu, mask=m_tu, other=1.).to(ACC)
+            b_qk = _tile_dot(p_q, p_k, o_pu, m_tu, o_p, m_t, s_t, s_t, DK, BT, BK,
+                             MMA, ACC, PREC, INTERP)
+            b_s = b_qk * scale * _weights(b_bu, b_mu, m_tu, b_b, b_i) / b_denu[:, None]
+            b_dhu = tl.load(p_dh + o_pu[:, None] * DV + o_v[None, :],
+                            mask=m_tu[:, None] & m_v[None, :], other=0.)           # [BT, BV]
+            b_dv += _dot(tl.trans(b_s), b_dhu, MMA, ACC, PREC, INTERP)
     tl.store(_seq(dv, i_bh, NH, sd_b, sd_h) + o_p[:, None] * sd_t + o_v[None, :],
              b_dv.to(dv.dtype.element_ty),
              mask=m_tv)
