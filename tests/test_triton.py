@@ -328,6 +328,36 @@ def test_multi_tile_chunks(chunk, S, reverse, init, last_states, extreme, split,
     assert max(errs.values()) < 1e-9, errs
 
 
+# One chunk for the whole sequence, no initial state, the last state unused (inference): the
+# carried state is zero, so the forward runs no state scan and no carried-state products;
+# with the last state asked for it runs them. Chunks of one tile (S = 50 in one of 64) and of
+# four (tiles of 16).
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
+@pytest.mark.parametrize("tile", [64, 16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_one_chunk_inference_runs_no_state_work(tile, reverse, monkeypatch):
+    import vil_kernels
+    from vil_kernels.triton import chunk, heuristics
+    monkeypatch.setattr(heuristics, "MAX_TILE", tile)
+    x = make_inputs(NH=2, S=50, DK=24, DV=40, seed=21)
+    ref = run(x, "parallel", reverse=reverse)
+    for last in (False, True):
+        chunk.KERNEL_EVENTS = []
+        try:
+            with torch.no_grad():
+                out = vil_kernels.mlstm(**x, backend="triton", chunk_size=1024, reverse=reverse,
+                                        return_last_states=last)
+            launched = {name for name, _ in chunk.KERNEL_EVENTS}
+        finally:
+            chunk.KERNEL_EVENTS = None
+        h = out[0] if last else out
+        assert rel_err(h, ref["h"]) < 1e-9
+        assert ("fwd_state" in launched) == last, launched
+        if last:
+            for name, got in zip("cnm", out[1]):
+                assert rel_err(got, ref[name]) < 1e-9, name
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_unused_last_states(reverse):
     """A loss on h alone: the last state's gradients arrive as None and the state-gradient scan

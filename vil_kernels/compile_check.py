@@ -12,8 +12,8 @@ dtypes: head dims are runtime values, so many head dims share one binary), and c
 distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
 registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, programs an SM
 holds at once (occ, programs_per_sm), and the head dims each binary serves (flag: HAS_INIT of
-the scans, HAS_DLAST of the state-gradient scan; f/b and S for the chain's direction and
-starting state). Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
+the state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the outputs kernel; f/b
+and S for the chain's direction and starting state). Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
 sm_90: 227 KB), on registers x threads over the 64K register file, when a 16-bit build has no
 HMMA/HGMMA instruction, on a pipelined loop whose asynchronous wgmma reads a single-buffered
 tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile error.
@@ -104,8 +104,9 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                     for name in heuristics.KERNELS:
                         for arch in ARCHS:
                             p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
-                            flags = (False, True) if name in heuristics.SCANS else (None,)
-                            for has_init in flags:      # HAS_INIT, HAS_DLAST
+                            flags = (False, True) if name in heuristics.SCANS + (
+                                "fwd_out",) else (None,)
+                            for has_init in flags:      # HAS_INIT, HAS_DLAST, HAS_STATE
                                 key = (name, dt, arch, BT, p["BK"], p["BV"], p["num_warps"],
                                        p["num_stages"], has_init, p["maxnreg"], NT)
                                 out.setdefault(key, set()).add((DK, DV))
@@ -178,11 +179,12 @@ def compile_one(key, constexprs=None):
     elif name == "bwd_gates":                  # its block of positions in the BV slot
         const_names, const_vals = ["BS", "ACC"], [BV, tl_of[acc]]
     else:
-        flag = {"fwd_state": ["HAS_INIT"], "bwd_state": ["HAS_DLAST"],
-                "fwd_out": ["QN_MMA"]}.get(name, [])
-        flag_val = qn_mma if name == "fwd_out" else bool(has_init)
-        const_names = ["BT", "NT", "BK", "BV"] + flag + ["MMA", "ACC", "PREC", "INTERP"]
-        const_vals = [BT, NT, BK, BV] + [flag_val] * len(flag) + \
+        # the flag slot: HAS_INIT, HAS_DLAST of the scans, HAS_STATE of the outputs kernel
+        flags = {"fwd_state": {"HAS_INIT": bool(has_init)},
+                 "bwd_state": {"HAS_DLAST": bool(has_init)},
+                 "fwd_out": {"QN_MMA": qn_mma, "HAS_STATE": has_init is not False}}.get(name, {})
+        const_names = ["BT", "NT", "BK", "BV"] + list(flags) + ["MMA", "ACC", "PREC", "INTERP"]
+        const_vals = [BT, NT, BK, BV] + list(flags.values()) + \
             [tl_of[mma], tl_of[acc], prec, False]
     arg_names = fn.arg_names
     n_rt = len(arg_names) - len(const_names)

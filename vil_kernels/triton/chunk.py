@@ -190,10 +190,11 @@ def _dims(q, v, L):
             heuristics.device_arch(q.device))
 
 
-def _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse):
+def _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse, states=True):
     """The forward's two scans (stabilizer, then states) on laid-out q, k, v: returns c_in,
     n_in, m_in (entering every chunk), c_last, n_last, m_last, a_last, and per row b_row,
-    m_row, a_row."""
+    m_row, a_row. states=False (the caller's promise: one chunk, no initial state, the last
+    state unused) runs the stabilizer scan only: c_in, n_in, c_last, n_last are not written."""
     B, NH, S, DK, DV, NC, BT, NT, ad, arch = _dims(q, v, L)
     has_init = c0 is not None
     kw = dict(device=q.device)
@@ -215,11 +216,11 @@ def _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse):
          (i, f, m_init, m_in, m_last, a_last, gain, decay, b_row, m_row, a_row, S, NC, rev),
          L=L, BC=heuristics.gates_chunks(L), HAS_INIT=has_init, ACC=_dot_args(q.dtype)["ACC"],
          num_warps=heuristics.GATES_WARPS)
-    if heuristics.launch_params("fwd_state", DK, DV, L, q.dtype, arch)["split"]:
+    if states and heuristics.launch_params("fwd_state", DK, DV, L, q.dtype, arch)["split"]:
         _split_scan("fwd_state", k, v, _strides(k), _strides(v), gain, gain, decay, c_in, n_in,
                     (c_init, n_init), (c_last, n_last), has_init, False,
                     S, NC, DK, DV, rev, NH, BT, NT, q.dtype, arch)
-    else:
+    elif states:
         _launch(mlstm_fwd_state_kernel, "fwd_state",
                 lambda BK, BV: (cdiv(DK, BK), cdiv(DV, BV), B * NH),
                 (k, v, gain, decay, c_init, n_init, c_in, n_in, c_last, n_last,
@@ -235,14 +236,23 @@ def mlstm_states(q, k, v, i, f, c0, n0, m0, L, reverse):
     return _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse)[:2]
 
 
-def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse):
+def needs_states(S, L, has_init, last_states):
+    """Whether a forward needs the state scan and the outputs' carried-state term: not for one
+    chunk holding the whole sequence with no initial state (the state it would carry is zero)
+    whose last state nobody uses (inference without return_last_states)."""
+    return cdiv(S, L) > 1 or has_init or last_states
+
+
+def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
     """(B, NH, S, D) inputs of any layout, contiguous (B, NH, S) gates, chunks of L positions.
-    Returns h and the saved tensors."""
+    Returns h and the saved tensors. last_states=False: the caller does not use the last state;
+    where needs_states then says so, c_in, n_in, c_last and n_last are not written."""
     q, k, v = _kernel_layout(q, k, v)
     B, NH, S, DK, DV, NC, BT, NT, ad, arch = _dims(q, v, L)
+    states = needs_states(S, L, c0 is not None, last_states)
     rev = int(bool(reverse))
     c_in, n_in, m_in, c_last, n_last, m_last, a_last, b_row, m_row, a_row = _fwd_states(
-        q, k, v, i, f, c0, n0, m0, L, reverse)
+        q, k, v, i, f, c0, n0, m0, L, reverse, states)
     h = torch.empty(B, NH, S, DV, dtype=q.dtype, device=q.device)
     n_row = torch.empty(B, NH, S, dtype=ad, device=q.device)
     # pipelined, the outputs kernel takes n as (hi, lo) MMA-dtype pairs (see the kernel)
@@ -251,7 +261,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse):
             lambda BK, BV: (cdiv(DV, BV), cdiv(S, BT), B * NH),
             (q, k, v, i, c_in, hi_lo(n_in, c_in.dtype) if qn_mma else n_in, m_in, b_row, m_row,
              h, n_row, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v), DK ** -0.5, eps),
-            DK, DV, BT, NT, q.dtype, arch, QN_MMA=qn_mma)
+            DK, DV, BT, NT, q.dtype, arch, QN_MMA=qn_mma, HAS_STATE=states)
     return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, b_row
 
 
@@ -342,13 +352,13 @@ _T12 = tuple[_T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T, _T]
 @torch.library.custom_op("vil_kernels::mlstm_chunk_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
             c0: torch.Tensor | None, n0: torch.Tensor | None, m0: torch.Tensor | None,
-            eps: float, chunk: int, reverse: bool) -> _T12:
+            eps: float, chunk: int, reverse: bool, last_states: bool = True) -> _T12:
     with _device(q):
-        return mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse)
+        return mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse, last_states)
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse):
+def _fwd_fake(q, k, v, i, f, c0, n0, m0, eps, chunk, reverse, last_states=True):
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     NC = -(-S // chunk)
@@ -487,6 +497,7 @@ def mlstm_triton(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, 
         # nothing to differentiate (inference): the forward alone, without the autograd
         # Function's bookkeeping (~50 us of host time a call)
         i, f, c0, n0, m0 = _contiguous_gates_and_states(i, f, c_initial, n_initial, m_initial)
+        # (no state work at all for one chunk without initial or last state: needs_states)
         h, c, n, m = _call(_fwd_op, mlstm_fwd, q, k, v, i, f, c0, n0, m0, float(eps), L,
-                           bool(reverse))[:4]
+                           bool(reverse), bool(return_last_states))[:4]
     return h, ((c, n, m) if return_last_states else None)

@@ -386,13 +386,15 @@ def mlstm_fwd_out_kernel(
     q, k, v, i, c_in, n_in, m_in, b_row, m_row, h, n_row,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale, eps,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    QN_MMA: tl.constexpr,
+    QN_MMA: tl.constexpr, HAS_STATE: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Outputs of one tile of rows and V block: grid (cdiv(DV, BV), cdiv(S, BT), B * NH). The
     rows' m (the gate scan's m_row) is the max over the carried state and the chunk's keys up
     to each row; the signed normalizer of every row is stored by the i_v == 0 programs. The
     tile's own keys and the carried state in one pass over DK, then the chunk's earlier tiles.
+    Without HAS_STATE (one chunk for the whole sequence and no initial state: the carried
+    state is zero) c_in and n_in are not read and the state's products not computed.
     QN_MMA (set when the loop is software-pipelined) computes q . n_in on the tensor cores
     instead of as a sum of products, so that q only feeds dots: with a sum too, Triton 3.6
     gives q's pipelined loads one shared-memory buffer instead of two and the next iteration's
@@ -419,19 +421,20 @@ def mlstm_fwd_out_kernel(
         m_tk = m_t[:, None] & m_k[None, :]
         b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
         b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
-        b_c = tl.load(c_in + o_s * DK * DV + o_k[:, None] * DV + o_v[None, :],
-                      mask=m_k[:, None] & m_v[None, :], other=0.)                    # [BK, BV]
         b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
-        b_qc += _dot(b_q, b_c, MMA, ACC, PREC, INTERP)
-        if QN_MMA:
-            o_j = tl.arange(0, 16)
-            b_n = tl.load(n_in + (o_s * DK + o_k[:, None]) * 2 + o_j[None, :],
-                          mask=m_k[:, None] & (o_j[None, :] < 2), other=0.)       # [BK, 16]
-            b_qn16 += _dot(b_q, b_n, MMA, ACC, PREC, INTERP)
-        else:
-            b_n = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)         # [BK]
-            b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
-    if QN_MMA:
+        if HAS_STATE:
+            b_c = tl.load(c_in + o_s * DK * DV + o_k[:, None] * DV + o_v[None, :],
+                          mask=m_k[:, None] & m_v[None, :], other=0.)                # [BK, BV]
+            b_qc += _dot(b_q, b_c, MMA, ACC, PREC, INTERP)
+            if QN_MMA:
+                o_j = tl.arange(0, 16)
+                b_n = tl.load(n_in + (o_s * DK + o_k[:, None]) * 2 + o_j[None, :],
+                              mask=m_k[:, None] & (o_j[None, :] < 2), other=0.)   # [BK, 16]
+                b_qn16 += _dot(b_q, b_n, MMA, ACC, PREC, INTERP)
+            else:
+                b_n = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)     # [BK]
+                b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
+    if QN_MMA and HAS_STATE:
         b_qn = tl.sum(b_qn16, axis=1)
     b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
@@ -443,10 +446,13 @@ def mlstm_fwd_out_kernel(
     p_v = _seq(v, i_bh, NH, sv_b, sv_h)
     b_vt = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :],
                    mask=m_t[:, None] & m_v[None, :], other=0.)      # [BT, BV]
-    b_num = _dot(b_s, b_vt, MMA, ACC, PREC, INTERP) + b_w[:, None] * b_qc
-    b_nrow = tl.sum(b_s, axis=1) + b_w * b_qn
+    b_num = _dot(b_s, b_vt, MMA, ACC, PREC, INTERP)
+    b_nrow = tl.sum(b_s, axis=1)
+    if HAS_STATE:
+        b_num += b_w[:, None] * b_qc
+        b_nrow += b_w * b_qn
     if NT > 1:
-        for i_j in range(i_c * NT, i_r):          # the chunk's earlier tiles: all keys, unmasked
+        for i_j in range(i_c * NT, i_r):          # the chunk's earlier tiles: no causal mask
             o_tj, o_pj, m_tj = _rows(i_j, S, REVERSE, BT)
             b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
             b_qk = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK,
