@@ -16,6 +16,8 @@
 #   chunks      the Triton op in chunks of 64, 128, 256 and 1024 positions (the state kept at
 #               their boundaries; tiles of 64 either way) at ViL shapes and at S=16384 (not
 #               1024 there), against the peer at 64: which chunk length the table should pick
+#   chunkjob    the main job's inference at 448 px (ViL-T and ViL-B, our rows) with the cells in
+#               one chunk of 1024 (the quadratic form, no state work) against the default
 #   throughput  the main job at 448 px (inference), with that table; only with STEPS naming it
 #   ncu         Nsight Compute's sections for the seven kernels of one fwd+bwd at D=384 (ncu96:
 #               at D=96; in the log); only with STEPS naming it
@@ -107,6 +109,14 @@ for s in $STEPS; do
                 --num-bench-iter 5 --shapes 64,4,784,384 --shapes 64,4,784,192 \
                 --shapes 64,4,784,96 --shapes 64,4,196,192 --shapes 64,4,3136,96 $LONG \
                 --results-file "$OUT/kernels-chunk$c.json"
+        done ;;
+    chunkjob)
+        for c in default 1024; do
+            FLAG=""; [ "$c" = default ] || FLAG="--mlstm-chunk-size $c"
+            step "chunkjob-$c" 150 python bench/throughput.py --resolution 448 \
+                --model vil2-tiny,vil2-base --rows ours --bench inference --num-warm-iter 3 \
+                --num-bench-iter 10 --no-progress $FLAG \
+                --results-file "$OUT/throughput-448-inference-chunk-$c.json"
         done ;;
     host)
         step host 60 python bench/host_overhead.py --profile ;;
