@@ -202,7 +202,8 @@ def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunk=None
 
 def print_table(rows):
     cols = ["path", "chunk_size", "B", "NH", "S", "D", "fwd_ms", "fwd+bwd_ms", "fwd_peak_mib",
-            "fwd+bwd_peak_mib", "fwd+bwd_tflops", "fwd+bwd_roofline", "fwd+bwd_chunkwise_roofline", "note"]
+            "fwd+bwd_peak_mib", "fwd+bwd_tflops", "fwd+bwd_roofline",
+            "fwd+bwd_chunkwise_roofline", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]
     fmt = lambda v: (f"{v:.1f}" if v >= 0.95 else f"{v:.3f}") if isinstance(v, float) else str(v)
     table = [[fmt(r.get(c, "")) for c in cols] for r in rows]

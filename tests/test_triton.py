@@ -75,7 +75,7 @@ def test_float64_exact(reverse):
     (33, 192, 96, False, True, 16),
     (65, 64, 192, True, True, 32),
     (65, 96, 96, False, False, None),
-    (65, 96, 64, True, True, 64),          # chunks of two float32 tiles of 32
+    (65, 96, 64, True, True, 64),          # chunks of four float32 tiles of 16
 ])
 def test_float32(S, DK, DV, init, reverse, chunk):
     x = make_inputs(NH=1, S=S, DK=DK, DV=DV, init=init, seed=S + DK)

@@ -4,16 +4,17 @@
     python -m vil_kernels.compile_check --quick    # a representative subset (the test suite)
 
 Enumerates what vil_kernels.triton's dispatcher can launch: input dtypes (float32, float16,
-bfloat16) x head dims (DQK, DV) in {64, 96, 128, 192, 256, 384, 512}^2 x chunk lengths
-(16, 32, 64 and the default: one tile a chunk; 128, 256, 1024: 2, 4, 16 tiles) x the five matmul kernels, the gate scan, the backward prologue and gate
-epilogue, and the scans' split form at the scans' parameters (chunk_local, chunk_chain: chosen
-only by a launch table or the tuner), maps each to its compiled variant (tiles, warps, stages, register cap,
-dtypes: head dims are runtime values, so many head dims share one binary), and compiles every
-distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
-registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, programs an SM
-holds at once (occ, programs_per_sm), and the head dims each binary serves (flag: HAS_INIT of
-the state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the outputs kernel; f/b
-and S for the chain's direction and starting state). Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
+bfloat16) x head dims (DQK, DV) in {64, 96, 128, 192, 256, 384, 512}^2 x chunk lengths (16, 32,
+64 and the default: one tile a chunk; 128, 256, 1024: 2, 4, 16 tiles) x the five matmul kernels,
+the gate scan, the backward prologue and gate epilogue, and the scans' split form at the scans'
+parameters (chunk_local, chunk_chain: chosen only by a launch table or the tuner), maps each to
+its compiled variant (tiles, warps, stages, register cap, dtypes: head dims are runtime values,
+so many head dims share one binary), and compiles every distinct variant for sm_80 and sm_90
+with triton's own ptxas. Prints kernel, config, arch, registers, spill bytes (ptxas -v), shared
+memory, MMA instructions in the SASS, programs an SM holds at once (occ, programs_per_sm), and
+the head dims each binary serves (flag: HAS_INIT of the state scan, HAS_DLAST of the
+state-gradient scan, HAS_STATE of the outputs kernel; f/b and S for the chain's direction and
+starting state). Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
 sm_90: 227 KB), on registers x threads over the 64K register file, when a 16-bit build has no
 HMMA/HGMMA instruction, on a pipelined loop whose asynchronous wgmma reads a single-buffered
 tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile error.
@@ -329,9 +330,9 @@ def main(argv=None):
     finally:
         if env_had is not None:
             os.environ["TRITON_INTERPRET"] = env_had
-    hdr = (f"{'kernel':<12} {'dtype':<8} {'arch':<5} {'BT':>4} {'NT':>2} {'BK':>3} {'BV':>3} {'w':>2} "
-           f"{'st':>2} {'flag':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6} {'occ':>3}  "
-           "head dims / status")
+    hdr = (f"{'kernel':<12} {'dtype':<8} {'arch':<5} {'BT':>4} {'NT':>2} {'BK':>3} {'BV':>3} "
+           f"{'w':>2} {'st':>2} {'flag':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6} "
+           f"{'occ':>3}  head dims / status")
     print(hdr)
     print("-" * len(hdr))
     failed = 0
@@ -340,16 +341,15 @@ def main(argv=None):
         failed += bool(bad)
         flag = row["has_init"]
         init = "" if flag is None else flag if isinstance(flag, str) else str(flag)[0]
+        config = (f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>4} "
+                  f"{row['NT']:>2} {row['BK']:>3} {row['BV']:>3} {row['warps']:>2} "
+                  f"{row['stages']:>2} {init:<5}")
         if row["error"]:
-            print(f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>4} {row['NT']:>2} "
-                  f"{row['BK']:>3} {row['BV']:>3} {row['warps']:>2} {row['stages']:>2} {init:<5} "
-                  f"FAIL {row['error']}")
+            print(f"{config} FAIL {row['error']}")
             continue
         mma = f"G{row['hgmma']}" if row["hgmma"] else (f"H{row['hmma']}" if row["hmma"] else "-")
         status = "FAIL " + "; ".join(bad) if bad else "ok"
-        print(f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>4} {row['NT']:>2} "
-              f"{row['BK']:>3} {row['BV']:>3} {row['warps']:>2} {row['stages']:>2} {init:<5} "
-              f"{row['regs']:>4} {row['spill']:>5} {row['smem']:>7} {mma:>6} "
+        print(f"{config} {row['regs']:>4} {row['spill']:>5} {row['smem']:>7} {mma:>6} "
               f"{programs_per_sm(row['regs'], row['warps'], row['smem'], row['arch']):>3}  "
               f"{_dims_str(todo[key])} {status}")
     print(f"\n{len(rows)} variants compiled in {time.time() - t0:.0f} s with {args.jobs} "

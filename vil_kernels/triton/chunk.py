@@ -79,10 +79,12 @@ def hi_lo(x, dtype):
     return torch.stack((hi, (x - hi.to(x.dtype)).to(dtype)), dim=-1)
 
 
-def _launch(kernel, name, grid, args, DK, DV, BT, NT, dtype, arch, **extra):
-    """Launch one of the five matmul kernels with the table's parameters (keyed on the tile)."""
-    p = heuristics.launch_params(name, DK, DV, BT * NT, dtype, arch)
-    meta = dict(BT=BT, NT=NT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
+def _launch(kernel, name, grid, args, DK, DV, L, dtype, arch, **extra):
+    """Launch one of the five matmul kernels in chunks of L (tiles of tile_len(L)) with the
+    table's parameters."""
+    p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
+    BT = heuristics.tile_len(L, dtype)
+    meta = dict(BT=BT, NT=L // BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
     grid = grid(p["BK"], p["BV"]) if callable(grid) else grid
     opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
     if not INTERPRETED and p["maxnreg"]:
@@ -103,7 +105,7 @@ CHAIN_BLOCK = 1024
 
 
 def _split_scan(name, x, y, x_strides, y_strides, wc, wn, decay, c, n, start, end, has_start,
-                backward, S, NC, DK, DV, rev, NH, BT, NT, dtype, arch):
+                backward, S, NC, DK, DV, rev, NH, L, dtype, arch):
     """A state scan as mlstm_chunk_local_kernel (every chunk's own term, in parallel) then
     mlstm_chunk_chain_kernel (linking them, in place in c and n): the split launch parameter.
     Both launches are timed under the scan's name."""
@@ -111,7 +113,7 @@ def _split_scan(name, x, y, x_strides, y_strides, wc, wn, decay, c, n, start, en
     _launch(mlstm_chunk_local_kernel, name,
             lambda BK, BV: (NC * BH * cdiv(DK, BK) * cdiv(DV, BV),),
             (x, y, wc, wn, c, n, S, NC, DK, DV, rev, NH, *x_strides, *y_strides),
-            DK, DV, BT, NT, dtype, arch)
+            DK, DV, L, dtype, arch)
     _run(mlstm_chunk_chain_kernel, name,
          (cdiv(DK * DV, CHAIN_BLOCK) + cdiv(DK, CHAIN_BLOCK), BH),
          (c, n, decay, *start, *end, NC, DK, DV), BLOCK=CHAIN_BLOCK, BACKWARD=backward,
@@ -195,7 +197,7 @@ def _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse, states=True):
     n_in, m_in (entering every chunk), c_last, n_last, m_last, a_last, and per row b_row,
     m_row, a_row. states=False (the caller's promise: one chunk, no initial state, the last
     state unused) runs the stabilizer scan only: c_in, n_in, c_last, n_last are not written."""
-    B, NH, S, DK, DV, NC, BT, NT, ad, arch = _dims(q, v, L)
+    B, NH, S, DK, DV, NC, _, _, ad, arch = _dims(q, v, L)
     has_init = c0 is not None
     kw = dict(device=q.device)
     c_in = torch.empty(B, NH, NC, DK, DV, dtype=state_dtype(q), **kw)
@@ -216,16 +218,17 @@ def _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse, states=True):
          (i, f, m_init, m_in, m_last, a_last, gain, decay, b_row, m_row, a_row, S, NC, rev),
          L=L, BC=heuristics.gates_chunks(L), HAS_INIT=has_init, ACC=_dot_args(q.dtype)["ACC"],
          num_warps=heuristics.GATES_WARPS)
-    if states and heuristics.launch_params("fwd_state", DK, DV, L, q.dtype, arch)["split"]:
+    split = heuristics.launch_params("fwd_state", DK, DV, L, q.dtype, arch)["split"]
+    if states and split:
         _split_scan("fwd_state", k, v, _strides(k), _strides(v), gain, gain, decay, c_in, n_in,
                     (c_init, n_init), (c_last, n_last), has_init, False,
-                    S, NC, DK, DV, rev, NH, BT, NT, q.dtype, arch)
+                    S, NC, DK, DV, rev, NH, L, q.dtype, arch)
     elif states:
         _launch(mlstm_fwd_state_kernel, "fwd_state",
                 lambda BK, BV: (cdiv(DK, BK), cdiv(DV, BV), B * NH),
                 (k, v, gain, decay, c_init, n_init, c_in, n_in, c_last, n_last,
-                 S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, BT, NT, q.dtype,
-                arch, HAS_INIT=has_init)
+                 S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, L, q.dtype, arch,
+                HAS_INIT=has_init)
     return c_in, n_in, m_in, c_last, n_last, m_last, a_last, b_row, m_row, a_row
 
 
@@ -248,7 +251,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
     Returns h and the saved tensors. last_states=False: the caller does not use the last state;
     where needs_states then says so, c_in, n_in, c_last and n_last are not written."""
     q, k, v = _kernel_layout(q, k, v)
-    B, NH, S, DK, DV, NC, BT, NT, ad, arch = _dims(q, v, L)
+    B, NH, S, DK, DV, NC, BT, _, ad, arch = _dims(q, v, L)
     states = needs_states(S, L, c0 is not None, last_states)
     rev = int(bool(reverse))
     c_in, n_in, m_in, c_last, n_last, m_last, a_last, b_row, m_row, a_row = _fwd_states(
@@ -261,7 +264,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
             lambda BK, BV: (cdiv(DV, BV), cdiv(S, BT), B * NH),
             (q, k, v, i, c_in, hi_lo(n_in, c_in.dtype) if qn_mma else n_in, m_in, b_row, m_row,
              h, n_row, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v), DK ** -0.5, eps),
-            DK, DV, BT, NT, q.dtype, arch, QN_MMA=qn_mma, HAS_STATE=states)
+            DK, DV, L, q.dtype, arch, QN_MMA=qn_mma, HAS_STATE=states)
     return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, b_row
 
 
@@ -300,13 +303,12 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     dlast = (dc_last, dn_last) if has_dlast else (dc0, dn0)         # unread placeholders
     if heuristics.launch_params("bwd_state", DK, DV, L, q.dtype, arch)["split"]:
         _split_scan("bwd_state", q, dh, _strides(q), _strides(dh), wa, wb, decay, dc_out, dn_out,
-                    dlast, (dc0, dn0), has_dlast, True, S, NC, DK, DV, rev, NH, BT, NT, q.dtype,
-                    arch)
+                    dlast, (dc0, dn0), has_dlast, True, S, NC, DK, DV, rev, NH, L, q.dtype, arch)
     else:
         _launch(mlstm_bwd_state_kernel, "bwd_state",
                 lambda BK, BV: (cdiv(DK, BK), cdiv(DV, BV), B * NH),
                 (q, dh, wa, wb, decay, *dlast, dc_out, dn_out, dc0, dn0,
-                 S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, BT, NT, q.dtype, arch,
+                 S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, L, q.dtype, arch,
                 HAS_DLAST=has_dlast)
     p = heuristics.launch_params("bwd_dqk", DK, DV, L, q.dtype, arch)
     NK = cdiv(DK, p["BK"])
@@ -316,12 +318,12 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
             (q, k, v, i, dh, b_row, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
              dq, dk, rq, rk, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v),
              *_strides(dq), scale),
-            DK, DV, BT, NT, q.dtype, arch)
+            DK, DV, L, q.dtype, arch)
     _launch(mlstm_bwd_dv_kernel, "bwd_dv",
             lambda BK, BV: (cdiv(DV, BV), NTS, B * NH),
             (q, k, dh, i, b_row, m_row, den, m_in, m_last, dc_out, dv,
              S, NC, DK, DV, rev, NH, *_strides(q), *_strides(dv), scale),
-            DK, DV, BT, NT, q.dtype, arch)
+            DK, DV, L, q.dtype, arch)
     # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse): the m
     # gradients go to the keys that set each m (argmax indices are logical positions, so they
     # are mapped first), as additions u to di and w to dF (two scatters); then one kernel sums

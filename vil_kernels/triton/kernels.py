@@ -438,8 +438,6 @@ def mlstm_fwd_out_kernel(
         b_qn = tl.sum(b_qn16, axis=1)
     b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    b_min = tl.load(m_in + o_s).to(ACC)
-    b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale     # [BT] carried state's weight
     causal = o_i[:, None] >= o_i[None, :]
     b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
     b_s = b_qk * scale * tl.exp(b_lw)                               # [BT, BT]
@@ -449,6 +447,8 @@ def mlstm_fwd_out_kernel(
     b_num = _dot(b_s, b_vt, MMA, ACC, PREC, INTERP)
     b_nrow = tl.sum(b_s, axis=1)
     if HAS_STATE:
+        b_min = tl.load(m_in + o_s).to(ACC)
+        b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale  # [BT] carried state's weight
         b_num += b_w[:, None] * b_qc
         b_nrow += b_w * b_qn
     if NT > 1:
