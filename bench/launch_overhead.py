@@ -58,14 +58,14 @@ def mlstm_inputs(B, NH, S, D, states=False):
     return x
 
 
-def mlstm_step(x, backward=True, reverse=False, last=False):
+def mlstm_step(x, backward=True, reverse=False, last=False, chunk=None):
     """One mLSTM call through the autograd op (vil_kernels.mlstm minus its input checks, which
     refuse CPU tensors for the Triton backend); backward with a loss on h (and the last state)."""
     if not backward:
         with torch.no_grad():
-            mlstm_triton(*x, reverse=reverse)
+            mlstm_triton(*x, reverse=reverse, chunk_size=chunk)
         return
-    h, states = mlstm_triton(*x, reverse=reverse, return_last_states=last)
+    h, states = mlstm_triton(*x, reverse=reverse, return_last_states=last, chunk_size=chunk)
     loss = h.float().sum()
     if last:
         loss = loss + sum(s.sum() for s in states)
@@ -154,6 +154,8 @@ def check():
                 for states in (False, True):
                     mlstm_step(mlstm_inputs(2, 2, 40, 32, states), reverse=reverse,
                                last=states)
+            # chunks of two tiles: the pair kernels and the matmul kernels' multi-tile loops
+            mlstm_step(mlstm_inputs(1, 1, 130, 32), chunk=128)
             from vil_kernels.triton import heuristics
             heuristics.OVERRIDES.update({k: {"split": True} for k in heuristics.SCANS})
             try:                                 # the scans' split form (off in the table)

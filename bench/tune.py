@@ -34,7 +34,7 @@ import peers  # noqa: E402
 from vil_kernels.triton import chunk as tchunk  # noqa: E402
 from vil_kernels.triton import heuristics  # noqa: E402
 
-FWD, BWD = ("fwd_state", "fwd_out"), ("bwd_state", "bwd_dqk", "bwd_dv")
+FWD, BWD = ("fwd_state", "fwd_out", "fwd_pair"), ("bwd_state", "bwd_dqk", "bwd_dv", "bwd_pair")
 # chunk lengths the table's parameters are timed at, kernel by kernel, before the sweeps: one
 # tile a chunk (32, 64) and chunks of 2, 4 and 16 tiles of 64 (1024: ViL's 784 tokens in one
 # chunk, the quadratic form)
@@ -62,6 +62,10 @@ def candidates(kernel, D, L, arch=None):
         caps = (128, 168, 255)
     elif kernel == "bwd_dqk":                                # grid over K tiles, loop over V
         tiles = [(k, 64) for k in (32, 64, 128)] + [(base["BK"], 32)]
+        caps = (168, base["maxnreg"])
+    elif kernel in heuristics.PAIR_KERNELS:     # a program a tile pair, loops over DK (and DV)
+        vs = (base["BV"],) if kernel == "fwd_pair" else (32, 64, 128)
+        tiles = [(k, v) for k in (32, 64, 128) for v in vs]
         caps = (168, base["maxnreg"])
     else:                                                    # fwd_out, bwd_dv: grid over V
         tiles = [(64, v) for v in (32, 64, 128)] + [(32, base["BV"])]
@@ -246,6 +250,8 @@ def sweep(D, args, result, save, t0, pool):
         ref = run_pass(x, dh, L, True)
         base = kernel_times(x, dh, L, True, args.reps)
         for kernel in args.kernels:
+            if kernel in heuristics.PAIR_KERNELS and BT == L:   # (not launched at one tile)
+                continue
             if time.time() - t0 > args.time_limit:
                 print("time limit reached", flush=True)
                 return False
@@ -302,7 +308,8 @@ def main(argv=None):
     ap.add_argument("--S", type=int, default=784)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--kernels", nargs="+", choices=FWD + BWD, default=list(FWD + BWD),
-                    help="kernels to sweep (default: all five)")
+                    help="kernels to sweep (default: all; the pair kernels only at chunks "
+                         "of several tiles)")
     ap.add_argument("--jobs", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--time-limit", type=float, default=float("inf"),
                     help="stop starting new kernels after this many seconds")

@@ -1,10 +1,10 @@
 """Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90 (no GPU needed).
 
-Runs `python -m vil_kernels.compile_check --quick` (the ViL-S configuration: head dim 192,
-chunks of 64 and 128, one and two tiles, bfloat16, every kernel incl. the split scans' two,
-both archs) in a subprocess without TRITON_INTERPRET: it fails on a compile error, a register
-spill, shared memory over the arch limit or a bfloat16 build without tensor-core MMA. The full
-matrix is `python -m vil_kernels.compile_check`.
+Runs `python -m vil_kernels.compile_check --quick` (the ViL-S configuration: head dim 192, chunks
+of 64 and 128, one and two tiles, bfloat16, every kernel incl. the split scans' two and the pair
+kernels of multi-tile chunks, both archs) in a subprocess without TRITON_INTERPRET: it fails on a
+compile error, a register spill, shared memory over the arch limit or a bfloat16 build without
+tensor-core MMA. The full matrix is `python -m vil_kernels.compile_check`.
 """
 
 import os
@@ -34,6 +34,9 @@ def test_variants_cover_every_kernel_and_head_dim():
     # chunks of one tile, and of 2, 4 and 16 tiles of 64 (float32: 4, 8, 16, 64 of 16)
     assert {k[10] for k in todo if k[0] == "fwd_out"} == {1, 2, 4, 8, 16, 64}
     assert {k[10] for k in compile_check.variants(quick=True) if k[0] == "bwd_dqk"} == {1, 2}
+    # the pair kernels exist for chunks of several tiles only
+    for name in heuristics.PAIR_KERNELS:
+        assert {k[10] for k in todo if k[0] == name} == {2, 4, 8, 16, 64}
 
 
 def test_compile_check_quick():
@@ -46,7 +49,8 @@ def test_compile_check_quick():
     rows = [line for line in out.splitlines() if line.endswith(" ok")]
     kernels = {line.split()[0] for line in rows}
     assert kernels == {"fwd_gates", "fwd_state", "fwd_out", "bwd_prologue", "bwd_state",
-                       "bwd_dqk", "bwd_dv", "bwd_gates", "chunk_local", "chunk_chain"}, out
+                       "bwd_dqk", "bwd_dv", "bwd_gates", "chunk_local", "chunk_chain",
+                       "fwd_pair", "bwd_pair"}, out
     assert {line.split()[2] for line in rows} == {"sm80", "sm90"}, out
     assert "0 failed" in out
 

@@ -298,8 +298,9 @@ def test_chunk_sizes_agree(dtype):
         _check(x, dtype, chunk_size=chunk, ref=ref)
 
 
-# Chunks longer than a tile (the state kept every L positions, the kernels looping over the
-# chunk's other tiles): tiles of 16 here (heuristics.MAX_TILE patched), chunks of 4 tiles and a
+# Chunks longer than a tile (the state kept every L positions, every pair of a tile and an
+# earlier one of its chunk computed once by the pair kernels, which the outputs, dq/dk and dv
+# kernels then read): tiles of 16 here (heuristics.MAX_TILE patched), chunks of 4 tiles and a
 # requested 1024 (one chunk for the whole sequence, the quadratic form), S a multiple of
 # neither, both directions, initial states, a loss on h alone (the state-gradient scan from
 # zero), extreme gates, and the scans' split form over multi-tile chunks.
@@ -313,7 +314,7 @@ def test_chunk_sizes_agree(dtype):
     (32, 37, True, True, True, False, True),
 ])
 def test_multi_tile_chunks(chunk, S, reverse, init, last_states, extreme, split, monkeypatch):
-    from vil_kernels.triton import heuristics
+    from vil_kernels.triton import chunk as tchunk, heuristics
     monkeypatch.setattr(heuristics, "MAX_TILE", 16)
     L = heuristics.chunk_len(S, 24, 40, torch.float64, 0, chunk)
     assert heuristics.tile_len(L, torch.float64) == 16 and L // 16 > 1
@@ -322,7 +323,14 @@ def test_multi_tile_chunks(chunk, S, reverse, init, last_states, extreme, split,
                                                       "bwd_state": dict(split=True)})
     gates = dict(i_range=(-80, 80), f_range=(-20, 20)) if extreme else {}
     x = make_inputs(NH=2, S=S, DK=24, DV=40, init=init, seed=S + chunk, **gates)
-    got = run(x, "triton", reverse=reverse, chunk_size=chunk, last_states=last_states)
+    tchunk.KERNEL_EVENTS = []
+    try:
+        got = run(x, "triton", reverse=reverse, chunk_size=chunk, last_states=last_states)
+        launched = {name for name, _ in tchunk.KERNEL_EVENTS}
+    finally:
+        tchunk.KERNEL_EVENTS = None
+    # the chunks' tile pairs computed once, then read by the outputs, dq/dk and dv kernels
+    assert {"fwd_pair", "bwd_pair"} <= launched, launched
     ref = run(x, "parallel", reverse=reverse, last_states=last_states)
     errs = {n: rel_err(got[n], ref[n]) for n in ref}
     assert max(errs.values()) < 1e-9, errs
@@ -353,6 +361,7 @@ def test_one_chunk_inference_runs_no_state_work(tile, reverse, monkeypatch):
         h = out[0] if last else out
         assert rel_err(h, ref["h"]) < 1e-9
         assert ("fwd_state" in launched) == last, launched
+        assert ("fwd_pair" in launched) == (tile == 16), launched     # several tiles a chunk
         if last:
             for name, got in zip("cnm", out[1]):
                 assert rel_err(got, ref[name]) < 1e-9, name

@@ -52,7 +52,8 @@ def test_scan_register_caps():
 def test_multi_tile_chunks_parameters():
     """Chunks of several tiles: tiles of 64 (float32: 16), keyed on the chunk; the same
     parameters as one tile except where compile_check found the multi-tile loops spilling:
-    the scans uncapped, dq/dk at 8 warps on Hopper and with K tiles of 32 on Ampere."""
+    the scans uncapped, dq/dk at 8 warps on Hopper and with K tiles of 32 on Ampere; and
+    the two pair kernels, only launched there."""
     lp, bf16 = heuristics.launch_params, torch.bfloat16
     assert [heuristics.tile_len(L, bf16) for L in (16, 64, 128, 1024)] == [16, 64, 64, 64]
     assert [heuristics.tile_len(L, torch.float32) for L in (32, 64)] == [32, 16]
@@ -67,6 +68,11 @@ def test_multi_tile_chunks_parameters():
     assert lp("bwd_dqk", 384, 384, 256, bf16, 80)["BK"] == 32
     for kernel in ("fwd_out", "bwd_dv"):
         assert lp(kernel, 384, 384, 1024, bf16, 90) == lp(kernel, 384, 384, 64, bf16, 90)
+    # the pair kernels: head-dim tiles of 64 (96: 32), 4 warps, two stages on Hopper
+    for kernel in heuristics.PAIR_KERNELS:
+        assert lp(kernel, 384, 96, 256, bf16, 90) == dict(
+            BK=64, BV=32, num_warps=4, num_stages=2, maxnreg=heuristics.MAXNREG)
+        assert tune.candidates(kernel, 384, 256)
     # a measured table's entry for chunks of 128 is not one for chunks of 64
     assert heuristics.table_key("fwd_out", 384, 384, 128, bf16, 90) == \
         "fwd_out/384/384/128/bfloat16/sm90"
@@ -86,7 +92,8 @@ def test_dry_run_on_the_interpreter(tmp_path):
     assert all(err < 5e-2 for d in res["checks"]["16"].values() for err in d.values())
     kernels = {"fwd_gates", "fwd_state", "fwd_out", "bwd_prologue", "bwd_state", "bwd_dqk",
                "bwd_dv", "bwd_gates"}
-    # chunks of one tile, and of 2, 4 and 16 tiles of 64
+    # chunks of one tile, and of 2, 4 and 16 tiles of 64 (at S = 20 all hold one tile in the
+    # sequence: no pairs, so no pair kernels)
     assert [b["chunk"] for b in res["baselines"]] == [32, 64, 128, 256, 1024]
     assert [b["BT"] for b in res["baselines"]] == [32, 64, 64, 64, 64]
     assert all(set(b["ms"]) == kernels for b in res["baselines"])

@@ -4,20 +4,20 @@
     python -m vil_kernels.compile_check --quick    # a representative subset (the test suite)
 
 Enumerates what vil_kernels.triton's dispatcher can launch: input dtypes (float32, float16,
-bfloat16) x head dims (DQK, DV) in {64, 96, 128, 192, 256, 384, 512}^2 x chunk lengths (16, 32,
-64 and the default: one tile a chunk; 128, 256, 1024: 2, 4, 16 tiles) x the five matmul kernels,
-the gate scan, the backward prologue and gate epilogue, and the scans' split form at the scans'
-parameters (chunk_local, chunk_chain: chosen only by a launch table or the tuner), maps each to
-its compiled variant (tiles, warps, stages, register cap, dtypes: head dims are runtime values,
-so many head dims share one binary), and compiles every distinct variant for sm_80 and sm_90
-with triton's own ptxas. Prints kernel, config, arch, registers, spill bytes (ptxas -v), shared
-memory, MMA instructions in the SASS, programs an SM holds at once (occ, programs_per_sm), and
-the head dims each binary serves (flag: HAS_INIT of the state scan, HAS_DLAST of the
-state-gradient scan, HAS_STATE of the outputs kernel; f/b and S for the chain's direction and
-starting state). Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB,
-sm_90: 227 KB), on registers x threads over the 64K register file, when a 16-bit build has no
-HMMA/HGMMA instruction, on a pipelined loop whose asynchronous wgmma reads a single-buffered
-tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile error.
+bfloat16) x head dims (DQK, DV) in {64, 96, 128, 192, 256, 384, 512}^2 x chunk lengths (16, 32, 64
+and the default: one tile a chunk; 128, 256, 1024: 2, 4, 16 tiles) x the matmul kernels (the two
+pair kernels at chunks of several tiles only), the gate scan, the backward prologue and gate
+epilogue, and the scans' split form at the scans' parameters (chunk_local, chunk_chain: chosen only
+by a launch table or the tuner), maps each to its compiled variant (tiles, warps, stages, register
+cap, dtypes: head dims are runtime values, so many head dims share one binary), and compiles every
+distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
+registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, programs an SM
+holds at once (occ, programs_per_sm), and the head dims each binary serves (flag: HAS_INIT of the
+state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the outputs kernel; f/b and S for
+the chain's direction and starting state). Exits 1 on any spill, on shared memory over the arch's
+limit (sm_80: 163 KB, sm_90: 227 KB), on registers x threads over the 64K register file, when a
+16-bit build has no HMMA/HGMMA instruction, on a pipelined loop whose asynchronous wgmma reads a
+single-buffered tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile error.
 """
 
 import argparse
@@ -55,17 +55,23 @@ def _signature(name, dt, qn_mma=False):
     elif name == "fwd_state":  # k, v, gain, decay, c0, n0, c_in, n_in, c_last, n_last
         ptrs = [x, x, a, a, a, a, x, a, a, a]
         scalars = ["i32"] * (5 + 7)
-    elif name == "fwd_out":    # q, k, v, i, c_in, n_in, m_in, b_row, m_row, h, n_row; n_in:
-        ptrs = [x] * 4 + [x, x if qn_mma else a, a, a, a, x, a]  # (hi, lo) pairs in x at QN_MMA
-        scalars = ["i32"] * (5 + 7) + ["fp32", "fp32"]
+    elif name == "fwd_out":    # q, k, v, i, c_in, n_in, m_in, b_row, m_row, h, n_row, sc, rs;
+        ptrs = [x] * 4 + [x, x if qn_mma else a, a, a, a, x, a, x, a]    # n_in: (hi, lo) pairs
+        scalars = ["i32"] * (5 + 7) + ["fp32", "fp32"]                # in x at QN_MMA
+    elif name == "fwd_pair":   # q, k, i, b_row, m_row, sc, rs; S, NC, DK, REVERSE, NH, strides
+        ptrs = [x, x, x, a, a, x, a]
+        scalars = ["i32"] * 8 + ["fp32"]
+    elif name == "bwd_pair":   # q, k, v, i, dh, b_row, m_row, den, dn, ps, ds
+        ptrs = [x] * 5 + [a] * 4 + [x, x]
+        scalars = ["i32"] * (5 + 7) + ["fp32"]
     elif name == "bwd_state":  # q, dh, wa, wb, decay, dc_last, dn_last, dc_out, dn_out, dc0, dn0
         ptrs = [x, x] + [a] * 5 + [x, a, a, a]
         scalars = ["i32"] * (5 + 4)
     elif name == "bwd_dqk":    # strides of q/k, of v, then of dq/dk (batch, head, position)
-        ptrs = [x] * 5 + [a] * 4 + [x, a, a, a, x, a] + [x, x, a, a]
+        ptrs = [x] * 5 + [a] * 4 + [x, a, a, a, x, a, x] + [x, x, a, a]
         scalars = ["i32"] * (5 + 10) + ["fp32"]
     elif name == "bwd_dv":     # strides of q/k, then of dv (batch, head, position)
-        ptrs = [x, x, x, x] + [a] * 5 + [x, x]
+        ptrs = [x, x, x, x] + [a] * 5 + [x, x, x]
         scalars = ["i32"] * (5 + 7) + ["fp32"]
     elif name == "chunk_local":  # x, y, wc, wn, c, n
         ptrs = [x, x, a, a, x, a]
@@ -103,12 +109,15 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                     BT = heuristics.tile_len(L, dtype)
                     NT = L // BT
                     for name in heuristics.KERNELS:
+                        if name in heuristics.PAIR_KERNELS and NT == 1:
+                            continue
                         for arch in ARCHS:
                             p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
                             flags = (False, True) if name in heuristics.SCANS + (
                                 "fwd_out",) else (None,)
+                            BV = 0 if name == "fwd_pair" else p["BV"]     # (reads no v)
                             for has_init in flags:      # HAS_INIT, HAS_DLAST, HAS_STATE
-                                key = (name, dt, arch, BT, p["BK"], p["BV"], p["num_warps"],
+                                key = (name, dt, arch, BT, p["BK"], BV, p["num_warps"],
                                        p["num_stages"], has_init, p["maxnreg"], NT)
                                 out.setdefault(key, set()).add((DK, DV))
                             if name in heuristics.SCANS:  # their split form, same parameters
@@ -184,8 +193,11 @@ def compile_one(key, constexprs=None):
         flags = {"fwd_state": {"HAS_INIT": bool(has_init)},
                  "bwd_state": {"HAS_DLAST": bool(has_init)},
                  "fwd_out": {"QN_MMA": qn_mma, "HAS_STATE": has_init is not False}}.get(name, {})
-        const_names = ["BT", "NT", "BK", "BV"] + list(flags) + ["MMA", "ACC", "PREC", "INTERP"]
-        const_vals = [BT, NT, BK, BV] + list(flags.values()) + \
+        tiles = {"BT": BT, "NT": NT, "BK": BK, "BV": BV}
+        if name == "fwd_pair":                  # (no V tiles: it never reads v)
+            del tiles["BV"]
+        const_names = list(tiles) + list(flags) + ["MMA", "ACC", "PREC", "INTERP"]
+        const_vals = list(tiles.values()) + list(flags.values()) + \
             [tl_of[mma], tl_of[acc], prec, False]
     arg_names = fn.arg_names
     n_rt = len(arg_names) - len(const_names)
@@ -200,7 +212,7 @@ def compile_one(key, constexprs=None):
     attrs = {(j,): [["tt.divisibility", 16]] for j in range(len(ptrs))}
     # DV for the prologue; DK, DV and the strides for the matmul kernels; none for the gate scan
     divisible = {"bwd_prologue": (2,), "fwd_gates": (), "bwd_gates": (),
-                 "chunk_chain": (1, 2)}.get(
+                 "chunk_chain": (1, 2), "fwd_pair": (2, 5, 6, 7)}.get(
         name, (2, 3, *range(6, n_int)))
     attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in divisible})
     src = ASTSource(fn, sig, consts, attrs)
@@ -219,7 +231,7 @@ def compile_one(key, constexprs=None):
             ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
         log = buf.getvalue()
     except Exception as e:  # noqa: BLE001 - reported in the table
-        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        row["error"] = f"{type(e).__name__}: {str(e)[-600:]}"
         return row
     finally:
         shutil.rmtree(cache, ignore_errors=True)

@@ -27,9 +27,9 @@ from ..utils import (NEG, cdiv, compute_dtype, grads_in_base_layout, route_last_
 from . import heuristics
 from .._triton_runtime import INTERPRETED, launch
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_gates_kernel,
-                      mlstm_bwd_prologue_kernel, mlstm_bwd_state_kernel, mlstm_chunk_chain_kernel,
-                      mlstm_chunk_local_kernel, mlstm_fwd_gates_kernel, mlstm_fwd_out_kernel,
-                      mlstm_fwd_state_kernel)
+                      mlstm_bwd_pair_kernel, mlstm_bwd_prologue_kernel, mlstm_bwd_state_kernel,
+                      mlstm_chunk_chain_kernel, mlstm_chunk_local_kernel, mlstm_fwd_gates_kernel,
+                      mlstm_fwd_out_kernel, mlstm_fwd_pair_kernel, mlstm_fwd_state_kernel)
 
 _TL = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 assert NEG == -1e30  # the kernels' _NEG
@@ -80,11 +80,13 @@ def hi_lo(x, dtype):
 
 
 def _launch(kernel, name, grid, args, DK, DV, L, dtype, arch, **extra):
-    """Launch one of the five matmul kernels in chunks of L (tiles of tile_len(L)) with the
-    table's parameters."""
+    """Launch one of the matmul kernels (heuristics.KERNELS) in chunks of L (tiles of
+    tile_len(L)) with the table's parameters."""
     p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
     BT = heuristics.tile_len(L, dtype)
     meta = dict(BT=BT, NT=L // BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
+    if "BV" not in kernel.arg_names:                    # (the forward's pair kernel: no v)
+        del meta["BV"]
     grid = grid(p["BK"], p["BV"]) if callable(grid) else grid
     opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
     if not INTERPRETED and p["maxnreg"]:
@@ -192,6 +194,21 @@ def _dims(q, v, L):
             heuristics.device_arch(q.device))
 
 
+def _pair_buffers(q, S, NC, BT, NT, dtypes):
+    """Chunks of several tiles: one (B, NH, NC, NP, BT, BT) buffer (or (..., NP, BT) where
+    shaped is false) per (dtype, shaped) in dtypes for the (row tile, earlier key tile) pairs
+    of every chunk (kernels._pair), and the pair kernels' grid; with one tile a chunk, or one
+    in the sequence, (None, ...) and no grid (no pairs: the kernels do not read them)."""
+    NTE = min(NT, cdiv(S, BT))
+    NP = NTE * (NTE - 1) // 2
+    if NP == 0:
+        return (None,) * len(dtypes), None
+    B, NH = q.shape[:2]
+    bufs = tuple(q.new_empty(B, NH, NC, NP, BT, *((BT,) if shaped else ()), dtype=dt)
+                 for dt, shaped in dtypes)
+    return bufs, (B * NH * NC * NTE * NTE,)
+
+
 def _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse, states=True):
     """The forward's two scans (stabilizer, then states) on laid-out q, k, v: returns c_in,
     n_in, m_in (entering every chunk), c_last, n_last, m_last, a_last, and per row b_row,
@@ -251,19 +268,28 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
     Returns h and the saved tensors. last_states=False: the caller does not use the last state;
     where needs_states then says so, c_in, n_in, c_last and n_last are not written."""
     q, k, v = _kernel_layout(q, k, v)
-    B, NH, S, DK, DV, NC, BT, _, ad, arch = _dims(q, v, L)
+    B, NH, S, DK, DV, NC, BT, NT, ad, arch = _dims(q, v, L)
     states = needs_states(S, L, c0 is not None, last_states)
     rev = int(bool(reverse))
     c_in, n_in, m_in, c_last, n_last, m_last, a_last, b_row, m_row, a_row = _fwd_states(
         q, k, v, i, f, c0, n0, m0, L, reverse, states)
     h = torch.empty(B, NH, S, DV, dtype=q.dtype, device=q.device)
     n_row = torch.empty(B, NH, S, dtype=ad, device=q.device)
+    scale = DK ** -0.5
+    # chunks of several tiles: every pair's weighted scores (MMA dtype) and their row sums once
+    (sc, rs), grid = _pair_buffers(q, S, NC, BT, NT, ((state_dtype(q), True), (ad, False)))
+    if grid is not None:
+        _launch(mlstm_fwd_pair_kernel, "fwd_pair", grid,
+                (q, k, i, b_row, m_row, sc, rs, S, NC, DK, rev, NH, *_strides(q), scale),
+                DK, DV, L, q.dtype, arch)
+    else:
+        sc, rs = h, n_row                                                # unread
     # pipelined, the outputs kernel takes n as (hi, lo) MMA-dtype pairs (see the kernel)
     qn_mma = heuristics.launch_params("fwd_out", DK, DV, L, q.dtype, arch)["num_stages"] > 1
     _launch(mlstm_fwd_out_kernel, "fwd_out",
             lambda BK, BV: (cdiv(DV, BV), cdiv(S, BT), B * NH),
             (q, k, v, i, c_in, hi_lo(n_in, c_in.dtype) if qn_mma else n_in, m_in, b_row, m_row,
-             h, n_row, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v), DK ** -0.5, eps),
+             h, n_row, sc, rs, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v), scale, eps),
             DK, DV, L, q.dtype, arch, QN_MMA=qn_mma, HAS_STATE=states)
     return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, b_row
 
@@ -310,18 +336,26 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
                 (q, dh, wa, wb, decay, *dlast, dc_out, dn_out, dc0, dn0,
                  S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, L, q.dtype, arch,
                 HAS_DLAST=has_dlast)
+    # chunks of several tiles: every pair's scores over the normalizer and weighted dS once
+    (ps, ds), grid = _pair_buffers(q, S, NC, BT, NT, ((state_dtype(q), True),) * 2)
+    if grid is not None:
+        _launch(mlstm_bwd_pair_kernel, "bwd_pair", grid,
+                (q, k, v, i, dh, b_row, m_row, den, dn, ps, ds, S, NC, DK, DV, rev, NH,
+                 *_strides(q), *_strides(v), scale), DK, DV, L, q.dtype, arch)
+    else:
+        ps = ds = dh                                                     # unread
     p = heuristics.launch_params("bwd_dqk", DK, DV, L, q.dtype, arch)
     NK = cdiv(DK, p["BK"])
     rq = torch.empty(NK, B, NH, S, dtype=ad, **kw)
     rk = torch.empty(NK, B, NH, S, dtype=ad, **kw)
     _launch(mlstm_bwd_dqk_kernel, "bwd_dqk", (NK, NTS, B * NH),
-            (q, k, v, i, dh, b_row, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
+            (q, k, v, i, dh, b_row, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out, ds,
              dq, dk, rq, rk, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v),
              *_strides(dq), scale),
             DK, DV, L, q.dtype, arch)
     _launch(mlstm_bwd_dv_kernel, "bwd_dv",
             lambda BK, BV: (cdiv(DV, BV), NTS, B * NH),
-            (q, k, dh, i, b_row, m_row, den, m_in, m_last, dc_out, dv,
+            (q, k, dh, i, b_row, m_row, den, m_in, m_last, dc_out, ps, dv,
              S, NC, DK, DV, rev, NH, *_strides(q), *_strides(dv), scale),
             DK, DV, L, q.dtype, arch)
     # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse): the m

@@ -29,6 +29,11 @@ Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
   (c_in and dc_out are stored in the MMA dtype: they are only ever tl.dot operands)
   rq, rk        [NK, S]        per K block: q . dq and k . dk per row (for the gate gradients)
   gain, decay   [NC, L], [NC]  the state scan's key weights and carried-state factors
+  sc, rs        [NC, NP, BT, BT], [NC, NP, BT]   chunks of several tiles, forward: the
+                weighted scores of every (row tile, earlier key tile) pair of a chunk and their
+                row sums (the pair kernels; NP pairs a chunk, _pair)
+  ps, ds        [NC, NP, BT, BT]   the same pairs in the backward: scores over the row
+                normalizer (for dv) and the weighted dS (for dq, dk)
   wa, wb, decay [NC, L], [NC]  the state-gradient scan's row weights (w / den, w dn) and factors
   ([NC, L] vectors are in logical order: entry t is logical position t)
 """
@@ -99,6 +104,23 @@ def _weights(b_ba, b_ma, m_a, b_bb, b_ib):
     key before every row): exp(b_t - b_j + i_j - m_t), 0 for masked rows. [BT, BT]"""
     return tl.exp(tl.where(m_a[:, None], b_ba[:, None] - b_bb[None, :] + b_ib[None, :]
                            - b_ma[:, None], _NEG))
+
+
+@triton.jit
+def _pair_tiles(S, BT: tl.constexpr, NT: tl.constexpr):
+    """Tiles a chunk of several holds in the sequence (NTE: fewer than NT where one chunk holds
+    the whole sequence) and pairs of a row tile and an earlier key tile a chunk (NP)."""
+    NTE = tl.minimum(NT, tl.cdiv(S, BT))
+    return NTE, NTE * (NTE - 1) // 2
+
+
+@triton.jit
+def _pair(i_bh, i_c, NC, S, a, j, BT: tl.constexpr, NT: tl.constexpr):
+    """Offset of the [BT, BT] slot of chunk i_c's pair (row tile a, earlier key tile j), tiles
+    counted from the chunk's start (0 <= j < a), in a (B * NH, NC, NP, BT, BT) pair buffer:
+    a chunk's pairs in row-major triangular order (a row tile's pairs adjacent)."""
+    NP = _pair_tiles(S, BT, NT)[1]
+    return ((i_bh * NC + i_c) * NP + a * (a - 1) // 2 + j) * (BT * BT)
 
 
 @triton.jit
@@ -382,8 +404,84 @@ def _tile_dot(p_a, p_b, o_pa, m_a, o_pb, m_b, sa_t, sb_t, D, BT: tl.constexpr, B
 
 
 @triton.jit
+def _pair_program(S, NC, BT: tl.constexpr, NT: tl.constexpr):
+    """A pair kernel's program: grid (B * NH * NC * NTE * NTE,) (_pair_tiles), one chunk's
+    pairs adjacent (their tiles are read by several: from L2). Returns batch-head, chunk, the
+    row and key tiles in the chunk (a, j), their tile indices in the sequence, and whether the
+    pair exists (j < a, row tile inside the sequence); the others exit."""
+    NTE = _pair_tiles(S, BT, NT)[0]
+    i_p = tl.program_id(0).to(tl.int64)
+    i_bc, i_aj = i_p // (NTE * NTE), (i_p % (NTE * NTE)).to(tl.int32)
+    a, j = i_aj // NTE, i_aj % NTE
+    i_bh, i_c = i_bc // NC, (i_bc % NC).to(tl.int32)
+    i_r, i_u = i_c * NT + a, i_c * NT + j
+    return i_bh, i_c, a, j, i_r, i_u, (j < a) & (i_r * BT < S)
+
+
+@triton.jit
+def mlstm_fwd_pair_kernel(
+    q, k, i, b_row, m_row, sc, rs, S, NC, DK, REVERSE, NH, s_b, s_h, s_t, scale,
+    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr,
+    MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Chunks of several tiles, forward: the weighted scores of a tile of rows and an earlier
+    tile of keys of its chunk, once (grid _pair_program's):
+        sc = s q_a k_j^T * exp(log D - m)   (in the MMA dtype: what the outputs' dot takes)
+        rs = its row sums (ACC, for the normalizer)
+    so that the outputs kernel, a program per V tile, loads them instead of recomputing q k^T
+    over the whole of DK per V tile and pair."""
+    i_bh, i_c, a, j, i_r, i_u, live = _pair_program(S, NC, BT, NT)
+    if live:
+        o_i = tl.arange(0, BT)
+        o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
+        o_tj, o_pj, m_tj = _rows(i_u, S, REVERSE, BT)
+        b_b, _ = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
+        b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+        b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+        p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
+        b_s = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK,
+                        MMA, ACC, PREC, INTERP) * scale * _weights(b_b, b_m, m_t, b_bj, b_ij)
+        o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
+        tl.store(sc + o_x + o_i[:, None] * BT + o_i[None, :], b_s.to(sc.dtype.element_ty))
+        tl.store(rs + o_x // BT + o_i, tl.sum(b_s, axis=1).to(rs.dtype.element_ty))
+
+
+@triton.jit
+def mlstm_bwd_pair_kernel(
+    q, k, v, i, dh, b_row, m_row, den, dn, ps, ds,
+    S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale,
+    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Chunks of several tiles, backward: a (row tile a, earlier key tile j) pair's two
+    products, once (grid _pair_program's), in the MMA dtype:
+        ps = s q_a k_j^T * W / den_a           (dv_j += ps^T dh_a)
+        ds = (dh_a v_j^T / den_a + dn_a) * W   (dq_a += ds k_j s, dk_j += ds^T q_a s)
+    with W = exp(log D - m); the dq/dk and dv kernels, a program per head-dim tile, load them
+    instead of recomputing dh v^T over all of DV per K tile (or q k^T over DK per V tile)."""
+    i_bh, i_c, a, j, i_r, i_u, live = _pair_program(S, NC, BT, NT)
+    if live:
+        o_i = tl.arange(0, BT)
+        o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
+        o_tj, o_pj, m_tj = _rows(i_u, S, REVERSE, BT)
+        b_b, b_m, b_den, b_dn = _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC)
+        b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+        b_w = _weights(b_b, b_m, m_t, b_bj, b_ij)                   # [BT, BT]
+        p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
+        p_v, p_dh = _seq(v, i_bh, NH, sv_b, sv_h), dh + i_bh * S * DV
+        b_qk = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK,
+                         MMA, ACC, PREC, INTERP)
+        b_dhv = _tile_dot(p_dh, p_v, o_p, m_t, o_pj, m_tj, DV, sv_t, DV, BT, BV,
+                          MMA, ACC, PREC, INTERP)
+        o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT) + o_i[:, None] * BT + o_i[None, :]
+        tl.store(ps + o_x, (b_qk * scale * b_w / b_den[:, None]).to(ps.dtype.element_ty))
+        tl.store(ds + o_x, ((b_dhv / b_den[:, None] + b_dn[:, None]) * b_w)
+                 .to(ds.dtype.element_ty))
+
+
+@triton.jit
 def mlstm_fwd_out_kernel(
-    q, k, v, i, c_in, n_in, m_in, b_row, m_row, h, n_row,
+    q, k, v, i, c_in, n_in, m_in, b_row, m_row, h, n_row, sc, rs,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale, eps,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     QN_MMA: tl.constexpr, HAS_STATE: tl.constexpr,
@@ -394,7 +492,8 @@ def mlstm_fwd_out_kernel(
     to each row; the signed normalizer of every row is stored by the i_v == 0 programs. The
     tile's own keys and the carried state in one pass over DK, then the chunk's earlier tiles.
     Without HAS_STATE (one chunk for the whole sequence and no initial state: the carried
-    state is zero) c_in and n_in are not read and the state's products not computed.
+    state is zero) c_in and n_in are not read and the state's products not computed. Chunks
+    of several tiles (NT > 1) take the earlier tiles' scores from mlstm_fwd_pair_kernel.
     QN_MMA (set when the loop is software-pipelined) computes q . n_in on the tensor cores
     instead of as a sum of products, so that q only feeds dots: with a sum too, Triton 3.6
     gives q's pipelined loads one shared-memory buffer instead of two and the next iteration's
@@ -452,16 +551,17 @@ def mlstm_fwd_out_kernel(
         b_num += b_w[:, None] * b_qc
         b_nrow += b_w * b_qn
     if NT > 1:
-        for i_j in range(i_c * NT, i_r):          # the chunk's earlier tiles: no causal mask
-            o_tj, o_pj, m_tj = _rows(i_j, S, REVERSE, BT)
-            b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
-            b_qk = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK,
-                             MMA, ACC, PREC, INTERP)
-            b_s = b_qk * scale * _weights(b_b, b_m, m_t, b_bj, b_ij)    # [BT, BT]
+        # the chunk's earlier tiles of keys: their weighted scores from mlstm_fwd_pair_kernel
+        a = i_r - i_c * NT
+        o_ss = o_i[:, None] * BT + o_i[None, :]
+        for j in range(0, a):
+            o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
+            b_sj = tl.load(sc + o_x + o_ss)                                 # [BT, BT]
+            o_pj, m_tj = _rows(i_c * NT + j, S, REVERSE, BT)[1:]
             b_vj = tl.load(p_v + o_pj[:, None] * sv_t + o_v[None, :],
-                           mask=m_tj[:, None] & m_v[None, :], other=0.)             # [BT, BV]
-            b_num += _dot(b_s, b_vj, MMA, ACC, PREC, INTERP)
-            b_nrow += tl.sum(b_s, axis=1)
+                           mask=m_tj[:, None] & m_v[None, :], other=0.)     # [BT, BV]
+            b_num += _dot(b_sj, b_vj, MMA, ACC, PREC, INTERP)
+            b_nrow += tl.load(rs + o_x // BT + o_i).to(ACC)
     b_den = tl.maximum(tl.abs(b_nrow), tl.exp(-b_m)) + eps
     b_h = b_num / b_den[:, None]
     tl.store(h + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], b_h.to(h.dtype.element_ty),
@@ -609,7 +709,7 @@ def mlstm_bwd_state_kernel(
 
 @triton.jit
 def mlstm_bwd_dqk_kernel(
-    q, k, v, i, dh, b_row, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out,
+    q, k, v, i, dh, b_row, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out, ds,
     dq, dk, rq, rk,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, sd_b, sd_h, sd_t, scale,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -621,7 +721,8 @@ def mlstm_bwd_dqk_kernel(
         dk = (dS * W)^T q s + gain (v dC_out^T + dn_out),   dS = dnum v^T + dn
     (gated linear attention with values [v, 1], plus the paths through the chunk's entry and
     exit states); the tile's own block of dS first, then, within the chunk, the earlier tiles'
-    keys for dq and the later tiles' rows for dk. Also stores this K block's part of q . dq and
+    keys for dq and the later tiles' rows for dk (their dS from mlstm_bwd_pair_kernel). Also
+    stores this K block's part of q . dq and
     k . dk per row in rq / rk [NK, B * NH, S] (summed over blocks by the caller)."""
     i_k, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_c = i_r // NT
@@ -678,30 +779,22 @@ def mlstm_bwd_dqk_kernel(
     b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale \
         + b_gain[:, None] * (b_dkc + b_dno[None, :])
     if NT > 1:
-        for i_j in range(i_c * NT, i_r):          # dq: the chunk's earlier tiles' keys
-            o_tj, o_pj, m_tj = _rows(i_j, S, REVERSE, BT)
-            b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
-            b_ds = _tile_dot(p_dh, p_v, o_p, m_t, o_pj, m_tj, DV, sv_t, DV, BT, BV,
-                             MMA, ACC, PREC, INTERP)                # [BT, BT] dh v^T
-            b_ds = (b_ds / b_den[:, None] + b_dnr[:, None]) * _weights(b_b, b_m, m_t, b_bj, b_ij)
+        # the chunk's other tiles, their weighted dS from mlstm_bwd_pair_kernel: the earlier
+        # tiles' keys for dq, the later tiles' rows (up to the sequence's last) for dk
+        a = i_r - i_c * NT
+        o_ss = o_i[:, None] * BT + o_i[None, :]
+        for j in range(0, a):
+            b_dsj = tl.load(ds + _pair(i_bh, i_c, NC, S, a, j, BT, NT) + o_ss)    # [BT, BT]
+            o_pj, m_tj = _rows(i_c * NT + j, S, REVERSE, BT)[1:]
             b_kj = tl.load(p_k + o_pj[:, None] * s_t + o_k[None, :],
                            mask=m_tj[:, None] & m_k[None, :], other=0.)    # [BT, BK]
-            b_dq += _dot(b_ds, b_kj, MMA, ACC, PREC, INTERP) * scale
-        for i_u in range(i_r + 1, tl.minimum(i_c * NT + NT, tl.cdiv(S, BT))):
-            # dk: the chunk's later tiles' rows (the last may run past the sequence: masked)
-            o_tu, o_pu, m_tu = _rows(i_u, S, REVERSE, BT)
-            b_bu, b_mu, b_denu, b_dnu = _row_stats(b_row, m_row, den, dn, i_bh, o_pu, m_tu, S,
-                                                   ACC)
-            b_ds = _tile_dot(p_dh, p_v, o_pu, m_tu, o_p, m_t, DV, sv_t, DV, BT, BV,
-                             MMA, ACC, PREC, INTERP)
-            b_ds = (b_ds / b_denu[:, None] + b_dnu[:, None]) * _weights(b_bu, b_mu, m_tu, b_b,
-                                                                         b_i)
+            b_dq += _dot(b_dsj, b_kj, MMA, ACC, PREC, INTERP) * scale
+        for u in range(a + 1, tl.minimum(NT, tl.cdiv(S, BT) - i_c * NT)):
+            b_dsu = tl.load(ds + _pair(i_bh, i_c, NC, S, u, a, BT, NT) + o_ss)    # rows u
+            o_pu, m_tu = _rows(i_c * NT + u, S, REVERSE, BT)[1:]
             b_qu = tl.load(p_q + o_pu[:, None] * s_t + o_k[None, :],
                            mask=m_tu[:, None] & m_k[None, :], other=0.)    # [BT, BK]
-            b_dk += _dot(tl.trans(b_ds), b_qu, MMA, ACC, PREC, INTERP) * scale
-        # reloaded for the row sums rather than held through the loops (registers)
-        b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
-        b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
+            b_dk += _dot(tl.trans(b_dsu), b_qu, MMA, ACC, PREC, INTERP) * scale
     o_d = o_p[:, None] * sd_t + o_k[None, :]
     tl.store(_seq(dq, i_bh, NH, sd_b, sd_h) + o_d, b_dq.to(dq.dtype.element_ty), mask=m_tk)
     tl.store(_seq(dk, i_bh, NH, sd_b, sd_h) + o_d, b_dk.to(dk.dtype.element_ty), mask=m_tk)
@@ -712,7 +805,7 @@ def mlstm_bwd_dqk_kernel(
 
 @triton.jit
 def mlstm_bwd_dv_kernel(
-    q, k, dh, i, b_row, m_row, den, m_in, m_last, dc_out, dv,
+    q, k, dh, i, b_row, m_row, den, m_in, m_last, dc_out, ps, dv,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sd_b, sd_h, sd_t, scale,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
@@ -720,7 +813,8 @@ def mlstm_bwd_dv_kernel(
     """dv of one tile of positions and V block: grid (cdiv(DV, BV), cdiv(S, BT), B * NH), no
     atomics.
         dv = (s q k^T * W)^T dnum + gain (k dC_out)
-    the tile's own rows first, then the chunk's later tiles' rows."""
+    the tile's own rows first, then the chunk's later tiles' rows (their scores from
+    mlstm_bwd_pair_kernel)."""
     i_v, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_c = i_r // NT
     o_i = tl.arange(0, BT)
@@ -757,17 +851,16 @@ def mlstm_bwd_dv_kernel(
     b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
     b_dv = _dot(tl.trans(b_s), b_dh, MMA, ACC, PREC, INTERP) + b_gain[:, None] * b_kdc
     if NT > 1:
-        for i_u in range(i_r + 1, tl.minimum(i_c * NT + NT, tl.cdiv(S, BT))):
-            o_tu, o_pu, m_tu = _rows(i_u, S, REVERSE, BT)
-            b_bu = tl.load(b_row + i_bh * S + o_pu, mask=m_tu, other=0.).to(ACC)
-            b_mu = tl.load(m_row + i_bh * S + o_pu, mask=m_tu, other=0.).to(ACC)
-            b_denu = tl.load(den + i_bh * S + o_pu, mask=m_tu, other=1.).to(ACC)
-            b_qk = _tile_dot(p_q, p_k, o_pu, m_tu, o_p, m_t, s_t, s_t, DK, BT, BK,
-                             MMA, ACC, PREC, INTERP)
-            b_s = b_qk * scale * _weights(b_bu, b_mu, m_tu, b_b, b_i) / b_denu[:, None]
+        # the chunk's later tiles' rows, their scores over the normalizer from
+        # mlstm_bwd_pair_kernel
+        a = i_r - i_c * NT
+        o_ss = o_i[:, None] * BT + o_i[None, :]
+        for u in range(a + 1, tl.minimum(NT, tl.cdiv(S, BT) - i_c * NT)):
+            b_ps = tl.load(ps + _pair(i_bh, i_c, NC, S, u, a, BT, NT) + o_ss)     # [BT, BT]
+            o_pu, m_tu = _rows(i_c * NT + u, S, REVERSE, BT)[1:]
             b_dhu = tl.load(p_dh + o_pu[:, None] * DV + o_v[None, :],
                             mask=m_tu[:, None] & m_v[None, :], other=0.)           # [BT, BV]
-            b_dv += _dot(tl.trans(b_s), b_dhu, MMA, ACC, PREC, INTERP)
+            b_dv += _dot(tl.trans(b_ps), b_dhu, MMA, ACC, PREC, INTERP)
     tl.store(_seq(dv, i_bh, NH, sd_b, sd_h) + o_p[:, None] * sd_t + o_v[None, :],
              b_dv.to(dv.dtype.element_ty),
              mask=m_tv)
