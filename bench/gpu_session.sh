@@ -10,6 +10,9 @@
 #   tunelong    the two state scans swept at the issue's long sequences (S=16384: B=1 at D=384,
 #               B=8 at D=96), serial against split form: where the serial scans have too few
 #               programs to fill the GPU (the split form's case); no table written
+#   tunechunk   the sweep at chunks of TUNE_CHUNK (default 256, 4 tiles) of the kernels that
+#               chunks of several tiles run differently: the two pair kernels, the outputs, dq/dk
+#               and dv kernels' loops over the chunk's other tiles; table file of its own
 #   tests       the Triton tests on CUDA (pytest-xdist when there); after tune, with its table
 #   kernels     the operator benchmark at S=784, D=384/192/96, with that table (kernels-all:
 #               at every shape of bench/kernels.py's GPU list)
@@ -91,6 +94,11 @@ for s in $STEPS; do
             --kernels fwd_state bwd_state --time-limit 90 --results-file "$OUT/tune-long-384.json"
         step tunelong-96 110 python bench/tune.py --dims 96 --B 8 --S 16384 \
             --kernels fwd_state bwd_state --time-limit 90 --results-file "$OUT/tune-long-96.json" ;;
+    tunechunk)                                 # chunks of several tiles (TUNE_CHUNK)
+        step tunechunk $((TUNE_LIMIT + 20)) python bench/tune.py --dims $TUNE_DIMS \
+            --chunks "${TUNE_CHUNK:-256}" --kernels fwd_pair bwd_pair bwd_dqk bwd_dv fwd_out \
+            --time-limit $TUNE_LIMIT --results-file "$OUT/tune-chunk.json" \
+            --write-table "$OUT/launch-table-chunk.json" ;;
     tests)
         step tests 100 python -m pytest tests/test_triton.py -q $XDIST ;;
     kernels)

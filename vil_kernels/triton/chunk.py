@@ -7,7 +7,9 @@ chunk, each key's weight and the carried state's factor; per row the chunk-relat
 cumsum, m and argmax), mlstm_fwd_state_kernel (the (C, n) scan, entry state of every chunk)
 then mlstm_fwd_out_kernel (outputs per tile; signed normalizer per row). With the scans' split
 launch parameter each scan is mlstm_chunk_local_kernel then mlstm_chunk_chain_kernel instead
-(same function).
+(same function). Chunks of several tiles add mlstm_fwd_pair_kernel before the outputs kernel
+and mlstm_bwd_pair_kernel before dq/dk and dv: each (tile, earlier tile) pair of a chunk
+computed once, into buffers the others read (_pair_buffers).
 Backward: mlstm_bwd_prologue_kernel (den, dn, dm per row from one pass over dh and h, and the
 state-gradient scan's row weights and chunk factors), mlstm_bwd_state_kernel (reverse
 scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv),
