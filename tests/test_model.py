@@ -1153,3 +1153,17 @@ def test_without_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_batches_over_the_grid_limit_take_the_pytorch_path(monkeypatch):
+    """The conv and gating kernels put the batch along a CUDA grid's z axis (at most 65535
+    programs): larger batches of CUDA tensors take the PyTorch path instead of failing to
+    launch."""
+    import types
+
+    import vil.model as vmodel
+    monkeypatch.setattr(vmodel.triton_gating, "available", lambda: True)
+    cuda = lambda B: types.SimpleNamespace(is_cuda=True, shape=(B, 196, 192))
+    assert vmodel._use_triton_fused(cuda(vmodel.MAX_FUSED_BATCH))
+    assert not vmodel._use_triton_fused(cuda(vmodel.MAX_FUSED_BATCH + 1))
+    assert not vmodel._use_triton_fused(torch.zeros(2, 3))                  # CPU tensors

@@ -421,6 +421,27 @@ def test_backward_deterministic():
         assert torch.equal(a, b)
 
 
+# More batch x heads than a CUDA grid's y and z axes hold (65535; patched to 4 here) run in
+# batch slices: the same bits as one call, every output and gradient, initial and last states.
+@pytest.mark.parametrize("reverse", [False, True])
+def test_batches_over_the_grid_limit_run_in_slices(reverse, monkeypatch):
+    from vil_kernels.triton import chunk as tchunk
+    x = make_inputs(B=3, NH=2, S=21, DK=16, DV=16, init=True, seed=12)
+    whole = run(x, "triton", reverse=reverse, chunk_size=16)
+    calls = []
+    monkeypatch.setattr(tchunk, "MAX_GRID_HEADS", 4)
+    plain = tchunk.mlstm_fwd
+    monkeypatch.setattr(tchunk, "mlstm_fwd", lambda q, *a, **kw: (calls.append(q.shape[0]),
+                                                                  plain(q, *a, **kw))[1])
+    sliced = run(x, "triton", reverse=reverse, chunk_size=16)
+    assert calls == [2, 1]                                   # two batch elements, then one
+    for name in whole:
+        assert torch.equal(sliced[name], whole[name]), name
+    monkeypatch.setattr(tchunk, "MAX_GRID_HEADS", 1)
+    with pytest.raises(ValueError, match="at most 1 heads"):
+        run(x, "triton", chunk_size=16)
+
+
 def test_gates_4d_and_noncontiguous():
     """(B, NH, S, 1) gates and transposed (non-contiguous) q, k, v go through unchanged."""
     import vil_kernels

@@ -292,11 +292,17 @@ def _pad_projection_columns(device):
     return device.type == "cuda"
 
 
+# The conv and gating kernels put the batch along a CUDA grid's z axis, which holds at most
+# 65535 programs: larger batches take the PyTorch path (vil_kernels' mLSTM runs them in slices).
+MAX_FUSED_BATCH = 65535
+
+
 def _use_triton_fused(x):
     """The fused Triton kernels around the cell (the pre-norm under autocast, conv + SiLU,
     output norm + gating; forward and backward): on CUDA, except under torch.compile (inductor
-    fuses the PyTorch path itself)."""
-    return x.is_cuda and triton_gating.available() and not torch.compiler.is_compiling()
+    fuses the PyTorch path itself) and for batches over MAX_FUSED_BATCH."""
+    return (x.is_cuda and x.shape[0] <= MAX_FUSED_BATCH and triton_gating.available()
+            and not torch.compiler.is_compiling())
 
 
 def _autocast_dtype(x, other_dtype):

@@ -516,14 +516,42 @@ class MLSTMTritonFunction(torch.autograd.Function):
         return dq, dk, dv, di, df, *dstates, None, None, None, None
 
 
+# A CUDA grid holds at most 65535 programs along its y and z axes, where the matmul kernels
+# and the backward prologue put batch x heads (the sequence's and head dims' tiles go along x,
+# where the limit is 2^31 - 1): more heads than that run in slices of whole batch elements.
+MAX_GRID_HEADS = 65535
+
+
+def _in_batch_slices(q, k, v, i, f, c0, n0, m0, return_last_states, **kw):
+    """mlstm_triton over slices of the batch of at most MAX_GRID_HEADS heads each, outputs
+    concatenated (every batch element's heads are independent: the same bits as one call)."""
+    B, NH = q.shape[:2]
+    if NH > MAX_GRID_HEADS:
+        raise ValueError(f"mlstm: the Triton backend takes at most {MAX_GRID_HEADS} heads, got "
+                         f"{NH}")
+    step = MAX_GRID_HEADS // NH
+    outs = [mlstm_triton(*(x if x is None else x[b:b + step] for x in (q, k, v, i, f, c0, n0, m0)),
+                         return_last_states=return_last_states, **kw)
+            for b in range(0, B, step)]
+    h = torch.cat([h for h, _ in outs])
+    if not return_last_states:
+        return h, None
+    return h, tuple(torch.cat([last[j] for _, last in outs]) for j in range(3))
+
+
 def mlstm_triton(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, eps=1e-6,
                  chunk_size=None, reverse=False, return_last_states=False,
                  recompute_states=False):
     """Fused chunkwise mLSTM. Validated inputs (vil_kernels.mlstm checks them), gates (B, NH, S).
     Returns (h, (c, n, m)) with return_last_states, else (h, None); states float32 (float64 for
     float64 inputs, supported under the interpreter only). recompute_states: the backward
-    reruns the state scans instead of the forward keeping every chunk's state."""
+    reruns the state scans instead of the forward keeping every chunk's state. More than
+    MAX_GRID_HEADS batch x heads run in batch slices."""
     B, NH, S, DK = q.shape
+    if B * NH > MAX_GRID_HEADS:
+        return _in_batch_slices(q, k, v, i, f, c_initial, n_initial, m_initial,
+                                return_last_states, eps=eps, chunk_size=chunk_size,
+                                reverse=reverse, recompute_states=recompute_states)
     DV = v.shape[-1]
     arch = heuristics.device_arch(q.device)
     L = heuristics.chunk_len(S, DK, DV, q.dtype, arch, chunk_size)
