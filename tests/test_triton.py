@@ -367,6 +367,39 @@ def test_one_chunk_inference_runs_no_state_work(tile, reverse, monkeypatch):
                 assert rel_err(got, ref[name]) < 1e-9, name
 
 
+# The same in training: one chunk, no initial state, a loss on h alone. Neither state scan
+# runs, the dq/dk and dv kernels skip the (zero) state terms, and autograd keeps neither the
+# chunk states nor the last state; every gradient still matches. With the last state in the
+# loss the scans run.
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
+@pytest.mark.parametrize("tile", [64, 16])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_one_chunk_training_runs_no_state_work(tile, reverse, monkeypatch):
+    import vil_kernels
+    from helpers import saved_bytes
+    from vil_kernels.triton import chunk, heuristics
+    monkeypatch.setattr(heuristics, "MAX_TILE", tile)
+    x = make_inputs(NH=2, S=50, DK=24, DV=40, seed=22)
+    for last, recompute in ((False, False), (False, True), (True, False)):
+        ref = run(x, "parallel", reverse=reverse, last_states=last)
+        chunk.KERNEL_EVENTS = []
+        try:
+            got = run(x, "triton", reverse=reverse, chunk_size=1024, last_states=last,
+                      recompute_states=recompute)
+            launched = {name for name, _ in chunk.KERNEL_EVENTS}
+        finally:
+            chunk.KERNEL_EVENTS = None
+        errs = {n: rel_err(got[n], ref[n]) for n in ref}
+        assert max(errs.values()) < 1e-9, errs
+        assert ("fwd_state" in launched) == ("bwd_state" in launched) == last, launched
+    leaves = {n: t.requires_grad_() for n, t in x.items()}
+    mlstm = lambda last: vil_kernels.mlstm(**leaves, backend="triton", chunk_size=1024,
+                                           reverse=reverse, return_last_states=last)
+    kept = {last: saved_bytes(lambda: mlstm(last))[1] for last in (False, True)}
+    # the chunk's entry state and the last state (c and n: 24 x (40 + 1) a head, float64)
+    assert kept[True] - kept[False] == 2 * 2 * 24 * 41 * 8, kept
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_unused_last_states(reverse):
     """A loss on h alone: the last state's gradients arrive as None and the state-gradient scan

@@ -13,11 +13,12 @@ cap, dtypes: head dims are runtime values, so many head dims share one binary), 
 distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
 registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, programs an SM
 holds at once (occ, programs_per_sm), and the head dims each binary serves (flag: HAS_INIT of the
-state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the outputs kernel; f/b and S for
-the chain's direction and starting state). Exits 1 on any spill, on shared memory over the arch's
-limit (sm_80: 163 KB, sm_90: 227 KB), on registers x threads over the 64K register file, when a
-16-bit build has no HMMA/HGMMA instruction, on a pipelined loop whose asynchronous wgmma reads a
-single-buffered tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile error.
+state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the outputs, dq/dk and dv kernels;
+f/b and S for the chain's direction and starting state). Exits 1 on any spill, on shared memory
+over the arch's limit (sm_80: 163 KB, sm_90: 227 KB), on registers x threads over the 64K register
+file, when a 16-bit build has no HMMA/HGMMA instruction, on a pipelined loop whose asynchronous
+wgmma reads a single-buffered tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile
+error.
 """
 
 import argparse
@@ -114,7 +115,7 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                         for arch in ARCHS:
                             p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
                             flags = (False, True) if name in heuristics.SCANS + (
-                                "fwd_out",) else (None,)
+                                "fwd_out", "bwd_dqk", "bwd_dv") else (None,)
                             BV = 0 if name == "fwd_pair" else p["BV"]     # (reads no v)
                             for has_init in flags:      # HAS_INIT, HAS_DLAST, HAS_STATE
                                 key = (name, dt, arch, BT, p["BK"], BV, p["num_warps"],
@@ -189,10 +190,13 @@ def compile_one(key, constexprs=None):
     elif name == "bwd_gates":                  # its block of positions in the BV slot
         const_names, const_vals = ["BS", "ACC"], [BV, tl_of[acc]]
     else:
-        # the flag slot: HAS_INIT, HAS_DLAST of the scans, HAS_STATE of the outputs kernel
+        # the flag slot: HAS_INIT, HAS_DLAST of the scans, HAS_STATE of the outputs, dq/dk and
+        # dv kernels
+        state = {"HAS_STATE": has_init is not False}
         flags = {"fwd_state": {"HAS_INIT": bool(has_init)},
                  "bwd_state": {"HAS_DLAST": bool(has_init)},
-                 "fwd_out": {"QN_MMA": qn_mma, "HAS_STATE": has_init is not False}}.get(name, {})
+                 "fwd_out": {"QN_MMA": qn_mma, **state},
+                 "bwd_dqk": state, "bwd_dv": state}.get(name, {})
         tiles = {"BT": BT, "NT": NT, "BK": BK, "BV": BV}
         if name == "fwd_pair":                  # (no V tiles: it never reads v)
             del tiles["BV"]

@@ -301,8 +301,12 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
               eps, L, reverse, share_bases=False):
     """Gradients (dq, dk, dv, di, df, dc0, dn0, dm0); the state gradients are those of the
     initial state (zeros-free placeholders when there is none). dc_last, dn_last, dm_last: all
-    three, or all None when the last state was not used (no zero tensors then). share_bases:
-    see _grad_buffers (eager mode only: the custom op's fake gives _grad_like's layout)."""
+    three, or all None when the last state was not used (no zero tensors then; c_last and
+    n_last may then be None too). Where needs_states says no state is carried (one chunk, no
+    initial state, the last state unused: the entry state and the exit state's gradient are
+    zero), c_in and n_in may be None: no state-gradient scan runs, and the dq/dk and dv
+    kernels skip the state terms. share_bases: see _grad_buffers (eager mode only: the custom
+    op's fake gives _grad_like's layout)."""
     # laid out after the caller's q, k, v, before any aligning copy
     dq, dk, dv = _grad_buffers(q, k, v, share_bases)
     q, k, v = _kernel_layout(q, k, v)
@@ -323,21 +327,26 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
           S, NC, DV, rev, scale, eps),
          BT=BT, NT=NT, BV=p["BV"], ACC=_dot_args(q.dtype)["ACC"], num_warps=p["num_warps"])
 
-    dc_out = torch.empty(B, NH, NC, DK, DV, dtype=state_dtype(q), **kw)
-    dn_out = torch.empty(B, NH, NC, DK, dtype=ad, **kw)
     dc0 = torch.empty(B, NH, DK, DV, dtype=ad, **kw)
     dn0 = torch.empty(B, NH, DK, dtype=ad, **kw)
     has_dlast = dc_last is not None
+    carried = needs_states(S, L, c0 is not None, has_dlast)
     dlast = (dc_last, dn_last) if has_dlast else (dc0, dn0)         # unread placeholders
-    if heuristics.launch_params("bwd_state", DK, DV, L, q.dtype, arch)["split"]:
-        _split_scan("bwd_state", q, dh, _strides(q), _strides(dh), wa, wb, decay, dc_out, dn_out,
-                    dlast, (dc0, dn0), has_dlast, True, S, NC, DK, DV, rev, NH, L, q.dtype, arch)
+    if not carried:             # zero entry state and exit-state gradient: no scan, no terms
+        c_in, n_in, dc_out, dn_out = q, den, q, den                   # unread placeholders
     else:
-        _launch(mlstm_bwd_state_kernel, "bwd_state",
-                lambda BK, BV: (cdiv(DK, BK), cdiv(DV, BV), B * NH),
-                (q, dh, wa, wb, decay, *dlast, dc_out, dn_out, dc0, dn0,
-                 S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, L, q.dtype, arch,
-                HAS_DLAST=has_dlast)
+        dc_out = torch.empty(B, NH, NC, DK, DV, dtype=state_dtype(q), **kw)
+        dn_out = torch.empty(B, NH, NC, DK, dtype=ad, **kw)
+        if heuristics.launch_params("bwd_state", DK, DV, L, q.dtype, arch)["split"]:
+            _split_scan("bwd_state", q, dh, _strides(q), _strides(dh), wa, wb, decay, dc_out,
+                        dn_out, dlast, (dc0, dn0), has_dlast, True, S, NC, DK, DV, rev, NH, L,
+                        q.dtype, arch)
+        else:
+            _launch(mlstm_bwd_state_kernel, "bwd_state",
+                    lambda BK, BV: (cdiv(DK, BK), cdiv(DV, BV), B * NH),
+                    (q, dh, wa, wb, decay, *dlast, dc_out, dn_out, dc0, dn0,
+                     S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, L, q.dtype, arch,
+                    HAS_DLAST=has_dlast)
     # chunks of several tiles: every pair's scores over the normalizer and weighted dS once
     (ps, ds), grid = _pair_buffers(q, S, NC, BT, NT, ((state_dtype(q), True),) * 2)
     if grid is not None:
@@ -354,12 +363,12 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
             (q, k, v, i, dh, b_row, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out, ds,
              dq, dk, rq, rk, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v),
              *_strides(dq), scale),
-            DK, DV, L, q.dtype, arch)
+            DK, DV, L, q.dtype, arch, HAS_STATE=carried)
     _launch(mlstm_bwd_dv_kernel, "bwd_dv",
             lambda BK, BV: (cdiv(DV, BV), NTS, B * NH),
             (q, k, dh, i, b_row, m_row, den, m_in, m_last, dc_out, ps, dv,
              S, NC, DK, DV, rev, NH, *_strides(q), *_strides(dv), scale),
-            DK, DV, L, q.dtype, arch)
+            DK, DV, L, q.dtype, arch, HAS_STATE=carried)
     # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse): the m
     # gradients go to the keys that set each m (argmax indices are logical positions, so they
     # are mapped first), as additions u to di and w to dF (two scatters); then one kernel sums
@@ -428,10 +437,11 @@ def _states_fake(q, k, v, i, f, c0, n0, m0, chunk, reverse):
 def _bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor,
             c0: torch.Tensor | None, n0: torch.Tensor | None, m0: torch.Tensor | None,
             h: torch.Tensor, dh: torch.Tensor, dc_last: torch.Tensor | None,
-            dn_last: torch.Tensor | None, dm_last: torch.Tensor | None, c_last: torch.Tensor,
-            n_last: torch.Tensor,
+            dn_last: torch.Tensor | None, dm_last: torch.Tensor | None,
+            c_last: torch.Tensor | None, n_last: torch.Tensor | None,
             m_last: torch.Tensor, a_last: torch.Tensor, m_row: torch.Tensor, n_row: torch.Tensor,
-            a_row: torch.Tensor, c_in: torch.Tensor, n_in: torch.Tensor, m_in: torch.Tensor,
+            a_row: torch.Tensor, c_in: torch.Tensor | None, n_in: torch.Tensor | None,
+            m_in: torch.Tensor,
             b_row: torch.Tensor, eps: float, chunk: int, reverse: bool) -> _T8:
     with _device(q):
         return mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last, c_last,
@@ -476,14 +486,20 @@ class MLSTMTritonFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, chunk, reverse, recompute=False):
+    def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, chunk, reverse, recompute=False,
+                last_states=True):
         i, f, c0, n0, m0 = _contiguous_gates_and_states(i, f, c0, n0, m0)
         has_init = c0 is not None
-        out = _call(_fwd_op, mlstm_fwd, q, k, v, i, f, c0, n0, m0, eps, chunk, reverse)
+        out = _call(_fwd_op, mlstm_fwd, q, k, v, i, f, c0, n0, m0, eps, chunk, reverse,
+                    last_states)
         h, c_last, n_last, m_last = out[:4]
-        # recompute: the chunk states (out[8:10]: NC x DK x DV a head) are not kept; the
-        # backward reruns the two scans that made them
-        kept = (*out[:8], None, None, *out[10:]) if recompute else out
+        kept = list(out)
+        # the chunk states (out[8:10]: NC x DK x DV a head) are not kept with recompute (the
+        # backward reruns the two scans that made them) nor where none is carried (zero)
+        if recompute or not needs_states(q.shape[2], chunk, has_init, last_states):
+            kept[8:10] = None, None
+        if not last_states:                 # (read only to route the last state's gradient)
+            kept[1:3] = None, None
         ctx.save_for_backward(q, k, v, i, f, *((c0, n0, m0) if has_init else ()), *kept)
         ctx.meta = (eps, chunk, reverse, has_init)
         ctx.set_materialize_grads(False)     # unused last states: None, not zero tensors
@@ -498,7 +514,8 @@ class MLSTMTritonFunction(torch.autograd.Function):
         init = tuple(saved[5:8]) if has_init else (None, None, None)
         out = saved[8:] if has_init else saved[5:]
         h, c_last, n_last, m_last = out[:4]
-        if out[8] is None:                              # recompute_states
+        carried = needs_states(q.shape[2], chunk, has_init, dc_last is not None)
+        if out[8] is None and carried:                  # recompute_states
             out = list(out)
             out[8:10] = _call(_states_op, mlstm_states, q, k, v, i, f, *init, chunk, reverse)
         dh = torch.zeros_like(h) if dh is None else dh.to(h.dtype).contiguous()
@@ -513,7 +530,7 @@ class MLSTMTritonFunction(torch.autograd.Function):
             dstates = tuple(g.to(x.dtype) for g, x in zip((dc0, dn0, dm0), init))
         else:
             dstates = (None, None, None)
-        return dq, dk, dv, di, df, *dstates, None, None, None, None
+        return dq, dk, dv, di, df, *dstates, None, None, None, None, None
 
 
 # A CUDA grid holds at most 65535 programs along its y and z axes, where the matmul kernels
@@ -558,7 +575,7 @@ def mlstm_triton(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, 
     inputs = (q, k, v, i, f, c_initial, n_initial, m_initial)
     if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs):
         h, c, n, m = MLSTMTritonFunction.apply(*inputs, float(eps), L, bool(reverse),
-                                               bool(recompute_states))
+                                               bool(recompute_states), bool(return_last_states))
     else:
         # nothing to differentiate (inference): the forward alone, without the autograd
         # Function's bookkeeping (~50 us of host time a call)

@@ -713,6 +713,7 @@ def mlstm_bwd_dqk_kernel(
     dq, dk, rq, rk,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, sd_b, sd_h, sd_t, scale,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_STATE: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """dq, dk of one tile of positions and K block: grid (cdiv(DK, BK), cdiv(S, BT), B * NH),
@@ -722,8 +723,10 @@ def mlstm_bwd_dqk_kernel(
     (gated linear attention with values [v, 1], plus the paths through the chunk's entry and
     exit states); the tile's own block of dS first, then, within the chunk, the earlier tiles'
     keys for dq and the later tiles' rows for dk (their dS from mlstm_bwd_pair_kernel). Also
-    stores this K block's part of q . dq and
-    k . dk per row in rq / rk [NK, B * NH, S] (summed over blocks by the caller)."""
+    stores this K block's part of q . dq and k . dk per row in rq / rk [NK, B * NH, S] (summed
+    over blocks by the caller). Without HAS_STATE (one chunk for the whole sequence, no initial
+    state, the last state unused: the entry and exit states and their gradients are zero) the
+    state terms are not loaded or computed."""
     i_k, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_c = i_r // NT
     o_i = tl.arange(0, BT)
@@ -750,34 +753,36 @@ def mlstm_bwd_dqk_kernel(
         if MMA == tl.float32:
             b_dh = b_dh.to(ACC) / b_den[:, None]
         b_v = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :], mask=m_tv, other=0.)  # [BT, BV]
-        b_c = tl.load(p_c + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)   # [BK, BV]
-        b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)
         b_ds += _dot(b_dh, tl.trans(b_v), MMA, ACC, PREC, INTERP)
-        b_dqc += _dot(b_dh, tl.trans(b_c), MMA, ACC, PREC, INTERP)
-        b_dkc += _dot(b_v, tl.trans(b_dco), MMA, ACC, PREC, INTERP)
+        if HAS_STATE:
+            b_c = tl.load(p_c + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)  # [BK, BV]
+            b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)
+            b_dqc += _dot(b_dh, tl.trans(b_c), MMA, ACC, PREC, INTERP)
+            b_dkc += _dot(b_v, tl.trans(b_dco), MMA, ACC, PREC, INTERP)
     if MMA != tl.float32:
         b_ds = b_ds / b_den[:, None]                                   # [BT, BT] dnum v^T
         b_dqc = b_dqc / b_den[:, None]                                 # [BT, BK] dnum C_in^T
     b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
-    b_g = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
-    b_min = tl.load(m_in + o_s).to(ACC)
-    b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_dnr = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    b_wc = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale      # [BT] entry-state weight
-    b_gain = tl.exp(b_g - b_b + b_i - b_mout)                        # [BT] exit-state weight
     causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
     b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
     b_ds = (b_ds + b_dnr[:, None]) * tl.exp(b_lw)                   # [BT, BT] dS * weights
     p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
     b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
     b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
-    b_nin = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
-    b_dno = tl.load(dn_out + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
-    b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale \
-        + b_wc[:, None] * (b_dqc + b_dnr[:, None] * b_nin[None, :])
-    b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale \
-        + b_gain[:, None] * (b_dkc + b_dno[None, :])
+    b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale
+    b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale
+    if HAS_STATE:
+        b_g = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
+        b_min = tl.load(m_in + o_s).to(ACC)
+        b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
+        b_wc = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale  # [BT] entry-state weight
+        b_gain = tl.exp(b_g - b_b + b_i - b_mout)                    # [BT] exit-state weight
+        b_nin = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
+        b_dno = tl.load(dn_out + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
+        b_dq += b_wc[:, None] * (b_dqc + b_dnr[:, None] * b_nin[None, :])
+        b_dk += b_gain[:, None] * (b_dkc + b_dno[None, :])
     if NT > 1:
         # the chunk's other tiles, their weighted dS from mlstm_bwd_pair_kernel: the earlier
         # tiles' keys for dq, the later tiles' rows (up to the sequence's last) for dk
@@ -808,13 +813,15 @@ def mlstm_bwd_dv_kernel(
     q, k, dh, i, b_row, m_row, den, m_in, m_last, dc_out, ps, dv,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sd_b, sd_h, sd_t, scale,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_STATE: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """dv of one tile of positions and V block: grid (cdiv(DV, BV), cdiv(S, BT), B * NH), no
     atomics.
         dv = (s q k^T * W)^T dnum + gain (k dC_out)
     the tile's own rows first, then the chunk's later tiles' rows (their scores from
-    mlstm_bwd_pair_kernel)."""
+    mlstm_bwd_pair_kernel). Without HAS_STATE (dC_out zero: mlstm_bwd_dqk_kernel) no exit-state
+    term."""
     i_v, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_c = i_r // NT
     o_i = tl.arange(0, BT)
@@ -834,22 +841,24 @@ def mlstm_bwd_dv_kernel(
         m_tk = m_t[:, None] & m_k[None, :]
         b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
         b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
-        b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :],
-                        mask=m_k[:, None] & m_v[None, :], other=0.)                  # [BK, BV]
         b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
-        b_kdc += _dot(b_k, b_dco, MMA, ACC, PREC, INTERP)
+        if HAS_STATE:
+            b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :],
+                            mask=m_k[:, None] & m_v[None, :], other=0.)              # [BK, BV]
+            b_kdc += _dot(b_k, b_dco, MMA, ACC, PREC, INTERP)
     b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
-    b_g = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
-    b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
-    b_gain = tl.exp(b_g - b_b + b_i - b_mout)                        # [BT] exit-state weight
     causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
     b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
     # scores over the row normalizer, so that dh enters the MMA as loaded (dnum = dh / den)
     b_s = b_qk * scale * tl.exp(b_lw) / b_den[:, None]              # [BT, BT]
     b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
-    b_dv = _dot(tl.trans(b_s), b_dh, MMA, ACC, PREC, INTERP) + b_gain[:, None] * b_kdc
+    b_dv = _dot(tl.trans(b_s), b_dh, MMA, ACC, PREC, INTERP)
+    if HAS_STATE:
+        b_g = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
+        b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
+        b_dv += tl.exp(b_g - b_b + b_i - b_mout)[:, None] * b_kdc     # exit-state weight
     if NT > 1:
         # the chunk's later tiles' rows, their scores over the normalizer from
         # mlstm_bwd_pair_kernel
