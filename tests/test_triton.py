@@ -298,8 +298,8 @@ def test_chunk_sizes_agree(dtype):
         _check(x, dtype, chunk_size=chunk, ref=ref)
 
 
-# Chunks longer than a tile (the state kept every L positions, every pair of a tile and an
-# earlier one of its chunk computed once by the pair kernels, which the outputs, dq/dk and dv
+# Chunks longer than a tile (the state kept every L positions, every pair of a tile and one
+# up to it in its chunk computed once by the pair kernels, which the outputs, dq/dk and dv
 # kernels then read): tiles of 16 here (heuristics.MAX_TILE patched), chunks of 4 tiles and a
 # requested 1024 (one chunk for the whole sequence, the quadratic form), S a multiple of
 # neither, both directions, initial states, a loss on h alone (the state-gradient scan from

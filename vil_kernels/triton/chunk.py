@@ -8,7 +8,7 @@ cumsum, m and argmax), mlstm_fwd_state_kernel (the (C, n) scan, entry state of e
 then mlstm_fwd_out_kernel (outputs per tile; signed normalizer per row). With the scans' split
 launch parameter each scan is mlstm_chunk_local_kernel then mlstm_chunk_chain_kernel instead
 (same function). Chunks of several tiles add mlstm_fwd_pair_kernel before the outputs kernel
-and mlstm_bwd_pair_kernel before dq/dk and dv: each (tile, earlier tile) pair of a chunk
+and mlstm_bwd_pair_kernel before dq/dk and dv: each (tile, tile up to it) pair of a chunk
 computed once, into buffers the others read (_pair_buffers).
 Backward: mlstm_bwd_prologue_kernel (den, dn, dm per row from one pass over dh and h, and the
 state-gradient scan's row weights and chunk factors), mlstm_bwd_state_kernel (reverse
@@ -198,13 +198,13 @@ def _dims(q, v, L):
 
 def _pair_buffers(q, S, NC, BT, NT, dtypes):
     """Chunks of several tiles: one (B, NH, NC, NP, BT, BT) buffer (or (..., NP, BT) where
-    shaped is false) per (dtype, shaped) in dtypes for the (row tile, earlier key tile) pairs
-    of every chunk (kernels._pair), and the pair kernels' grid; with one tile a chunk, or one
-    in the sequence, (None, ...) and no grid (no pairs: the kernels do not read them)."""
-    NTE = min(NT, cdiv(S, BT))
-    NP = NTE * (NTE - 1) // 2
-    if NP == 0:
+    shaped is false) per (dtype, shaped) in dtypes for the (row tile, key tile up to it) pairs
+    of every chunk (kernels._pair), and the pair kernels' grid; with one tile a chunk,
+    (None, ...) and no grid (the matmul kernels compute the tile's own block themselves)."""
+    if NT == 1:
         return (None,) * len(dtypes), None
+    NTE = min(NT, cdiv(S, BT))
+    NP = NTE * (NTE + 1) // 2
     B, NH = q.shape[:2]
     bufs = tuple(q.new_empty(B, NH, NC, NP, BT, *((BT,) if shaped else ()), dtype=dt)
                  for dt, shaped in dtypes)
@@ -278,7 +278,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
     h = torch.empty(B, NH, S, DV, dtype=q.dtype, device=q.device)
     n_row = torch.empty(B, NH, S, dtype=ad, device=q.device)
     scale = DK ** -0.5
-    # chunks of several tiles: every pair's weighted scores (MMA dtype) and their row sums once
+    # chunks of several tiles: every pair's weighted scores (MMA dtype) and row sums, once
     (sc, rs), grid = _pair_buffers(q, S, NC, BT, NT, ((state_dtype(q), True), (ad, False)))
     if grid is not None:
         _launch(mlstm_fwd_pair_kernel, "fwd_pair", grid,
@@ -501,14 +501,18 @@ class MLSTMTritonFunction(torch.autograd.Function):
         if not last_states:                 # (read only to route the last state's gradient)
             kept[1:3] = None, None
         ctx.save_for_backward(q, k, v, i, f, *((c0, n0, m0) if has_init else ()), *kept)
-        ctx.meta = (eps, chunk, reverse, has_init)
+        ctx.meta = (eps, chunk, reverse, has_init, last_states)
         ctx.set_materialize_grads(False)     # unused last states: None, not zero tensors
         return h, c_last, n_last, m_last
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dh, dc_last, dn_last, dm_last):
-        eps, chunk, reverse, has_init = ctx.meta
+        eps, chunk, reverse, has_init, last_states = ctx.meta
+        if not last_states:
+            # the last state was not returned (mlstm_triton dropped it): no gradient, whatever
+            # torch.compile's AOT autograd materialises for the unused outputs (zeros)
+            dc_last = dn_last = dm_last = None
         saved = list(ctx.saved_tensors)
         q, k, v, i, f = saved[:5]
         init = tuple(saved[5:8]) if has_init else (None, None, None)

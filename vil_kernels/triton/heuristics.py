@@ -1,23 +1,22 @@
 """Launch parameters of the chunkwise mLSTM kernels, keyed on (head dims, chunk, dtype, arch).
 
-Head dims are tiled by the largest of 64 / 32 / 16 that divides them (96 -> 3 x 32, 192 -> 3 x
-64, 384 -> 6 x 64: no padding of 96 up to 128), except, on Hopper, the V tiles of the scans, the
-output and the dv kernels: 128 for 16-bit inputs with DV > 64 (masked where DV is not a
-multiple). Chunks (the state kept at their boundaries) of 64 positions by default (fewer for
-short sequences; float32 inputs: 32), any power of two up to 1024 on request; the kernels take
-them in tiles of at most 64 positions (float32: 32). On Hopper (measured on an H200 and an H100
-with bench/tune.py, see _table_params): 4 warps, two pipeline stages for 16-bit inputs (three
-in the scans where that keeps their register cap), the scans' registers capped for one more
-program an SM where that does not spill (see scan_maxnreg). On Ampere (not measured): 8 warps
-from 64 positions, one stage, V tiles of at most 32 in the outputs and dq/dk kernels there. Chunks
-of several tiles (not timed yet; chosen only on request) take the same parameters except where
-their loops over the chunk's other tiles would spill: the scans uncapped, the dq/dk kernel at 8
-warps on Hopper and with K tiles of 32 on Ampere, float32 inputs in tiles of 16 positions; their
-two pair kernels (PAIR_KERNELS) take the head-dim tiles of the rules above (64, 32 or 16), 4 warps
-on Hopper and two stages for 16-bit inputs. Everything is also checked ahead of time without a GPU
-(``python -m vil_kernels.compile_check``: no spills, shared memory under the arch's limit, tensor
-cores used for 16-bit inputs, no pipelining races). OVERRIDES lets bench/tune.py sweep; a table it
-measured on another GPU is used where $VIL_KERNELS_LAUNCH_TABLE names its file.
+Head dims are tiled by the largest of 64 / 32 / 16 that divides them (96 -> 3 x 32, 192 -> 3 x 64,
+384 -> 6 x 64: no padding of 96 up to 128), except, on Hopper, the V tiles of the scans, the output
+and the dv kernels: 128 for 16-bit inputs with DV > 64 (masked where DV is not a multiple). Chunks
+(the state kept at their boundaries) of 64 positions by default (fewer for short sequences; float32
+inputs: 32), any power of two up to 1024 on request; the kernels take them in tiles of at most 64
+positions (float32: 32). On Hopper (measured on an H200 and an H100 with bench/tune.py, see
+_table_params): 4 warps, two pipeline stages for 16-bit inputs (three in the scans where that keeps
+their register cap), the scans' registers capped for one more program an SM where that does not
+spill (see scan_maxnreg). On Ampere (not measured): 8 warps from 64 positions, one stage, V tiles
+of at most 32 in the outputs and dq/dk kernels there. Chunks of several tiles (not timed yet;
+chosen only on request) take the same parameters except where they would spill: the scans uncapped,
+float32 inputs in tiles of 16 positions; their two pair kernels (PAIR_KERNELS) take the head-dim
+tiles of the rules above (64, 32 or 16), 4 warps on Hopper and two stages for 16-bit inputs.
+Everything is also checked ahead of time without a GPU (``python -m vil_kernels.compile_check``: no
+spills, shared memory under the arch's limit, tensor cores used for 16-bit inputs, no pipelining
+races). OVERRIDES lets bench/tune.py sweep; a table it measured on another GPU is used where
+$VIL_KERNELS_LAUNCH_TABLE names its file.
 """
 
 import json
@@ -41,7 +40,7 @@ MAX_CHUNK = 1024
 # caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
 MAXNREG = 255
 KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv", "fwd_pair", "bwd_pair")
-# the kernels of chunks of several tiles only: every (row tile, earlier key tile) pair's
+# the kernels of chunks of several tiles only: every (row tile, key tile up to it) pair's
 # products once, which the outputs, dq/dk and dv kernels then load (kernels.py)
 PAIR_KERNELS = ("fwd_pair", "bwd_pair")
 SCANS = ("fwd_state", "bwd_state")
@@ -179,8 +178,6 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
         # 3.7 spills 8 and 368 bytes there (3.6 does not)
         if kernel in ("fwd_out", "bwd_dqk") and BT >= 64:
             BV = min(BV, 32)
-        if kernel == "bwd_dqk" and NT > 1 and BT >= 64:
-            BK = min(BK, 32)                # (the multi-tile loops spill 16 bytes at 64 x 32)
         return dict(BK=BK, BV=BV, num_warps=8 if BT >= 64 else 4, num_stages=1, maxnreg=MAXNREG)
     # Hopper (and the interpreter, arch 0, so that the tests run this table), measured with
     # bench/tune.py on an H200 (bf16, B=64, NH=4, S=784, D=384, BT=64; the sweeps are
@@ -218,14 +215,8 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
         # programs, fewer than SMs); bench/results/tune-nvidia-h*.json
         stages = 3
     warps = 4
-    if kernel == "bwd_dqk" and sixteen and BT >= 64:
-        if NT > 1:
-            # chunks of several tiles (not timed yet): its loops over the chunk's other tiles
-            # hold dq and dk at once, and at 4 warps spill 8-80 bytes with K tiles of 64 (none
-            # with 32: an alternative for a GPU to time); at 8, none
-            warps = 8
-        elif BK >= 64 and BV < 64:
-            BK = 32         # (64 x 32 tiles, DK a multiple of 64 and DV = 96: a 264-byte spill)
+    if kernel == "bwd_dqk" and sixteen and BT >= 64 and NT == 1 and BK >= 64 and BV < 64:
+        BK = 32             # (64 x 32 tiles, DK a multiple of 64 and DV = 96: a 264-byte spill)
     p = dict(BK=BK, BV=BV, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
     if kernel in SCANS and NT == 1:
         # (chunks of several tiles: the chunk-boundary step holds more registers, and the

@@ -5,10 +5,12 @@ recurrence sees); physical position p indexes memory, p = t forward and p = S - 
 REVERSE, so reverse=True walks the sequence from its end without flipped copies. Chunk c holds
 logical positions [c * L, (c + 1) * L): the state (C, n, m) is kept at chunk boundaries only.
 The matmul kernels work on tiles of BT positions, L = NT * BT (NT tiles a chunk): a program
-takes one tile r (in chunk r // NT) and, for the intra-chunk part, loops over the chunk's other
-tiles (the earlier ones as keys, the later ones as rows), so that a chunk longer than a tile
-moves fewer states through memory (NC = cdiv(S, L) of them, DK x DV each) at the price of more
-intra-chunk products; with NT = 1 those loops are not built. Positions t >= S are masked (log
+takes one tile r (in chunk r // NT). With one tile a chunk (NT = 1) it computes the tile's own
+causal block itself; with several, every (row tile, key tile up to it) pair of a chunk is
+computed once by the pair kernels, and the program loops over its pairs (the earlier tiles and
+its own as keys for the outputs and dq, the later ones and its own as rows for dk and dv), so
+that a chunk longer than a tile moves fewer states through memory (NC = cdiv(S, L) of them,
+DK x DV each) at the price of more intra-chunk products. Positions t >= S are masked (log
 forget 0, input gate NEG: they keep the state and contribute nothing). All of m, n, gates,
 cumsums and states are in ACC (float32; float64 only under the interpreter); tl.dot operands
 are cast to MMA (the input dtype), products accumulate in ACC. Head dims are tiled by BK / BV
@@ -30,8 +32,8 @@ Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
   rq, rk        [NK, S]        per K block: q . dq and k . dk per row (for the gate gradients)
   gain, decay   [NC, L], [NC]  the state scan's key weights and carried-state factors
   sc, rs        [NC, NP, BT, BT], [NC, NP, BT]   chunks of several tiles, forward: the
-                weighted scores of every (row tile, earlier key tile) pair of a chunk and their
-                row sums (the pair kernels; NP pairs a chunk, _pair)
+                weighted scores of every (row tile, key tile up to it) pair of a chunk and
+                their row sums (the pair kernels; NP pairs a chunk, _pair)
   ps, ds        [NC, NP, BT, BT]   the same pairs in the backward: scores over the row
                 normalizer (for dv) and the weighted dS (for dq, dk)
   wa, wb, decay [NC, L], [NC]  the state-gradient scan's row weights (w / den, w dn) and factors
@@ -99,28 +101,29 @@ def _chunk_total(b_row, i_bh, i_c, S, REVERSE, L: tl.constexpr, ACC: tl.constexp
 
 
 @triton.jit
-def _weights(b_ba, b_ma, m_a, b_bb, b_ib):
-    """exp(log D - m) of a tile of rows a and an earlier tile of keys b of the same chunk (every
-    key before every row): exp(b_t - b_j + i_j - m_t), 0 for masked rows. [BT, BT]"""
-    return tl.exp(tl.where(m_a[:, None], b_ba[:, None] - b_bb[None, :] + b_ib[None, :]
-                           - b_ma[:, None], _NEG))
+def _weights(b_ba, b_ma, b_bb, b_ib, see):
+    """exp(log D - m) of a tile of rows a and a tile of keys b of the same chunk, up to a:
+    exp(b_t - b_j + i_j - m_t) where row t sees key j (see [BT, BT]: every key of an earlier
+    tile, its own tile's causal half; no masked row), else 0. [BT, BT]"""
+    return tl.exp(tl.where(see, b_ba[:, None] - b_bb[None, :] + b_ib[None, :] - b_ma[:, None],
+                           _NEG))
 
 
 @triton.jit
 def _pair_tiles(S, BT: tl.constexpr, NT: tl.constexpr):
     """Tiles a chunk of several holds in the sequence (NTE: fewer than NT where one chunk holds
-    the whole sequence) and pairs of a row tile and an earlier key tile a chunk (NP)."""
+    the whole sequence) and pairs of a row tile and a key tile up to it a chunk (NP)."""
     NTE = tl.minimum(NT, tl.cdiv(S, BT))
-    return NTE, NTE * (NTE - 1) // 2
+    return NTE, NTE * (NTE + 1) // 2
 
 
 @triton.jit
 def _pair(i_bh, i_c, NC, S, a, j, BT: tl.constexpr, NT: tl.constexpr):
-    """Offset of the [BT, BT] slot of chunk i_c's pair (row tile a, earlier key tile j), tiles
-    counted from the chunk's start (0 <= j < a), in a (B * NH, NC, NP, BT, BT) pair buffer:
-    a chunk's pairs in row-major triangular order (a row tile's pairs adjacent)."""
+    """Offset of the [BT, BT] slot of chunk i_c's pair (row tile a, key tile j), tiles counted
+    from the chunk's start (0 <= j <= a), in a (B * NH, NC, NP, BT, BT) pair buffer: a chunk's
+    pairs in row-major triangular order (a row tile's pairs adjacent)."""
     NP = _pair_tiles(S, BT, NT)[1]
-    return ((i_bh * NC + i_c) * NP + a * (a - 1) // 2 + j) * (BT * BT)
+    return ((i_bh * NC + i_c) * NP + a * (a + 1) // 2 + j) * (BT * BT)
 
 
 @triton.jit
@@ -408,14 +411,14 @@ def _pair_program(S, NC, BT: tl.constexpr, NT: tl.constexpr):
     """A pair kernel's program: grid (B * NH * NC * NTE * NTE,) (_pair_tiles), one chunk's
     pairs adjacent (their tiles are read by several: from L2). Returns batch-head, chunk, the
     row and key tiles in the chunk (a, j), their tile indices in the sequence, and whether the
-    pair exists (j < a, row tile inside the sequence); the others exit."""
+    pair exists (j <= a, row tile inside the sequence); the others exit."""
     NTE = _pair_tiles(S, BT, NT)[0]
     i_p = tl.program_id(0).to(tl.int64)
     i_bc, i_aj = i_p // (NTE * NTE), (i_p % (NTE * NTE)).to(tl.int32)
     a, j = i_aj // NTE, i_aj % NTE
     i_bh, i_c = i_bc // NC, (i_bc % NC).to(tl.int32)
     i_r, i_u = i_c * NT + a, i_c * NT + j
-    return i_bh, i_c, a, j, i_r, i_u, (j < a) & (i_r * BT < S)
+    return i_bh, i_c, a, j, i_r, i_u, (j <= a) & (i_r * BT < S)
 
 
 @triton.jit
@@ -424,8 +427,8 @@ def mlstm_fwd_pair_kernel(
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """Chunks of several tiles, forward: the weighted scores of a tile of rows and an earlier
-    tile of keys of its chunk, once (grid _pair_program's):
+    """Chunks of several tiles, forward: the weighted scores of a tile of rows and a tile of
+    keys of its chunk up to it (its own: the causal half), once (grid _pair_program's):
         sc = s q_a k_j^T * exp(log D - m)   (in the MMA dtype: what the outputs' dot takes)
         rs = its row sums (ACC, for the normalizer)
     so that the outputs kernel, a program per V tile, loads them instead of recomputing q k^T
@@ -439,8 +442,9 @@ def mlstm_fwd_pair_kernel(
         b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
         b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
         p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
+        see = m_t[:, None] & ((o_i[:, None] >= o_i[None, :]) | (j < a))
         b_s = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK,
-                        MMA, ACC, PREC, INTERP) * scale * _weights(b_b, b_m, m_t, b_bj, b_ij)
+                        MMA, ACC, PREC, INTERP) * scale * _weights(b_b, b_m, b_bj, b_ij, see)
         o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
         tl.store(sc + o_x + o_i[:, None] * BT + o_i[None, :], b_s.to(sc.dtype.element_ty))
         tl.store(rs + o_x // BT + o_i, tl.sum(b_s, axis=1).to(rs.dtype.element_ty))
@@ -453,8 +457,8 @@ def mlstm_bwd_pair_kernel(
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """Chunks of several tiles, backward: a (row tile a, earlier key tile j) pair's two
-    products, once (grid _pair_program's), in the MMA dtype:
+    """Chunks of several tiles, backward: a (row tile a, key tile j <= a) pair's two products,
+    once (grid _pair_program's), in the MMA dtype:
         ps = s q_a k_j^T * W / den_a           (dv_j += ps^T dh_a)
         ds = (dh_a v_j^T / den_a + dn_a) * W   (dq_a += ds k_j s, dk_j += ds^T q_a s)
     with W = exp(log D - m); the dq/dk and dv kernels, a program per head-dim tile, load them
@@ -466,7 +470,8 @@ def mlstm_bwd_pair_kernel(
         o_tj, o_pj, m_tj = _rows(i_u, S, REVERSE, BT)
         b_b, b_m, b_den, b_dn = _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC)
         b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
-        b_w = _weights(b_b, b_m, m_t, b_bj, b_ij)                   # [BT, BT]
+        see = m_t[:, None] & ((o_i[:, None] >= o_i[None, :]) | (j < a))
+        b_w = _weights(b_b, b_m, b_bj, b_ij, see)                   # [BT, BT]
         p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
         p_v, p_dh = _seq(v, i_bh, NH, sv_b, sv_h), dh + i_bh * S * DV
         b_qk = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK,
@@ -490,10 +495,11 @@ def mlstm_fwd_out_kernel(
     """Outputs of one tile of rows and V block: grid (cdiv(DV, BV), cdiv(S, BT), B * NH). The
     rows' m (the gate scan's m_row) is the max over the carried state and the chunk's keys up
     to each row; the signed normalizer of every row is stored by the i_v == 0 programs. The
-    tile's own keys and the carried state in one pass over DK, then the chunk's earlier tiles.
-    Without HAS_STATE (one chunk for the whole sequence and no initial state: the carried
-    state is zero) c_in and n_in are not read and the state's products not computed. Chunks
-    of several tiles (NT > 1) take the earlier tiles' scores from mlstm_fwd_pair_kernel.
+    tile's own keys (one tile a chunk) and the carried state in one pass over DK; with several
+    tiles a chunk, the chunk's tiles up to this one (its own included) take their scores from
+    mlstm_fwd_pair_kernel instead. Without HAS_STATE (one chunk for the whole sequence, no
+    initial state: the carried state is zero) c_in and n_in are not read and the state's
+    products not computed (with several tiles a chunk too, q and k are not read at all).
     QN_MMA (set when the loop is software-pipelined) computes q . n_in on the tensor cores
     instead of as a sum of products, so that q only feeds dots: with a sum too, Triton 3.6
     gives q's pipelined loads one shared-memory buffer instead of two and the next iteration's
@@ -514,47 +520,53 @@ def mlstm_fwd_out_kernel(
     b_qc = tl.zeros([BT, BV], dtype=ACC)
     b_qn = tl.zeros([BT], dtype=ACC)
     b_qn16 = tl.zeros([BT, 16], dtype=ACC)                          # QN_MMA: q @ (n hi, lo)
-    for i_k in range(tl.cdiv(DK, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < DK
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
-        b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
-        b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
-        if HAS_STATE:
-            b_c = tl.load(c_in + o_s * DK * DV + o_k[:, None] * DV + o_v[None, :],
-                          mask=m_k[:, None] & m_v[None, :], other=0.)                # [BK, BV]
-            b_qc += _dot(b_q, b_c, MMA, ACC, PREC, INTERP)
-            if QN_MMA:
-                o_j = tl.arange(0, 16)
-                b_n = tl.load(n_in + (o_s * DK + o_k[:, None]) * 2 + o_j[None, :],
-                              mask=m_k[:, None] & (o_j[None, :] < 2), other=0.)   # [BK, 16]
-                b_qn16 += _dot(b_q, b_n, MMA, ACC, PREC, INTERP)
-            else:
-                b_n = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)     # [BK]
-                b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
+    if (NT == 1) or HAS_STATE:
+        for i_k in range(tl.cdiv(DK, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < DK
+            m_tk = m_t[:, None] & m_k[None, :]
+            b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
+            if NT == 1:
+                b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
+                b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)        # [BT, BT]
+            if HAS_STATE:
+                b_c = tl.load(c_in + o_s * DK * DV + o_k[:, None] * DV + o_v[None, :],
+                              mask=m_k[:, None] & m_v[None, :], other=0.)            # [BK, BV]
+                b_qc += _dot(b_q, b_c, MMA, ACC, PREC, INTERP)
+                if QN_MMA:
+                    o_j = tl.arange(0, 16)
+                    b_n = tl.load(n_in + (o_s * DK + o_k[:, None]) * 2 + o_j[None, :],
+                                  mask=m_k[:, None] & (o_j[None, :] < 2), other=0.)  # [BK, 16]
+                    b_qn16 += _dot(b_q, b_n, MMA, ACC, PREC, INTERP)
+                else:
+                    b_n = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)  # [BK]
+                    b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
     if QN_MMA and HAS_STATE:
         b_qn = tl.sum(b_qn16, axis=1)
     b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    causal = o_i[:, None] >= o_i[None, :]
-    b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
-    b_s = b_qk * scale * tl.exp(b_lw)                               # [BT, BT]
     p_v = _seq(v, i_bh, NH, sv_b, sv_h)
-    b_vt = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :],
-                   mask=m_t[:, None] & m_v[None, :], other=0.)      # [BT, BV]
-    b_num = _dot(b_s, b_vt, MMA, ACC, PREC, INTERP)
-    b_nrow = tl.sum(b_s, axis=1)
+    if NT == 1:
+        causal = o_i[:, None] >= o_i[None, :]
+        b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
+        b_s = b_qk * scale * tl.exp(b_lw)                           # [BT, BT]
+        b_vt = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :],
+                       mask=m_t[:, None] & m_v[None, :], other=0.)  # [BT, BV]
+        b_num = _dot(b_s, b_vt, MMA, ACC, PREC, INTERP)
+        b_nrow = tl.sum(b_s, axis=1)
+    else:
+        b_num = tl.zeros([BT, BV], dtype=ACC)
+        b_nrow = tl.zeros([BT], dtype=ACC)
     if HAS_STATE:
         b_min = tl.load(m_in + o_s).to(ACC)
         b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale  # [BT] carried state's weight
         b_num += b_w[:, None] * b_qc
         b_nrow += b_w * b_qn
     if NT > 1:
-        # the chunk's earlier tiles of keys: their weighted scores from mlstm_fwd_pair_kernel
+        # the chunk's tiles of keys up to this one: their weighted scores (mlstm_fwd_pair_kernel)
         a = i_r - i_c * NT
         o_ss = o_i[:, None] * BT + o_i[None, :]
-        for j in range(0, a):
+        for j in range(0, a + 1):
             o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
             b_sj = tl.load(sc + o_x + o_ss)                                 # [BT, BT]
             o_pj, m_tj = _rows(i_c * NT + j, S, REVERSE, BT)[1:]
@@ -721,8 +733,9 @@ def mlstm_bwd_dqk_kernel(
         dq = (dS * W) k s + wc (dnum C_in^T + dn n_in)
         dk = (dS * W)^T q s + gain (v dC_out^T + dn_out),   dS = dnum v^T + dn
     (gated linear attention with values [v, 1], plus the paths through the chunk's entry and
-    exit states); the tile's own block of dS first, then, within the chunk, the earlier tiles'
-    keys for dq and the later tiles' rows for dk (their dS from mlstm_bwd_pair_kernel). Also
+    exit states): with one tile a chunk, the tile's own block of dS computed here; with
+    several, the chunk's dS blocks from mlstm_bwd_pair_kernel, the tiles up to this one as keys
+    for dq and from this one on as rows for dk. Also
     stores this K block's part of q . dq and k . dk per row in rq / rk [NK, B * NH, S] (summed
     over blocks by the caller). Without HAS_STATE (one chunk for the whole sequence, no initial
     state, the last state unused: the entry and exit states and their gradients are zero) the
@@ -741,38 +754,44 @@ def mlstm_bwd_dqk_kernel(
     b_ds = tl.zeros([BT, BT], dtype=ACC)
     b_dqc = tl.zeros([BT, BK], dtype=ACC)
     b_dkc = tl.zeros([BT, BK], dtype=ACC)
-    for i_v in range(tl.cdiv(DV, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < DV
-        m_tv = m_t[:, None] & m_v[None, :]
-        m_kv = m_k[:, None] & m_v[None, :]
-        # 16-bit dh straight from memory into the MMA: dnum = dh / den is a row scaling,
-        # applied to the products after the loop (no per-tile conversion, no rounding of
-        # dh / den). float32 (tf32x3) divides here: scaling after the loop spilled there.
-        b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)  # [BT, BV]
-        if MMA == tl.float32:
-            b_dh = b_dh.to(ACC) / b_den[:, None]
-        b_v = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :], mask=m_tv, other=0.)  # [BT, BV]
-        b_ds += _dot(b_dh, tl.trans(b_v), MMA, ACC, PREC, INTERP)
-        if HAS_STATE:
-            b_c = tl.load(p_c + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)  # [BK, BV]
-            b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)
-            b_dqc += _dot(b_dh, tl.trans(b_c), MMA, ACC, PREC, INTERP)
-            b_dkc += _dot(b_v, tl.trans(b_dco), MMA, ACC, PREC, INTERP)
+    if (NT == 1) or HAS_STATE:
+        for i_v in range(tl.cdiv(DV, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < DV
+            m_tv = m_t[:, None] & m_v[None, :]
+            m_kv = m_k[:, None] & m_v[None, :]
+            # 16-bit dh straight from memory into the MMA: dnum = dh / den is a row scaling,
+            # applied to the products after the loop (no per-tile conversion, no rounding of
+            # dh / den). float32 (tf32x3) divides here: scaling after the loop spilled there.
+            b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
+            if MMA == tl.float32:
+                b_dh = b_dh.to(ACC) / b_den[:, None]
+            b_v = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :], mask=m_tv, other=0.)
+            if NT == 1:
+                b_ds += _dot(b_dh, tl.trans(b_v), MMA, ACC, PREC, INTERP)     # [BT, BT]
+            if HAS_STATE:
+                b_c = tl.load(p_c + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)
+                b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :], mask=m_kv, other=0.)
+                b_dqc += _dot(b_dh, tl.trans(b_c), MMA, ACC, PREC, INTERP)    # [BT, BK]
+                b_dkc += _dot(b_v, tl.trans(b_dco), MMA, ACC, PREC, INTERP)
     if MMA != tl.float32:
         b_ds = b_ds / b_den[:, None]                                   # [BT, BT] dnum v^T
         b_dqc = b_dqc / b_den[:, None]                                 # [BT, BK] dnum C_in^T
     b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_dnr = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
-    b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
-    b_ds = (b_ds + b_dnr[:, None]) * tl.exp(b_lw)                   # [BT, BT] dS * weights
     p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
     b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
     b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
-    b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale
-    b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale
+    if NT == 1:
+        causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
+        b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
+        b_ds = (b_ds + b_dnr[:, None]) * tl.exp(b_lw)               # [BT, BT] dS * weights
+        b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale
+        b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale
+    else:
+        b_dq = tl.zeros([BT, BK], dtype=ACC)
+        b_dk = tl.zeros([BT, BK], dtype=ACC)
     if HAS_STATE:
         b_g = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
         b_min = tl.load(m_in + o_s).to(ACC)
@@ -784,17 +803,17 @@ def mlstm_bwd_dqk_kernel(
         b_dq += b_wc[:, None] * (b_dqc + b_dnr[:, None] * b_nin[None, :])
         b_dk += b_gain[:, None] * (b_dkc + b_dno[None, :])
     if NT > 1:
-        # the chunk's other tiles, their weighted dS from mlstm_bwd_pair_kernel: the earlier
-        # tiles' keys for dq, the later tiles' rows (up to the sequence's last) for dk
+        # the chunk's dS blocks (mlstm_bwd_pair_kernel): the tiles up to this one as keys for
+        # dq, from this one on (up to the sequence's last) as rows for dk
         a = i_r - i_c * NT
         o_ss = o_i[:, None] * BT + o_i[None, :]
-        for j in range(0, a):
+        for j in range(0, a + 1):
             b_dsj = tl.load(ds + _pair(i_bh, i_c, NC, S, a, j, BT, NT) + o_ss)    # [BT, BT]
             o_pj, m_tj = _rows(i_c * NT + j, S, REVERSE, BT)[1:]
             b_kj = tl.load(p_k + o_pj[:, None] * s_t + o_k[None, :],
                            mask=m_tj[:, None] & m_k[None, :], other=0.)    # [BT, BK]
             b_dq += _dot(b_dsj, b_kj, MMA, ACC, PREC, INTERP) * scale
-        for u in range(a + 1, tl.minimum(NT, tl.cdiv(S, BT) - i_c * NT)):
+        for u in range(a, tl.minimum(NT, tl.cdiv(S, BT) - i_c * NT)):
             b_dsu = tl.load(ds + _pair(i_bh, i_c, NC, S, u, a, BT, NT) + o_ss)    # rows u
             o_pu, m_tu = _rows(i_c * NT + u, S, REVERSE, BT)[1:]
             b_qu = tl.load(p_q + o_pu[:, None] * s_t + o_k[None, :],
@@ -819,9 +838,9 @@ def mlstm_bwd_dv_kernel(
     """dv of one tile of positions and V block: grid (cdiv(DV, BV), cdiv(S, BT), B * NH), no
     atomics.
         dv = (s q k^T * W)^T dnum + gain (k dC_out)
-    the tile's own rows first, then the chunk's later tiles' rows (their scores from
-    mlstm_bwd_pair_kernel). Without HAS_STATE (dC_out zero: mlstm_bwd_dqk_kernel) no exit-state
-    term."""
+    with one tile a chunk the tile's own rows computed here; with several, the scores of the
+    chunk's rows from this tile on from mlstm_bwd_pair_kernel. Without HAS_STATE (dC_out zero:
+    mlstm_bwd_dqk_kernel) no exit-state term."""
     i_v, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_c = i_r // NT
     o_i = tl.arange(0, BT)
@@ -835,36 +854,42 @@ def mlstm_bwd_dv_kernel(
     p_dc = dc_out + o_s * DK * DV
     b_qk = tl.zeros([BT, BT], dtype=ACC)
     b_kdc = tl.zeros([BT, BV], dtype=ACC)
-    for i_k in range(tl.cdiv(DK, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < DK
-        m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
-        b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)  # [BT, BK]
-        b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)
-        if HAS_STATE:
-            b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :],
-                            mask=m_k[:, None] & m_v[None, :], other=0.)              # [BK, BV]
-            b_kdc += _dot(b_k, b_dco, MMA, ACC, PREC, INTERP)
+    if (NT == 1) or HAS_STATE:
+        for i_k in range(tl.cdiv(DK, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < DK
+            m_tk = m_t[:, None] & m_k[None, :]
+            if NT == 1:
+                b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
+            b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
+            if NT == 1:
+                b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)        # [BT, BT]
+            if HAS_STATE:
+                b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :],
+                                mask=m_k[:, None] & m_v[None, :], other=0.)          # [BK, BV]
+                b_kdc += _dot(b_k, b_dco, MMA, ACC, PREC, INTERP)
     b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
-    causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
-    b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
-    # scores over the row normalizer, so that dh enters the MMA as loaded (dnum = dh / den)
-    b_s = b_qk * scale * tl.exp(b_lw) / b_den[:, None]              # [BT, BT]
-    b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
-    b_dv = _dot(tl.trans(b_s), b_dh, MMA, ACC, PREC, INTERP)
+    if NT == 1:
+        causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
+        b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
+        # scores over the row normalizer, so that dh enters the MMA as loaded (dnum = dh / den)
+        b_s = b_qk * scale * tl.exp(b_lw) / b_den[:, None]          # [BT, BT]
+        b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
+        b_dv = _dot(tl.trans(b_s), b_dh, MMA, ACC, PREC, INTERP)
+    else:
+        b_dv = tl.zeros([BT, BV], dtype=ACC)
     if HAS_STATE:
         b_g = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
         b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
         b_dv += tl.exp(b_g - b_b + b_i - b_mout)[:, None] * b_kdc     # exit-state weight
     if NT > 1:
-        # the chunk's later tiles' rows, their scores over the normalizer from
+        # the chunk's rows from this tile on, their scores over the normalizer from
         # mlstm_bwd_pair_kernel
         a = i_r - i_c * NT
         o_ss = o_i[:, None] * BT + o_i[None, :]
-        for u in range(a + 1, tl.minimum(NT, tl.cdiv(S, BT) - i_c * NT)):
+        for u in range(a, tl.minimum(NT, tl.cdiv(S, BT) - i_c * NT)):
             b_ps = tl.load(ps + _pair(i_bh, i_c, NC, S, u, a, BT, NT) + o_ss)     # [BT, BT]
             o_pu, m_tu = _rows(i_c * NT + u, S, REVERSE, BT)[1:]
             b_dhu = tl.load(p_dh + o_pu[:, None] * DV + o_v[None, :],
