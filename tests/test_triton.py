@@ -30,6 +30,16 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-2)).item()
 
 
+def launched(fn):
+    """fn's result and the names of the kernels it launched (chunk.KERNEL_EVENTS)."""
+    from vil_kernels.triton import chunk
+    chunk.KERNEL_EVENTS = []
+    try:
+        return fn(), {name for name, _ in chunk.KERNEL_EVENTS}
+    finally:
+        chunk.KERNEL_EVENTS = None
+
+
 def dm_initial_err(got, ref, inputs):
     """dm_initial = <dC_initial, C_initial> + <dn_initial, n_initial> (spec) is one number a head
     summed from DK * (DV + 1) terms that cancel: measured against the size of those terms
@@ -314,7 +324,7 @@ def test_chunk_sizes_agree(dtype):
     (32, 37, True, True, True, False, True),
 ])
 def test_multi_tile_chunks(chunk, S, reverse, init, last_states, extreme, split, monkeypatch):
-    from vil_kernels.triton import chunk as tchunk, heuristics
+    from vil_kernels.triton import heuristics
     monkeypatch.setattr(heuristics, "MAX_TILE", 16)
     L = heuristics.chunk_len(S, 24, 40, torch.float64, 0, chunk)
     assert heuristics.tile_len(L, torch.float64) == 16 and L // 16 > 1
@@ -323,14 +333,10 @@ def test_multi_tile_chunks(chunk, S, reverse, init, last_states, extreme, split,
                                                       "bwd_state": dict(split=True)})
     gates = dict(i_range=(-80, 80), f_range=(-20, 20)) if extreme else {}
     x = make_inputs(NH=2, S=S, DK=24, DV=40, init=init, seed=S + chunk, **gates)
-    tchunk.KERNEL_EVENTS = []
-    try:
-        got = run(x, "triton", reverse=reverse, chunk_size=chunk, last_states=last_states)
-        launched = {name for name, _ in tchunk.KERNEL_EVENTS}
-    finally:
-        tchunk.KERNEL_EVENTS = None
+    got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=chunk,
+                                      last_states=last_states))
     # the chunks' tile pairs computed once, then read by the outputs, dq/dk and dv kernels
-    assert {"fwd_pair", "bwd_pair"} <= launched, launched
+    assert {"fwd_pair", "bwd_pair"} <= names, names
     ref = run(x, "parallel", reverse=reverse, last_states=last_states)
     errs = {n: rel_err(got[n], ref[n]) for n in ref}
     assert max(errs.values()) < 1e-9, errs
@@ -345,23 +351,18 @@ def test_multi_tile_chunks(chunk, S, reverse, init, last_states, extreme, split,
 @pytest.mark.parametrize("reverse", [False, True])
 def test_one_chunk_inference_runs_no_state_work(tile, reverse, monkeypatch):
     import vil_kernels
-    from vil_kernels.triton import chunk, heuristics
+    from vil_kernels.triton import heuristics
     monkeypatch.setattr(heuristics, "MAX_TILE", tile)
     x = make_inputs(NH=2, S=50, DK=24, DV=40, seed=21)
     ref = run(x, "parallel", reverse=reverse)
     for last in (False, True):
-        chunk.KERNEL_EVENTS = []
-        try:
-            with torch.no_grad():
-                out = vil_kernels.mlstm(**x, backend="triton", chunk_size=1024, reverse=reverse,
-                                        return_last_states=last)
-            launched = {name for name, _ in chunk.KERNEL_EVENTS}
-        finally:
-            chunk.KERNEL_EVENTS = None
+        with torch.no_grad():
+            out, names = launched(lambda: vil_kernels.mlstm(
+                **x, backend="triton", chunk_size=1024, reverse=reverse, return_last_states=last))
         h = out[0] if last else out
         assert rel_err(h, ref["h"]) < 1e-9
-        assert ("fwd_state" in launched) == last, launched
-        assert ("fwd_pair" in launched) == (tile == 16), launched     # several tiles a chunk
+        assert ("fwd_state" in names) == last, names
+        assert ("fwd_pair" in names) == (tile == 16), names     # several tiles a chunk
         if last:
             for name, got in zip("cnm", out[1]):
                 assert rel_err(got, ref[name]) < 1e-9, name
@@ -377,21 +378,16 @@ def test_one_chunk_inference_runs_no_state_work(tile, reverse, monkeypatch):
 def test_one_chunk_training_runs_no_state_work(tile, reverse, monkeypatch):
     import vil_kernels
     from helpers import saved_bytes
-    from vil_kernels.triton import chunk, heuristics
+    from vil_kernels.triton import heuristics
     monkeypatch.setattr(heuristics, "MAX_TILE", tile)
     x = make_inputs(NH=2, S=50, DK=24, DV=40, seed=22)
     for last, recompute in ((False, False), (False, True), (True, False)):
         ref = run(x, "parallel", reverse=reverse, last_states=last)
-        chunk.KERNEL_EVENTS = []
-        try:
-            got = run(x, "triton", reverse=reverse, chunk_size=1024, last_states=last,
-                      recompute_states=recompute)
-            launched = {name for name, _ in chunk.KERNEL_EVENTS}
-        finally:
-            chunk.KERNEL_EVENTS = None
+        got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=1024,
+                                          last_states=last, recompute_states=recompute))
         errs = {n: rel_err(got[n], ref[n]) for n in ref}
         assert max(errs.values()) < 1e-9, errs
-        assert ("fwd_state" in launched) == ("bwd_state" in launched) == last, launched
+        assert ("fwd_state" in names) == ("bwd_state" in names) == last, names
     leaves = {n: t.requires_grad_() for n, t in x.items()}
     mlstm = lambda last: vil_kernels.mlstm(**leaves, backend="triton", chunk_size=1024,
                                            reverse=reverse, return_last_states=last)
