@@ -143,7 +143,9 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
             chunk boundaries only: a longer chunk moves fewer (DHQK, DHV) states for more
             intra-chunk products. The triton backend runs chunks of up to 1024 positions (a
             longer request runs as 1024, or as one chunk for the whole sequence) in tiles of
-            at most 64. Any chunk size computes the same function up to rounding.
+            at most 64; one chunk for the whole sequence, without initial states or
+            return_last_states, does no state work at all (the attention-like quadratic
+            form). Any chunk size computes the same function up to rounding.
         reverse: traverse the sequence from its end (ViL's odd blocks); equals flipping
             every input and the output along S, without materialising the flips in the kernels.
         backend: "triton" (fused kernels, CUDA or TRITON_INTERPRET=1), "torch" (chunkwise
