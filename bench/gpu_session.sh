@@ -10,15 +10,15 @@
 #   tunelong    the two state scans swept at the issue's long sequences (S=16384: B=1 at D=384,
 #               B=8 at D=96), serial against split form: where the serial scans have too few
 #               programs to fill the GPU (the split form's case); no table written
-#   tunechunk   the sweep at chunks of TUNE_CHUNK (default 256, 4 tiles) of the kernels that
-#               chunks of several tiles run differently: the two pair kernels, the outputs, dq/dk
-#               and dv kernels' loops over the chunk's other tiles; table file of its own
+#   tunechunk   the sweep at chunks of TUNE_CHUNK (default 1024: ViL's 784 tokens in one) of
+#               the kernels that chunks of several tiles run differently: the two pair kernels,
+#               the outputs, dq/dk and dv kernels' loops over the pairs; table file of its own
 #   tests       the Triton tests on CUDA (pytest-xdist when there); after tune, with its table
 #   kernels     the operator benchmark at S=784, D=384/192/96, with that table (kernels-all:
 #               at every shape of bench/kernels.py's GPU list)
 #   chunks      the Triton op in chunks of 64, 128, 256 and 1024 positions (the state kept at
-#               their boundaries; tiles of 64 either way) at ViL shapes and at S=16384 (not
-#               1024 there), against the peer at 64: which chunk length the table should pick
+#               their boundaries; tiles of 64 either way) at ViL shapes and at S=16384, against
+#               the peer at 64: which chunk length the table should pick
 #   chunkjob    the main job's inference at 448 px (ViL-T and ViL-B, our rows) with the cells in
 #               one chunk of 1024 (the quadratic form, no state work) against the default
 #   throughput  the main job at 448 px (inference), with that table; only with STEPS naming it
@@ -96,7 +96,7 @@ for s in $STEPS; do
             --kernels fwd_state bwd_state --time-limit 90 --results-file "$OUT/tune-long-96.json" ;;
     tunechunk)                                 # chunks of several tiles (TUNE_CHUNK)
         step tunechunk $((TUNE_LIMIT + 20)) python bench/tune.py --dims $TUNE_DIMS \
-            --chunks "${TUNE_CHUNK:-256}" --kernels fwd_pair bwd_pair bwd_dqk bwd_dv fwd_out \
+            --chunks "${TUNE_CHUNK:-1024}" --kernels fwd_pair bwd_pair bwd_dqk bwd_dv fwd_out \
             --time-limit $TUNE_LIMIT --results-file "$OUT/tune-chunk.json" \
             --write-table "$OUT/launch-table-chunk.json" ;;
     tests)
@@ -111,7 +111,6 @@ for s in $STEPS; do
     chunks)                                    # a file a chunk length
         for c in 64 128 256 1024; do
             LONG="--shapes 1,4,16384,384 --shapes 8,4,16384,96"
-            [ "$c" = 1024 ] && LONG=""
             PEER=""; [ "$c" = 64 ] && PEER=",mlstm_kernels-xl_chunk"
             step "chunks-$c" 120 python bench/kernels.py --paths "triton$PEER" --chunk-size "$c" \
                 --num-bench-iter 5 --shapes 64,4,784,384 --shapes 64,4,784,192 \
