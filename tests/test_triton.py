@@ -52,13 +52,15 @@ def dm_initial_err(got, ref, inputs):
     return ((got["dm_initial"] - ref["dm_initial"]).abs() / terms.clamp(min=1e-2)).max().item()
 
 
-def _check(inputs, dtype, reverse=False, chunk_size=16, tol=None, ref=None):
-    """Run triton in `dtype` and the float64 parallel reference on the same rounded inputs."""
+def _check(inputs, dtype, reverse=False, chunk_size=16, tol=None, ref=None, last_states=True):
+    """Run triton in `dtype` and the float64 parallel reference on the same rounded inputs
+    (a loss on h and, with last_states, on the last state)."""
     inputs = {n: t.to(dtype).double() for n, t in inputs.items()}   # what both backends see
     if DEVICE == "cuda":
         inputs = {n: t.cuda() for n, t in inputs.items()}
-    got = run(inputs, "triton", reverse=reverse, chunk_size=chunk_size, compute=dtype)
-    ref = ref or run(inputs, "parallel", reverse=reverse)
+    got = run(inputs, "triton", reverse=reverse, chunk_size=chunk_size, compute=dtype,
+              last_states=last_states)
+    ref = ref or run(inputs, "parallel", reverse=reverse, last_states=last_states)
     tol = tol or TOL[dtype]
     errs = {name: rel_err(got[name], ref[name]) for name in ref}
     if "dm_initial" in ref and dtype != torch.float64:     # float64: exact, the plain metric
@@ -299,13 +301,16 @@ def test_float32_chunks_over_one_gate_block(reverse):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_chunk_sizes_agree(dtype):
     """Chunks 64, 128 and 256 (one, two and four tiles of 64; at S = 150 the last chunk of 256
-    holds three) compute the same function, in float64 (interpreter only) and bfloat16."""
+    holds three) compute the same function, in float64 (interpreter only) and bfloat16; and
+    one chunk for the whole sequence without initial or last state (no state work at all)."""
     if dtype == torch.float64 and DEVICE == "cuda":
         pytest.skip("float64 kernels are for the interpreter")
     x = make_inputs(NH=1, S=150, DK=32, DV=16, init=True, seed=6)
     ref = run({n: t.to(dtype).double().to(DEVICE) for n, t in x.items()}, "parallel")
     for chunk in (64, 128, 256):
         _check(x, dtype, chunk_size=chunk, ref=ref)
+    x = {n: t for n, t in x.items() if not n.endswith("_initial")}
+    _check(x, dtype, chunk_size=1024, last_states=False)
 
 
 # Chunks longer than a tile (the state kept every L positions, every pair of a tile and one
