@@ -42,6 +42,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 ARCHS = (80, 90)
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _PTR = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+# the matmul kernels built with and without the carried-state terms (HAS_STATE)
+STATE_FLAG_KERNELS = ("fwd_out", "bwd_dqk", "bwd_dv")
 
 
 def _signature(name, dt, qn_mma=False):
@@ -115,7 +117,7 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                         for arch in ARCHS:
                             p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
                             flags = (False, True) if name in heuristics.SCANS + (
-                                "fwd_out", "bwd_dqk", "bwd_dv") else (None,)
+                                STATE_FLAG_KERNELS) else (None,)
                             BV = 0 if name == "fwd_pair" else p["BV"]     # (reads no v)
                             for has_init in flags:      # HAS_INIT, HAS_DLAST, HAS_STATE
                                 key = (name, dt, arch, BT, p["BK"], BV, p["num_warps"],
@@ -192,11 +194,11 @@ def compile_one(key, constexprs=None):
     else:
         # the flag slot: HAS_INIT, HAS_DLAST of the scans, HAS_STATE of the outputs, dq/dk and
         # dv kernels
-        state = {"HAS_STATE": has_init is not False}
         flags = {"fwd_state": {"HAS_INIT": bool(has_init)},
                  "bwd_state": {"HAS_DLAST": bool(has_init)},
-                 "fwd_out": {"QN_MMA": qn_mma, **state},
-                 "bwd_dqk": state, "bwd_dv": state}.get(name, {})
+                 "fwd_out": {"QN_MMA": qn_mma}}.get(name, {})
+        if name in STATE_FLAG_KERNELS:
+            flags["HAS_STATE"] = has_init is not False
         tiles = {"BT": BT, "NT": NT, "BK": BK, "BV": BV}
         if name == "fwd_pair":                  # (no V tiles: it never reads v)
             del tiles["BV"]

@@ -104,7 +104,7 @@ def _chunk_total(b_row, i_bh, i_c, S, REVERSE, L: tl.constexpr, ACC: tl.constexp
 def _weights(b_ba, b_ma, b_bb, b_ib, see):
     """exp(log D - m) of a tile of rows a and a tile of keys b of the same chunk, up to a:
     exp(b_t - b_j + i_j - m_t) where row t sees key j (see [BT, BT]: every key of an earlier
-    tile, its own tile's causal half; no masked row), else 0. [BT, BT]"""
+    tile, its own tile's causal half), else 0. [BT, BT]"""
     return tl.exp(tl.where(see, b_ba[:, None] - b_bb[None, :] + b_ib[None, :] - b_ma[:, None],
                            _NEG))
 
@@ -422,6 +422,16 @@ def _pair_program(S, NC, BT: tl.constexpr, NT: tl.constexpr):
 
 
 @triton.jit
+def _pair_rows(i_r, i_u, a, j, S, REVERSE, BT: tl.constexpr):
+    """A pair's row and key tiles (physical positions and masks) and which keys each row sees
+    (every key of an earlier tile, its own tile's causal half; no masked row). [BT, BT]"""
+    o_i = tl.arange(0, BT)
+    o_p, m_t = _rows(i_r, S, REVERSE, BT)[1:]
+    o_pj, m_tj = _rows(i_u, S, REVERSE, BT)[1:]
+    return o_p, m_t, o_pj, m_tj, m_t[:, None] & ((o_i[:, None] >= o_i[None, :]) | (j < a))
+
+
+@triton.jit
 def mlstm_fwd_pair_kernel(
     q, k, i, b_row, m_row, sc, rs, S, NC, DK, REVERSE, NH, s_b, s_h, s_t, scale,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr,
@@ -436,13 +446,11 @@ def mlstm_fwd_pair_kernel(
     i_bh, i_c, a, j, i_r, i_u, live = _pair_program(S, NC, BT, NT)
     if live:
         o_i = tl.arange(0, BT)
-        o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
-        o_tj, o_pj, m_tj = _rows(i_u, S, REVERSE, BT)
+        o_p, m_t, o_pj, m_tj, see = _pair_rows(i_r, i_u, a, j, S, REVERSE, BT)
         b_b, _ = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
         b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
         b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
         p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
-        see = m_t[:, None] & ((o_i[:, None] >= o_i[None, :]) | (j < a))
         b_s = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK,
                         MMA, ACC, PREC, INTERP) * scale * _weights(b_b, b_m, b_bj, b_ij, see)
         o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
@@ -466,11 +474,9 @@ def mlstm_bwd_pair_kernel(
     i_bh, i_c, a, j, i_r, i_u, live = _pair_program(S, NC, BT, NT)
     if live:
         o_i = tl.arange(0, BT)
-        o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
-        o_tj, o_pj, m_tj = _rows(i_u, S, REVERSE, BT)
+        o_p, m_t, o_pj, m_tj, see = _pair_rows(i_r, i_u, a, j, S, REVERSE, BT)
         b_b, b_m, b_den, b_dn = _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC)
         b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
-        see = m_t[:, None] & ((o_i[:, None] >= o_i[None, :]) | (j < a))
         b_w = _weights(b_b, b_m, b_bj, b_ij, see)                   # [BT, BT]
         p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
         p_v, p_dh = _seq(v, i_bh, NH, sv_b, sv_h), dh + i_bh * S * DV
@@ -548,8 +554,7 @@ def mlstm_fwd_out_kernel(
     p_v = _seq(v, i_bh, NH, sv_b, sv_h)
     if NT == 1:
         causal = o_i[:, None] >= o_i[None, :]
-        b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
-        b_s = b_qk * scale * tl.exp(b_lw)                           # [BT, BT]
+        b_s = b_qk * scale * _weights(b_b, b_m, b_b, b_i, causal)  # [BT, BT]
         b_vt = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :],
                        mask=m_t[:, None] & m_v[None, :], other=0.)  # [BT, BV]
         b_num = _dot(b_s, b_vt, MMA, ACC, PREC, INTERP)
@@ -735,11 +740,11 @@ def mlstm_bwd_dqk_kernel(
     (gated linear attention with values [v, 1], plus the paths through the chunk's entry and
     exit states): with one tile a chunk, the tile's own block of dS computed here; with
     several, the chunk's dS blocks from mlstm_bwd_pair_kernel, the tiles up to this one as keys
-    for dq and from this one on as rows for dk. Also
-    stores this K block's part of q . dq and k . dk per row in rq / rk [NK, B * NH, S] (summed
-    over blocks by the caller). Without HAS_STATE (one chunk for the whole sequence, no initial
-    state, the last state unused: the entry and exit states and their gradients are zero) the
-    state terms are not loaded or computed."""
+    for dq and from this one on as rows for dk. Also stores this K block's part of q . dq and
+    k . dk per row in rq / rk [NK, B * NH, S] (summed over blocks by the caller). Without
+    HAS_STATE (one chunk for the whole sequence, no initial state, the last state unused: the
+    entry and exit states and their gradients are zero) the state terms are not loaded or
+    computed."""
     i_k, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_c = i_r // NT
     o_i = tl.arange(0, BT)
@@ -785,8 +790,7 @@ def mlstm_bwd_dqk_kernel(
     b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
     if NT == 1:
         causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
-        b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
-        b_ds = (b_ds + b_dnr[:, None]) * tl.exp(b_lw)               # [BT, BT] dS * weights
+        b_ds = (b_ds + b_dnr[:, None]) * _weights(b_b, b_m, b_b, b_i, causal)  # dS * weights
         b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale
         b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale
     else:
@@ -873,9 +877,8 @@ def mlstm_bwd_dv_kernel(
     b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
     if NT == 1:
         causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
-        b_lw = tl.where(causal, b_b[:, None] - b_b[None, :] + b_i[None, :] - b_m[:, None], _NEG)
         # scores over the row normalizer, so that dh enters the MMA as loaded (dnum = dh / den)
-        b_s = b_qk * scale * tl.exp(b_lw) / b_den[:, None]          # [BT, BT]
+        b_s = b_qk * scale * _weights(b_b, b_m, b_b, b_i, causal) / b_den[:, None]  # [BT, BT]
         b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
         b_dv = _dot(tl.trans(b_s), b_dh, MMA, ACC, PREC, INTERP)
     else:
