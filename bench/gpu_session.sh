@@ -36,6 +36,8 @@
 #               inductor's fusion of the PyTorch path against the fused Triton kernels
 #   host        bench/host_overhead.py: host time of a call against its wall time at small
 #               shapes (where launches, not kernels, bound a call), with cProfile's top list
+#   graphs      ViL-T at 224 px (inference and training, ours and DeiT) under torch.compile,
+#               default mode against reduce-overhead (CUDA graphs: no host time a step)
 #   fastlaunch  the CUDA tests and the host time with VIL_KERNELS_FAST_LAUNCH=0 (Triton's own
 #               launch path; the default, the fast path, is what the other steps run)
 #   train224    ViL-T training at 224 px (196 tokens, where host time bounds a step): ours and
@@ -135,6 +137,13 @@ for s in $STEPS; do
             bench/throughput.py --resolution 224 --model vil2-tiny --rows ours --bench train \
             --num-warm-iter 2 --num-bench-iter 6 --no-progress \
             --results-file "$OUT/throughput-224-train-vil2-tiny-triton-launch.json" ;;
+    graphs)                                    # CUDA graphs where the host bounds a step
+        for mode in default reduce-overhead; do
+            step "graphs-224-$mode" 150 python bench/throughput.py --resolution 224 \
+                --model vil2-tiny --rows ours,deit --bench both --compile --compile-mode "$mode" \
+                --num-warm-iter 3 --num-bench-iter 10 --no-progress \
+                --results-file "$OUT/throughput-224-vil2-tiny-compile-$mode.json"
+        done ;;
     fastlaunch)
         step fastlaunch-tests 120 env VIL_KERNELS_FAST_LAUNCH=0 python -m pytest \
             tests/test_triton.py tests/test_model.py -q $XDIST

@@ -78,3 +78,27 @@ def recompute_saved_bytes(x, backend, reverse, chunk_size=16):
                                                        chunk_size=chunk_size, reverse=reverse,
                                                        recompute_states=r))[1]
                  for r in (False, True))
+
+
+LAUNCHING_MODULES = ("vil_kernels.triton.chunk", "vil.triton_conv", "vil.triton_gating",
+                     "vil.triton_norm")
+
+
+def launch_log(monkeypatch):
+    """A list that gets, for every Triton launch of the package and of ViL's fused kernels,
+    what it was given besides tensor addresses: kernel, grid, scalar arguments, tensors' dtypes
+    and shapes, constexprs and launch options."""
+    import importlib
+    log = []
+    for name in LAUNCHING_MODULES:
+        module = importlib.import_module(name)
+
+        def record(kernel, grid, args, _plain=module.launch, **meta):
+            log.append((getattr(getattr(kernel, "fn", None), "__name__", str(kernel)),
+                        tuple(grid),
+                        tuple((a.dtype, tuple(a.shape)) if isinstance(a, torch.Tensor) else a
+                              for a in args), tuple(sorted(meta.items()))))
+            return _plain(kernel, grid, args, **meta)
+
+        monkeypatch.setattr(module, "launch", record)
+    return log

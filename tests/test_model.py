@@ -224,6 +224,55 @@ def test_triton_backend_two_pairs():
         assert rel(g1[n], g0[n]) < 2e-3, n
 
 
+@pytest.mark.skipif(not _triton_available(), reason="vil_kernels.triton not importable")
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+def test_triton_model_step_replays_in_a_cuda_graph(monkeypatch):
+    """What CUDA graphs (torch.compile's mode="reduce-overhead", vil.train's --compile-mode
+    reduce-overhead) need of a ViL step on the Triton kernels: no value read back to the host.
+    Other images launch the same kernels on the same grids with the same scalars (on CUDA the
+    fused conv, norm and gating kernels too); on CUDA a forward and backward captured in a
+    graph replays other images to eager's outputs (bits) and gradients."""
+    from helpers import launch_log
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = tiny(torch.float32, dim=32, depth=2, mlstm_backend="triton").to(dev).eval()
+    params = [p for p in m.parameters() if p.requires_grad]
+    xs = [images(2, 64, seed=s).to(dev) * (1 + 3 * s) for s in (0, 1)]
+
+    def step(x):
+        y = m(x)
+        return [y.detach()] + list(torch.autograd.grad(y.square().sum(), params))
+
+    log = launch_log(monkeypatch)
+    eager = []
+    for x in xs:
+        log.clear()
+        eager.append((step(x), list(log)))
+    (want0, log0), (want1, log1) = eager
+    assert log0 and log0 == log1
+    assert any(name.startswith("mlstm_bwd") for name, *_ in log0)
+    if dev != "cuda":
+        return
+    static = xs[0].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                     # warm-up (compiles) outside the capture
+        step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(static)
+    for x, want in ((xs[1], want1), (xs[0], want0)):
+        static.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(outs[0], want[0])
+        # (PyTorch's own backward kernels around the cell need not be bitwise deterministic)
+        for got, w in zip(outs[1:], want[1:]):
+            assert rel(got, w) < 1e-5
+
+
 def _record_split_takeovers(monkeypatch):
     """A list that gets, for every backward of ViLLayer's splits, whether it returned a gradient
     buffer laid out by the backward before it (True) rather than a cat (False)."""

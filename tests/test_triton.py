@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from helpers import make_inputs, run  # noqa: E402
+from helpers import launch_log, make_inputs, run  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
@@ -474,6 +474,53 @@ def test_batches_over_the_grid_limit_run_in_slices(reverse, monkeypatch):
     monkeypatch.setattr(tchunk, "MAX_GRID_HEADS", 1)
     with pytest.raises(ValueError, match="at most 1 heads"):
         run(x, "triton", chunk_size=16)
+
+
+# What a CUDA graph (torch.cuda.graph, torch.compile's mode="reduce-overhead") needs of a call:
+# no value read back to the host, so that the launches depend on shapes only and a replay on new
+# inputs is the eager call. Checked everywhere through the launch log; on CUDA also by capturing
+# a forward and backward and replaying it on other inputs, against eager's bits.
+@pytest.mark.parametrize("chunk,init", [(16, True), (64, False)])
+def test_launches_depend_on_shapes_only_and_replay_in_a_cuda_graph(chunk, init, monkeypatch):
+    import vil_kernels
+    xs = [make_inputs(B=2, NH=2, S=40, DK=16, DV=24, init=init, seed=s, dtype=torch.float32)
+          for s in (31, 32)]
+    xs[1]["f"] = xs[1]["f"] * 4 - 6                   # other gates: other stabilizer paths
+    xs = [{n: t.to(DEVICE) for n, t in x.items()} for x in xs]
+    cot = torch.randn(2, 2, 40, 24, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+    def step(x):
+        leaves = [t.requires_grad_() for t in x.values()]
+        h, last = vil_kernels.mlstm(**dict(zip(x, leaves)), backend="triton", chunk_size=chunk,
+                                    reverse=True, return_last_states=True)
+        loss = (h * cot).sum() + last[0].sum()
+        return [h.detach()] + list(torch.autograd.grad(loss, leaves))
+
+    log = launch_log(monkeypatch)
+    eager = []
+    for x in xs:
+        log.clear()
+        eager.append((step({n: t.clone() for n, t in x.items()}), list(log)))
+    (want0, log0), (want1, log1) = eager
+    assert log0 and log0 == log1 and any("pair" in e[0] for e in log0) == (chunk > 16)
+    if DEVICE != "cuda":
+        return
+    static = {n: t.clone() for n, t in xs[0].items()}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                     # warm-up (compiles) outside the capture
+        step({n: t.detach() for n, t in static.items()})
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step({n: t.detach() for n, t in static.items()})
+    for x, want in ((xs[1], want1), (xs[0], want0)):
+        for n, t in static.items():
+            t.copy_(x[n])
+        graph.replay()
+        torch.cuda.synchronize()
+        for got, w in zip(outs, want):
+            assert torch.equal(got, w)
 
 
 def test_gates_4d_and_noncontiguous():
