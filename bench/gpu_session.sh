@@ -16,9 +16,9 @@
 #   tests       the Triton tests on CUDA (pytest-xdist when there); after tune, with its table
 #   kernels     the operator benchmark at S=784, D=384/192/96, with that table (kernels-all:
 #               at every shape of bench/kernels.py's GPU list)
-#   chunks      the Triton op in chunks of 64, 128, 256 and 1024 positions (the state kept at
-#               their boundaries; tiles of 64 either way) at ViL shapes and at S=16384, against
-#               the peer at 64: which chunk length the table should pick
+#   chunks      the Triton op in chunks of CHUNKS positions (default 64,128,256,1024: the
+#               state kept at their boundaries; tiles of 64 either way) at ViL shapes and at
+#               S=16384, and the peer: which chunk length the table should pick
 #   chunkjob    the main job's inference at 448 px (ViL-T and ViL-B, our rows) with the cells in
 #               one chunk of 1024 (the quadratic form, no state work) against the default
 #   throughput  the main job at 448 px (inference), with that table; only with STEPS naming it
@@ -110,15 +110,15 @@ for s in $STEPS; do
         # (~400 s at 5 timed calls on an H200: KERNELS_SHAPES="--shapes B,NH,S,D ..." for part)
         step kernels-all "${KERNELS_LIMIT:-420}" python bench/kernels.py --num-bench-iter 5 \
             ${KERNELS_SHAPES:-} --results-file "$OUT/kernels.json" ;;
-    chunks)                                    # a file a chunk length
-        for c in 64 128 256 1024; do
-            LONG="--shapes 1,4,16384,384 --shapes 8,4,16384,96"
-            PEER=""; [ "$c" = 64 ] && PEER=",mlstm_kernels-xl_chunk"
-            step "chunks-$c" 120 python bench/kernels.py --paths "triton$PEER" --chunk-size "$c" \
-                --num-bench-iter 5 --shapes 64,4,784,384 --shapes 64,4,784,192 \
-                --shapes 64,4,784,96 --shapes 64,4,196,192 --shapes 64,4,3136,96 $LONG \
-                --results-file "$OUT/kernels-chunk$c.json"
-        done ;;
+    chunks)                                    # one process, a row per chunk length
+        # shapes by importance (ViL-B's first): results are written after every shape, so a
+        # run cut by the time box keeps what it measured
+        step chunks "${CHUNKS_LIMIT:-420}" python bench/kernels.py \
+            --paths triton,mlstm_kernels-xl_chunk --chunk-size "${CHUNKS:-64,128,256,1024}" \
+            --num-bench-iter 5 --shapes 64,4,784,384 --shapes 64,4,784,192 \
+            --shapes 64,4,784,96 --shapes 64,4,3136,96 --shapes 64,4,3136,384 \
+            --shapes 64,4,196,192 --shapes 1,4,16384,384 --shapes 8,4,16384,96 \
+            --results-file "$OUT/kernels-chunks.json" ;;
     chunkjob)
         for c in default 1024; do
             FLAG=""; [ "$c" = default ] || FLAG="--mlstm-chunk-size $c"

@@ -2,7 +2,7 @@
 
     python bench/kernels.py                      # this machine's device, default shapes
     python bench/kernels.py --shapes 8,4,784,96  # B,NH,S,D (repeatable)
-    python bench/kernels.py --paths triton --chunk-size 256   # the kernels in chunks of 256
+    python bench/kernels.py --paths triton --chunk-size 64,256   # chunks of 64, then 256
     python bench/kernels.py --results-file bench/results/kernels-cpu.json
 
 On CPU it compares the PyTorch chunkwise path against the parallel form (the published
@@ -160,11 +160,15 @@ def candidates(device, dtype, chunk=None):
     return paths
 
 
-def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunk=None):
+def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunks=(None,)):
+    """Rows of one shape: every path, the chunkwise ones once per chunk length in ``chunks``
+    (None: their default)."""
     B, NH, S, D = shape
     rows = []
     peaks = device_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    for name, fn in candidates(device, dtype, chunk):
+    runs = [(name, chunk, fn) for n, chunk in enumerate(chunks)
+            for name, fn in candidates(device, dtype, chunk) if n == 0 or name in CHUNKED]
+    for name, chunk, fn in runs:
         if paths and name not in paths:
             continue
         row = dict(path=name, B=B, NH=NH, S=S, D=D, dtype=str(dtype).replace("torch.", ""))
@@ -226,15 +230,21 @@ def parse_args(argv=None):
     p.add_argument("--paths", default=None, metavar="NAME,...",
                    help="only these paths (default: every one that runs here), e.g. "
                         "triton,mlstm_kernels-xl_chunk")
-    p.add_argument("--chunk-size", type=int, default=None, metavar="N",
-                   help="chunk length of the triton and torch-chunkwise paths (a power of two "
-                        ">= 16; default: theirs). The state is kept every N positions: longer "
-                        "chunks move fewer states for more intra-chunk products")
+    p.add_argument("--chunk-size", default=None, metavar="N[,N...]",
+                   help="chunk length of the triton and torch-chunkwise paths (powers of two "
+                        ">= 16; several: a row for each; default: theirs). The state is kept "
+                        "every N positions: longer chunks move fewer states for more "
+                        "intra-chunk products")
     p.add_argument("--results-file", default=None)
     args = p.parse_args(argv)
-    if args.chunk_size is not None and (args.chunk_size < 16
-                                        or args.chunk_size & (args.chunk_size - 1)):
-        p.error(f"--chunk-size takes a power of two >= 16, got {args.chunk_size}")
+    if args.chunk_size is not None:
+        try:
+            args.chunk_size = [int(c) for c in args.chunk_size.split(",")]
+        except ValueError:
+            p.error(f"--chunk-size takes powers of two >= 16, got {args.chunk_size!r}")
+        bad = [c for c in args.chunk_size if c < 16 or c & (c - 1)]
+        if bad:
+            p.error(f"--chunk-size takes powers of two >= 16, got {bad[0]}")
     args.paths = set(args.paths.split(",")) if args.paths else None
     if args.paths and args.paths - set(PATHS):
         p.error(f"--paths: unknown {sorted(args.paths - set(PATHS))}; known: {', '.join(PATHS)}")
@@ -261,7 +271,8 @@ def main(argv=None):
                 warmup=warm, iters=iters, chunk_size=args.chunk_size)
     rows = []
     for shape in shapes:
-        rows += bench_shape(shape, device, dtype, warm, iters, mem, args.paths, args.chunk_size)
+        rows += bench_shape(shape, device, dtype, warm, iters, mem, args.paths,
+                            args.chunk_size or (None,))
         print(f"  done {shape}", file=sys.stderr, flush=True)
         if args.results_file:                  # after every shape: a run cut short keeps them
             Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)

@@ -55,8 +55,15 @@ def test_chunk_size_option():
                          "--chunk-size", "32"])
     assert {r["path"]: r.get("chunk_size") for r in rows} == {"torch-chunkwise": 32,
                                                              "parallel": None}
-    with pytest.raises(SystemExit):
-        kernels.parse_args(["--chunk-size", "48"])
+    # several: a row for each chunk length, the other paths once
+    rows = kernels.main(["--device", "cpu", "--shapes", "1,1,40,16", "--num-bench-iter", "1",
+                         "--chunk-size", "16,64"])
+    assert [(r["path"], r.get("chunk_size")) for r in rows] == [
+        ("torch-chunkwise", 16), ("parallel", None), ("torch-chunkwise", 64)]
+    assert all(r["fwd+bwd_ms"] > 0 for r in rows)
+    for bad in ("48", "16,x", "64,8"):
+        with pytest.raises(SystemExit):
+            kernels.parse_args(["--chunk-size", bad])
 
 
 def test_paths_filter():
