@@ -902,14 +902,16 @@ def test_triton_conv_silu_gradients(kernel, grid, bias, reverse):
     t0 = torch.randn(B, S, 2 * C, generator=g).to(dev)
     da = torch.randn(B, S, C, generator=g).to(dev)
 
-    def grads(fused, dtype):
+    def grads(fused, dtype, frozen_weight=False):
         c = _depthwise(C, kernel, bias).to(dev, dtype)
         c.load_state_dict(conv.state_dict())
+        c.weight.requires_grad_(not frozen_weight)
         t = t0.to(dtype).requires_grad_()
         x = t[..., :C]                                                    # strided view
         out = (c.forward_silu_fused(x, grid, reverse) if fused
                else F.silu(c(x, grid, reverse)))
-        return out, torch.autograd.grad(out, [t] + list(c.parameters()), da.to(dtype))
+        wrt = [t] + [p for p in c.parameters() if p.requires_grad]
+        return out, torch.autograd.grad(out, wrt, da.to(dtype))
 
     old = dict(triton_conv.CONFIG)
     triton_conv.CONFIG.update(BW=8, BC=16, bwd_BW=8)
@@ -924,6 +926,13 @@ def test_triton_conv_silu_gradients(kernel, grid, bias, reverse):
     for name, x, y in zip(names, got, want):
         assert x.shape == y.shape and rel(x, y) < 1e-5, name
     assert got[0][..., C:].abs().max() == 0                  # the other half gets no gradient
+    if bias:   # the bias gradient without the weight's (the weight-gradient kernel sums it)
+        triton_conv.CONFIG.update(BW=8, BC=16, bwd_BW=8)
+        try:
+            _, (dt, db) = grads(True, torch.float32, frozen_weight=True)
+        finally:
+            triton_conv.CONFIG.update(old)
+        assert rel(dt, want[0]) < 1e-5 and rel(db, want[2]) < 1e-5
 
 
 @pytest.mark.skipif(not torch.cuda.is_available()

@@ -9,8 +9,8 @@ channels-last buffer, then convolve, then add the bias in a broadcast pass, then
 in a fourth. Here: one read of t (the taps' overlap hits the cache), one write of a. Backward,
 all by the same kernel but the last: dc = da * silu'(c) with the conv recomputed; dt = the
 conv of dc with the kernel rotated by 180 degrees; the weight gradient one program a tap,
-channel block and image, reduced over images in a fixed order (deterministic), the bias
-gradient a sum of dc. On the CPU it runs only under TRITON_INTERPRET=1 (tests).
+channel block and image, with one program more for the bias gradient, reduced over images
+in a fixed order (deterministic). On the CPU it runs only under TRITON_INTERPRET=1 (tests).
 """
 
 import torch
@@ -74,12 +74,17 @@ if triton is not None:
     @triton.jit
     def _conv_dw_kernel(t, dc, pw, H, W, C, st_b, st_s,
                         KH: tl.constexpr, KW: tl.constexpr, BW: tl.constexpr, BC: tl.constexpr):
-        """Grid (KH * KW, cdiv(C, BC), B): one tap's weight gradient over one image,
-        sum_p dc[p] t[p + tap], for BC channels, into pw [B, KH * KW, C]. dc contiguous. The
-        taps of an image run side by side and share its reads in L2; a [BW, BC] accumulator is
-        reduced once at the end."""
+        """Grid (KH * KW (+ 1), cdiv(C, BC), B): one tap's weight gradient over one image,
+        sum_p dc[p] t[p + tap], for BC channels, into pw [B, KH * KW (+ 1), C]. dc contiguous.
+        The taps of an image run side by side and share its reads in L2; a [BW, BC]
+        accumulator is reduced once at the end. A program past the last tap (the launcher
+        adds one where the bias needs a gradient) reads 1 for t: its sum is the image's part
+        of the bias gradient (a separate reduction over all of dc ran at a fraction of HBM
+        bandwidth; an accumulator of its own in every program spilled)."""
         i_k, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-        di, dj = i_k // KW - KH // 2, i_k % KW - KW // 2
+        tap = i_k < KH * KW
+        di = tl.where(tap, i_k // KW - KH // 2, 0)
+        dj = tl.where(tap, i_k % KW - KW // 2, 0)
         o_c = i_c * BC + tl.arange(0, BC)
         m_c = o_c < C
         p_t, p_dc = t + i_b * st_b, dc + i_b * H * W * C
@@ -93,10 +98,12 @@ if triton is not None:
                 m = ((x >= 0) & (x < W) & (y >= 0) & (y < H))[:, None] & m_xc
                 b_dc = tl.load(p_dc + (i_y * W + o_x)[:, None] * C + o_c[None, :], mask=m,
                                other=0.).to(tl.float32)
-                b_t = tl.load(p_t + (y * W + x)[:, None] * st_s + o_c[None, :], mask=m,
-                              other=0.).to(tl.float32)
+                # (1 where not loaded: dc is 0 there, but in the bias program everywhere)
+                b_t = tl.load(p_t + (y * W + x)[:, None] * st_s + o_c[None, :], mask=m & tap,
+                              other=1.).to(tl.float32)
                 acc += b_dc * b_t
-        tl.store(pw + (i_b * (KH * KW) + i_k) * C + o_c, tl.sum(acc, axis=0), mask=m_c)
+        tl.store(pw + (i_b * tl.num_programs(0) + i_k) * C + o_c, tl.sum(acc, axis=0),
+                 mask=m_c)
 
 
 def _check(t, weight, grid):
@@ -142,15 +149,22 @@ class _ConvSilu(torch.autograd.Function):
         dt = _conv(dc, w.flip(-1, -2).contiguous(), None, ctx.grid, act=0) \
             if ctx.needs_input_grad[0] else None
         dw = db = None
-        if ctx.needs_input_grad[1]:
-            pw = torch.empty(B, KH * KW, C, device=t.device, dtype=torch.float32)
+        want_dw, want_db = ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2]
+        if want_dw or want_db:
+            # the taps' sums (and the bias's, one program more) a channel block and image,
+            # then summed over images in a fixed order (a frozen weight's taps run anyway:
+            # rare enough to keep one kernel)
+            NK = KH * KW + want_db
+            pw = torch.empty(B, NK, C, device=t.device, dtype=torch.float32)
             BC = CONFIG["BC"]
-            launch(_conv_dw_kernel, (KH * KW, cdiv(C, BC), B),
+            launch(_conv_dw_kernel, (NK, cdiv(C, BC), B),
                    (t, dc, pw, H, W, C, t.stride(0), t.stride(1)),
                    KH=KH, KW=KW, BW=CONFIG["bwd_BW"], BC=BC, num_warps=CONFIG["num_warps"])
-            dw = pw.sum(0).t().reshape(w.shape).to(w.dtype)
-        if b is not None and ctx.needs_input_grad[2]:
-            db = torch.sum(dc, dim=(0, 1), dtype=torch.float32).to(b.dtype)
+            sums = pw.sum(0)
+            if want_dw:
+                dw = sums[:KH * KW].t().reshape(w.shape).to(w.dtype)
+            if want_db:
+                db = sums[KH * KW].to(b.dtype)
         return dt, dw, db, None
 
 
