@@ -102,3 +102,31 @@ def launch_log(monkeypatch):
 
         monkeypatch.setattr(module, "launch", record)
     return log
+
+
+def check_first_order_only(backend, device="cpu", chunk_size=16):
+    """A backend whose backward is first-order only: with create_graph=True its gradients have
+    the first-order values, and differentiating them raises a RuntimeError that says so (by
+    torch.autograd.grad, or by .backward() of a loss that mixes them with other terms: never a
+    silently missing or wrong second-order term)."""
+    import pytest
+    x = make_inputs(B=1, NH=2, S=21, DK=8, DV=8, init=True, seed=5, dtype=torch.float32)
+    x = {n: t.to(device) for n, t in x.items()}
+
+    def first(create_graph):
+        leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+        h = vil_kernels.mlstm(**leaves, backend=backend, chunk_size=chunk_size)
+        grads = torch.autograd.grad(h.square().sum(), list(leaves.values()),
+                                    create_graph=create_graph)
+        return leaves, grads
+
+    _, plain = first(False)
+    leaves, graphed = first(True)
+    for a, b in zip(plain, graphed):
+        assert torch.equal(a, b.detach())
+    with pytest.raises(RuntimeError, match="first-order gradients only.*backend='parallel'"):
+        torch.autograd.grad(graphed[0].sum(), leaves["k"])
+    leaves, graphed = first(True)
+    penalty = sum(g.square().sum() for g in graphed) + leaves["q"].sum()
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        penalty.backward()

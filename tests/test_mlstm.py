@@ -7,7 +7,7 @@ import vil_kernels
 from vil_kernels import chunk, naive
 from vil_kernels.utils import default_chunk_size
 
-from helpers import assert_close, make_inputs, rel_err, run
+from helpers import assert_close, check_first_order_only, make_inputs, rel_err, run
 
 SEQ_LENS = [1, 7, 63, 64, 65, 196, 200, 784]
 F64_TOL = 1e-9
@@ -72,6 +72,24 @@ def test_gradcheck(reverse):
 
     leaves = [t.clone().requires_grad_() for t in x.values()]
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_chunkwise_backward_is_first_order_only():
+    """Its backward works on values the forward made without autograd: a second derivative
+    through it would be silently wrong (it was: 10149 against the parallel form's 31073 for a
+    d(dL/dq)/dk), so differentiating its gradients raises instead."""
+    check_first_order_only("torch")
+
+
+def test_parallel_second_order_gradients():
+    """The parallel form is plain autograd: second-order gradients through it are exact
+    (gradgradcheck in float64, both directions, with initial states)."""
+    x = make_inputs(B=1, NH=1, S=6, DK=3, DV=2, init=True, seed=9)
+    names = list(x)
+    for reverse in (False, True):
+        fn = lambda *t: vil_kernels.mlstm(**dict(zip(names, t)), backend="parallel",  # noqa
+                                          reverse=reverse)
+        assert torch.autograd.gradgradcheck(fn, [t.requires_grad_() for t in x.values()])
 
 
 def test_eps_term_reaches_gate_gradients():

@@ -984,6 +984,80 @@ def test_triton_fused_gating_gradients(norm_bias, weight):
         assert rel(x, y) < 1e-5, name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+def test_fused_kernels_refuse_second_order_gradients(monkeypatch):
+    """The fused conv, gating and pre-norm kernels' backward is first-order only: a gradient
+    penalty through them raises, naming the switch to the PyTorch path (FUSED_KERNELS),
+    instead of silently dropping the paths the kernels do not record."""
+    from vil import model as vmodel
+    from vil import triton_norm
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(vmodel, "_use_triton_fused", lambda t: True)   # (CPU: interpreter)
+    m = tiny(mlstm_backend="parallel", depth=1).to(dev)
+    x = images(2, 64).to(dev).requires_grad_()
+    g, = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only.*FUSED_KERNELS = False"):
+        g.square().sum().backward()
+    gen = torch.Generator().manual_seed(0)
+    t, w, b = (torch.randn(*s, generator=gen).to(dev).requires_grad_()
+               for s in ((3, 40), (40,), (40,)))
+    gt, = torch.autograd.grad(triton_norm.layer_norm_triton(t, w, b, 1e-5).pow(3).sum(), t,
+                              create_graph=True)
+    with pytest.raises(RuntimeError, match="pre-norm kernel computes first-order"):
+        torch.autograd.grad(gt.sum(), b)
+
+
+def test_second_order_gradients_through_the_pytorch_path(monkeypatch):
+    """With FUSED_KERNELS off and the parallel cell the model is plain autograd plus its folded
+    weights' and per-head projections' Functions: a gradient penalty (|dL/dx|^2, as R1) has
+    exact parameter gradients, against central differences in float64 (on CUDA through the
+    per-head projection's create_graph branch)."""
+    from vil import model as vmodel
+    monkeypatch.setattr(vmodel, "FUSED_KERNELS", False)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = tiny(torch.float64, depth=1, mlstm_backend="parallel").to(dev)
+    x = images(1, 64, dtype=torch.float64).to(dev).requires_grad_()
+    params = list(m.parameters())
+
+    def penalty():
+        g, = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+        return g.square().sum()
+
+    grads = torch.autograd.grad(penalty(), params)
+    gen = torch.Generator().manual_seed(1)
+    u = [torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dev) for p in params]
+    analytic = sum((g * d).sum() for g, d in zip(grads, u)).item()
+    def penalty_at(offset):                               # the parameters moved by offset * u
+        with torch.no_grad():
+            for p, d in zip(params, u):
+                p.add_(offset * d)
+        value = penalty().item()
+        with torch.no_grad():
+            for p, d in zip(params, u):
+                p.sub_(offset * d)
+        return value
+
+    eps = 1e-6
+    numeric = (penalty_at(eps) - penalty_at(-eps)) / (2 * eps)
+    assert abs(analytic - numeric) <= 1e-6 * abs(numeric)
+
+
+def test_per_head_linear_second_order_gradients():
+    """The per-head projection's Function (CUDA training) records its products when autograd
+    does (create_graph): gradgradcheck in float64."""
+    from vil.model import _PerHeadLinear
+    g = torch.Generator().manual_seed(0)
+    NH, M, DH, P = 2, 5, 3, 4
+    A = torch.randn(M, 2 * NH * DH, generator=g, dtype=torch.float64)[:, :NH * DH]
+    A = A.reshape(M, NH, DH).transpose(0, 1)                 # (NH, M, DH) view, as the model's
+    w = torch.randn(NH, DH, P, generator=g, dtype=torch.float64)
+    b = torch.randn(NH, 1, P, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradgradcheck(_PerHeadLinear.apply,
+                                        [t.requires_grad_() for t in (A, w, b)])
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_per_head_addmm_matches_baddbmm(autocast):
     """The CUDA-inference per-head projection (a GEMM a head with the bias in the epilogue,

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from helpers import launch_log, make_inputs, run  # noqa: E402
+from helpers import check_first_order_only, launch_log, make_inputs, run  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
@@ -438,6 +438,13 @@ def test_split_sequence_matches_whole():
     h2 = vil_kernels.mlstm(**b, c_initial=c, n_initial=n, m_initial=m, backend="triton",
                            chunk_size=16)
     assert rel_err(torch.cat([h1, h2], 2).double(), h.double()) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_backward_is_first_order_only(chunk):
+    """The kernels' gradients are constants to autograd: differentiating them raises (instead
+    of a silently missing second-order term)."""
+    check_first_order_only("triton", DEVICE, chunk)
 
 
 def test_backward_deterministic():

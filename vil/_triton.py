@@ -8,6 +8,13 @@ except Exception:  # noqa: BLE001 - any failure to import means no Triton
     triton = tl = None
 
 
+# what differentiating the fused kernels' gradients raises (vil_kernels.utils.first_order_only)
+SECOND_ORDER = ("ViL's fused {} kernel computes first-order gradients only; for second-order "
+                "ones (a gradient penalty, Hessian-vector products) set "
+                "vil.model.FUSED_KERNELS = False (the PyTorch path around the cell) and build "
+                "the model with mlstm_backend='parallel'")
+
+
 def available():
     return triton is not None
 

@@ -295,14 +295,18 @@ def _pad_projection_columns(device):
 # The conv and gating kernels put the batch along a CUDA grid's z axis, which holds at most
 # 65535 programs: larger batches take the PyTorch path (vil_kernels' mLSTM runs them in slices).
 MAX_FUSED_BATCH = 65535
+# Set False for the PyTorch path around the cell everywhere: what second-order gradients need
+# (the fused kernels' backward is first-order only and says so when differentiated).
+FUSED_KERNELS = True
 
 
 def _use_triton_fused(x):
     """The fused Triton kernels around the cell (the pre-norm under autocast, conv + SiLU,
     output norm + gating; forward and backward): on CUDA, except under torch.compile (inductor
-    fuses the PyTorch path itself) and for batches over MAX_FUSED_BATCH."""
-    return (x.is_cuda and x.shape[0] <= MAX_FUSED_BATCH and triton_gating.available()
-            and not torch.compiler.is_compiling())
+    fuses the PyTorch path itself), for batches over MAX_FUSED_BATCH and with FUSED_KERNELS
+    off."""
+    return (FUSED_KERNELS and x.is_cuda and x.shape[0] <= MAX_FUSED_BATCH
+            and triton_gating.available() and not torch.compiler.is_compiling())
 
 
 def _autocast_dtype(x, other_dtype):
@@ -365,6 +369,16 @@ class _PerHeadLinear(torch.autograd.Function):
         NH, M, DH = A.shape
         dout = dout.to(dt)
         wd = w.to(dt)
+        acc = torch.promote_types(dt, torch.float32)         # the bias sum's accumulation
+        if torch.is_grad_enabled():
+            # create_graph: the same products without out= (which autograd cannot record),
+            # so that second-order gradients flow through them
+            return (torch.bmm(dout, wd.transpose(1, 2)).to(a_dt)
+                    if ctx.needs_input_grad[0] else None,
+                    torch.bmm(A.to(dt).transpose(1, 2), dout).to(w_dt)
+                    if ctx.needs_input_grad[1] else None,
+                    dout.to(acc).sum(1, keepdim=True).to(b_dt)
+                    if ctx.needs_input_grad[2] else None)
         dA = dw = db = None
         if ctx.needs_input_grad[0]:
             buf = dout.new_empty(M, NH * DH)
@@ -380,7 +394,7 @@ class _PerHeadLinear(torch.autograd.Function):
                 torch.mm(Ad[h].t(), dout[h], out=dw[h])
             dw = dw.to(w_dt)
         if ctx.needs_input_grad[2]:
-            db = torch.sum(dout, dim=1, keepdim=True, dtype=torch.float32).to(b_dt)
+            db = torch.sum(dout, dim=1, keepdim=True, dtype=acc).to(b_dt)
         return dA, dw, db
 
 

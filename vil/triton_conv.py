@@ -16,9 +16,9 @@ in a fixed order (deterministic). On the CPU it runs only under TRITON_INTERPRET
 import torch
 
 from vil_kernels._triton_runtime import launch
-from vil_kernels.utils import cdiv
+from vil_kernels.utils import cdiv, first_order_only
 
-from ._triton import available, tl, triton
+from ._triton import SECOND_ORDER, available, tl, triton
 
 __all__ = ["available", "conv_silu_triton"]
 
@@ -139,6 +139,7 @@ class _ConvSilu(torch.autograd.Function):
         return _conv(t, w, b, grid, act=1)
 
     @staticmethod
+    @first_order_only(SECOND_ORDER.format("conv + SiLU"))
     def backward(ctx, da):
         t, w, b = ctx.saved_tensors
         B, S, C = t.shape

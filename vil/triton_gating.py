@@ -15,9 +15,9 @@ only under TRITON_INTERPRET=1 (tests).
 import torch
 
 from vil_kernels._triton_runtime import launch
-from vil_kernels.utils import cdiv, grads_in_base_layout
+from vil_kernels.utils import cdiv, first_order_only, grads_in_base_layout
 
-from ._triton import available, tiles, tl, triton
+from ._triton import SECOND_ORDER, available, tiles, tl, triton
 
 __all__ = ["available", "gated_outnorm_triton"]
 
@@ -154,6 +154,7 @@ class _GatedOutnorm(torch.autograd.Function):
         return _forward(h, a, z, w, bias, skip, eps)
 
     @staticmethod
+    @first_order_only(SECOND_ORDER.format("output norm + gating"))
     def backward(ctx, dout):
         h, a, z, w, bias, skip = ctx.saved_tensors
         B, NH, S, DH = h.shape

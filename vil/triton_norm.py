@@ -13,9 +13,9 @@ dx, and per-program partial sums of the parameter gradients reduced in a fixed o
 import torch
 
 from vil_kernels._triton_runtime import launch
-from vil_kernels.utils import cdiv
+from vil_kernels.utils import cdiv, first_order_only
 
-from ._triton import available, tiles, tl, triton
+from ._triton import SECOND_ORDER, available, tiles, tl, triton
 
 __all__ = ["available", "layer_norm_triton"]
 
@@ -98,10 +98,12 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias, eps, shape):
         ctx.save_for_backward(x2, weight)
+        ctx.anchors = (bias,)                       # (first_order_only)
         ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
         return _forward(x2, weight, bias, eps, shape)
 
     @staticmethod
+    @first_order_only(SECOND_ORDER.format("pre-norm"))
     def backward(ctx, dy):
         x2, weight = ctx.saved_tensors
         M, N = x2.shape

@@ -24,8 +24,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .utils import (NEG, compute_dtype, default_chunk_size, normalizer_backward, route_last_state,
-                    route_to_argmax)
+from .utils import (NEG, SECOND_ORDER, compute_dtype, default_chunk_size, first_order_only,
+                    normalizer_backward, route_last_state, route_to_argmax)
 
 # exp() arguments are floored where exp is still a normal number: on CPUs exp of an underflowing
 # argument runs many times slower. A floored weight is at most 1e-26 of the row's largest, and its
@@ -416,6 +416,7 @@ class MLSTMChunkwise(torch.autograd.Function):
             saved = (*saved[:3], None, None)
         ctx.save_for_backward(qf, kf, vf, i_f, f_f, *states, h, *(last or (None,) * 4), *saved)
         ctx.meta = (lay, eps, ct, [x.dtype for x in (q, k, v, i, f, c0, n0, m0) if x is not None])
+        ctx.anchors = (q, k, v, i, f, c0, n0, m0)         # (first_order_only; saved: views)
         out, last_state = _outputs(lay, h, last, q.dtype)
         if torch.compiler.is_compiling():
             # Fresh outputs, not views of h and of the states: on torch 2.11 dynamo traced this
@@ -426,6 +427,7 @@ class MLSTMChunkwise(torch.autograd.Function):
         return out if last_state is None else (out, *last_state)
 
     @staticmethod
+    @first_order_only(SECOND_ORDER.format("PyTorch chunkwise"))
     def backward(ctx, dh, *dlast):
         lay, eps, ct, dtypes = ctx.meta
         qf, kf, vf, i_f, f_f, c0, n0, m0, h, *rest = ctx.saved_tensors

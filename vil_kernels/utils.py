@@ -1,5 +1,6 @@
 """Helpers shared by the chunkwise backends."""
 
+import functools
 import math
 import weakref
 
@@ -107,3 +108,59 @@ def default_chunk_size(S, DK, DV, device):
     if near:
         return min(near, key=lambda d: abs(math.log(d / target)))
     return target
+
+
+# what differentiating the chunkwise backends' gradients raises (first_order_only)
+SECOND_ORDER = ("vil_kernels.mlstm: the {} backward computes first-order gradients only; for "
+                "second-order ones (a gradient penalty, Hessian-vector products) use "
+                "backend='parallel', plain autograd")
+
+
+class _NoSecondOrder(torch.autograd.Function):
+    """The identity on a backward's results (copies), with a backward that raises ``message``:
+    put between a first-order-only backward and a graph that autograd records
+    (create_graph=True), it turns differentiating those gradients into an error."""
+
+    @staticmethod
+    def forward(ctx, message, n, *tensors):
+        ctx.message = message
+        return tuple(t.clone() for t in tensors[:n])       # (the rest: anchors, see below)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def first_order_only(message):
+    """Decorator for a custom autograd Function's backward that computes gradients the graph
+    does not see (kernels, values the forward made without autograd). With create_graph=True
+    such gradients would be constants to autograd, and any higher derivative through them
+    (a gradient penalty, a Hessian-vector product) silently wrong or missing. So the backward
+    runs without recording, and where autograd records, its results come back attached to a
+    node that raises ``message`` when a derivative reaches it. The node hangs off the tensors
+    the gradients depend on: the incoming gradients, the saved tensors and ``ctx.anchors``
+    (the forward's inputs, where the saved tensors are copies) that require grad, so that a
+    derivative of the gradients with respect to any of them reaches it. Under torch.compile
+    the backward is traced as is."""
+    def wrap(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            outs = out if isinstance(out, tuple) else (out,)
+            at = [j for j, g in enumerate(outs) if isinstance(g, torch.Tensor)]
+            if not at:
+                return out
+            anchors = [t for t in (*grads, *ctx.saved_tensors, *getattr(ctx, "anchors", ()))
+                       if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not anchors:
+                return out
+            marked = _NoSecondOrder.apply(message, len(at), *(outs[j] for j in at), *anchors)
+            outs = list(outs)
+            for j, g in zip(at, marked):
+                outs[j] = g
+            return tuple(outs) if isinstance(out, tuple) else outs[0]
+        return wrapper
+    return wrap

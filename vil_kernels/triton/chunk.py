@@ -24,8 +24,8 @@ import time
 import torch
 import triton.language as tl
 
-from ..utils import (NEG, cdiv, compute_dtype, grads_in_base_layout, route_last_state,
-                     route_to_argmax)
+from ..utils import (NEG, SECOND_ORDER, cdiv, compute_dtype, first_order_only,
+                     grads_in_base_layout, route_last_state, route_to_argmax)
 from . import heuristics
 from .._triton_runtime import INTERPRETED, launch
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_gates_kernel,
@@ -488,6 +488,7 @@ class MLSTMTritonFunction(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, chunk, reverse, recompute=False,
                 last_states=True):
+        ctx.anchors = (i, f, c0, n0, m0)     # (first_order_only: the saved ones may be copies)
         i, f, c0, n0, m0 = _contiguous_gates_and_states(i, f, c0, n0, m0)
         has_init = c0 is not None
         out = _call(_fwd_op, mlstm_fwd, q, k, v, i, f, c0, n0, m0, eps, chunk, reverse,
@@ -506,6 +507,7 @@ class MLSTMTritonFunction(torch.autograd.Function):
         return h, c_last, n_last, m_last
 
     @staticmethod
+    @first_order_only(SECOND_ORDER.format("Triton"))
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dh, dc_last, dn_last, dm_last):
         eps, chunk, reverse, has_init, last_states = ctx.meta
