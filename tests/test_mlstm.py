@@ -45,7 +45,7 @@ def test_recurrent_matches_parallel_float64(S, reverse, init):
                  F64_TOL)
 
 
-@pytest.mark.parametrize("DK,DV", [(96, 96), (96, 64), (16, 96)])
+@pytest.mark.parametrize("DK,DV", [(96, 96), (96, 64), (16, 96), (384, 384), (384, 192)])
 def test_head_dims(DK, DV):
     x = make_inputs(B=2, S=70, DK=DK, DV=DV, init=True)
     assert_close(run(x, "torch", chunk_size=32), run(x, "parallel"), F64_TOL)

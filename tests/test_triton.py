@@ -88,6 +88,7 @@ def test_float64_exact(reverse):
     (65, 64, 192, True, True, 32),
     (65, 96, 96, False, False, None),
     (65, 96, 64, True, True, 64),          # chunks of four float32 tiles of 16
+    (40, 384, 384, True, True, 32),        # ViL-B's head dim
 ])
 def test_float32(S, DK, DV, init, reverse, chunk):
     x = make_inputs(NH=1, S=S, DK=DK, DV=DV, init=init, seed=S + DK)
@@ -98,6 +99,14 @@ def test_float32(S, DK, DV, init, reverse, chunk):
 def test_bfloat16(reverse):
     x = make_inputs(NH=2, S=33, DK=96, DV=64, init=True, seed=3)
     _check(x, torch.bfloat16, reverse=reverse)
+
+
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_bfloat16_vil_b_head_dim(chunk):
+    """ViL-B's head dim (384: six K tiles of 64, V tiles of 128) in bfloat16, in chunks of one
+    tile and of two (the pair kernels), with initial and last states."""
+    x = make_inputs(NH=1, S=70, DK=384, DV=384, init=True, seed=21)
+    _check(x, torch.bfloat16, reverse=chunk == 128, chunk_size=chunk)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
