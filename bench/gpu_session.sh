@@ -21,6 +21,8 @@
 #               S=16384, and the peer: which chunk length the table should pick
 #   chunkjob    the main job's inference at 448 px (ViL-T and ViL-B, our rows) with the cells in
 #               one chunk of 1024 (the quadratic form, no state work) against the default
+#               (CHUNKJOB_BENCH=train: training, where one chunk also keeps no states;
+#               CHUNKJOB_MODELS picks the models)
 #   throughput  the main job at 448 px (inference), with that table; only with STEPS naming it
 #   ncu         Nsight Compute's sections for the seven kernels of one fwd+bwd at D=384 (ncu96:
 #               at D=96; in the log); only with STEPS naming it
@@ -123,9 +125,10 @@ for s in $STEPS; do
         for c in default 1024; do
             FLAG=""; [ "$c" = default ] || FLAG="--mlstm-chunk-size $c"
             step "chunkjob-$c" 150 python bench/throughput.py --resolution 448 \
-                --model vil2-tiny,vil2-base --rows ours --bench inference --num-warm-iter 3 \
+                --model "${CHUNKJOB_MODELS:-vil2-tiny,vil2-base}" --rows ours \
+                --bench "${CHUNKJOB_BENCH:-inference}" --num-warm-iter 3 \
                 --num-bench-iter 10 --no-progress $FLAG \
-                --results-file "$OUT/throughput-448-inference-chunk-$c.json"
+                --results-file "$OUT/throughput-448-${CHUNKJOB_BENCH:-inference}-chunk-$c.json"
         done ;;
     host)
         step host 60 python bench/host_overhead.py --profile ;;
