@@ -94,3 +94,15 @@ def test_model_fused_kernels_build_without_spills():
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     assert "32 builds, 0 with a spill or an error" in out, out[-3000:]
+
+
+def test_one_chunk_rule_defaults_are_checked(monkeypatch):
+    """With heuristics.ONE_CHUNK_UP_TO on, every power of two up to it is a default chunk: the
+    full check builds those chunk lengths too (512: eight tiles of 64)."""
+    from vil_kernels import compile_check
+    from vil_kernels.triton import heuristics
+    tiles = lambda: {key[-1] for key in compile_check.variants(dims=(64,),  # noqa: E731
+                                                               dtypes=("bfloat16",))}
+    assert 8 not in tiles()
+    monkeypatch.setattr(heuristics, "ONE_CHUNK_UP_TO", 1024)
+    assert 8 in tiles()

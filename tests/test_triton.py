@@ -410,6 +410,17 @@ def test_one_chunk_training_runs_no_state_work(tile, reverse, monkeypatch):
     assert kept[True] - kept[False] == 2 * 2 * 24 * 41 * 8, kept
 
 
+def test_one_chunk_rule_runs_the_quadratic_form(monkeypatch):
+    """heuristics.ONE_CHUNK_UP_TO switched on (bfloat16, S = 100: one chunk of two tiles by
+    default): the pair kernels, no state scan, the float64 reference's values."""
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "ONE_CHUNK_UP_TO", 1024)
+    x = make_inputs(NH=2, S=100, DK=32, DV=48, seed=25)
+    _, names = launched(lambda: _check(x, torch.bfloat16, reverse=True, chunk_size=None,
+                                       last_states=False))
+    assert {"fwd_pair", "bwd_pair"} <= names and not names & {"fwd_state", "bwd_state"}, names
+
+
 @pytest.mark.parametrize("reverse", [False, True])
 def test_unused_last_states(reverse):
     """A loss on h alone: the last state's gradients arrive as None and the state-gradient scan

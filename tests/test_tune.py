@@ -142,3 +142,18 @@ def test_launch_table_file(tmp_path, monkeypatch):
     finally:
         monkeypatch.delenv(heuristics.TABLE_ENV)
         heuristics.tuned_table(reload=True)
+
+
+def test_one_chunk_rule(monkeypatch):
+    """ONE_CHUNK_UP_TO (off until timed): 16-bit sequences up to it run as one chunk by
+    default; longer ones, float32 and requested chunks keep their chunk."""
+    bf16 = torch.bfloat16
+    assert heuristics.ONE_CHUNK_UP_TO == 0
+    monkeypatch.setattr(heuristics, "ONE_CHUNK_UP_TO", 1024)
+    assert heuristics.chunk_len(784, 384, 384, bf16, 90) == 1024
+    assert heuristics.chunk_len(196, 96, 96, torch.float16, 90) == 256
+    assert heuristics.chunk_len(1025, 384, 384, bf16, 90) == 64
+    assert heuristics.chunk_len(784, 384, 384, torch.float32, 90) == 32
+    assert heuristics.chunk_len(784, 384, 384, bf16, 90, 128) == 128
+    monkeypatch.setattr(heuristics, "ONE_CHUNK_UP_TO", 4096)                 # capped
+    assert heuristics.chunk_len(3136, 96, 96, bf16, 90) == 64

@@ -35,7 +35,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 HEAD_DIMS = (64, 96, 128, 192, 256, 384, 512)
 # requested chunk lengths: one tile a chunk (16, 32, 64; float32 inputs: 32 at most), and
-# 2, 4 and 16 tiles of 64 (float32: 4, 8, 16 and 64 tiles of 16)
+# 2, 4 and 16 tiles of 64 (float32: 4, 8, 16 and 64 tiles of 16); with the one-chunk rule on
+# (heuristics.ONE_CHUNK_UP_TO) every power of two up to it is a default: variants() adds them
 CHUNKS = (16, 32, 64, 128, 256, 1024)
 QUICK_CHUNKS = (64, 128)
 DTYPES = ("float32", "float16", "bfloat16")
@@ -101,6 +102,10 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
     from .triton.chunk import CHAIN_BLOCK
     out = {}
     dims = dims or ((192,) if quick else HEAD_DIMS)
+    if not chunks and not quick:          # the one-chunk rule's defaults (heuristics)
+        up_to = min(heuristics.ONE_CHUNK_UP_TO, heuristics.MAX_CHUNK)
+        chunks = CHUNKS + tuple(1 << j for j in range(7, up_to.bit_length())
+                                if 1 << j not in CHUNKS and 1 << j <= up_to)
     chunks = chunks or (QUICK_CHUNKS if quick else CHUNKS)
     dtypes = dtypes or (("bfloat16",) if quick else DTYPES)
     for dt in dtypes:

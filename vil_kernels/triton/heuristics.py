@@ -36,6 +36,11 @@ DEFAULT_CHUNK = 64
 # function: a longer chunk keeps fewer states (S / L of DK x DV a head, the largest memory
 # traffic of a pass at large head dims) for more intra-chunk products.
 MAX_CHUNK = 1024
+# 16-bit sequences up to this many positions run as one chunk by default: the quadratic,
+# attention-like form, with no chunk state, no scan and nothing kept for the backward but h
+# and row statistics (ViL's 784 tokens at 448 px). Off (0) until a GPU has timed it against
+# chunks of 64 (STEPS=chunks bash bench/gpu_session.sh); at most MAX_CHUNK.
+ONE_CHUNK_UP_TO = 0
 # ptxas otherwise sometimes settles on 128 registers and spills a few bytes (compile_check
 # caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
 MAXNREG = 255
@@ -72,10 +77,14 @@ def chunk_len(S, DK, DV, dtype, arch, requested=None):
     """Positions per chunk L (the state is kept at chunk boundaries): the requested power of
     two, at most MAX_CHUNK and no longer than the sequence needs (one chunk holds it either
     way); by default DEFAULT_CHUNK, at most one tile (max_tile), shortened for sequences that
-    fit one smaller chunk. The chunk length only changes the rounding, never the function."""
+    fit one smaller chunk, or the whole sequence in one for 16-bit inputs up to
+    ONE_CHUNK_UP_TO positions. The chunk length only changes the rounding, never the
+    function."""
     fits = max(16, next_power_of_2(S))
     if requested is not None:
         return min(int(requested), MAX_CHUNK, fits)
+    if S <= min(ONE_CHUNK_UP_TO, MAX_CHUNK) and dtype in (torch.float16, torch.bfloat16):
+        return fits
     return min(DEFAULT_CHUNK, max_tile(dtype), fits)
 
 
