@@ -1058,6 +1058,30 @@ def test_per_head_linear_second_order_gradients():
                                         [t.requires_grad_() for t in (A, w, b)])
 
 
+def test_grad_checkpointing_same_gradients_less_memory():
+    """timm's set_grad_checkpointing: the same gradients (drop path's randomness replayed),
+    activations kept only at block boundaries (autograd's saved bytes, counted by a hook),
+    and nothing changes without autograd."""
+    from helpers import saved_bytes
+    x = images(2, 64)
+    res = {}
+    for ckpt in (False, True):
+        m = tiny(depth=2, drop_path_rate=0.3, mlstm_backend="torch").train()
+        m.set_grad_checkpointing(ckpt)
+        torch.manual_seed(3)
+        y, kept = saved_bytes(lambda: m(x))
+        y.square().sum().backward()
+        with torch.no_grad():
+            torch.manual_seed(3)
+            y_ng = m(x)
+        res[ckpt] = (y.detach(), y_ng, kept, {n: p.grad for n, p in m.named_parameters()})
+    (y0, n0, kept0, g0), (y1, n1, kept1, g1) = res[False], res[True]
+    assert torch.equal(y0, y1) and torch.equal(n0, n1)
+    assert kept1 < kept0 / 3, (kept0, kept1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], msg=n)
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_per_head_addmm_matches_baddbmm(autocast):
     """The CUDA-inference per-head projection (a GEMM a head with the bias in the epilogue,

@@ -30,6 +30,7 @@ from enum import Enum
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 import vil_kernels
 from vil_kernels.utils import grad_buffer_of
@@ -616,6 +617,7 @@ class VisionLSTM(nn.Module):
         self.mlstm_recompute_states = mlstm_recompute_states
         self.num_blocks = 2 * depth
         self.out_indices = tuple(out_indices) if out_indices is not None else None
+        self.grad_checkpointing = False                     # set_grad_checkpointing
         self.num_features = self.embed_dim = dim
 
         self.patch_embed = PatchEmbed(dim, input_shape[0], input_shape[1:], self.patch_size,
@@ -689,6 +691,13 @@ class VisionLSTM(nn.Module):
         """Token grid (H', W') for an input of spatial size ``img_hw``."""
         return self.patch_embed.grid_size(img_hw)
 
+    def set_grad_checkpointing(self, enable=True):
+        """timm's switch: with it on, every single block's activations are recomputed in the
+        backward instead of kept (``torch.utils.checkpoint``, non-reentrant, the RNG state
+        preserved for drop path; the same gradients), while autograd records. Parameter
+        names and state_dicts are unchanged."""
+        self.grad_checkpointing = bool(enable)
+
     def iter_blocks(self):
         """The 2 * depth single blocks in execution order."""
         for pair in self.blocks:
@@ -733,8 +742,12 @@ class VisionLSTM(nn.Module):
         x, grid_hw = self._embed(x)
         want = set(self._resolve_indices(out_indices)) if return_intermediates else ()
         inter = []
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         for idx, block in enumerate(self.iter_blocks()):
-            x = block(x, grid_hw)
+            if checkpointed:
+                x = checkpoint(block, x, grid_hw, use_reentrant=False)
+            else:
+                x = block(x, grid_hw)
             if idx in want:
                 inter.append(self._format(self.norm(x) if norm else x, grid_hw, output_fmt))
         x = self.norm(x)

@@ -275,22 +275,10 @@ class RunLog:
 
 # ------------------------------------------------------------------------------------ model
 def apply_activation_checkpointing(model):
-    """Recompute every single block's activations in backward (``torch.utils.checkpoint``,
-    non-reentrant, RNG state preserved for drop path). Patches the blocks' ``forward`` in place,
-    so parameter names and state_dicts are unchanged."""
-    from torch.utils.checkpoint import checkpoint
-    n = 0
-    for block in model.iter_blocks():
-        fwd = block.forward
-
-        def forward(x, grid=None, _fwd=fwd):
-            if not torch.is_grad_enabled():
-                return _fwd(x, grid)
-            return checkpoint(_fwd, x, grid, use_reentrant=False)
-
-        block.forward = forward
-        n += 1
-    return n
+    """Recompute every single block's activations in backward (the model's
+    ``set_grad_checkpointing``); returns the number of blocks it applies to."""
+    model.set_grad_checkpointing(True)
+    return model.num_blocks
 
 
 def build_model(args, num_classes):
