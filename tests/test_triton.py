@@ -356,17 +356,22 @@ def test_multi_tile_chunks(chunk, S, reverse, init, last_states, extreme, split,
     assert max(errs.values()) < 1e-9, errs
 
 
+@pytest.fixture(params=[64, 16])
+def one_chunk_tile(request, monkeypatch):
+    """Tiles of 64 or 16 positions: S = 50 in one chunk is one tile or four."""
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "MAX_TILE", request.param)
+    return request.param
+
+
 # One chunk for the whole sequence, no initial state, the last state unused (inference): the
 # carried state is zero, so the forward runs no state scan and no carried-state products;
-# with the last state asked for it runs them. Chunks of one tile (S = 50 in one of 64) and of
-# four (tiles of 16).
+# with the last state asked for it runs them.
 @pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
-@pytest.mark.parametrize("tile", [64, 16])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_one_chunk_inference_runs_no_state_work(tile, reverse, monkeypatch):
+def test_one_chunk_inference_runs_no_state_work(one_chunk_tile, reverse):
     import vil_kernels
-    from vil_kernels.triton import heuristics
-    monkeypatch.setattr(heuristics, "MAX_TILE", tile)
+    tile = one_chunk_tile
     x = make_inputs(NH=2, S=50, DK=24, DV=40, seed=21)
     ref = run(x, "parallel", reverse=reverse)
     for last in (False, True):
@@ -387,13 +392,10 @@ def test_one_chunk_inference_runs_no_state_work(tile, reverse, monkeypatch):
 # chunk states nor the last state; every gradient still matches. With the last state in the
 # loss the scans run.
 @pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
-@pytest.mark.parametrize("tile", [64, 16])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_one_chunk_training_runs_no_state_work(tile, reverse, monkeypatch):
+def test_one_chunk_training_runs_no_state_work(one_chunk_tile, reverse):
     import vil_kernels
     from helpers import saved_bytes
-    from vil_kernels.triton import heuristics
-    monkeypatch.setattr(heuristics, "MAX_TILE", tile)
     x = make_inputs(NH=2, S=50, DK=24, DV=40, seed=22)
     for last, recompute in ((False, False), (False, True), (True, False)):
         ref = run(x, "parallel", reverse=reverse, last_states=last)
