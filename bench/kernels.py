@@ -204,10 +204,10 @@ def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunks=(No
     return rows
 
 
-def print_table(rows):
-    cols = ["path", "chunk_size", "B", "NH", "S", "D", "fwd_ms", "fwd+bwd_ms", "fwd_peak_mib",
-            "fwd+bwd_peak_mib", "fwd+bwd_tflops", "fwd+bwd_roofline",
-            "fwd+bwd_chunkwise_roofline", "note"]
+def print_table(rows, cols=None):
+    cols = cols or ["path", "chunk_size", "B", "NH", "S", "D", "fwd_ms", "fwd+bwd_ms",
+                    "fwd_peak_mib", "fwd+bwd_peak_mib", "fwd+bwd_tflops", "fwd+bwd_roofline",
+                    "fwd+bwd_chunkwise_roofline", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]
     fmt = lambda v: (f"{v:.1f}" if v >= 0.95 else f"{v:.3f}") if isinstance(v, float) else str(v)
     table = [[fmt(r.get(c, "")) for c in cols] for r in rows]
@@ -215,6 +215,29 @@ def print_table(rows):
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for t in table:
         print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+
+
+def chunk_choice(rows):
+    """With several chunk lengths: per shape and path, each pass's fastest chunk length and
+    its time against the first length given (rows of bench_shape; [] with one length)."""
+    out = []
+    keys = {(r["path"], r["B"], r["NH"], r["S"], r["D"]) for r in rows if "chunk_size" in r}
+    for key in sorted(keys, key=lambda k: (k[0], k[3], k[4], k[1])):
+        runs = [r for r in rows if (r["path"], r["B"], r["NH"], r["S"], r["D"]) == key
+                and "chunk_size" in r]
+        if len(runs) < 2:
+            continue
+        for mode in ("fwd", "fwd+bwd"):
+            timed = [r for r in runs if f"{mode}_ms" in r]
+            if not timed:
+                continue
+            best = min(timed, key=lambda r: r[f"{mode}_ms"])
+            first = runs[0].get(f"{mode}_ms")
+            out.append(dict(path=key[0], B=key[1], NH=key[2], S=key[3], D=key[4], mode=mode,
+                            best_chunk=best["chunk_size"], best_ms=best[f"{mode}_ms"],
+                            first_chunk=runs[0]["chunk_size"], first_ms=first,
+                            speedup=first / best[f"{mode}_ms"] if first else None))
+    return out
 
 
 def parse_args(argv=None):
@@ -278,6 +301,14 @@ def main(argv=None):
             Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
             Path(args.results_file).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print_table(rows)
+    choice = chunk_choice(rows)
+    if choice:
+        print("\n# fastest chunk length a shape and pass (speed-up over the first one given)")
+        print_table(choice, ["path", "B", "NH", "S", "D", "mode", "first_chunk", "first_ms",
+                             "best_chunk", "best_ms", "speedup"])
+        if args.results_file:
+            Path(args.results_file).write_text(json.dumps(dict(meta=meta, rows=rows,
+                                                               chunk_choice=choice), indent=1))
     return rows
 
 

@@ -61,6 +61,13 @@ def test_chunk_size_option():
     assert [(r["path"], r.get("chunk_size")) for r in rows] == [
         ("torch-chunkwise", 16), ("parallel", None), ("torch-chunkwise", 64)]
     assert all(r["fwd+bwd_ms"] > 0 for r in rows)
+    choice = kernels.chunk_choice(rows)
+    assert [(c["path"], c["mode"]) for c in choice] == [("torch-chunkwise", "fwd"),
+                                                         ("torch-chunkwise", "fwd+bwd")]
+    for c in choice:
+        runs = {r["chunk_size"]: r[f"{c['mode']}_ms"] for r in rows if "chunk_size" in r}
+        assert c["best_ms"] == min(runs.values()) == runs[c["best_chunk"]]
+        assert c["first_chunk"] == 16 and c["speedup"] == runs[16] / c["best_ms"] >= 1
     for bad in ("48", "16,x", "64,8"):
         with pytest.raises(SystemExit):
             kernels.parse_args(["--chunk-size", bad])
