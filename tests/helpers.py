@@ -104,6 +104,29 @@ def launch_log(monkeypatch):
     return log
 
 
+def replay_in_cuda_graph(fn, static, inputs):
+    """Capture fn() in a CUDA graph, warmed up on a side stream first (where Triton compiles),
+    then for each of ``inputs``: copy it into ``static`` (a tensor, or a dict of tensors by
+    name), replay, and yield what the graph computed (fn's result, its tensors rewritten)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = fn()
+    for x in inputs:
+        if isinstance(static, dict):
+            for n, t in static.items():
+                t.copy_(x[n])
+        else:
+            static.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        yield outs
+
+
 def check_first_order_only(backend, device="cpu", chunk_size=16):
     """A backend whose backward is first-order only: with create_graph=True its gradients have
     the first-order values, and differentiating them raises a RuntimeError that says so (by

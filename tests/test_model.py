@@ -234,7 +234,7 @@ def test_triton_model_step_replays_in_a_cuda_graph(monkeypatch):
     Other images launch the same kernels on the same grids with the same scalars (on CUDA the
     fused conv, norm and gating kernels too); on CUDA a forward and backward captured in a
     graph replays other images to eager's outputs (bits) and gradients."""
-    from helpers import launch_log
+    from helpers import launch_log, replay_in_cuda_graph
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     m = tiny(torch.float32, dim=32, depth=2, mlstm_backend="triton").to(dev).eval()
     params = [p for p in m.parameters() if p.requires_grad]
@@ -255,18 +255,8 @@ def test_triton_model_step_replays_in_a_cuda_graph(monkeypatch):
     if dev != "cuda":
         return
     static = xs[0].clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):                     # warm-up (compiles) outside the capture
-        step(static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step(static)
-    for x, want in ((xs[1], want1), (xs[0], want0)):
-        static.copy_(x)
-        graph.replay()
-        torch.cuda.synchronize()
+    for outs, want in zip(replay_in_cuda_graph(lambda: step(static), static, (xs[1], xs[0])),
+                          (want1, want0)):
         assert torch.equal(outs[0], want[0])
         # (PyTorch's own backward kernels around the cell need not be bitwise deterministic)
         for got, w in zip(outs[1:], want[1:]):

@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from helpers import check_first_order_only, launch_log, make_inputs, run  # noqa: E402
+from helpers import (check_first_order_only, launch_log, make_inputs,  # noqa: E402
+                     replay_in_cuda_graph, run)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 5e-2, torch.float16: 5e-2}
@@ -535,19 +536,9 @@ def test_launches_depend_on_shapes_only_and_replay_in_a_cuda_graph(chunk, init, 
     if DEVICE != "cuda":
         return
     static = {n: t.clone() for n, t in xs[0].items()}
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):                     # warm-up (compiles) outside the capture
-        step({n: t.detach() for n, t in static.items()})
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step({n: t.detach() for n, t in static.items()})
-    for x, want in ((xs[1], want1), (xs[0], want0)):
-        for n, t in static.items():
-            t.copy_(x[n])
-        graph.replay()
-        torch.cuda.synchronize()
+    replays = replay_in_cuda_graph(lambda: step({n: t.detach() for n, t in static.items()}),
+                                   static, (xs[1], xs[0]))
+    for outs, want in zip(replays, (want1, want0)):
         for got, w in zip(outs, want):
             assert torch.equal(got, w)
 
