@@ -4,6 +4,7 @@ Most checks use tiny models (dim 32-64, 1-2 block pairs, 64-96 px) against a pla
 of NX-AI's VisionLSTM2 forward (tests/reference_vil.py) driven by the same state_dict.
 """
 
+import copy
 import importlib
 import math
 import os
@@ -1237,6 +1238,33 @@ def test_torch_func_grad_matches_autograd():
     m(x).square().sum().backward()
     for name, p in m.named_parameters():
         assert rel(got[name], p.grad) < 1e-12, name
+
+
+def test_torch_func_per_sample_gradients_and_ensembles():
+    """vmap over grad (per-sample gradients, as DP-SGD or influence functions take them) and vmap
+    over stacked parameters (an ensemble) through ViL on the chunkwise cell (64 tokens in
+    chunks of 16): a sample's gradients as its own backward gives them, each member's logits
+    as its own forward."""
+    from torch.func import functional_call, grad, stack_module_state, vmap
+    m = tiny(torch.float64, depth=1, img_size=32, mlstm_backend="torch",
+             mlstm_chunk_size=16, patch_size=4).train()
+    x = images(2, 32, dtype=torch.float64)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    loss = lambda p, xb: functional_call(m, p, (xb[None],)).square().sum()  # noqa: E731
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for b in range(2):
+        m.zero_grad()
+        m(x[b:b + 1]).square().sum().backward()
+        for name, p in m.named_parameters():
+            assert rel(per_sample[name][b], p.grad) < 1e-10, name
+
+    members = [tiny(torch.float64, seed=s, depth=1, img_size=32, mlstm_backend="torch",
+                    mlstm_chunk_size=16, patch_size=4) for s in range(2)]
+    stacked, buffers = stack_module_state(members)
+    shell = copy.deepcopy(members[0]).to("meta")
+    logits = vmap(lambda p, b: functional_call(shell, (p, b), (x,)))(stacked, buffers)
+    for s, member in enumerate(members):
+        assert rel(logits[s], member(x)) < 1e-12
 
 
 def test_recompute_states_in_the_model():

@@ -20,6 +20,8 @@ once where they are used).
 
 import torch
 
+from vil_kernels.func import transforms_active
+
 
 def fold_weights(q_proj, k_proj, v_proj, igate, fgate, num_heads, pad=1):
     """(w_a, w_x, b_a, b_x, const) of a ViLLayer's projections (biases None without proj_bias):
@@ -36,7 +38,7 @@ def _bmm_into(dst, a, b):
     """dst = a @ b, batched, into a strided view: with out= in eager mode; a product and a copy
     under torch.compile (which refuses a non-contiguous out=; inductor fuses the copy anyway)
     and under torch.func transforms (which refuse out= on tensors they track)."""
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+    if torch.compiler.is_compiling() or transforms_active():
         dst.copy_(torch.bmm(a, b))
     else:
         torch.bmm(a, b, out=dst)
@@ -90,6 +92,8 @@ class _FoldedWeights(torch.autograd.Function):
     columns of dA), likewise for v; db = the bias columns + G^T dc; the q/k/v weights take the
     diagonal blocks of their dense gradients."""
 
+    generate_vmap_rule = True        # (torch.func: vmap runs its forward's and backward's ops)
+
     @staticmethod
     def forward(wq, wk, wv, bq, bk, bv, wi, wf, bi, bf, NH, pad):
         # (the setup_context form: torch.func transforms such as grad accept the node)
@@ -117,11 +121,15 @@ class _FoldedWeights(torch.autograd.Function):
             dW_qk = torch.baddbmm(dw_a[..., :2 * DH], dA_g, g_qk)          # (NH, DH, 2 DH)
             dW_v = torch.baddbmm(dw_x[..., :DH], dX_g, g_v)                # (NH, DH, DH)
             # the gate weights' gradient in their (G, 3 inner) column order
-            dwg = wg.new_empty(wg.shape)
-            for j, (dg, w) in enumerate(((dA_g, w_a[..., :DH]), (dA_g, w_a[..., DH:2 * DH]),
-                                         (dX_g, w_x[..., :DH]))):
-                _bmm_into(dwg[:, j * inner:(j + 1) * inner].view(G, NH, DH).transpose(0, 1),
-                          dg.transpose(1, 2), w)
+            products = ((dA_g, w_a[..., :DH]), (dA_g, w_a[..., DH:2 * DH]), (dX_g, w_x[..., :DH]))
+            if transforms_active():     # (vmap over grad: dA_g batched, a fresh buffer not)
+                dwg = torch.cat([torch.bmm(dg.transpose(1, 2), w).transpose(0, 1).reshape(G, -1)
+                                 for dg, w in products], dim=1)
+            else:
+                dwg = wg.new_empty(wg.shape)
+                for j, (dg, w) in enumerate(products):
+                    _bmm_into(dwg[:, j * inner:(j + 1) * inner].view(G, NH, DH).transpose(0, 1),
+                              dg.transpose(1, 2), w)
             dbq = dbk = dbv = None
             if b_qkv is not None:
                 dwg = torch.addr(dwg, dconst, b_qkv)                        # + dc b^T

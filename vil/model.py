@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import vil_kernels
+from vil_kernels.func import transforms_active
 from vil_kernels.utils import grad_buffer_of
 
 from . import triton_gating, triton_norm
@@ -236,7 +237,7 @@ def _split_columns(t, sizes):
     """``t.split(sizes, -1)``; in eager mode with a backward that takes over a gradient buffer
     the cell laid out like t instead of concatenating (_SplitColumns). The plain split under
     torch.compile (inductor plans the copies itself) and torch.func transforms."""
-    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    if (torch.compiler.is_compiling() or transforms_active()
             or not (torch.is_grad_enabled() and t.requires_grad)):
         return t.split(sizes, dim=-1)
     return _SplitColumns.apply(t, sizes)
@@ -304,10 +305,12 @@ FUSED_KERNELS = True
 def _use_triton_fused(x):
     """The fused Triton kernels around the cell (the pre-norm under autocast, conv + SiLU,
     output norm + gating; forward and backward): on CUDA, except under torch.compile (inductor
-    fuses the PyTorch path itself), for batches over MAX_FUSED_BATCH and with FUSED_KERNELS
+    fuses the PyTorch path itself) and torch.func transforms (their autograd Functions keep
+    what torch.func cannot track), for batches over MAX_FUSED_BATCH and with FUSED_KERNELS
     off."""
     return (FUSED_KERNELS and x.is_cuda and x.shape[0] <= MAX_FUSED_BATCH
-            and triton_gating.available() and not torch.compiler.is_compiling())
+            and triton_gating.available() and not torch.compiler.is_compiling()
+            and not transforms_active())
 
 
 def _autocast_dtype(x, other_dtype):
@@ -329,7 +332,7 @@ def _per_head_linear(t, w, b):
     A = t.reshape(B * S, NH, DH).transpose(0, 1)                      # (NH, B*S, DH) view
     if b is None:
         return torch.bmm(A, w)
-    if t.is_cuda and not torch.compiler.is_compiling():
+    if t.is_cuda and not torch.compiler.is_compiling() and not transforms_active():
         if torch.is_grad_enabled() and any(x.requires_grad for x in (A, w, b)):
             return _PerHeadLinear.apply(A, w, b)
         return _per_head_addmm(A, w, b)
@@ -499,9 +502,13 @@ class PatchEmbed(nn.Module):
             return self.proj(x).flatten(2).transpose(1, 2), (H, W)
         B, C = x.shape[:2]
         ph, pw = self.patch_size
-        patches = torch.empty(B, H, W, C, ph, pw, device=x.device,
-                              dtype=_autocast_dtype(x, self.proj.weight.dtype))
-        patches.copy_(x.view(B, C, H, ph, W, pw).permute(0, 2, 4, 1, 3, 5))
+        dtype = _autocast_dtype(x, self.proj.weight.dtype)
+        rows = x.view(B, C, H, ph, W, pw).permute(0, 2, 4, 1, 3, 5)
+        if transforms_active():        # (torch.func refuses a copy into an untracked tensor)
+            patches = rows.to(dtype).contiguous()
+        else:
+            patches = torch.empty(B, H, W, C, ph, pw, device=x.device, dtype=dtype)
+            patches.copy_(rows)
         w = self.proj.weight.reshape(self.proj.out_channels, C * ph * pw)
         y = F.linear(patches.view(B * H * W, C * ph * pw), w, self.proj.bias)
         return y.view(B, H * W, -1), (H, W)

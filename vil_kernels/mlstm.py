@@ -1,11 +1,13 @@
 """The public operator: argument checks, backend choice, dispatch."""
 
+import functools
 import os
 
 import torch
 
 from . import naive
 from .chunk import mlstm_chunkwise_torch
+from .func import mlstm_under_transforms, transforms_active
 
 BACKENDS = ("auto", "triton", "torch", "parallel", "recurrent")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -174,17 +176,19 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
     c_initial, n_initial, m_initial = states if states is not None else (None, None, None)
     if backend == "auto":
         backend = _choose_backend(q, k, v)
-    if backend == "triton":
-        from .triton import mlstm_triton
-        h, last = mlstm_triton(q, k, v, i, f, c_initial, n_initial, m_initial, eps=float(eps),
-                               chunk_size=chunk_size, reverse=reverse,
-                               return_last_states=return_last_states,
-                               recompute_states=recompute_states)
-    elif backend == "torch":
-        h, last = mlstm_chunkwise_torch(q, k, v, i, f, c_initial, n_initial, m_initial,
-                                        eps=float(eps), chunk_size=chunk_size, reverse=reverse,
-                                        return_last_states=return_last_states,
-                                        recompute_states=recompute_states)
+    if backend in ("triton", "torch"):
+        if backend == "triton":
+            from .triton import mlstm_triton as chunkwise
+        else:
+            chunkwise = mlstm_chunkwise_torch
+        run = functools.partial(chunkwise, eps=float(eps), chunk_size=chunk_size,
+                                reverse=reverse, return_last_states=return_last_states,
+                                recompute_states=recompute_states)
+        tensors = (q, k, v, i, f, c_initial, n_initial, m_initial)
+        if transforms_active():
+            h, last = mlstm_under_transforms(run, backend, tensors, return_last_states)
+        else:
+            h, last = run(*tensors)
     else:
         h, last = _reference(backend, q, k, v, i, f, states, float(eps), reverse,
                              return_last_states)

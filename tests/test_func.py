@@ -1,0 +1,108 @@
+"""torch.func transforms of the chunkwise backends (vil_kernels/func.py): grad, vmap, vmap over
+grad (per-sample gradients), jacrev; second-order and forward mode refused by name."""
+
+import pytest
+import torch
+from torch.func import grad, jacrev, jvp, vmap
+
+import vil_kernels
+from helpers import make_inputs, rel_err
+
+CHUNKWISE = ["torch", "triton"]
+NAMES = ("q", "k", "v", "i", "f", "c_initial", "n_initial", "m_initial")
+
+
+def _cell(backend, reverse=False, last=True):
+    """The op as a function of the eight tensors: h, or (h, c, n, m)."""
+    def cell(*xs):
+        out = vil_kernels.mlstm(*xs, backend=backend, chunk_size=16, reverse=reverse,
+                                return_last_states=last)
+        return (out[0], *out[1]) if last else out
+    return cell
+
+
+def _loss(backend, reverse=False):
+    """A fixed random linear loss of h and the last states (each state has its own weight)."""
+    def loss(*xs):
+        outs = _cell(backend, reverse)(*xs)
+        g = torch.Generator().manual_seed(7)
+        return sum((o * torch.randn(o.shape[-3:], generator=g, dtype=o.dtype)).sum()
+                   for o in outs)
+    return loss
+
+
+def _inputs(B=2, S=40, seed=0):
+    x = make_inputs(B=B, NH=2, S=S, DK=16, DV=24, init=True, seed=seed)
+    return tuple(x[n] for n in NAMES)
+
+
+@pytest.mark.parametrize("backend", CHUNKWISE)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_grad_equals_autograd(backend, reverse):
+    """torch.func.grad with respect to every input, initial states included, with the last
+    states in the loss: autograd's gradients on the same backend, and the parallel form's."""
+    xs = _inputs()
+    got = grad(_loss(backend, reverse), argnums=tuple(range(8)))(*xs)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    want = torch.autograd.grad(_loss(backend, reverse)(*leaves), leaves)
+    ref = grad(_loss("parallel", reverse), argnums=tuple(range(8)))(*xs)
+    for name, a, b, r in zip(NAMES, got, want, ref):
+        assert torch.equal(a, b), name
+        assert rel_err(a, r) < 1e-10, name
+
+
+@pytest.mark.parametrize("backend", CHUNKWISE)
+def test_vmap_over_a_leading_dim(backend):
+    """vmap over a dim in front of B (k shared by every map, i mapped along its last dim):
+    each map's h and last states, as a loop of calls gives them."""
+    V = 3
+    per = [_inputs(seed=s) for s in range(V)]
+    stacked = [torch.stack([p[j] for p in per]) for j in range(8)]
+    stacked[1] = per[0][1]                                           # k: one for all
+    stacked[3] = stacked[3].movedim(0, -1)                           # i: mapped along dim -1
+    in_dims = (0, None, 0, -1, 0, 0, 0, 0)
+    got = vmap(_cell(backend), in_dims=in_dims)(*stacked)
+    for s in range(V):
+        xs = list(per[s])
+        xs[1] = per[0][1]
+        want = _cell(backend)(*xs)
+        for a, b in zip(got, want):
+            assert rel_err(a[s], b) < 1e-12
+
+
+@pytest.mark.parametrize("backend", CHUNKWISE)
+def test_per_sample_gradients(backend):
+    """vmap(grad(loss of one sample)): every sample's gradients with respect to q, k, v, i, f,
+    as one backward a sample gives them; and jacrev of a slice of h."""
+    q, k, v, i, f = _inputs(B=3)[:5]
+
+    def one(q, k, v, i, f):                              # a single sample, batch of one
+        h = vil_kernels.mlstm(q[None], k[None], v[None], i[None], f[None], backend=backend,
+                              chunk_size=16)
+        return h.square().sum()
+    got = vmap(grad(one, argnums=(0, 1, 2, 3, 4)))(q, k, v, i, f)
+    for b in range(3):
+        leaves = [x[b].clone().requires_grad_() for x in (q, k, v, i, f)]
+        want = torch.autograd.grad(one(*leaves), leaves)
+        for a, w in zip(got, want):
+            assert rel_err(a[b], w) < 1e-12
+
+    cell = lambda i: vil_kernels.mlstm(q, k, v, i, f, backend=backend, chunk_size=16)[0, 1, 30, :2]
+    ref = lambda i: vil_kernels.mlstm(q, k, v, i, f, backend="parallel")[0, 1, 30, :2]
+    J = jacrev(cell)(i)                                               # (2, B, NH, S)
+    assert J.shape == (2, 3, 2, 40)
+    assert rel_err(J, jacrev(ref)(i)) < 1e-10
+    assert J[..., 31:].abs().max() == 0 and J[:, 1:].abs().max() == 0   # causal, per sample
+
+
+@pytest.mark.parametrize("backend", CHUNKWISE)
+def test_second_order_and_forward_mode_refused_by_name(backend):
+    q, k, v, i, f = _inputs()[:5]
+    h = lambda q: vil_kernels.mlstm(q, k, v, i, f, backend=backend)
+    with pytest.raises(RuntimeError, match=rf"{backend} backend .*second-order.*'parallel'"):
+        grad(lambda q: grad(lambda q: h(q).square().sum())(q).square().sum())(q)
+    with pytest.raises(RuntimeError, match=rf"{backend} backend .*forward mode.*'parallel'"):
+        jvp(h, (q,), (torch.ones_like(q),))
+    # the references are plain PyTorch: every transform goes through them
+    hp = lambda q: vil_kernels.mlstm(q, k, v, i, f, backend="parallel")
+    assert grad(lambda q: grad(lambda q: hp(q).square().sum())(q).square().sum())(q).shape == q.shape
