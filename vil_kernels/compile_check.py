@@ -145,9 +145,10 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                             key = ("fwd_gates", dt, arch, L, 0, heuristics.gates_chunks(L),
                                    heuristics.GATES_WARPS, 1, has_init, None, 1)
                             out.setdefault(key, set()).add((DK, DV))
-                        key = ("bwd_gates", dt, arch, 0, 0, heuristics.GATES_BLOCK, 4, 1, None,
-                               None, 1)
-                        out.setdefault(key, set()).add((DK, DV))
+                        for has_w in (False, True):           # (w: the last state's)
+                            key = ("bwd_gates", dt, arch, 0, 0, heuristics.GATES_BLOCK, 4, 1,
+                                   has_w, None, 1)
+                            out.setdefault(key, set()).add((DK, DV))
     return out
 
 
@@ -194,8 +195,8 @@ def compile_one(key, constexprs=None):
         # its chunk length in the BT slot, its chunks a block in the BV slot
         const_names, const_vals = ["L", "BC", "HAS_INIT", "ACC"], [BT, BV, bool(has_init),
                                                                     tl_of[acc]]
-    elif name == "bwd_gates":                  # its block of positions in the BV slot
-        const_names, const_vals = ["BS", "ACC"], [BV, tl_of[acc]]
+    elif name == "bwd_gates":       # its block of positions in the BV slot, HAS_W the flag's
+        const_names, const_vals = ["BS", "HAS_W", "ACC"], [BV, bool(has_init), tl_of[acc]]
     else:
         # the flag slot: HAS_INIT, HAS_DLAST of the scans, HAS_STATE of the outputs, dq/dk and
         # dv kernels

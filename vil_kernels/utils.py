@@ -28,12 +28,15 @@ def normalizer_backward(dh, h, n_row, m_row, eps):
 
 def route_to_argmax(dm, arg, di, dF, dm0):
     """Add dm to the log-weight F_t - F_j + i_j of the argmax key j (or to m0 where arg is -1),
-    in place. The F_t part is the caller's; here: di_j += dm and dF_j -= dm. dm0 may be None."""
+    in place. The F_t part is the caller's; here: di_j += dm and dF_j -= dm. dF may be None
+    (the caller takes -di's additions for it: the same values, negated exactly), and dm0
+    (no initial state to route to)."""
     to_key = arg >= 0
     val = torch.where(to_key, dm, 0.0)
     idx = arg.clamp(min=0).long()
     di.scatter_add_(-1, idx, val)
-    dF.scatter_add_(-1, idx, -val)
+    if dF is not None:
+        dF.scatter_add_(-1, idx, -val)
     if dm0 is not None:
         dm0 += (dm - val).sum(-1)
 

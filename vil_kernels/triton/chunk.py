@@ -371,19 +371,25 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
             DK, DV, L, q.dtype, arch, HAS_STATE=carried)
     # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse): the m
     # gradients go to the keys that set each m (argmax indices are logical positions, so they
-    # are mapped first), as additions u to di and w to dF (two scatters); then one kernel sums
-    # the row sums' head-dim blocks, adds them, and takes the suffix sum and the sigmoid.
+    # are mapped first), as additions u to di and -u to dF (one scatter; the last state's
+    # routing adds to dF alone, so it gets w of its own); then one kernel sums the row sums'
+    # head-dim blocks, adds them, and takes the suffix sum and the sigmoid. What reaches m0
+    # is summed only where there is an initial state (every op here is host time at ViL-T's
+    # small shapes).
     physical = (lambda a: torch.where(a >= 0, S - 1 - a, a)) if reverse else (lambda a: a)
-    u, w = torch.zeros_like(dm_row), torch.zeros_like(dm_row)
+    u = torch.zeros_like(dm_row)
+    w = torch.zeros_like(dm_row) if has_dlast else None
     dm0 = torch.zeros(B, NH, dtype=ad, **kw)
-    route_to_argmax(dm_row, physical(a_row), u, w, dm0)
+    to_m0 = dm0 if c0 is not None else None
+    route_to_argmax(dm_row, physical(a_row), u, w, to_m0)
     if has_dlast:                                                  # else it adds zeros
-        route_last_state(u, w, dm0, 0 if reverse else S - 1, physical(a_last), c_last, n_last,
-                         dc_last.to(ad), dn_last.to(ad), dm_last.to(ad))
+        route_last_state(u, w, to_m0, 0 if reverse else S - 1, physical(a_last), c_last,
+                         n_last, dc_last.to(ad), dn_last.to(ad), dm_last.to(ad))
     di, df = torch.empty_like(i), torch.empty_like(f)
     _run(mlstm_bwd_gates_kernel, "bwd_gates", (B * NH,),
-         (rq, rk, dm_row, u, w, f, di, df, S, NK, B * NH, rev),
-         BS=heuristics.GATES_BLOCK, ACC=_dot_args(q.dtype)["ACC"], num_warps=4)
+         (rq, rk, dm_row, u, u if w is None else w, f, di, df, S, NK, B * NH, rev),
+         BS=heuristics.GATES_BLOCK, HAS_W=w is not None, ACC=_dot_args(q.dtype)["ACC"],
+         num_warps=4)
     if c0 is not None:
         dm0 = dm0 + (dc0 * c0.to(ad)).sum((-2, -1)) + (dn0 * n0.to(ad)).sum(-1)
     return dq, dk, dv, di, df, dc0, dn0, dm0[..., None]

@@ -589,11 +589,11 @@ def mlstm_fwd_out_kernel(
 @triton.jit
 def mlstm_bwd_gates_kernel(
     rq, rk, dm_row, u, w, f, di, df, S, NK, BH, REVERSE,
-    BS: tl.constexpr, ACC: tl.constexpr,
+    BS: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
 ):
     """The gate gradients from the row sums, once per (batch, head): grid (B * NH,), the
     sequence in blocks of BS, physical order. With the argmax routing's additions u (to di) and
-    w (to dF) done beforehand (scatters, in PyTorch):
+    w (to dF; without HAS_W, -u) done beforehand (scatters, in PyTorch):
         di = sum_k rk[k] + u,   dF = sum_k (rq[k] - rk[k]) + dm + w      (k: head-dim blocks)
         df = sigmoid(-f) * (sum of dF over the positions the recurrence sees at or after p)
     The NK partial sums are added in a fixed order (deterministic). The suffix sum in logical
@@ -617,8 +617,11 @@ def mlstm_bwd_gates_kernel(
             b_rq += tl.load(rq + o_k, mask=m_p, other=0.).to(ACC)
             b_rk += tl.load(rk + o_k, mask=m_p, other=0.).to(ACC)
         b_u = tl.load(u + o_x, mask=m_p, other=0.).to(ACC)
-        b_dF = (b_rq - b_rk + tl.load(dm_row + o_x, mask=m_p, other=0.).to(ACC)
-                + tl.load(w + o_x, mask=m_p, other=0.).to(ACC))                      # [BS]
+        if HAS_W:
+            b_w = tl.load(w + o_x, mask=m_p, other=0.).to(ACC)
+        else:
+            b_w = -b_u
+        b_dF = b_rq - b_rk + tl.load(dm_row + o_x, mask=m_p, other=0.).to(ACC) + b_w   # [BS]
         if REVERSE != 0:
             b_cs = tl.cumsum(b_dF, axis=0) + b_carry
         else:
