@@ -13,7 +13,7 @@
 #   tunechunk   the sweep at chunks of TUNE_CHUNK (default 1024: ViL's 784 tokens in one) of
 #               the kernels that chunks of several tiles run differently: the two pair kernels,
 #               the outputs, dq/dk and dv kernels' loops over the pairs; table file of its own
-#   tests       the Triton tests on CUDA (pytest-xdist when there); after tune, with its table
+#   tests       the Triton and torch.func tests on CUDA (pytest-xdist when there); after tune, with its table
 #   kernels     the operator benchmark at S=784, D=384/192/96, with that table (kernels-all:
 #               at every shape of bench/kernels.py's GPU list)
 #   chunks      the Triton op in chunks of CHUNKS positions (default 64,128,256,1024: the
@@ -104,7 +104,7 @@ for s in $STEPS; do
             --time-limit $TUNE_LIMIT --results-file "$OUT/tune-chunk.json" \
             --write-table "$OUT/launch-table-chunk.json" ;;
     tests)
-        step tests 100 python -m pytest tests/test_triton.py -q $XDIST ;;
+        step tests 100 python -m pytest tests/test_triton.py tests/test_func.py -q $XDIST ;;
     kernels)
         step kernels 80 python bench/kernels.py --shapes 64,4,784,384 \
             --shapes 64,4,784,192 --shapes 64,4,784,96 --results-file "$OUT/kernels.json" ;;
