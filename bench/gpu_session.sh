@@ -42,6 +42,9 @@
 #               default mode against reduce-overhead (CUDA graphs: no host time a step)
 #   fastlaunch  the CUDA tests and the host time with VIL_KERNELS_FAST_LAUNCH=0 (Triton's own
 #               launch path; the default, the fast path, is what the other steps run)
+#   sweep       images/s against resolution (224 to 1024 px: 196 to 4096 tokens), ViL-T and
+#               DeiT-T (SWEEP_MODELS, SWEEP_BENCH=train): where the cell's linear cost
+#               overtakes attention's quadratic one in a whole model; with its plot
 #   train224    ViL-T training at 224 px (196 tokens, where host time bounds a step): ours and
 #               DeiT, then ours with VIL_KERNELS_FAST_LAUNCH=0
 # STEPS picks and orders steps (default: profile tune tests kernels). Logs and results go to
@@ -130,6 +133,12 @@ for s in $STEPS; do
                 --num-bench-iter 10 --no-progress $FLAG \
                 --results-file "$OUT/throughput-448-${CHUNKJOB_BENCH:-inference}-chunk-$c.json"
         done ;;
+    sweep)
+        step sweep "${SWEEP_LIMIT:-240}" python bench/throughput.py \
+            --sweep "${SWEEP_RES:-224,448,768,1024}" --model "${SWEEP_MODELS:-vil2-tiny}" \
+            --rows ours,deit --bench "${SWEEP_BENCH:-inference}" --num-warm-iter 3 \
+            --num-bench-iter 10 --no-progress \
+            --results-file "$OUT/sweep-${SWEEP_BENCH:-inference}.json" ;;
     host)
         step host 60 python bench/host_overhead.py --profile ;;
     train224)
