@@ -10,9 +10,10 @@ call goes through two Functions of the form torch.func accepts instead:
   tensors and returns that call's input gradients (so a backward under a transform costs one
   more forward).
 
-Both have a vmap rule that folds the mapped dimension into the batch (every tensor of the call
-leads with B, and batch elements are independent), so the kernels always see plain tensors. Neither
-is differentiable twice (first-order, as outside transforms), nor in forward mode.
+Both have a vmap rule that folds the mapped dimension into the batch (every tensor of the
+call leads with B, and batch elements are independent), so the kernels always see plain
+tensors. Neither is differentiable twice (first-order, as outside transforms), nor in forward
+mode.
 """
 
 import torch
@@ -103,10 +104,12 @@ class _Backward(torch.autograd.Function):
             wrt = [x for x in leaves if x is not None]
             grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
                                         allow_unused=True)
-        grads = iter(grads)
-        # (an input the outputs do not depend on, e.g. m0 below every row's max, gets zeros)
-        return tuple(None if x is None else (lambda g: torch.zeros_like(x) if g is None else g)(
-            next(grads)) for x in leaves)
+        grads, out = iter(grads), []
+        for x in leaves:
+            g = None if x is None else next(grads)
+            # (an input the outputs do not depend on, e.g. m0 below every row's max: zeros)
+            out.append(torch.zeros_like(x) if x is not None and g is None else g)
+        return tuple(out)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
