@@ -3,7 +3,7 @@ grad (per-sample gradients), jacrev; second-order and forward mode refused by na
 
 import pytest
 import torch
-from torch.func import grad, jacrev, jvp, vmap
+from torch.func import grad, jacfwd, jacrev, jvp, vmap
 
 import vil_kernels
 from helpers import make_inputs, rel_err
@@ -129,3 +129,46 @@ def test_second_order_and_forward_mode_refused_by_name(backend):
     hp = lambda q: vil_kernels.mlstm(q, k, v, i, f, backend="parallel")
     second = grad(lambda q: grad(lambda q: hp(q).square().sum())(q).square().sum())(q)
     assert second.shape == q.shape and second.abs().max() > 0
+
+
+def test_auto_takes_the_parallel_form_beyond_first_order():
+    """backend="auto" (here at S > 2 x head dim, where it picks the PyTorch chunkwise cell)
+    under torch.func's jvp, jacfwd or a gradient of a gradient: the parallel form, which
+    supports them, with its results."""
+    q, k, v, i, f = _inputs("torch")[:5]
+    h = lambda be: (lambda i: vil_kernels.mlstm(q, k, v, i, f, backend=be))  # noqa: E731
+    tangent = torch.ones_like(i)
+    assert torch.equal(jvp(h("auto"), (i,), (tangent,))[1], jvp(h("parallel"), (i,), (tangent,))[1])
+    row = lambda be: (lambda i: h(be)(i)[0, 1, 7, :2])  # noqa: E731
+    assert torch.equal(jacfwd(row("auto"))(i), jacfwd(row("parallel"))(i))
+    second = lambda be: grad(lambda q: grad(  # noqa: E731
+        lambda q: vil_kernels.mlstm(q, k, v, i, f, backend=be).square().sum())(q).sum())(q)
+    assert torch.equal(second("auto"), second("parallel"))
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_forward_ad_tangents(reverse):
+    """torch.autograd.forward_ad: the Triton backend refuses tangents (its kernels would drop
+    them: h came back without one), the PyTorch backend carries them without autograd (plain
+    operations: the parallel form's tangent) and refuses them with it, "auto" takes the
+    parallel form."""
+    import torch.autograd.forward_ad as fwAD
+
+    def tangent(backend, grad=False):
+        xs = _inputs("triton" if backend == "triton" else "torch")
+        g = torch.Generator().manual_seed(3)
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(x.clone().requires_grad_(grad),
+                                    torch.randn(x.shape, generator=g, dtype=x.dtype).to(x))
+                     for x in xs]
+            h = vil_kernels.mlstm(*duals, backend=backend, chunk_size=16, reverse=reverse)
+            return fwAD.unpack_dual(h).tangent
+
+    want = tangent("parallel")
+    assert want is not None and want.abs().max() > 0
+    assert rel_err(tangent("torch"), want) < 1e-10
+    assert torch.equal(tangent("auto"), want)
+    with pytest.raises(RuntimeError, match=r"'torch' does not carry forward-mode .* autograd on"):
+        tangent("torch", grad=True)
+    with pytest.raises(RuntimeError, match=r"'triton' does not carry forward-mode.*'parallel'"):
+        tangent("triton")

@@ -1267,6 +1267,22 @@ def test_torch_func_per_sample_gradients_and_ensembles():
         assert rel(logits[s], member(x)) < 1e-12
 
 
+def test_forward_mode_ad_through_the_model():
+    """A jvp of the logits in an image direction (sensitivity maps), with torch.autograd's
+    forward mode and with torch.func.jvp: central differences' value. The cells take the
+    parallel form (mlstm_backend="auto" does under forward mode; 64 tokens, where it would
+    pick the chunkwise cell otherwise), the split node carries the tangent."""
+    import torch.autograd.forward_ad as fwAD
+    m = tiny(torch.float64, depth=1, img_size=32, patch_size=4).eval()
+    x, t = images(2, 32, dtype=torch.float64), images(2, 32, dtype=torch.float64, seed=5)
+    with torch.no_grad():
+        fd = (m(x + 1e-6 * t) - m(x - 1e-6 * t)) / 2e-6
+    with fwAD.dual_level():
+        got = fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent
+    assert rel(got, fd) < 1e-7
+    assert rel(torch.func.jvp(m, (x,), (t,))[1], fd) < 1e-7
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_torch_export_with_a_dynamic_batch(backend):
     """torch.export of ViL with the batch dim dynamic, saved and loaded: other batch sizes give

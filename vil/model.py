@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import vil_kernels
-from vil_kernels.func import transforms_active
+from vil_kernels.func import has_tangents, transforms_active
 from vil_kernels.utils import grad_buffer_of
 
 from . import triton_gating, triton_norm
@@ -259,6 +259,11 @@ class _SplitColumns(torch.autograd.Function):
         return t.split(ctx.sizes, dim=-1)
 
     @staticmethod
+    def jvp(ctx, t_dot, _):
+        # (forward-mode AD: the tangent splits as t does; as views, like the outputs)
+        return t_dot.split(ctx.sizes, dim=-1)
+
+    @staticmethod
     def backward(ctx, *grads):
         shape, stride, dtype, contiguous = ctx.layout
         starts = [sum(ctx.sizes[:j]) for j in range(len(ctx.sizes))]
@@ -305,12 +310,12 @@ FUSED_KERNELS = True
 def _use_triton_fused(x):
     """The fused Triton kernels around the cell (the pre-norm under autocast, conv + SiLU,
     output norm + gating; forward and backward): on CUDA, except under torch.compile (inductor
-    fuses the PyTorch path itself) and torch.func transforms (their autograd Functions keep
-    what torch.func cannot track), for batches over MAX_FUSED_BATCH and with FUSED_KERNELS
-    off."""
+    fuses the PyTorch path itself), torch.func transforms (their autograd Functions keep what
+    torch.func cannot track) and forward-mode AD (the kernels would drop x's tangent), for
+    batches over MAX_FUSED_BATCH and with FUSED_KERNELS off."""
     return (FUSED_KERNELS and x.is_cuda and x.shape[0] <= MAX_FUSED_BATCH
             and triton_gating.available() and not torch.compiler.is_compiling()
-            and not transforms_active())
+            and not transforms_active() and not has_tangents((x,)))
 
 
 def _autocast_dtype(x, other_dtype):
@@ -332,7 +337,8 @@ def _per_head_linear(t, w, b):
     A = t.reshape(B * S, NH, DH).transpose(0, 1)                      # (NH, B*S, DH) view
     if b is None:
         return torch.bmm(A, w)
-    if t.is_cuda and not torch.compiler.is_compiling() and not transforms_active():
+    if (t.is_cuda and not torch.compiler.is_compiling() and not transforms_active()
+            and not has_tangents((t, w, b))):
         if torch.is_grad_enabled() and any(x.requires_grad for x in (A, w, b)):
             return _PerHeadLinear.apply(A, w, b)
         return _per_head_addmm(A, w, b)

@@ -1,5 +1,5 @@
 """torch.func support for the chunkwise backends: grad, vjp, jacrev, vmap and vmap over grad
-(per-sample gradients, model ensembles).
+(per-sample gradients, model ensembles); and where forward-mode AD goes.
 
 The backends' own autograd Functions save what their forward computed and launch kernels on
 the tensors they get, neither of which torch.func's wrapped tensors allow. Under a transform the
@@ -13,10 +13,12 @@ call goes through two Functions of the form torch.func accepts instead:
 Both have a vmap rule that folds the mapped dimension into the batch (every tensor of the
 call leads with B, and batch elements are independent), so the kernels always see plain
 tensors. Neither is differentiable twice (first-order, as outside transforms), nor in forward
-mode.
+mode: for those, and for forward-mode tangents outside torch.func, ``mlstm``'s "auto" takes
+the parallel form (beyond_first_order, has_tangents).
 """
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 # what differentiating a chunkwise backend's gradient, or asking for forward mode, raises here
 _NOT_SUPPORTED = ("vil_kernels.mlstm: under torch.func the {} backend supports first-order "
@@ -27,6 +29,24 @@ _NOT_SUPPORTED = ("vil_kernels.mlstm: under torch.func the {} backend supports f
 def transforms_active():
     """Whether a torch.func transform (grad, vmap, jvp, ...) is tracing the current call."""
     return torch._C._are_functorch_transforms_active()
+
+
+def has_tangents(tensors):
+    """Whether a tensor carries a forward-mode tangent (torch.autograd.forward_ad): the Triton
+    kernels would drop it, and the chunkwise backends' autograd Functions have no jvp. Free
+    outside a dual level."""
+    return fwAD._current_level >= 0 and any(
+        t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def beyond_first_order():
+    """Whether the active torch.func transforms ask for what the chunkwise backends refuse:
+    forward mode (jvp, jacfwd, hessian) or a gradient of a gradient (two grad levels)."""
+    if not transforms_active():
+        return False
+    from torch._C._functorch import TransformType, get_interpreter_stack
+    kinds = [level.key() for level in get_interpreter_stack() or ()]
+    return TransformType.Jvp in kinds or kinds.count(TransformType.Grad) > 1
 
 
 def mlstm_under_transforms(run, backend, tensors, return_last_states):

@@ -7,7 +7,8 @@ import torch
 
 from . import naive
 from .chunk import mlstm_chunkwise_torch
-from .func import mlstm_under_transforms, transforms_active
+from .func import (beyond_first_order, has_tangents, mlstm_under_transforms,
+                   transforms_active)
 
 BACKENDS = ("auto", "triton", "torch", "parallel", "recurrent")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -152,7 +153,9 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
             every input and the output along S, without materialising the flips in the kernels.
         backend: "triton" (fused kernels, CUDA or TRITON_INTERPRET=1), "torch" (chunkwise
             PyTorch), "parallel" and "recurrent" (the references), or "auto": triton on CUDA
-            tensors, otherwise the faster PyTorch path for the sequence length and head dims.
+            tensors, otherwise the faster PyTorch path for the sequence length and head dims;
+            "parallel" under forward-mode AD and torch.func's gradients of gradients, which
+            the chunkwise backends do not support.
         recompute_states: training memory for time, in the chunkwise backends: the forward
             keeps O(S) statistics only, not the state entering every chunk (S / chunk_size x
             DHQK x DHV a head, most of what a ViL block keeps for its backward), and the
@@ -174,8 +177,14 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
         raise TypeError(f"mlstm: recompute_states must be a bool, got "
                         f"{type(recompute_states).__name__}")
     c_initial, n_initial, m_initial = states if states is not None else (None, None, None)
+    tensors = (q, k, v, i, f, c_initial, n_initial, m_initial)
     if backend == "auto":
-        backend = _choose_backend(q, k, v)
+        # forward-mode AD (forward_ad tangents, torch.func.jvp) and torch.func's gradients of
+        # gradients: the reference form, plain PyTorch, supports them
+        plain = has_tangents(tensors) or beyond_first_order()
+        backend = "parallel" if plain else _choose_backend(q, k, v)
+    elif backend in ("triton", "torch") and not transforms_active() and has_tangents(tensors):
+        _refuse_tangents(backend, tensors)        # (under torch.func: func._Forward.jvp says so)
     if backend in ("triton", "torch"):
         if backend == "triton":
             from .triton import mlstm_triton as chunkwise
@@ -184,7 +193,6 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
         run = functools.partial(chunkwise, eps=float(eps), chunk_size=chunk_size,
                                 reverse=reverse, return_last_states=return_last_states,
                                 recompute_states=recompute_states)
-        tensors = (q, k, v, i, f, c_initial, n_initial, m_initial)
         if transforms_active():
             h, last = mlstm_under_transforms(run, backend, tensors, return_last_states)
         else:
@@ -195,6 +203,18 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
     if return_last_states:
         return h, last
     return h
+
+
+def _refuse_tangents(backend, tensors):
+    """Forward-mode AD (torch.autograd.forward_ad) into a chunkwise backend: the Triton kernels
+    would drop the tangents, and the PyTorch backend's autograd Function has no jvp (its forward
+    without autograd is plain operations, which carry them)."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if backend == "triton" or grad:
+        raise RuntimeError(
+            f"mlstm: backend={backend!r} does not carry forward-mode AD tangents"
+            f"{' with autograd on' if backend == 'torch' else ''}; use backend='parallel' (or "
+            "'auto', which picks it for inputs with tangents)")
 
 
 def _reference(backend, q, k, v, i, f, states, eps, reverse, return_last_states):
