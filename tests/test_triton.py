@@ -490,20 +490,22 @@ def test_backward_deterministic():
 @pytest.mark.parametrize("reverse", [False, True])
 def test_batches_over_the_grid_limit_run_in_slices(reverse, monkeypatch):
     from vil_kernels.triton import chunk as tchunk
-    x = make_inputs(B=3, NH=2, S=21, DK=16, DV=16, init=True, seed=12)
-    whole = run(x, "triton", reverse=reverse, chunk_size=16)
+    x = {n: t.to(DEVICE) for n, t in make_inputs(B=3, NH=2, S=21, DK=16, DV=16, init=True,
+                                                  seed=12).items()}
+    dt = torch.float32 if DEVICE == "cuda" else torch.float64      # (float64: the interpreter's)
+    whole = run(x, "triton", reverse=reverse, chunk_size=16, compute=dt)
     calls = []
     monkeypatch.setattr(tchunk, "MAX_GRID_HEADS", 4)
     plain = tchunk.mlstm_fwd
     monkeypatch.setattr(tchunk, "mlstm_fwd", lambda q, *a, **kw: (calls.append(q.shape[0]),
                                                                   plain(q, *a, **kw))[1])
-    sliced = run(x, "triton", reverse=reverse, chunk_size=16)
+    sliced = run(x, "triton", reverse=reverse, chunk_size=16, compute=dt)
     assert calls == [2, 1]                                   # two batch elements, then one
     for name in whole:
         assert torch.equal(sliced[name], whole[name]), name
     monkeypatch.setattr(tchunk, "MAX_GRID_HEADS", 1)
     with pytest.raises(ValueError, match="at most 1 heads"):
-        run(x, "triton", chunk_size=16)
+        run(x, "triton", chunk_size=16, compute=dt)
 
 
 # What a CUDA graph (torch.cuda.graph, torch.compile's mode="reduce-overhead") needs of a call:
