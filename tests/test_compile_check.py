@@ -31,12 +31,13 @@ def test_variants_cover_every_kernel_and_head_dim():
     assert {k[2] for k in todo} == {80, 90}
     from vil_kernels.triton.chunk import CHAIN_BLOCK
     assert {k[5] for k in todo if k[0] == "chunk_chain"} == {CHAIN_BLOCK}
-    # chunks of one tile, and of 2, 4 and 16 tiles of 64 (float32: 4, 8, 16, 64 of 16)
-    assert {k[10] for k in todo if k[0] == "fwd_out"} == {1, 2, 4, 8, 16, 64}
+    # chunks of one tile, and of 2, 4, 8 (the one-chunk rule's 512) and 16 tiles of 64
+    # (float32: 4, 8, 16, 32, 64 of 16)
+    assert {k[10] for k in todo if k[0] == "fwd_out"} == {1, 2, 4, 8, 16, 32, 64}
     assert {k[10] for k in compile_check.variants(quick=True) if k[0] == "bwd_dqk"} == {1, 2}
     # the pair kernels exist for chunks of several tiles only
     for name in heuristics.PAIR_KERNELS:
-        assert {k[10] for k in todo if k[0] == name} == {2, 4, 8, 16, 64}
+        assert {k[10] for k in todo if k[0] == name} == {2, 4, 8, 16, 32, 64}
 
 
 def test_compile_check_quick():
@@ -103,6 +104,6 @@ def test_one_chunk_rule_defaults_are_checked(monkeypatch):
     from vil_kernels.triton import heuristics
     tiles = lambda: {key[-1] for key in compile_check.variants(dims=(64,),  # noqa: E731
                                                                dtypes=("bfloat16",))}
-    assert 8 not in tiles()
-    monkeypatch.setattr(heuristics, "ONE_CHUNK_UP_TO", 1024)
     assert 8 in tiles()
+    monkeypatch.setattr(heuristics, "ONE_CHUNK_UP_TO", 0)
+    assert 8 not in tiles()

@@ -414,10 +414,11 @@ def test_one_chunk_training_runs_no_state_work(one_chunk_tile, reverse):
 
 
 def test_one_chunk_rule_runs_the_quadratic_form(monkeypatch):
-    """heuristics.ONE_CHUNK_UP_TO switched on (bfloat16, S = 100: one chunk of two tiles by
-    default): the pair kernels, no state scan, the float64 reference's values."""
+    """heuristics' one-chunk rule (here down to head dims of 32; bfloat16, S = 100: one chunk
+    of two tiles by default): the pair kernels, no state scan, the float64 reference's
+    values."""
     from vil_kernels.triton import heuristics
-    monkeypatch.setattr(heuristics, "ONE_CHUNK_UP_TO", 1024)
+    monkeypatch.setattr(heuristics, "ONE_CHUNK_HEAD_DIM", 32)
     x = make_inputs(NH=2, S=100, DK=32, DV=48, seed=25)
     _, names = launched(lambda: _check(x, torch.bfloat16, reverse=True, chunk_size=None,
                                        last_states=False))

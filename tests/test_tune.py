@@ -56,7 +56,8 @@ def test_multi_tile_chunks_parameters():
     lp, bf16 = heuristics.launch_params, torch.bfloat16
     assert [heuristics.tile_len(L, bf16) for L in (16, 64, 128, 1024)] == [16, 64, 64, 64]
     assert [heuristics.tile_len(L, torch.float32) for L in (32, 64)] == [32, 16]
-    assert heuristics.chunk_len(784, 384, 384, bf16, 90) == 64                 # the default
+    assert heuristics.chunk_len(784, 192, 192, bf16, 90) == 64                 # the default
+    assert heuristics.chunk_len(784, 384, 384, bf16, 90) == 1024    # (the one-chunk rule)
     assert heuristics.chunk_len(784, 384, 384, bf16, 90, 4096) == 1024
     assert heuristics.chunk_len(100, 384, 384, bf16, 90, 1024) == 128          # one chunk
     for kernel in heuristics.SCANS:
@@ -145,12 +146,16 @@ def test_launch_table_file(tmp_path, monkeypatch):
 
 
 def test_one_chunk_rule(monkeypatch):
-    """ONE_CHUNK_UP_TO (off until timed): 16-bit sequences up to it run as one chunk by
-    default; longer ones, float32 and requested chunks keep their chunk."""
+    """ONE_CHUNK_UP_TO and ONE_CHUNK_HEAD_DIM (timed on an H200 at S=784): 16-bit sequences up
+    to 1024 positions at head dims of 384 or more run as one chunk by default; smaller head
+    dims, longer sequences, float32 and requested chunks keep their chunk."""
     bf16 = torch.bfloat16
-    assert heuristics.ONE_CHUNK_UP_TO == 0
-    monkeypatch.setattr(heuristics, "ONE_CHUNK_UP_TO", 1024)
+    assert (heuristics.ONE_CHUNK_UP_TO, heuristics.ONE_CHUNK_HEAD_DIM) == (1024, 384)
     assert heuristics.chunk_len(784, 384, 384, bf16, 90) == 1024
+    assert heuristics.chunk_len(196, 96, 384, torch.float16, 90) == 256
+    assert heuristics.chunk_len(784, 192, 192, bf16, 90) == 64
+    assert heuristics.chunk_len(196, 96, 96, torch.float16, 90) == 64
+    monkeypatch.setattr(heuristics, "ONE_CHUNK_HEAD_DIM", 96)
     assert heuristics.chunk_len(196, 96, 96, torch.float16, 90) == 256
     assert heuristics.chunk_len(1025, 384, 384, bf16, 90) == 64
     assert heuristics.chunk_len(784, 384, 384, torch.float32, 90) == 32

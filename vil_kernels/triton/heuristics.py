@@ -36,11 +36,16 @@ DEFAULT_CHUNK = 64
 # function: a longer chunk keeps fewer states (S / L of DK x DV a head, the largest memory
 # traffic of a pass at large head dims) for more intra-chunk products.
 MAX_CHUNK = 1024
-# 16-bit sequences up to this many positions run as one chunk by default: the quadratic,
-# attention-like form, with no chunk state, no scan and nothing kept for the backward but h
-# and row statistics (ViL's 784 tokens at 448 px). Off (0) until a GPU has timed it against
-# chunks of 64 (STEPS=chunks bash bench/gpu_session.sh); at most MAX_CHUNK.
-ONE_CHUNK_UP_TO = 0
+# 16-bit sequences up to ONE_CHUNK_UP_TO positions at head dims of ONE_CHUNK_HEAD_DIM or more
+# run as one chunk by default: the quadratic, attention-like form, with no chunk state, no
+# scan and nothing kept for the backward but h and row statistics. Timed on an H200
+# (bench/results/kernels-nvidia-h200-bf16-chunks-s14.json, B=64, NH=4, S=784, bf16): at
+# D=384 one chunk of 1024 against chunks of 64 took 1.08 against 1.52 ms forward and 3.76
+# against 4.86 ms forward and backward; at D=192 the forward got slower (0.79 against 0.65 ms,
+# fwd+bwd 2.55 against 2.69), at D=96 both (fwd+bwd 2.34 against 1.92): the state a chunk
+# hands on grows with D x D, the pair work with S x S only. At most MAX_CHUNK.
+ONE_CHUNK_UP_TO = 1024
+ONE_CHUNK_HEAD_DIM = 384
 # ptxas otherwise sometimes settles on 128 registers and spills a few bytes (compile_check
 # caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
 MAXNREG = 255
@@ -78,12 +83,13 @@ def chunk_len(S, DK, DV, dtype, arch, requested=None):
     two, at most MAX_CHUNK and no longer than the sequence needs (one chunk holds it either
     way); by default DEFAULT_CHUNK, at most one tile (max_tile), shortened for sequences that
     fit one smaller chunk, or the whole sequence in one for 16-bit inputs up to
-    ONE_CHUNK_UP_TO positions. The chunk length only changes the rounding, never the
-    function."""
+    ONE_CHUNK_UP_TO positions at head dims of ONE_CHUNK_HEAD_DIM or more. The chunk length
+    only changes the rounding, never the function."""
     fits = max(16, next_power_of_2(S))
     if requested is not None:
         return min(int(requested), MAX_CHUNK, fits)
-    if S <= min(ONE_CHUNK_UP_TO, MAX_CHUNK) and dtype in (torch.float16, torch.bfloat16):
+    if (S <= min(ONE_CHUNK_UP_TO, MAX_CHUNK) and max(DK, DV) >= ONE_CHUNK_HEAD_DIM
+            and dtype in (torch.float16, torch.bfloat16)):
         return fits
     return min(DEFAULT_CHUNK, max_tile(dtype), fits)
 
