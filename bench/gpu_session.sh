@@ -19,6 +19,9 @@
 #   chunks      the Triton op in chunks of CHUNKS positions (default 64,128,256,1024: the
 #               state kept at their boundaries; tiles of 64 either way) at ViL shapes and at
 #               S=16384, and the peer: which chunk length the table should pick
+#   tiles       the Triton op in one chunk (1024) in tiles of TILES positions (default 64,128:
+#               the table's against 8-warp tiles of 128, heuristics.TILE) at S=784, D=384/192/96
+#               and S=196, D=384, timed the same call: whether 128 should be a table entry
 #   chunkjob    the main job's inference at 448 px (ViL-T and ViL-B, our rows) with the cells in
 #               one chunk of 1024 (the quadratic form, no state work) against the default
 #               (CHUNKJOB_BENCH=train: training, where one chunk also keeps no states;
@@ -124,6 +127,11 @@ for s in $STEPS; do
             --shapes 64,4,784,96 --shapes 64,4,3136,96 --shapes 64,4,3136,384 \
             --shapes 64,4,196,192 --shapes 1,4,16384,384 --shapes 8,4,16384,96 \
             --results-file "$OUT/kernels-chunks.json" ;;
+    tiles)                                     # one process, a row per tile
+        step tiles "${TILES_LIMIT:-240}" python bench/kernels.py --paths triton \
+            --chunk-size "${TILES_CHUNK:-1024}" --tile "${TILES:-64,128}" --num-bench-iter 10 \
+            --shapes 64,4,784,384 --shapes 64,4,784,192 --shapes 64,4,784,96 \
+            --shapes 64,4,196,384 --results-file "$OUT/kernels-tiles.json" ;;
     chunkjob)
         for c in default 1024; do
             FLAG=""; [ "$c" = default ] || FLAG="--mlstm-chunk-size $c"

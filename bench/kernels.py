@@ -3,6 +3,7 @@
     python bench/kernels.py                      # this machine's device, default shapes
     python bench/kernels.py --shapes 8,4,784,96  # B,NH,S,D (repeatable)
     python bench/kernels.py --paths triton --chunk-size 64,256   # chunks of 64, then 256
+    python bench/kernels.py --paths triton --chunk-size 1024 --tile 64,128   # tiles of 64, 128
     python bench/kernels.py --results-file bench/results/kernels-cpu.json
 
 On CPU it compares the PyTorch chunkwise path against the parallel form (the published
@@ -14,6 +15,7 @@ inputs (Linux: /proc/self/clear_refs); on CUDA, torch.cuda.max_memory_allocated 
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -160,52 +162,78 @@ def candidates(device, dtype, chunk=None):
     return paths
 
 
-def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunks=(None,)):
+def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunks=(None,),
+                tiles=(None,)):
     """Rows of one shape: every path, the chunkwise ones once per chunk length in ``chunks``
-    (None: their default)."""
+    (None: their default), the Triton one once per tile of positions in ``tiles`` (None: the
+    default; else heuristics.TILE, set for the forward and the backward alike)."""
     B, NH, S, D = shape
     rows = []
     peaks = device_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    runs = [(name, chunk, fn) for n, chunk in enumerate(chunks)
-            for name, fn in candidates(device, dtype, chunk) if n == 0 or name in CHUNKED]
-    for name, chunk, fn in runs:
+    runs = [(name, chunk, tile, fn) for n, chunk in enumerate(chunks)
+            for name, fn in candidates(device, dtype, chunk) if n == 0 or name in CHUNKED
+            for tile in (tiles if name == "triton" else (None,))]
+    for name, chunk, tile, fn in runs:
         if paths and name not in paths:
             continue
         row = dict(path=name, B=B, NH=NH, S=S, D=D, dtype=str(dtype).replace("torch.", ""))
         if chunk and name in CHUNKED:
             row["chunk_size"] = chunk
-        if name == "parallel":
-            fits, need = parallel_fits(B, NH, S, device)
-            if not fits:
-                row["note"] = f"cannot run: needs ~{need / 2**30:.0f} GiB of S x S matrices"
-                rows.append(row)
-                continue
-        for mode in ("fwd", "fwd+bwd"):
-            x = make_inputs(B, NH, S, D, dtype, device, requires_grad=mode != "fwd")
-
-            def call():
-                if mode == "fwd":
-                    with torch.no_grad():
-                        fn(x)
-                else:
-                    fn(x).float().sum().backward()
-
-            try:
-                t = time_call(call, device, warmup, iters)
-                row[f"{mode}_ms"] = t * 1e3
-                mem.start()
-                call()
-                row[f"{mode}_peak_mib"] = (mem.stop() or 0) / 2**20
-                if device.type == "cuda":
-                    row.update(roofline_fields(mode, t * 1e3, B, NH, S, D, dtype.itemsize, peaks))
-            except (RuntimeError, MemoryError) as e:
-                row["note"] = f"failed: {str(e).splitlines()[0][:80]}"
+        if tile:
+            row["tile"] = tile
+        with _tile(tile):
+            _time_row(row, fn, device, dtype, warmup, iters, mem, peaks)
         rows.append(row)
     return rows
 
 
+@contextlib.contextmanager
+def _tile(tile):
+    """The Triton kernels' tile of positions forced to ``tile`` (None: nothing changed; the
+    Triton package is imported only then, so this runs where it is not installed)."""
+    if tile is None:
+        yield
+        return
+    from vil_kernels.triton import heuristics
+    heuristics.TILE = tile
+    try:
+        yield
+    finally:
+        heuristics.TILE = None
+
+
+def _time_row(row, fn, device, dtype, warmup, iters, mem, peaks):
+    """Forward and forward+backward time and peak memory of one path into row."""
+    B, NH, S, D, name = row["B"], row["NH"], row["S"], row["D"], row["path"]
+    if name == "parallel":
+        fits, need = parallel_fits(B, NH, S, device)
+        if not fits:
+            row["note"] = f"cannot run: needs ~{need / 2**30:.0f} GiB of S x S matrices"
+            return
+    for mode in ("fwd", "fwd+bwd"):
+        x = make_inputs(B, NH, S, D, dtype, device, requires_grad=mode != "fwd")
+
+        def call():
+            if mode == "fwd":
+                with torch.no_grad():
+                    fn(x)
+            else:
+                fn(x).float().sum().backward()
+
+        try:
+            t = time_call(call, device, warmup, iters)
+            row[f"{mode}_ms"] = t * 1e3
+            mem.start()
+            call()
+            row[f"{mode}_peak_mib"] = (mem.stop() or 0) / 2**20
+            if device.type == "cuda":
+                row.update(roofline_fields(mode, t * 1e3, B, NH, S, D, dtype.itemsize, peaks))
+        except (RuntimeError, MemoryError) as e:
+            row["note"] = f"failed: {str(e).splitlines()[0][:80]}"
+
+
 def print_table(rows, cols=None):
-    cols = cols or ["path", "chunk_size", "B", "NH", "S", "D", "fwd_ms", "fwd+bwd_ms",
+    cols = cols or ["path", "chunk_size", "tile", "B", "NH", "S", "D", "fwd_ms", "fwd+bwd_ms",
                     "fwd_peak_mib", "fwd+bwd_peak_mib", "fwd+bwd_tflops", "fwd+bwd_roofline",
                     "fwd+bwd_chunkwise_roofline", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]
@@ -218,13 +246,14 @@ def print_table(rows, cols=None):
 
 
 def chunk_choice(rows):
-    """With several chunk lengths: per shape and path, each pass's fastest chunk length and
-    its time against the first length given (rows of bench_shape; [] with one length)."""
+    """With several chunk lengths (or tiles): per shape and path, each pass's fastest chunk
+    length (and tile) and its time against the first given (rows of bench_shape; [] with one
+    of each)."""
     out = []
-    keys = {(r["path"], r["B"], r["NH"], r["S"], r["D"]) for r in rows if "chunk_size" in r}
-    for key in sorted(keys, key=lambda k: (k[0], k[3], k[4], k[1])):
-        runs = [r for r in rows if (r["path"], r["B"], r["NH"], r["S"], r["D"]) == key
-                and "chunk_size" in r]
+    varied = [r for r in rows if "chunk_size" in r or "tile" in r]
+    shape = lambda r: (r["path"], r["B"], r["NH"], r["S"], r["D"])  # noqa: E731
+    for key in sorted({shape(r) for r in varied}, key=lambda k: (k[0], k[3], k[4], k[1])):
+        runs = [r for r in varied if shape(r) == key]
         if len(runs) < 2:
             continue
         for mode in ("fwd", "fwd+bwd"):
@@ -233,10 +262,13 @@ def chunk_choice(rows):
                 continue
             best = min(timed, key=lambda r: r[f"{mode}_ms"])
             first = runs[0].get(f"{mode}_ms")
-            out.append(dict(path=key[0], B=key[1], NH=key[2], S=key[3], D=key[4], mode=mode,
-                            best_chunk=best["chunk_size"], best_ms=best[f"{mode}_ms"],
-                            first_chunk=runs[0]["chunk_size"], first_ms=first,
-                            speedup=first / best[f"{mode}_ms"] if first else None))
+            row = dict(path=key[0], B=key[1], NH=key[2], S=key[3], D=key[4], mode=mode,
+                       best_chunk=best.get("chunk_size"), best_ms=best[f"{mode}_ms"],
+                       first_chunk=runs[0].get("chunk_size"), first_ms=first,
+                       speedup=first / best[f"{mode}_ms"] if first else None)
+            if any("tile" in r for r in runs):
+                row.update(first_tile=runs[0].get("tile"), best_tile=best.get("tile"))
+            out.append(row)
     return out
 
 
@@ -258,8 +290,21 @@ def parse_args(argv=None):
                         ">= 16; several: a row for each; default: theirs). The state is kept "
                         "every N positions: longer chunks move fewer states for more "
                         "intra-chunk products")
+    p.add_argument("--tile", default=None, metavar="N[,N...]",
+                   help="positions a tile of the triton path's kernels in chunks of several "
+                        "tiles (16, 32, 64 or 128; several: a row for each; default: the "
+                        "table's, 64). Tiles of 128 run 8 warps on Hopper; not a default "
+                        "until timed")
     p.add_argument("--results-file", default=None)
     args = p.parse_args(argv)
+    if args.tile is not None:
+        try:
+            args.tile = [int(t) for t in args.tile.split(",")]
+        except ValueError:
+            p.error(f"--tile takes 16, 32, 64 or 128, got {args.tile!r}")
+        bad = [t for t in args.tile if t not in (16, 32, 64, 128)]
+        if bad:
+            p.error(f"--tile takes 16, 32, 64 or 128, got {bad[0]}")
     if args.chunk_size is not None:
         try:
             args.chunk_size = [int(c) for c in args.chunk_size.split(",")]
@@ -291,11 +336,11 @@ def main(argv=None):
     mem = PeakMemory(device)
     print(f"# device: {device_name(device)} | torch {torch.__version__} | dtype {dtype}", flush=True)
     meta = dict(device=device_name(device), torch=torch.__version__, dtype=str(dtype),
-                warmup=warm, iters=iters, chunk_size=args.chunk_size)
+                warmup=warm, iters=iters, chunk_size=args.chunk_size, tile=args.tile)
     rows = []
     for shape in shapes:
         rows += bench_shape(shape, device, dtype, warm, iters, mem, args.paths,
-                            args.chunk_size or (None,))
+                            args.chunk_size or (None,), args.tile or (None,))
         print(f"  done {shape}", file=sys.stderr, flush=True)
         if args.results_file:                  # after every shape: a run cut short keeps them
             Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
@@ -303,9 +348,10 @@ def main(argv=None):
     print_table(rows)
     choice = chunk_choice(rows)
     if choice:
-        print("\n# fastest chunk length a shape and pass (speed-up over the first one given)")
-        print_table(choice, ["path", "B", "NH", "S", "D", "mode", "first_chunk", "first_ms",
-                             "best_chunk", "best_ms", "speedup"])
+        print("\n# fastest chunk length (and tile) a shape and pass (speed-up over the first "
+              "one given)")
+        print_table(choice, ["path", "B", "NH", "S", "D", "mode", "first_chunk", "first_tile",
+                             "first_ms", "best_chunk", "best_tile", "best_ms", "speedup"])
         if args.results_file:
             Path(args.results_file).write_text(json.dumps(dict(meta=meta, rows=rows,
                                                                chunk_choice=choice), indent=1))

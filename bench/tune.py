@@ -71,6 +71,8 @@ def candidates(kernel, D, L, arch=None):
         tiles = [(64, v) for v in (32, 64, 128)] + [(32, base["BV"])]
         caps = (168, base["maxnreg"])
     warps = (4,) if arch >= 90 or arch == 0 else (4, 8)
+    if heuristics.tile_len(L, torch.bfloat16, D, D, arch) >= 128:
+        warps = (8,)                        # (tiles of 128 positions: a warpgroup per 64 rows)
     out = [dict(base, BK=BK, BV=BV, num_warps=w, num_stages=st, maxnreg=cap)
            for (BK, BV), w, st, cap in itertools.product(tiles, warps, (1, 2), caps)]
     if kernel in heuristics.SCANS:
@@ -133,7 +135,8 @@ def _close(a, b):
 
 def _warm(job):
     """Compile (into Triton's disk cache) what one configuration of one kernel launches."""
-    kernel, cfg, D, L, NH, S = job
+    kernel, cfg, D, L, NH, S, tile = job
+    heuristics.TILE = tile
     heuristics.OVERRIDES.clear()
     if kernel:
         heuristics.OVERRIDES[kernel] = cfg
@@ -221,9 +224,9 @@ def _peer_in_child(job):
 
 
 def sweep(D, args, result, save, t0, pool):
-    tile = lambda L: heuristics.tile_len(L, torch.bfloat16)
-    jobs = [(None, None, D, L, args.NH, args.S) for L in BASELINE_CHUNKS]
-    jobs += [(k, c, D, L, args.NH, args.S) for L in args.chunks for k in args.kernels
+    tile = lambda L: heuristics.tile_len(L, torch.bfloat16, D, D, device_arch())
+    jobs = [(None, None, D, L, args.NH, args.S, args.tile) for L in BASELINE_CHUNKS]
+    jobs += [(k, c, D, L, args.NH, args.S, args.tile) for L in args.chunks for k in args.kernels
              for c in candidates(k, D, L)]
     t1 = time.time()
     errs = [e for e in pool.map(_warm, jobs) if e]
@@ -314,15 +317,20 @@ def main(argv=None):
     ap.add_argument("--jobs", type=int, default=max(1, min(14, (os.cpu_count() or 2) - 2)))
     ap.add_argument("--time-limit", type=float, default=float("inf"),
                     help="stop starting new kernels after this many seconds")
+    ap.add_argument("--tile", type=int, default=None, choices=heuristics.TUNABLE_TILES,
+                    help="positions a tile in chunks of several tiles, for the whole sweep "
+                         "(heuristics.TILE; compare tiles first with bench/kernels.py --tile); "
+                         "--write-table then records it for the chunks swept")
     ap.add_argument("--results-file", default="tune.json")
     ap.add_argument("--write-table", metavar="FILE",
                     help="also write (or update) a launch table with every configuration that "
                          "beat the built-in one; use it with VIL_KERNELS_LAUNCH_TABLE=FILE")
     args = ap.parse_args(argv)
+    heuristics.TILE = args.tile
     t0 = time.time()
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (interpreter)"
-    result = dict(meta=dict(device=dev, torch=torch.__version__,
-                            B=args.B, NH=args.NH, S=args.S, dtype="bfloat16"),
+    result = dict(meta=dict(device=dev, torch=torch.__version__, B=args.B, NH=args.NH,
+                            S=args.S, dtype="bfloat16", tile=args.tile),
                   checks={}, baselines=[], sweeps=[], full=[], errors=[])
 
     def save():
@@ -349,7 +357,13 @@ def write_table(path, result):
     launch-table file at path; returns its number of entries."""
     arch = device_arch()
     entries = heuristics.read_table(path) if os.path.exists(path) else {}
+    tile = result["meta"].get("tile")
     for sw in result["sweeps"]:
+        if tile and heuristics.tile_applies(tile, sw["chunk"], torch.bfloat16, arch):
+            # (the kernels' entries below were swept in these tiles)
+            key = heuristics.table_key(heuristics.TILE_ENTRY, sw["D"], sw["D"], sw["chunk"],
+                                       torch.bfloat16, arch)
+            entries[key] = {"BT": tile}
         best = sw["best"]
         if best and best["ms"] < sw["table_ms"]:
             key = heuristics.table_key(sw["kernel"], sw["D"], sw["D"], sw["chunk"],

@@ -73,6 +73,40 @@ def test_chunk_size_option():
             kernels.parse_args(["--chunk-size", bad])
 
 
+def test_tile_option(monkeypatch):
+    """--tile: a triton row a tile, heuristics.TILE set through the forward and the backward
+    (the backward's kernels must take the forward's tiles to time them), reset after; the
+    other paths once; a bad tile is an error."""
+    from vil_kernels.triton import heuristics
+    seen = []
+
+    class Record(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q):
+            seen.append(("fwd", heuristics.TILE))
+            return q.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("bwd", heuristics.TILE))
+            return g
+
+    fake = lambda device, dtype, chunk=None: [("triton", lambda x: Record.apply(x["q"])),
+                                              ("parallel", lambda x: x["q"] * 1)]
+    monkeypatch.setattr(kernels, "candidates", fake)
+    rows = kernels.main(["--device", "cpu", "--shapes", "1,1,20,16", "--num-bench-iter", "1",
+                         "--num-warm-iter", "0", "--tile", "64,128"])
+    assert [(r["path"], r.get("tile")) for r in rows] == [
+        ("triton", 64), ("triton", 128), ("parallel", None)]
+    assert {t for _, t in seen} == {64, 128} and ("bwd", 128) in seen
+    assert heuristics.TILE is None
+    choice = kernels.chunk_choice(rows)
+    assert {c["first_tile"] for c in choice} == {64} and len(choice) == 2
+    for bad in ("96", "64,x", "256"):
+        with pytest.raises(SystemExit):
+            kernels.parse_args(["--tile", bad])
+
+
 def test_paths_filter():
     """--paths runs only the named paths; an unknown name is an error naming it."""
     rows = kernels.main(["--device", "cpu", "--shapes", "1,1,20,16", "--num-bench-iter", "1",

@@ -107,3 +107,23 @@ def test_one_chunk_rule_defaults_are_checked(monkeypatch):
     assert 8 in tiles()
     monkeypatch.setattr(heuristics, "ONE_CHUNK_UP_TO", 0)
     assert 8 not in tiles()
+
+
+def test_tiles_of_128_build_without_spills():
+    """`compile_check --tile 128` (what bench/kernels.py --tile 128 runs, opt-in until timed on
+    a GPU): ViL-B's one chunk in tiles of 128 at 8 warps on sm_90 (two warpgroups of 64 rows),
+    every kernel the one-chunk pass launches, without a spill; sm_80 keeps tiles of 64 (its
+    backward pair kernel spills at 128)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "vil_kernels.compile_check", "--tile", "128", "--dims", "384",
+           "--chunks", "1024", "--dtype", "bfloat16"]
+    for name in ("fwd_pair", "fwd_out", "bwd_pair", "bwd_dqk", "bwd_dv"):
+        cmd += ["--kernel", name]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    rows = [line.split() for line in out.splitlines() if line.endswith(" ok")]
+    assert {(r[0], r[2], r[3], r[7]) for r in rows if r[0] == "bwd_pair"} == {
+        ("bwd_pair", "sm90", "128", "8"), ("bwd_pair", "sm80", "64", "8")}, out
+    assert len({r[0] for r in rows}) == 5 and "0 failed" in out, out

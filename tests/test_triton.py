@@ -357,6 +357,84 @@ def test_multi_tile_chunks(chunk, S, reverse, init, last_states, extreme, split,
     assert max(errs.values()) < 1e-9, errs
 
 
+# Tiles of 128 positions in chunks of several (heuristics.TILE, what bench/kernels.py --tile
+# 128 and a launch table's "tile" entry choose; 8 warps on Hopper): chunks of 2 tiles with
+# initial states and the last state's loss, and one chunk for the whole sequence (4 tiles),
+# S a multiple of neither, both directions; float64 exactly, bfloat16 at ViL-B's head dim.
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
+@pytest.mark.parametrize("chunk,S,reverse,init,last_states", [
+    (256, 300, True, True, True),
+    (1024, 300, False, False, False),
+])
+def test_tiles_of_128(chunk, S, reverse, init, last_states, monkeypatch):
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "TILE", 128)
+    L = heuristics.chunk_len(S, 24, 40, torch.float64, 0, chunk)
+    assert heuristics.tile_len(L, torch.float64, 24, 40, 0) == 128 and L // 128 > 1
+    assert heuristics.launch_params("fwd_pair", 24, 40, L, torch.float64, 0)["num_warps"] == 8
+    x = make_inputs(NH=2, S=S, DK=24, DV=40, init=init, seed=S + chunk)
+    got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=chunk,
+                                      last_states=last_states))
+    assert {"fwd_pair", "bwd_pair"} <= names, names
+    ref = run(x, "parallel", reverse=reverse, last_states=last_states)
+    errs = {n: rel_err(got[n], ref[n]) for n in ref}
+    assert max(errs.values()) < 1e-9, errs
+
+
+def test_tiles_of_128_bfloat16_vil_b_head_dim(monkeypatch):
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "TILE", 128)
+    x = make_inputs(NH=1, S=260, DK=384, DV=384, init=False, seed=23)
+    _check(x, torch.bfloat16, reverse=True, chunk_size=1024, last_states=False)
+
+
+def test_tile_choice():
+    """Where a tile other than the default applies: chunks that stay several tiles long, 16-bit
+    (and float64) inputs, Hopper and the interpreter; from TILE or a launch table's entry."""
+    from vil_kernels.triton import heuristics as h
+    bf, f32 = torch.bfloat16, torch.float32
+    assert h.TILE is None and h.tile_len(1024, bf, 384, 384, 90) == 64
+    old = h.TILE
+    try:
+        h.TILE = 128
+        assert h.tile_len(1024, bf, 384, 384, 90) == 128
+        assert h.tile_len(256, torch.float16, 96, 96, 0) == 128
+        assert h.tile_len(128, bf, 384, 384, 90) == 64          # one tile of 128: unchanged
+        assert h.tile_len(64, bf, 384, 384, 90) == 64
+        assert h.tile_len(1024, bf, 384, 384, 80) == 64         # Ampere: spills there
+        assert h.tile_len(1024, f32, 384, 384, 90) == 16        # tf32x3: spills there
+        assert h.launch_params("bwd_dqk", 384, 384, 1024, bf, 90)["num_warps"] == 8
+        h.TILE = 32
+        assert h.tile_len(1024, bf, 384, 384, 90) == 32
+        assert h.launch_params("bwd_dqk", 384, 384, 1024, bf, 90)["num_warps"] == 4
+        h.TILE = 96
+        with pytest.raises(ValueError, match="TILE must be one of"):
+            h.tile_len(1024, bf, 384, 384, 90)
+    finally:
+        h.TILE = old
+    assert h.launch_params("bwd_dqk", 384, 384, 1024, bf, 90)["num_warps"] == 4
+
+
+def test_tile_from_a_launch_table(tmp_path, monkeypatch):
+    from vil_kernels.triton import heuristics as h
+    key = h.table_key("tile", 384, 384, 1024, torch.bfloat16, 90)
+    path = tmp_path / "table.json"
+    path.write_text('{"entries": {"%s": {"BT": 128}}}' % key)
+    monkeypatch.setenv(h.TABLE_ENV, str(path))
+    try:
+        h.tuned_table(reload=True)
+        assert h.tile_len(1024, torch.bfloat16, 384, 384, 90) == 128
+        assert h.tile_len(1024, torch.bfloat16, 192, 192, 90) == 64     # its key only
+        assert h.launch_params("fwd_out", 384, 384, 1024, torch.bfloat16, 90)["num_warps"] == 8
+        path.write_text('{"entries": {"%s": {"BT": 100}}}' % key)
+        with pytest.raises(ValueError, match="must be"):
+            h.tuned_table(reload=True)
+    finally:
+        monkeypatch.delenv(h.TABLE_ENV)
+        h.tuned_table(reload=True)
+    assert h.tile_len(1024, torch.bfloat16, 384, 384, 90) == 64
+
+
 @pytest.fixture(params=[64, 16])
 def one_chunk_tile(request, monkeypatch):
     """Tiles of 64 or 16 positions: S = 50 in one chunk is one tile or four."""

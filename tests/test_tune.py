@@ -162,3 +162,22 @@ def test_one_chunk_rule(monkeypatch):
     assert heuristics.chunk_len(784, 384, 384, bf16, 90, 128) == 128
     monkeypatch.setattr(heuristics, "ONE_CHUNK_UP_TO", 4096)                 # capped
     assert heuristics.chunk_len(3136, 96, 96, bf16, 90) == 64
+
+
+def test_tile_sweep_writes_its_tile(tmp_path, monkeypatch):
+    """tune.py --tile 128: 8-warp candidates where the tile applies, and the launch table it
+    writes names the tile beside the kernels' entries swept in it (not for chunks of one such
+    tile, which keep theirs)."""
+    monkeypatch.setattr(heuristics, "TILE", 128)
+    assert {c["num_warps"] for c in tune.candidates("fwd_pair", 384, 1024, arch=90)} == {8}
+    assert {c["num_warps"] for c in tune.candidates("fwd_out", 384, 64, arch=90)} == {4}
+    monkeypatch.setattr(tune, "device_arch", lambda: 90)
+    best = dict(BK=64, BV=64, num_warps=8, num_stages=2, maxnreg=255, ms=0.5)
+    sweeps = [dict(D=384, chunk=L, kernel="fwd_out", table={k: best[k] for k in best if k != "ms"},
+                   table_ms=1.0, best=best) for L in (1024, 128)]
+    path = tmp_path / "table.json"
+    assert tune.write_table(str(path), dict(meta=dict(device="x", tile=128), sweeps=sweeps)) == 3
+    entries = heuristics.read_table(str(path))
+    assert entries["tile/384/384/1024/bfloat16/sm90"] == {"BT": 128}
+    assert "tile/384/384/128/bfloat16/sm90" not in entries
+    assert entries["fwd_out/384/384/1024/bfloat16/sm90"]["num_warps"] == 8

@@ -18,7 +18,8 @@ f/b and S for the chain's direction and starting state). Exits 1 on any spill, o
 over the arch's limit (sm_80: 163 KB, sm_90: 227 KB), on registers x threads over the 64K register
 file, when a 16-bit build has no HMMA/HGMMA instruction, on a pipelined loop whose asynchronous
 wgmma reads a single-buffered tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile
-error.
+error. With --tile 128 (or a launch table naming tiles) chunks of several tiles are checked in
+the tiles bench/kernels.py --tile would run.
 """
 
 import argparse
@@ -114,12 +115,13 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
             for DV in dims:
                 for requested in chunks:
                     L = heuristics.chunk_len(4096, DK, DV, dtype, 90, requested)
-                    BT = heuristics.tile_len(L, dtype)
-                    NT = L // BT
+                    tiles = {arch: heuristics.tile_len(L, dtype, DK, DV, arch) for arch in ARCHS}
                     for name in heuristics.KERNELS:
-                        if name in heuristics.PAIR_KERNELS and NT == 1:
-                            continue
                         for arch in ARCHS:
+                            BT = tiles[arch]
+                            NT = L // BT
+                            if name in heuristics.PAIR_KERNELS and NT == 1:
+                                continue
                             p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
                             flags = (False, True) if name in heuristics.SCANS + (
                                 STATE_FLAG_KERNELS) else (None,)
@@ -137,6 +139,8 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                             key = ("chunk_chain", dt, arch, 0, 0, CHAIN_BLOCK, 4, 1, flag, None, 1)
                             out.setdefault(key, set()).add((DK, DV))
                     for arch in ARCHS:                      # the gate scan and the prologue
+                        BT = tiles[arch]
+                        NT = L // BT
                         p = heuristics.prologue_params(DV, BT, dtype, arch)
                         key = ("bwd_prologue", dt, arch, BT, 0, p["BV"], p["num_warps"], 1,
                                None, None, NT)
@@ -337,7 +341,16 @@ def main(argv=None):
     ap.add_argument("--kernel", action="append", help="only this kernel (repeatable)")
     ap.add_argument("--dtype", action="append", choices=DTYPES, help="only this dtype (repeatable)")
     ap.add_argument("--jobs", type=int, default=max(1, os.cpu_count() or 1))
+    ap.add_argument("--tile", type=int, default=None,
+                    help="positions a tile in chunks of several tiles, as bench/kernels.py "
+                         "--tile forces it (heuristics.TILE: one of 16, 32, 64, 128); a launch "
+                         "table's tiles are checked where $VIL_KERNELS_LAUNCH_TABLE names it")
     args = ap.parse_args(argv)
+    from .triton import heuristics
+    if args.tile is not None:
+        if args.tile not in heuristics.TUNABLE_TILES:
+            ap.error(f"--tile takes one of {heuristics.TUNABLE_TILES}, got {args.tile}")
+        heuristics.TILE = args.tile
     t0 = time.time()
     todo = variants(args.quick, args.dims, args.chunks, args.dtype)
     todo = {k: v for k, v in todo.items()

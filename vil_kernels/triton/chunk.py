@@ -1,7 +1,7 @@
 """Launchers, torch.library ops and the autograd Function of the fused chunkwise mLSTM.
 
 The state is kept at the boundaries of chunks of L positions; the matmul kernels work on tiles
-of BT = heuristics.tile_len(L) positions, NT = L / BT a chunk (kernels.py).
+of BT = heuristics.tile_len(L, ...) positions, NT = L / BT a chunk (kernels.py).
 Forward: mlstm_fwd_gates_kernel (the stabilizer's scan, one program a head: m entering every
 chunk, each key's weight and the carried state's factor; per row the chunk-relative log-forget
 cumsum, m and argmax), mlstm_fwd_state_kernel (the (C, n) scan, entry state of every chunk)
@@ -85,7 +85,7 @@ def _launch(kernel, name, grid, args, DK, DV, L, dtype, arch, **extra):
     """Launch one of the matmul kernels (heuristics.KERNELS) in chunks of L (tiles of
     tile_len(L)) with the table's parameters."""
     p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
-    BT = heuristics.tile_len(L, dtype)
+    BT = heuristics.tile_len(L, dtype, DK, DV, arch)
     meta = dict(BT=BT, NT=L // BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
     if "BV" not in kernel.arg_names:                    # (the forward's pair kernel: no v)
         del meta["BV"]
@@ -191,9 +191,9 @@ def _dims(q, v, L):
     """(B, NH, S, DK, DV, chunks, tile, tiles a chunk, accumulation dtype, arch) of a pass over
     laid-out q and v in chunks of L positions."""
     B, NH, S, DK = q.shape
-    BT = heuristics.tile_len(L, q.dtype)
-    return (B, NH, S, DK, v.shape[-1], cdiv(S, L), BT, L // BT, compute_dtype(q),
-            heuristics.device_arch(q.device))
+    arch = heuristics.device_arch(q.device)
+    BT = heuristics.tile_len(L, q.dtype, DK, v.shape[-1], arch)
+    return B, NH, S, DK, v.shape[-1], cdiv(S, L), BT, L // BT, compute_dtype(q), arch
 
 
 def _pair_buffers(q, S, NC, BT, NT, dtypes):

@@ -94,22 +94,56 @@ def chunk_len(S, DK, DV, dtype, arch, requested=None):
     return min(DEFAULT_CHUNK, max_tile(dtype), fits)
 
 
-def tile_len(L, dtype):
+def tile_len(L, dtype, DK=0, DV=0, arch=0):
     """Positions per tile BT of the matmul kernels for chunks of L: the chunk up to max_tile,
     longer chunks in tiles of max_tile, for float32 inputs of 16 (at 32 the multi-tile loops'
-    tf32x3 operands spill, compile_check)."""
+    tf32x3 operands spill, compile_check). Chunks of several tiles take another tile where
+    TILE or a measured table's "tile" entry says so (tuned_tile)."""
     if L <= max_tile(dtype):
         return L
-    return 16 if dtype == torch.float32 else max_tile(dtype)
+    # (the lookup only where a tile may be asked for: this runs a few times a pass)
+    tuned = tuned_tile(L, dtype, DK, DV, arch) if TILE is not None or tuned_table() else None
+    return tuned or (16 if dtype == torch.float32 else max_tile(dtype))
+
+
+def tuned_tile(L, dtype, DK, DV, arch):
+    """The tile of positions TILE or a measured table's "tile" entry ({"BT": n}, keyed like a
+    kernel's: table_key("tile", ...)) asks for in chunks of L, where it applies: a power of
+    two in TUNABLE_TILES that still leaves several tiles a chunk (so that it changes the tile
+    shape of the multi-tile kernels, never which kernels run), and for 16-bit (and float64)
+    inputs only (float32's tf32x3 operands spill beyond tiles of 16 there), on Hopper (and the
+    interpreter) only: on sm_80 the backward's pair kernel spills in tiles of 128 at every
+    head-dim tile (compile_check). None otherwise."""
+    BT = TILE
+    if BT is None:
+        BT = tuned_table().get(table_key(TILE_ENTRY, DK, DV, L, dtype, arch), {}).get("BT")
+    elif BT not in TUNABLE_TILES:
+        raise ValueError(f"heuristics.TILE must be one of {TUNABLE_TILES} or None, got {BT!r}")
+    return BT if BT is not None and tile_applies(BT, L, dtype, arch) else None
+
+
+def tile_applies(BT, L, dtype, arch):
+    """Whether chunks of L take a tile of BT positions asked for (tuned_tile's conditions)."""
+    return dtype != torch.float32 and 2 * BT <= L and not 0 < arch < 90
 
 
 # Per-kernel launch parameters forced by bench/tune.py while it sweeps configurations on a GPU:
 # {kernel: {param: value}}, applied over everything else. Empty in normal use.
 OVERRIDES = {}
+# Tiles of positions that chunks of several tiles may take instead of MAX_TILE, and the one
+# bench/kernels.py --tile and bench/tune.py --tile force (None in normal use; tuned_tile). At
+# 128 positions the matmul kernels take 8 warps (two warpgroups of 64 rows on Hopper): the
+# [128, 128] tiles of the Triton fused-attention tutorial's Hopper configurations, which halve
+# the pair kernels' loads of q and k a product (every pair of tiles reads both over the whole
+# head dim). Compiled for sm_80 and sm_90 without spills (compile_check --tile 128); not timed
+# on a GPU yet, so not a default.
+TUNABLE_TILES = (16, 32, 64, 128)
+TILE = None
 # A launch table measured on one's own GPU (bench/tune.py --write-table FILE), used over the
 # built-in one for the entries it has: opt-in autotuning.
 TABLE_ENV = "VIL_KERNELS_LAUNCH_TABLE"
 _PARAMS = {"BK", "BV", "num_warps", "num_stages", "maxnreg", "split"}
+TILE_ENTRY = "tile"             # a table's entry for the tile of positions: {"BT": n}
 _tuned = None                                                    # {key: params}, loaded once
 # launch_params' answers while OVERRIDES is empty (emptied when the table is reloaded): the
 # lookups ran ~10 us each, nine a forward and backward, host time that small shapes wait on
@@ -126,17 +160,18 @@ def launch_params(kernel, DK, DV, L, dtype, arch):
     dtype."""
     assert kernel in KERNELS, kernel
     key = (kernel, DK, DV, L, dtype, arch)
-    cached = _cache.get(key) if not OVERRIDES else None
+    forced = OVERRIDES or TILE is not None
+    cached = _cache.get(key) if not forced else None
     if cached is not None:
         return dict(cached)
-    BT = tile_len(L, dtype)
+    BT = tile_len(L, dtype, DK, DV, arch)
     p = _table_params(kernel, DK, DV, BT, L // BT, dtype, arch)
     if kernel in SCANS:
         p["split"] = False
     p.update(tuned_table().get(table_key(kernel, DK, DV, L, dtype, arch), {}))
     if OVERRIDES:
         p.update(OVERRIDES.get(kernel, {}))
-    else:
+    if not forced:
         _cache[key] = dict(p)
     return p
 
@@ -172,6 +207,12 @@ def read_table(path):
               "split": lambda v: isinstance(v, bool)}
     for key, params in entries.items():
         name = key.split("/")[0]
+        if name == TILE_ENTRY and len(key.split("/")) == 6:
+            if (not isinstance(params, dict) or set(params) != {"BT"}
+                    or params["BT"] not in TUNABLE_TILES):
+                raise ValueError(f"{path}: entry {key!r} must be {{\"BT\": n}} with n one of "
+                                 f"{TUNABLE_TILES}, got {params!r}")
+            continue
         if name not in KERNELS or len(key.split("/")) != 6 or not isinstance(params, dict):
             raise ValueError(f"{path}: bad entry {key!r}")
         bad = {k: v for k, v in params.items()
@@ -229,7 +270,7 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
         # (D=384, B=64: programs an SM count) though 1.08x faster at S=16384 (B=1: 72
         # programs, fewer than SMs); bench/results/tune-nvidia-h*.json
         stages = 3
-    warps = 4
+    warps = 8 if BT >= 128 else 4          # (TUNABLE_TILES: a warpgroup per 64 rows)
     if kernel == "bwd_dqk" and sixteen and BT >= 64 and NT == 1 and BK >= 64 and BV < 64:
         BK = 32             # (64 x 32 tiles, DK a multiple of 64 and DV = 96: a 264-byte spill)
     p = dict(BK=BK, BV=BV, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
