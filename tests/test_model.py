@@ -1307,6 +1307,23 @@ def test_torch_export_with_a_dynamic_batch(backend):
             assert rel(loaded(x), m(x)) < 1e-5, B
 
 
+def test_aot_inductor_package_on_the_cpu(tmp_path):
+    """torch.export then AOTInductor (torch._inductor.aoti_compile_and_package): ViL with the
+    PyTorch cell compiles into a package that runs without the model's Python code, with a
+    dynamic batch, and gives eager's logits. (The Triton cell is a Python custom op; AOTInductor
+    on a GPU has not been tried.)"""
+    from torch.export import Dim, export
+    m = tiny(depth=1, img_size=32, patch_size=4, mlstm_backend="torch",
+             mlstm_chunk_size=16).eval()
+    ep = export(m, (images(2, 32),), dynamic_shapes={"x": {0: Dim("batch", min=1, max=1024)}})
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "vil.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    with torch.no_grad():
+        for B in (1, 3):
+            x = images(B, 32, seed=B)
+            assert rel(runner(x), m(x)) < 1e-5, B
+
+
 def test_recompute_states_in_the_model():
     """mlstm_recompute_states=True reaches every cell and changes no bit of the loss or of any
     gradient (torch backend on the CPU)."""
