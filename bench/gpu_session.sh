@@ -25,7 +25,8 @@
 #   chunkjob    the main job's inference at 448 px (ViL-T and ViL-B, our rows) with the cells in
 #               one chunk of 1024 (the quadratic form, no state work) against the default
 #               (CHUNKJOB_BENCH=train: training, where one chunk also keeps no states;
-#               CHUNKJOB_MODELS picks the models)
+#               CHUNKJOB_MODELS picks the models, CHUNKJOB_CHUNKS the chunks: "default 128
+#               1024" adds the forward's fastest chunk at D=96 in session 14's table)
 #   throughput  the main job at 448 px (inference), with that table; only with STEPS naming it
 #   ncu         Nsight Compute's sections for the seven kernels of one fwd+bwd at D=384 (ncu96:
 #               at D=96; in the log); only with STEPS naming it
@@ -133,7 +134,7 @@ for s in $STEPS; do
             --shapes 64,4,784,384 --shapes 64,4,784,192 --shapes 64,4,784,96 \
             --shapes 64,4,196,384 --results-file "$OUT/kernels-tiles.json" ;;
     chunkjob)
-        for c in default 1024; do
+        for c in ${CHUNKJOB_CHUNKS:-default 1024}; do
             FLAG=""; [ "$c" = default ] || FLAG="--mlstm-chunk-size $c"
             step "chunkjob-$c" 150 python bench/throughput.py --resolution 448 \
                 --model "${CHUNKJOB_MODELS:-vil2-tiny,vil2-base}" --rows ours \
