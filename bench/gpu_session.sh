@@ -21,7 +21,9 @@
 #               S=16384, and the peer: which chunk length the table should pick
 #   tiles       the Triton op in one chunk (1024) in tiles of TILES positions (default 64,128:
 #               the table's against 8-warp tiles of 128, heuristics.TILE) at S=784, D=384/192/96
-#               and S=196, D=384, timed the same call: whether 128 should be a table entry
+#               and S=196, D=384, timed the same call: whether 128 should be a table entry;
+#               then at D=96 and 64 in chunks of 64, 128 and 1024 with the outputs kernel
+#               computing the pair scores (heuristics.SCORES_IN_OUTPUTS) and without
 #   chunkjob    the main job's inference at 448 px (ViL-T and ViL-B, our rows) with the cells in
 #               one chunk of 1024 (the quadratic form, no state work) against the default
 #               (CHUNKJOB_BENCH=train: training, where one chunk also keeps no states;
@@ -132,7 +134,13 @@ for s in $STEPS; do
         step tiles "${TILES_LIMIT:-240}" python bench/kernels.py --paths triton \
             --chunk-size "${TILES_CHUNK:-1024}" --tile "${TILES:-64,128}" --num-bench-iter 10 \
             --shapes 64,4,784,384 --shapes 64,4,784,192 --shapes 64,4,784,96 \
-            --shapes 64,4,196,384 --results-file "$OUT/kernels-tiles.json" ;;
+            --shapes 64,4,196,384 --results-file "$OUT/kernels-tiles.json"
+        for sc in 1 0; do
+            VIL_KERNELS_SCORES_IN_OUTPUTS=$sc step "scores-$sc" 120 python bench/kernels.py \
+                --paths triton --chunk-size 64,128,1024 --num-bench-iter 10 \
+                --shapes 64,4,784,96 --shapes 64,4,784,64 \
+                --results-file "$OUT/kernels-scores-$sc.json"
+        done ;;
     chunkjob)
         for c in ${CHUNKJOB_CHUNKS:-default 1024}; do
             FLAG=""; [ "$c" = default ] || FLAG="--mlstm-chunk-size $c"

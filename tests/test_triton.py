@@ -325,33 +325,38 @@ def test_chunk_sizes_agree(dtype):
 
 # Chunks longer than a tile (the state kept every L positions, every pair of a tile and one
 # up to it in its chunk computed once by the pair kernels, which the outputs, dq/dk and dv
-# kernels then read): tiles of 16 here (heuristics.MAX_TILE patched), chunks of 4 tiles and a
-# requested 1024 (one chunk for the whole sequence, the quadratic form), S a multiple of
-# neither, both directions, initial states, a loss on h alone (the state-gradient scan from
-# zero), extreme gates, and the scans' split form over multi-tile chunks.
+# kernels then read; in the forward, where one V tile holds DV, by the outputs kernel itself):
+# tiles of 16 here (heuristics.MAX_TILE patched), chunks of 4 tiles and a requested 1024 (one
+# chunk for the whole sequence, the quadratic form), S a multiple of neither, both
+# directions, initial states, a loss on h alone (the state-gradient scan from zero), extreme
+# gates, the scans' split form over multi-tile chunks, DV in one V tile (40) and in two (72).
 @pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
-@pytest.mark.parametrize("chunk,S,reverse,init,last_states,extreme,split", [
-    (64, 70, False, True, True, False, False),
-    (64, 70, True, True, True, False, False),
-    (64, 150, True, False, False, False, False),
-    (1024, 50, True, True, True, False, False),
-    (1024, 50, False, False, True, True, False),
-    (32, 37, True, True, True, False, True),
+@pytest.mark.parametrize("chunk,S,reverse,init,last_states,extreme,split,DV", [
+    (64, 70, False, True, True, False, False, 40),
+    (64, 70, True, True, True, False, False, 72),
+    (64, 150, True, False, False, False, False, 40),
+    (1024, 50, True, True, True, False, False, 72),
+    (1024, 50, False, False, True, True, False, 40),
+    (1024, 50, False, False, False, False, False, 72),
+    (32, 37, True, True, True, False, True, 40),
 ])
-def test_multi_tile_chunks(chunk, S, reverse, init, last_states, extreme, split, monkeypatch):
+def test_multi_tile_chunks(chunk, S, reverse, init, last_states, extreme, split, DV,
+                           monkeypatch):
     from vil_kernels.triton import heuristics
     monkeypatch.setattr(heuristics, "MAX_TILE", 16)
-    L = heuristics.chunk_len(S, 24, 40, torch.float64, 0, chunk)
+    L = heuristics.chunk_len(S, 24, DV, torch.float64, 0, chunk)
     assert heuristics.tile_len(L, torch.float64) == 16 and L // 16 > 1
     if split:
         monkeypatch.setattr(heuristics, "OVERRIDES", {"fwd_state": dict(split=True),
                                                       "bwd_state": dict(split=True)})
     gates = dict(i_range=(-80, 80), f_range=(-20, 20)) if extreme else {}
-    x = make_inputs(NH=2, S=S, DK=24, DV=40, init=init, seed=S + chunk, **gates)
+    x = make_inputs(NH=2, S=S, DK=24, DV=DV, init=init, seed=S + chunk, **gates)
     got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=chunk,
                                       last_states=last_states))
-    # the chunks' tile pairs computed once, then read by the outputs, dq/dk and dv kernels
-    assert {"fwd_pair", "bwd_pair"} <= names, names
+    # the chunks' tile pairs computed once, then read by the outputs, dq/dk and dv kernels;
+    # the forward's by the outputs kernel where its one V tile (64 here) holds DV
+    one_v_tile = DV <= heuristics.launch_params("fwd_out", 24, DV, L, torch.float64, 0)["BV"]
+    assert "bwd_pair" in names and ("fwd_pair" in names) != one_v_tile, names
     ref = run(x, "parallel", reverse=reverse, last_states=last_states)
     errs = {n: rel_err(got[n], ref[n]) for n in ref}
     assert max(errs.values()) < 1e-9, errs
@@ -362,20 +367,23 @@ def test_multi_tile_chunks(chunk, S, reverse, init, last_states, extreme, split,
 # initial states and the last state's loss, and one chunk for the whole sequence (4 tiles),
 # S a multiple of neither, both directions; float64 exactly, bfloat16 at ViL-B's head dim.
 @pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
-@pytest.mark.parametrize("chunk,S,reverse,init,last_states", [
-    (256, 300, True, True, True),
-    (1024, 300, False, False, False),
+# (the forward pair kernel runs where one V tile does not hold DV, and in tiles of 128 with a
+# carried state, heuristics.scores_in_outputs)
+@pytest.mark.parametrize("chunk,S,reverse,init,last_states,DV,fwd_pair", [
+    (256, 300, True, True, True, 72, True),
+    (256, 300, False, False, False, 40, True),
+    (1024, 300, False, False, False, 40, False),
 ])
-def test_tiles_of_128(chunk, S, reverse, init, last_states, monkeypatch):
+def test_tiles_of_128(chunk, S, reverse, init, last_states, DV, fwd_pair, monkeypatch):
     from vil_kernels.triton import heuristics
     monkeypatch.setattr(heuristics, "TILE", 128)
-    L = heuristics.chunk_len(S, 24, 40, torch.float64, 0, chunk)
-    assert heuristics.tile_len(L, torch.float64, 24, 40, 0) == 128 and L // 128 > 1
-    assert heuristics.launch_params("fwd_pair", 24, 40, L, torch.float64, 0)["num_warps"] == 8
-    x = make_inputs(NH=2, S=S, DK=24, DV=40, init=init, seed=S + chunk)
+    L = heuristics.chunk_len(S, 24, DV, torch.float64, 0, chunk)
+    assert heuristics.tile_len(L, torch.float64, 24, DV, 0) == 128 and L // 128 > 1
+    assert heuristics.launch_params("fwd_pair", 24, DV, L, torch.float64, 0)["num_warps"] == 8
+    x = make_inputs(NH=2, S=S, DK=24, DV=DV, init=init, seed=S + chunk)
     got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=chunk,
                                       last_states=last_states))
-    assert {"fwd_pair", "bwd_pair"} <= names, names
+    assert "bwd_pair" in names and ("fwd_pair" in names) == fwd_pair, names
     ref = run(x, "parallel", reverse=reverse, last_states=last_states)
     errs = {n: rel_err(got[n], ref[n]) for n in ref}
     assert max(errs.values()) < 1e-9, errs
@@ -435,6 +443,30 @@ def test_tile_from_a_launch_table(tmp_path, monkeypatch):
     assert h.tile_len(1024, torch.bfloat16, 384, 384, 90) == 64
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_scores_in_the_outputs_kernel_same_bits(dtype, monkeypatch):
+    """Chunks of several tiles where one V tile holds DV: the outputs kernel computing each
+    pair's scores (heuristics.SCORES_IN_OUTPUTS) gives the bits of the pair kernel's path, h
+    and the normalizer, with an initial state and without."""
+    from vil_kernels.triton import heuristics
+    from vil_kernels.triton.chunk import mlstm_fwd
+    if dtype == torch.float64 and DEVICE == "cuda":
+        dtype = torch.float32
+    for init in (False, True):
+        x = make_inputs(NH=2, S=150, DK=32, DV=64, init=init, seed=31)
+        x = {n: t.to(DEVICE, dtype if n in "qkv" else torch.float32) for n, t in x.items()}
+        state = (x["c_initial"], x["n_initial"], x["m_initial"]) if init else (None,) * 3
+        outs = {}
+        for here in (True, False):
+            monkeypatch.setattr(heuristics, "SCORES_IN_OUTPUTS", here)
+            (h, *rest), names = launched(lambda: mlstm_fwd(
+                x["q"], x["k"], x["v"], x["i"], x["f"], *state, 1e-6, 128, True,
+                last_states=False))
+            assert ("fwd_pair" in names) != here, names
+            outs[here] = (h, rest[5])                                   # h, n_row
+        assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
+
+
 @pytest.fixture(params=[64, 16])
 def one_chunk_tile(request, monkeypatch):
     """Tiles of 64 or 16 positions: S = 50 in one chunk is one tile or four."""
@@ -460,7 +492,8 @@ def test_one_chunk_inference_runs_no_state_work(one_chunk_tile, reverse):
         h = out[0] if last else out
         assert rel_err(h, ref["h"]) < 1e-9
         assert ("fwd_state" in names) == last, names
-        assert ("fwd_pair" in names) == (tile == 16), names     # several tiles a chunk
+        # several tiles a chunk: the scores in the outputs kernel (one V tile holds DV = 40)
+        assert "fwd_pair" not in names and ("fwd_out" in names), names
         if last:
             for name, got in zip("cnm", out[1]):
                 assert rel_err(got, ref[name]) < 1e-9, name

@@ -13,8 +13,8 @@ cap, dtypes: head dims are runtime values, so many head dims share one binary), 
 distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
 registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, programs an SM
 holds at once (occ, programs_per_sm), and the head dims each binary serves (flag: HAS_INIT of the
-state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the outputs, dq/dk and dv kernels;
-f/b and S for the chain's direction and starting state). Exits 1 on any spill, on shared memory
+state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the outputs, dq/dk and dv kernels,
+Fs / Ts where the outputs kernel also computes the scores of chunks of several tiles; f/b and S for the chain's direction and starting state). Exits 1 on any spill, on shared memory
 over the arch's limit (sm_80: 163 KB, sm_90: 227 KB), on registers x threads over the 64K register
 file, when a 16-bit build has no HMMA/HGMMA instruction, on a pipelined loop whose asynchronous
 wgmma reads a single-buffered tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile
@@ -122,11 +122,21 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                             NT = L // BT
                             if name in heuristics.PAIR_KERNELS and NT == 1:
                                 continue
+                            # (where the outputs kernel computes the pair scores, with a
+                            # carried state or without, the forward pair kernel does not run)
+                            bv_out = heuristics.launch_params("fwd_out", DK, DV, L, dtype,
+                                                              arch)["BV"]
+                            scores = {st: heuristics.scores_in_outputs(DV, bv_out, BT, NT, st)
+                                      for st in (False, True)}
+                            if name == "fwd_pair" and all(scores.values()):
+                                continue
                             p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
                             flags = (False, True) if name in heuristics.SCANS + (
                                 STATE_FLAG_KERNELS) else (None,)
                             BV = 0 if name == "fwd_pair" else p["BV"]     # (reads no v)
                             for has_init in flags:      # HAS_INIT, HAS_DLAST, HAS_STATE
+                                if name == "fwd_out" and scores[has_init]:  # "Fs", "Ts"
+                                    has_init = "TF"[not has_init] + "s"
                                 key = (name, dt, arch, BT, p["BK"], BV, p["num_warps"],
                                        p["num_stages"], has_init, p["maxnreg"], NT)
                                 out.setdefault(key, set()).add((DK, DV))
@@ -203,12 +213,14 @@ def compile_one(key, constexprs=None):
         const_names, const_vals = ["BS", "HAS_W", "ACC"], [BV, bool(has_init), tl_of[acc]]
     else:
         # the flag slot: HAS_INIT, HAS_DLAST of the scans, HAS_STATE of the outputs, dq/dk and
-        # dv kernels
+        # dv kernels; for the outputs kernel "Fs" / "Ts": HAS_STATE with SCORES
         flags = {"fwd_state": {"HAS_INIT": bool(has_init)},
                  "bwd_state": {"HAS_DLAST": bool(has_init)},
                  "fwd_out": {"QN_MMA": qn_mma}}.get(name, {})
         if name in STATE_FLAG_KERNELS:
-            flags["HAS_STATE"] = has_init is not False
+            flags["HAS_STATE"] = has_init is not False and has_init != "Fs"
+        if name == "fwd_out":
+            flags["SCORES"] = isinstance(has_init, str)
         tiles = {"BT": BT, "NT": NT, "BK": BK, "BV": BV}
         if name == "fwd_pair":                  # (no V tiles: it never reads v)
             del tiles["BV"]

@@ -8,8 +8,9 @@ cumsum, m and argmax), mlstm_fwd_state_kernel (the (C, n) scan, entry state of e
 then mlstm_fwd_out_kernel (outputs per tile; signed normalizer per row). With the scans' split
 launch parameter each scan is mlstm_chunk_local_kernel then mlstm_chunk_chain_kernel instead
 (same function). Chunks of several tiles add mlstm_fwd_pair_kernel before the outputs kernel
-and mlstm_bwd_pair_kernel before dq/dk and dv: each (tile, tile up to it) pair of a chunk
-computed once, into buffers the others read (_pair_buffers).
+(unless one V tile holds DV: then the outputs kernel computes the pairs' scores itself,
+heuristics.SCORES_IN_OUTPUTS) and mlstm_bwd_pair_kernel before dq/dk and dv: each (tile, tile
+up to it) pair of a chunk computed once, into buffers the others read (_pair_buffers).
 Backward: mlstm_bwd_prologue_kernel (den, dn, dm per row from one pass over dh and h, and the
 state-gradient scan's row weights and chunk factors), mlstm_bwd_state_kernel (reverse
 scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv),
@@ -278,8 +279,12 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
     h = torch.empty(B, NH, S, DV, dtype=q.dtype, device=q.device)
     n_row = torch.empty(B, NH, S, dtype=ad, device=q.device)
     scale = DK ** -0.5
-    # chunks of several tiles: every pair's weighted scores (MMA dtype) and row sums, once
-    (sc, rs), grid = _pair_buffers(q, S, NC, BT, NT, ((state_dtype(q), True), (ad, False)))
+    p = heuristics.launch_params("fwd_out", DK, DV, L, q.dtype, arch)
+    # chunks of several tiles: every pair's weighted scores (MMA dtype) and row sums, once;
+    # where one V tile holds DV the outputs kernel computes them itself (SCORES): once too
+    scores = heuristics.scores_in_outputs(DV, p["BV"], BT, NT, states)
+    (sc, rs), grid = _pair_buffers(q, S, NC, BT, 1 if scores else NT,
+                                   ((state_dtype(q), True), (ad, False)))
     if grid is not None:
         _launch(mlstm_fwd_pair_kernel, "fwd_pair", grid,
                 (q, k, i, b_row, m_row, sc, rs, S, NC, DK, rev, NH, *_strides(q), scale),
@@ -287,12 +292,12 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
     else:
         sc, rs = h, n_row                                                # unread
     # pipelined, the outputs kernel takes n as (hi, lo) MMA-dtype pairs (see the kernel)
-    qn_mma = heuristics.launch_params("fwd_out", DK, DV, L, q.dtype, arch)["num_stages"] > 1
+    qn_mma = p["num_stages"] > 1
     _launch(mlstm_fwd_out_kernel, "fwd_out",
             lambda BK, BV: (cdiv(DV, BV), cdiv(S, BT), B * NH),
             (q, k, v, i, c_in, hi_lo(n_in, c_in.dtype) if qn_mma else n_in, m_in, b_row, m_row,
              h, n_row, sc, rs, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v), scale, eps),
-            DK, DV, L, q.dtype, arch, QN_MMA=qn_mma, HAS_STATE=states)
+            DK, DV, L, q.dtype, arch, QN_MMA=qn_mma, HAS_STATE=states, SCORES=scores)
     return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, b_row
 
 

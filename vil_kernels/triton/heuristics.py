@@ -46,6 +46,22 @@ MAX_CHUNK = 1024
 # hands on grows with D x D, the pair work with S x S only. At most MAX_CHUNK.
 ONE_CHUNK_UP_TO = 1024
 ONE_CHUNK_HEAD_DIM = 384
+# Chunks of several tiles, forward: where one V tile of the outputs kernel holds DV (D <= 64,
+# and D <= 128 for 16-bit inputs on Hopper), that kernel computes each pair's scores itself
+# instead of loading them from mlstm_fwd_pair_kernel: the same products once either way, the
+# same bits, minus a launch and the [BT, BT] scores' round trip through memory, for twice
+# the outputs kernel's registers (about 230 against 122 on sm_90: two programs an SM instead
+# of four). Chosen by that arithmetic, not timed on a GPU yet: $VIL_KERNELS_SCORES_IN_OUTPUTS=0
+# turns it off, so that bench/gpu_session.sh's tiles step times both.
+SCORES_IN_OUTPUTS = os.environ.get("VIL_KERNELS_SCORES_IN_OUTPUTS", "1") != "0"
+
+
+def scores_in_outputs(DV, BV, BT, NT, has_state):
+    """Whether the outputs kernel (V tiles of BV) computes the pair scores of chunks of NT
+    tiles of BT itself (SCORES_IN_OUTPUTS): where one V tile holds DV, except in tiles of 128
+    with a carried state, where that build spills on sm_90 (compile_check)."""
+    return (SCORES_IN_OUTPUTS and NT > 1 and DV <= BV
+            and not (BT >= 128 and has_state))
 # ptxas otherwise sometimes settles on 128 registers and spills a few bytes (compile_check
 # caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
 MAXNREG = 255

@@ -495,7 +495,7 @@ def mlstm_fwd_out_kernel(
     q, k, v, i, c_in, n_in, m_in, b_row, m_row, h, n_row, sc, rs,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale, eps,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    QN_MMA: tl.constexpr, HAS_STATE: tl.constexpr,
+    QN_MMA: tl.constexpr, HAS_STATE: tl.constexpr, SCORES: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """Outputs of one tile of rows and V block: grid (cdiv(DV, BV), cdiv(S, BT), B * NH). The
@@ -503,9 +503,12 @@ def mlstm_fwd_out_kernel(
     to each row; the signed normalizer of every row is stored by the i_v == 0 programs. The
     tile's own keys (one tile a chunk) and the carried state in one pass over DK; with several
     tiles a chunk, the chunk's tiles up to this one (its own included) take their scores from
-    mlstm_fwd_pair_kernel instead. Without HAS_STATE (one chunk for the whole sequence, no
-    initial state: the carried state is zero) c_in and n_in are not read and the state's
-    products not computed (with several tiles a chunk too, q and k are not read at all).
+    mlstm_fwd_pair_kernel instead, or with SCORES (set where one V tile holds DV, so that no
+    pair's q k^T would be computed twice) compute them here, as that kernel would (the same
+    bits), and it does not run: no [BT, BT] scores through memory. Without HAS_STATE (one
+    chunk for the whole sequence, no initial state: the carried state is zero) c_in and n_in
+    are not read and the state's products not computed (with several tiles a chunk and no
+    SCORES, q and k are not read at all).
     QN_MMA (set when the loop is software-pipelined) computes q . n_in on the tensor cores
     instead of as a sum of products, so that q only feeds dots: with a sum too, Triton 3.6
     gives q's pipelined loads one shared-memory buffer instead of two and the next iteration's
@@ -568,17 +571,25 @@ def mlstm_fwd_out_kernel(
         b_num += b_w[:, None] * b_qc
         b_nrow += b_w * b_qn
     if NT > 1:
-        # the chunk's tiles of keys up to this one: their weighted scores (mlstm_fwd_pair_kernel)
+        # the chunk's tiles of keys up to this one: their weighted scores (mlstm_fwd_pair_kernel's,
+        # or with SCORES computed here the same way)
         a = i_r - i_c * NT
         o_ss = o_i[:, None] * BT + o_i[None, :]
         for j in range(0, a + 1):
-            o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
-            b_sj = tl.load(sc + o_x + o_ss)                                 # [BT, BT]
             o_pj, m_tj = _rows(i_c * NT + j, S, REVERSE, BT)[1:]
+            if SCORES:
+                b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+                see = m_t[:, None] & ((o_i[:, None] >= o_i[None, :]) | (j < a))
+                b_sj = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK, MMA,
+                                 ACC, PREC, INTERP) * scale * _weights(b_b, b_m, b_bj, b_ij, see)
+                b_nrow += tl.sum(b_sj, axis=1)
+            else:
+                o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
+                b_sj = tl.load(sc + o_x + o_ss)                             # [BT, BT]
+                b_nrow += tl.load(rs + o_x // BT + o_i).to(ACC)
             b_vj = tl.load(p_v + o_pj[:, None] * sv_t + o_v[None, :],
                            mask=m_tj[:, None] & m_v[None, :], other=0.)     # [BT, BV]
             b_num += _dot(b_sj, b_vj, MMA, ACC, PREC, INTERP)
-            b_nrow += tl.load(rs + o_x // BT + o_i).to(ACC)
     b_den = tl.maximum(tl.abs(b_nrow), tl.exp(-b_m)) + eps
     b_h = b_num / b_den[:, None]
     tl.store(h + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], b_h.to(h.dtype.element_ty),
