@@ -482,7 +482,6 @@ def one_chunk_tile(request, monkeypatch):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_one_chunk_inference_runs_no_state_work(one_chunk_tile, reverse):
     import vil_kernels
-    tile = one_chunk_tile
     x = make_inputs(NH=2, S=50, DK=24, DV=40, seed=21)
     ref = run(x, "parallel", reverse=reverse)
     for last in (False, True):
@@ -492,8 +491,9 @@ def test_one_chunk_inference_runs_no_state_work(one_chunk_tile, reverse):
         h = out[0] if last else out
         assert rel_err(h, ref["h"]) < 1e-9
         assert ("fwd_state" in names) == last, names
-        # several tiles a chunk: the scores in the outputs kernel (one V tile holds DV = 40)
-        assert "fwd_pair" not in names and ("fwd_out" in names), names
+        # (in tiles of 16, several a chunk: the outputs kernel computes the pairs' scores, as
+        # one V tile holds DV = 40; in one tile of 64 there are no pairs)
+        assert "fwd_pair" not in names and "fwd_out" in names, names
         if last:
             for name, got in zip("cnm", out[1]):
                 assert rel_err(got, ref[name]) < 1e-9, name

@@ -14,7 +14,8 @@ distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, con
 registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, programs an SM
 holds at once (occ, programs_per_sm), and the head dims each binary serves (flag: HAS_INIT of the
 state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the outputs, dq/dk and dv kernels,
-Fs / Ts where the outputs kernel also computes the scores of chunks of several tiles; f/b and S for the chain's direction and starting state). Exits 1 on any spill, on shared memory
+Fs / Ts where the outputs kernel also computes the scores of chunks of several tiles; f/b and S
+for the chain's direction and starting state). Exits 1 on any spill, on shared memory
 over the arch's limit (sm_80: 163 KB, sm_90: 227 KB), on registers x threads over the 64K register
 file, when a 16-bit build has no HMMA/HGMMA instruction, on a pipelined loop whose asynchronous
 wgmma reads a single-buffered tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile

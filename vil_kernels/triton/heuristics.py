@@ -46,8 +46,17 @@ MAX_CHUNK = 1024
 # hands on grows with D x D, the pair work with S x S only. At most MAX_CHUNK.
 ONE_CHUNK_UP_TO = 1024
 ONE_CHUNK_HEAD_DIM = 384
-# Chunks of several tiles, forward: where one V tile of the outputs kernel holds DV (D <= 64,
-# and D <= 128 for 16-bit inputs on Hopper), that kernel computes each pair's scores itself
+# ptxas otherwise sometimes settles on 128 registers and spills a few bytes (compile_check
+# caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
+MAXNREG = 255
+KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv", "fwd_pair", "bwd_pair")
+# the kernels of chunks of several tiles only: every (row tile, key tile up to it) pair's
+# products once, which the outputs, dq/dk and dv kernels then load (kernels.py)
+PAIR_KERNELS = ("fwd_pair", "bwd_pair")
+SCANS = ("fwd_state", "bwd_state")
+
+# Chunks of several tiles, forward: where one V tile of the outputs kernel holds DV (for 16-bit
+# inputs on Hopper value head dims up to 128), that kernel computes each pair's scores itself
 # instead of loading them from mlstm_fwd_pair_kernel: the same products once either way, the
 # same bits, minus a launch and the [BT, BT] scores' round trip through memory, for twice
 # the outputs kernel's registers (about 230 against 122 on sm_90: two programs an SM instead
@@ -62,14 +71,6 @@ def scores_in_outputs(DV, BV, BT, NT, has_state):
     with a carried state, where that build spills on sm_90 (compile_check)."""
     return (SCORES_IN_OUTPUTS and NT > 1 and DV <= BV
             and not (BT >= 128 and has_state))
-# ptxas otherwise sometimes settles on 128 registers and spills a few bytes (compile_check
-# caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
-MAXNREG = 255
-KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv", "fwd_pair", "bwd_pair")
-# the kernels of chunks of several tiles only: every (row tile, key tile up to it) pair's
-# products once, which the outputs, dq/dk and dv kernels then load (kernels.py)
-PAIR_KERNELS = ("fwd_pair", "bwd_pair")
-SCANS = ("fwd_state", "bwd_state")
 
 
 def device_arch(device):
@@ -151,8 +152,8 @@ OVERRIDES = {}
 # 128 positions the matmul kernels take 8 warps (two warpgroups of 64 rows on Hopper): the
 # [128, 128] tiles of the Triton fused-attention tutorial's Hopper configurations, which halve
 # the pair kernels' loads of q and k a product (every pair of tiles reads both over the whole
-# head dim). Compiled for sm_80 and sm_90 without spills (compile_check --tile 128); not timed
-# on a GPU yet, so not a default.
+# head dim). Compiled for sm_90 without spills (compile_check --tile 128; on sm_80 they never
+# apply, tile_applies); not timed on a GPU yet, so not a default.
 TUNABLE_TILES = (16, 32, 64, 128)
 TILE = None
 # A launch table measured on one's own GPU (bench/tune.py --write-table FILE), used over the
