@@ -200,7 +200,7 @@ for s in $STEPS; do
         step modeltests-compile 60 python -m pytest tests/test_model.py -q \
             -k compile_fullgraph_matches_eager ;;
     modelk)                                    # MODELK_SWEEP="" skips the sweep
-        step modelk-inference 150 python bench/model_kernels.py ${MODELK_SWEEP---sweep} \
+        step modelk-inference 200 python bench/model_kernels.py ${MODELK_SWEEP---sweep} \
             --results-file "$OUT/model-kernels-inference.json"
         step modelk-train 60 python bench/model_kernels.py --mode train \
             --results-file "$OUT/model-kernels-train.json" ;;

@@ -42,8 +42,12 @@ from vil.model import PatchEmbed, _per_head_addmm, _PerHeadLinear  # noqa: E402
 
 MODELS = {"T": 192, "S": 384, "B": 768}                   # ViL width; inner = 2x, 4 heads
 SWEEPS = {
-    "conv": (triton_conv.CONFIG, [dict(BW=bw, BC=bc, num_warps=w) for bw, bc, w in
-                                  itertools.product((16, 32, 64), (32, 64, 128), (2, 4, 8))]),
+    # (and the rolling form: RB grid rows a program at rows_warps; num_warps stays the
+    # weight-gradient kernel's default there)
+    "conv": (triton_conv.CONFIG, [dict(BW=bw, BC=bc, num_warps=w, RB=1) for bw, bc, w in
+                                  itertools.product((16, 32, 64), (32, 64, 128), (2, 4, 8))]
+             + [dict(BW=bw, BC=bc, num_warps=2, RB=rb, rows_warps=w) for (bw, bc), rb, w in
+                itertools.product(((16, 128), (32, 64), (16, 64)), (2, 4, 8), (4, 8))]),
     "gating": (triton_gating.CONFIG, [dict(tile=t, num_warps=w) for t, w in
                                       itertools.product((1024, 2048, 4096, 8192), (2, 4, 8))]),
     "prenorm": (triton_norm.CONFIG, [dict(tile=t, num_warps=w) for t, w in
@@ -187,10 +191,13 @@ def main(argv=None):
                     config.clear()
                     config.update(keep)
     for op, table in sweeps.items():
-        # the config with the least total time over the models
+        # the config with the least total time over the models, against the current one (the
+        # module's config in the keys of the sweep's first entry)
         best = min(table.items(), key=lambda kv: sum(kv[1].values()))
-        print(f"sweep {op}: best {best[0]} {best[1]} (current {json.dumps(SWEEPS[op][0])}: "
-              f"{table.get(json.dumps(SWEEPS[op][0]), 'not in grid')})")
+        config, grid_ = SWEEPS[op]
+        current = json.dumps({k: config[k] for k in grid_[0]})
+        print(f"sweep {op}: best {best[0]} {best[1]} (current {current}: "
+              f"{table.get(current, 'not in grid')})")
     if args.results_file:
         meta = dict(device=device_name(dev), torch=torch.__version__, resolution=res,
                     batch_size=B, reps=reps, mode=args.mode, dtype="bfloat16 autocast")

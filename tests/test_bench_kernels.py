@@ -140,6 +140,7 @@ def test_model_kernels_dry_run_with_sweep(tmp_path, monkeypatch):
     import model_kernels
     before = {op: dict(cfg) for op, (cfg, _) in model_kernels.SWEEPS.items()}
     trimmed = {op: (cfg, [dict(cfg, num_warps=2)]) for op, (cfg, _) in model_kernels.SWEEPS.items()}
+    trimmed["conv"][1].append(dict(trimmed["conv"][0], RB=2))      # the conv's rolling form
     monkeypatch.setattr(model_kernels, "SWEEPS", trimmed)
     out = tmp_path / "mk.json"
     rows = model_kernels.main(["--device", "cpu", "--models", "T", "--resolution", "32",
@@ -148,7 +149,8 @@ def test_model_kernels_dry_run_with_sweep(tmp_path, monkeypatch):
     assert all(r["pytorch_ms"] > 0 and r["fused_ms"] > 0 for r in rows)
     saved = json.loads(out.read_text())
     assert set(saved["sweeps"]) == {"conv", "gating", "prenorm"}
-    assert all(len(t) == 1 and t[next(iter(t))]["T"] > 0 for t in saved["sweeps"].values())
+    assert {op: len(t) for op, t in saved["sweeps"].items()} == dict(conv=2, gating=1, prenorm=1)
+    assert all(v["T"] > 0 for t in saved["sweeps"].values() for v in t.values())
     assert {op: dict(cfg) for op, (cfg, _) in model_kernels.SWEEPS.items()} == before
     rows = model_kernels.main(["--device", "cpu", "--models", "T", "--resolution", "32",
                                "--mode", "train"])

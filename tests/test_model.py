@@ -707,14 +707,18 @@ def _depthwise(C, kernel, bias):
                     and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kernel,grid,bias,reverse", [
-    (3, (5, 7), True, False), (3, (5, 7), True, True), (3, (4, 40), False, True),
-    (5, (6, 3), True, True), ((3, 5), (7, 6), True, False)])
-def test_triton_conv_silu_matches_pytorch(dtype, kernel, grid, bias, reverse):
+@pytest.mark.parametrize("kernel,grid,bias,reverse,rows", [
+    (3, (5, 7), True, False, 1), (3, (5, 7), True, True, 1), (3, (4, 40), False, True, 1),
+    (5, (6, 3), True, True, 1), ((3, 5), (7, 6), True, False, 1), (3, (5, 7), True, True, 2),
+    (3, (4, 40), False, False, 4), ((3, 5), (7, 6), True, True, 3)])
+def test_triton_conv_silu_matches_pytorch(dtype, kernel, grid, bias, reverse, rows,
+                                          monkeypatch):
     """The fused conv + bias + SiLU against F.conv2d then F.silu: non-square grids, grid rows
     over one block of columns (40 > 32), channels over one block (80 > 64, not a multiple),
     strided tokens (the up-projection's half), both traversal directions, no bias, 5x5 and 3x5
-    kernels; bfloat16 as under autocast (weights rounded to bfloat16, float32 accumulation)."""
+    kernels; bfloat16 as under autocast (weights rounded to bfloat16, float32 accumulation);
+    3-row kernels also in the rolling form (CONFIG["RB"] grid rows a program, the grid's rows
+    a multiple of it or not)."""
     from vil import triton_conv
     from vil.layers import SequenceConv2d
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -725,7 +729,9 @@ def test_triton_conv_silu_matches_pytorch(dtype, kernel, grid, bias, reverse):
     S = grid[0] * grid[1]
     t = torch.randn(B, S, 2 * C, generator=g).to(dev, dtype)[..., :C]      # strided view
     old = dict(triton_conv.CONFIG)
-    triton_conv.CONFIG.update(BW=32, BC=64)
+    triton_conv.CONFIG.update(BW=32, BC=64, RB=rows)
+    from helpers import launch_log
+    log = launch_log(monkeypatch)
     try:
         with torch.no_grad():
             got = conv.forward_silu_fused(t, grid, reverse=reverse)
@@ -739,6 +745,9 @@ def test_triton_conv_silu_matches_pytorch(dtype, kernel, grid, bias, reverse):
         want = F.silu(y.flatten(2).transpose(1, 2))
     assert got.dtype == dtype and got.is_contiguous() and got.shape == (B, S, C)
     assert rel(got.float(), want) < (1e-6 if dtype == torch.float32 else 8e-3)
+    rolling = rows > 1 and conv.weight.shape[-2] == 3
+    assert {entry[0] for entry in log} == {
+        "_conv_rows_kernel" if rolling else "_conv_silu_kernel"}, log
     assert not SequenceConv2d(C, C, kernel_size=3, padding=1, groups=C, stride=2).fusable()
     assert not SequenceConv2d(C, C, kernel_size=3, padding=1).fusable()     # not depthwise
     with pytest.raises(ValueError, match="do not fit"):
@@ -876,14 +885,14 @@ def test_triton_fused_gating_matches_pytorch(norm_bias, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available()
                     and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="needs CUDA or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("kernel,grid,bias,reverse", [
-    (3, (5, 7), True, False), (3, (4, 11), True, True), (5, (6, 3), False, False),
-    ((3, 5), (7, 6), True, True)])
-def test_triton_conv_silu_gradients(kernel, grid, bias, reverse):
+@pytest.mark.parametrize("kernel,grid,bias,reverse,rows", [
+    (3, (5, 7), True, False, 1), (3, (4, 11), True, True, 1), (5, (6, 3), False, False, 1),
+    ((3, 5), (7, 6), True, True, 1), (3, (5, 7), True, False, 2), ((3, 5), (7, 6), True, True, 4)])
+def test_triton_conv_silu_gradients(kernel, grid, bias, reverse, rows):
     """Backward of the fused conv + bias + SiLU against autograd through F.conv2d and F.silu in
     float64: the tokens (a strided view), the weight (through the reverse traversal's flip) and
     the bias; grid rows over one strip of columns (11 > 8) and channels over one block (24 > 16,
-    not a multiple)."""
+    not a multiple); 3-row kernels also in the rolling form (its dc and transposed conv)."""
     from vil import triton_conv
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
@@ -905,7 +914,7 @@ def test_triton_conv_silu_gradients(kernel, grid, bias, reverse):
         return out, torch.autograd.grad(out, wrt, da.to(dtype))
 
     old = dict(triton_conv.CONFIG)
-    triton_conv.CONFIG.update(BW=8, BC=16, bwd_BW=8)
+    triton_conv.CONFIG.update(BW=8, BC=16, bwd_BW=8, RB=rows)
     try:
         got_out, got = grads(True, torch.float32)
     finally:
@@ -918,7 +927,7 @@ def test_triton_conv_silu_gradients(kernel, grid, bias, reverse):
         assert x.shape == y.shape and rel(x, y) < 1e-5, name
     assert got[0][..., C:].abs().max() == 0                  # the other half gets no gradient
     if bias:   # the bias gradient without the weight's (the weight-gradient kernel sums it)
-        triton_conv.CONFIG.update(BW=8, BC=16, bwd_BW=8)
+        triton_conv.CONFIG.update(BW=8, BC=16, bwd_BW=8, RB=rows)
         try:
             _, (dt, db) = grads(True, torch.float32, frozen_weight=True)
         finally:

@@ -37,6 +37,11 @@ def variants():
         out.append(("triton_conv", "_conv_silu_kernel",
                     dict(KH=3, KW=3, HAS_BIAS=act > 0, ACT=act, BW=c["BW"], BC=c["BC"]),
                     c["num_warps"]))
+        # the rolling form at 4 rows a program (RB > 1: what bench/model_kernels.py --sweep
+        # tries; the launcher's default is 1)
+        out.append(("triton_conv", "_conv_rows_kernel",
+                    dict(KW=3, HAS_BIAS=act > 0, ACT=act, BW=c["BW"], BC=c["BC"],
+                         RB=max(c["RB"], 4)), c["rows_warps"]))
     out.append(("triton_conv", "_conv_dw_kernel", dict(KH=3, KW=3, BW=c["bwd_BW"], BC=c["BC"]),
                 c["num_warps"]))
     for name, dim in WIDTHS.items():

@@ -24,9 +24,13 @@ __all__ = ["available", "conv_silu_triton"]
 
 # [grid columns, channels] a program (16-byte loads along the channels) and its warps: 16 x 128
 # over 2 warps was the fastest of 27 on an H200 at ViL-T/S/B widths (9% ahead of 32 x 64 over
-# 4); bwd_BW: the weight-gradient kernel's columns a tile. Module state so that
-# bench/model_kernels.py --sweep can try others; python -m vil.triton_check checks for spills.
-CONFIG = dict(BW=16, BC=128, num_warps=2, bwd_BW=16)
+# 4); bwd_BW: the weight-gradient kernel's columns a tile. RB: grid rows a program of the
+# conv kernels for 3-row kernels (ViL's 3 x 3): above 1 the rolling form (_conv_rows_kernel),
+# which loads each input row once for the three output rows it feeds (KW loads an output row
+# instead of 3 KW), at rows_warps warps (at 2 its five [16, 128] float32 tiles spill); not
+# timed on a GPU yet, so 1. Module state so that bench/model_kernels.py --sweep can try
+# others; python -m vil.triton_check checks for spills.
+CONFIG = dict(BW=16, BC=128, num_warps=2, bwd_BW=16, RB=1, rows_warps=4)
 
 
 if triton is not None:
@@ -70,6 +74,64 @@ if triton is not None:
             b_acc = tl.load(da + o_a, mask=m_a, other=0.).to(tl.float32) * b_sg \
                 * (1. + b_acc * (1. - b_sg))
         tl.store(a + o_a, b_acc.to(a.dtype.element_ty), mask=m_a)
+
+    @triton.jit
+    def _conv_taps_row(p_t, r, o_x, m_c, o_c, w, H, W, st_s, KW: tl.constexpr,
+                       BW: tl.constexpr, BC: tl.constexpr):
+        """Input grid row r's terms, float32 [BW, BC] each, for the output rows it feeds in a
+        3-row kernel: r + 1 (kernel row 0), r (row 1) and r - 1 (row 2); KW loads of it."""
+        b_0 = tl.zeros([BW, BC], dtype=tl.float32)
+        b_1 = tl.zeros([BW, BC], dtype=tl.float32)
+        b_2 = tl.zeros([BW, BC], dtype=tl.float32)
+        for j in tl.static_range(KW):
+            x = o_x + j - KW // 2
+            m = ((x >= 0) & (x < W) & (r >= 0) & (r < H))[:, None] & m_c[None, :]
+            b_t = tl.load(p_t + (r * W + x)[:, None] * st_s + o_c[None, :], mask=m,
+                          other=0.).to(tl.float32)                  # [BW, BC]
+            p_w = w + o_c * (3 * KW) + j
+            b_0 += b_t * tl.load(p_w, mask=m_c, other=0.).to(tl.float32)[None, :]
+            b_1 += b_t * tl.load(p_w + KW, mask=m_c, other=0.).to(tl.float32)[None, :]
+            b_2 += b_t * tl.load(p_w + 2 * KW, mask=m_c, other=0.).to(tl.float32)[None, :]
+        return b_0, b_1, b_2
+
+    @triton.jit
+    def _conv_rows_kernel(t, w, bias, da, a, H, W, C, st_b, st_s, sa_b, sa_s,
+                          KW: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                          BW: tl.constexpr, BC: tl.constexpr, RB: tl.constexpr):
+        """_conv_silu_kernel for kernels of 3 rows, RB grid rows a program: grid
+        (cdiv(H, RB) * cdiv(W, BW), cdiv(C, BC), B). It walks the input rows from y0 - 1 to
+        y0 + RB, loads each once (KW shifted tiles) and adds its terms to the two output rows
+        still open (carried as b_lo, row r - 1, and b_hi, row r), so an output row costs KW
+        loads instead of 3 KW; row r - 1 is complete once row r is in and is written then."""
+        NWB = tl.cdiv(W, BW)
+        i_p, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+        y0 = (i_p // NWB) * RB
+        o_x = (i_p % NWB) * BW + tl.arange(0, BW)                    # [BW] grid columns
+        o_c = i_c * BC + tl.arange(0, BC)                            # [BC] channels
+        m_x, m_c = o_x < W, o_c < C
+        p_t = t + i_b * st_b
+        b_bias = tl.zeros([BC], dtype=tl.float32)
+        if HAS_BIAS:
+            b_bias = tl.load(bias + o_c, mask=m_c, other=0.).to(tl.float32)
+        # input row y0 - 1 feeds output row y0 (kernel row 0) only
+        b_hi = _conv_taps_row(p_t, y0 - 1, o_x, m_c, o_c, w, H, W, st_s, KW, BW, BC)[0]
+        b_lo = tl.zeros([BW, BC], dtype=tl.float32)
+        for r in range(y0, y0 + RB + 1):
+            b_0, b_1, b_2 = _conv_taps_row(p_t, r, o_x, m_c, o_c, w, H, W, st_s, KW, BW, BC)
+            # output row r - 1 is complete: its bias, activation, store
+            y = r - 1
+            b_acc = b_lo + b_2 + b_bias[None, :]
+            o_a = i_b * sa_b + (y * W + o_x)[:, None] * sa_s + o_c[None, :]
+            m_a = (m_x & (y >= y0) & (y < H))[:, None] & m_c[None, :]
+            if ACT == 1:
+                b_acc = b_acc / (1. + tl.exp(-b_acc))
+            elif ACT == 2:
+                b_sg = 1. / (1. + tl.exp(-b_acc))
+                b_acc = tl.load(da + o_a, mask=m_a, other=0.).to(tl.float32) * b_sg \
+                    * (1. + b_acc * (1. - b_sg))
+            tl.store(a + o_a, b_acc.to(a.dtype.element_ty), mask=m_a)
+            b_lo = b_hi + b_1
+            b_hi = b_0
 
     @triton.jit
     def _conv_dw_kernel(t, dc, pw, H, W, C, st_b, st_s,
@@ -122,12 +184,17 @@ def _conv(t, w, b, grid, act, da=None):
     H, W = grid
     KH, KW = w.shape[-2:]
     a = torch.empty(B, S, C, device=t.device, dtype=t.dtype)
-    BW, BC = CONFIG["BW"], CONFIG["BC"]
-    launch(_conv_silu_kernel, (H * cdiv(W, BW), cdiv(C, BC), B),
-           (t, w, b if b is not None else w, da if da is not None else a, a, H, W, C,
-            t.stride(0), t.stride(1), a.stride(0), a.stride(1)),
-           KH=KH, KW=KW, HAS_BIAS=b is not None, ACT=act, BW=BW, BC=BC,
-           num_warps=CONFIG["num_warps"])
+    BW, BC, RB = CONFIG["BW"], CONFIG["BC"], CONFIG["RB"]
+    args = (t, w, b if b is not None else w, da if da is not None else a, a, H, W, C,
+            t.stride(0), t.stride(1), a.stride(0), a.stride(1))
+    if KH == 3 and RB > 1:
+        launch(_conv_rows_kernel, (cdiv(H, RB) * cdiv(W, BW), cdiv(C, BC), B), args,
+               KW=KW, HAS_BIAS=b is not None, ACT=act, BW=BW, BC=BC, RB=RB,
+               num_warps=CONFIG["rows_warps"])
+    else:
+        launch(_conv_silu_kernel, (H * cdiv(W, BW), cdiv(C, BC), B), args,
+               KH=KH, KW=KW, HAS_BIAS=b is not None, ACT=act, BW=BW, BC=BC,
+               num_warps=CONFIG["num_warps"])
     return a
 
 
