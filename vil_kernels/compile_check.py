@@ -123,20 +123,19 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                             NT = L // BT
                             if name in heuristics.PAIR_KERNELS and NT == 1:
                                 continue
-                            # (where the outputs kernel computes the pair scores, with a
-                            # carried state or without, the forward pair kernel does not run)
-                            bv_out = heuristics.launch_params("fwd_out", DK, DV, L, dtype,
-                                                              arch)["BV"]
-                            scores = {st: heuristics.scores_in_outputs(DV, bv_out, BT, NT, st)
-                                      for st in (False, True)}
-                            if name == "fwd_pair" and all(scores.values()):
+                            # (where the outputs kernel computes the pair scores the
+                            # forward pair kernel does not run)
+                            scores = heuristics.scores_in_outputs(
+                                DV, heuristics.launch_params("fwd_out", DK, DV, L, dtype,
+                                                             arch)["BV"], BT, NT)
+                            if name == "fwd_pair" and scores:
                                 continue
                             p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
                             flags = (False, True) if name in heuristics.SCANS + (
                                 STATE_FLAG_KERNELS) else (None,)
                             BV = 0 if name == "fwd_pair" else p["BV"]     # (reads no v)
                             for has_init in flags:      # HAS_INIT, HAS_DLAST, HAS_STATE
-                                if name == "fwd_out" and scores[has_init]:  # "Fs", "Ts"
+                                if name == "fwd_out" and scores:        # "Fs", "Ts"
                                     has_init = "TF"[not has_init] + "s"
                                 key = (name, dt, arch, BT, p["BK"], BV, p["num_warps"],
                                        p["num_stages"], has_init, p["maxnreg"], NT)

@@ -65,12 +65,11 @@ SCANS = ("fwd_state", "bwd_state")
 SCORES_IN_OUTPUTS = os.environ.get("VIL_KERNELS_SCORES_IN_OUTPUTS", "1") != "0"
 
 
-def scores_in_outputs(DV, BV, BT, NT, has_state):
+def scores_in_outputs(DV, BV, BT, NT):
     """Whether the outputs kernel (V tiles of BV) computes the pair scores of chunks of NT
-    tiles of BT itself (SCORES_IN_OUTPUTS): where one V tile holds DV, except in tiles of 128
-    with a carried state, where that build spills on sm_90 (compile_check)."""
-    return (SCORES_IN_OUTPUTS and NT > 1 and DV <= BV
-            and not (BT >= 128 and has_state))
+    tiles of BT itself (SCORES_IN_OUTPUTS): where one V tile holds DV, in tiles of at most 64
+    positions (in tiles of 128 its sm_90 builds spill 24-208 bytes, compile_check)."""
+    return SCORES_IN_OUTPUTS and NT > 1 and DV <= BV and BT <= 64
 
 
 def device_arch(device):
