@@ -154,9 +154,15 @@ def check():
                 for states in (False, True):
                     mlstm_step(mlstm_inputs(2, 2, 40, 32, states), reverse=reverse,
                                last=states)
-            # chunks of two tiles: the pair kernels and the matmul kernels' multi-tile loops
-            mlstm_step(mlstm_inputs(1, 1, 130, 32), chunk=128)
+            # chunks of two tiles: the pair kernels and the matmul kernels' multi-tile loops,
+            # the forward's scores in its outputs kernel (one V tile holds D = 32) and not
             from vil_kernels.triton import heuristics
+            mlstm_step(mlstm_inputs(1, 1, 130, 32), chunk=128)
+            scores, heuristics.SCORES_IN_OUTPUTS = heuristics.SCORES_IN_OUTPUTS, False
+            try:
+                mlstm_step(mlstm_inputs(1, 1, 130, 32), chunk=128)
+            finally:
+                heuristics.SCORES_IN_OUTPUTS = scores
             heuristics.OVERRIDES.update({k: {"split": True} for k in heuristics.SCANS})
             try:                                 # the scans' split form (off in the table)
                 mlstm_step(mlstm_inputs(2, 2, 40, 32, True), last=True)
@@ -164,6 +170,13 @@ def check():
                 heuristics.OVERRIDES.clear()
             for step in vil_steps().values():
                 step()
+            from vil import triton_conv
+            rows = triton_conv.CONFIG["RB"]
+            triton_conv.CONFIG["RB"] = 2                # the conv's rolling form
+            try:
+                vil_steps()["conv"]()
+            finally:
+                triton_conv.CONFIG["RB"] = rows
         finally:
             for m, fn in saved:
                 m.launch = fn

@@ -96,11 +96,14 @@ def test_dry_run_on_the_interpreter(tmp_path):
     scans, pairs = set(heuristics.SCANS), set(heuristics.PAIR_KERNELS)
     # chunks of one tile, and of 2, 4 and 16 tiles of 64; as ViL runs the op (no initial state,
     # the last state unused) only the chunks of 32 (two in S = 40) run the state scans, and
-    # chunks of several tiles their pair kernels
+    # chunks of several tiles the backward's pair kernel (the forward's scores come from its
+    # outputs kernel: one V tile holds D = 16, heuristics.scores_in_outputs)
     assert [b["chunk"] for b in res["baselines"]] == [32, 64, 128, 256, 1024]
     assert [b["BT"] for b in res["baselines"]] == [32, 64, 64, 64, 64]
+    assert pairs == {"fwd_pair", "bwd_pair"}
     assert [set(b["ms"]) for b in res["baselines"]] == [
-        kernels | scans, kernels, kernels | pairs, kernels | pairs, kernels | pairs]
+        kernels | scans, kernels, kernels | {"bwd_pair"}, kernels | {"bwd_pair"},
+        kernels | {"bwd_pair"}]
     sweep, scan = res["sweeps"]
     assert sweep["kernel"] == "bwd_dv" and scan["kernel"] == "fwd_state"
     assert len(sweep["rows"]) == len(tune.candidates("bwd_dv", 16, 32))

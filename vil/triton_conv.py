@@ -66,7 +66,11 @@ if triton is not None:
         if HAS_BIAS:
             b_acc += tl.load(bias + o_c, mask=m_c, other=0.).to(tl.float32)[None, :]
         o_a = i_b * sa_b + (i_y * W + o_x)[:, None] * sa_s + o_c[None, :]
-        m_a = m_x[:, None] & m_c[None, :]
+        _conv_out(b_acc, da, a, o_a, m_x[:, None] & m_c[None, :], ACT)
+
+    @triton.jit
+    def _conv_out(b_acc, da, a, o_a, m_a, ACT: tl.constexpr):
+        """Store a [BW, BC] conv c (bias added) at o_a by ACT: 0 c, 1 silu(c), 2 da * silu'(c)."""
         if ACT == 1:
             b_acc = b_acc / (1. + tl.exp(-b_acc))
         elif ACT == 2:
@@ -120,16 +124,9 @@ if triton is not None:
             b_0, b_1, b_2 = _conv_taps_row(p_t, r, o_x, m_c, o_c, w, H, W, st_s, KW, BW, BC)
             # output row r - 1 is complete: its bias, activation, store
             y = r - 1
-            b_acc = b_lo + b_2 + b_bias[None, :]
             o_a = i_b * sa_b + (y * W + o_x)[:, None] * sa_s + o_c[None, :]
-            m_a = (m_x & (y >= y0) & (y < H))[:, None] & m_c[None, :]
-            if ACT == 1:
-                b_acc = b_acc / (1. + tl.exp(-b_acc))
-            elif ACT == 2:
-                b_sg = 1. / (1. + tl.exp(-b_acc))
-                b_acc = tl.load(da + o_a, mask=m_a, other=0.).to(tl.float32) * b_sg \
-                    * (1. + b_acc * (1. - b_sg))
-            tl.store(a + o_a, b_acc.to(a.dtype.element_ty), mask=m_a)
+            _conv_out(b_lo + b_2 + b_bias[None, :], da, a, o_a,
+                      (m_x & (y >= y0) & (y < H))[:, None] & m_c[None, :], ACT)
             b_lo = b_hi + b_1
             b_hi = b_0
 
