@@ -293,8 +293,9 @@ def parse_args(argv=None):
     p.add_argument("--tile", default=None, metavar="N[,N...]",
                    help="positions a tile of the triton path's kernels in chunks of several "
                         "tiles (16, 32, 64 or 128; several: a row for each; default: the "
-                        "table's, 64). Tiles of 128 run 8 warps on Hopper; not a default "
-                        "until timed")
+                        "table's, 64), where it applies: chunks of two such tiles or more, "
+                        "16-bit inputs, Hopper (heuristics.tuned_tile). Tiles of 128 run 8 "
+                        "warps; not a default until timed")
     p.add_argument("--results-file", default=None)
     args = p.parse_args(argv)
     if args.tile is not None:
