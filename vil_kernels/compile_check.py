@@ -117,25 +117,25 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                 for requested in chunks:
                     L = heuristics.chunk_len(4096, DK, DV, dtype, 90, requested)
                     tiles = {arch: heuristics.tile_len(L, dtype, DK, DV, arch) for arch in ARCHS}
+                    # (where the outputs kernel computes the pair scores the forward pair
+                    # kernel does not run)
+                    scores = {arch: heuristics.scores_in_outputs(
+                        DV, heuristics.launch_params("fwd_out", DK, DV, L, dtype, arch)["BV"],
+                        tiles[arch], L // tiles[arch]) for arch in ARCHS}
                     for name in heuristics.KERNELS:
                         for arch in ARCHS:
                             BT = tiles[arch]
                             NT = L // BT
                             if name in heuristics.PAIR_KERNELS and NT == 1:
                                 continue
-                            # (where the outputs kernel computes the pair scores the
-                            # forward pair kernel does not run)
-                            scores = heuristics.scores_in_outputs(
-                                DV, heuristics.launch_params("fwd_out", DK, DV, L, dtype,
-                                                             arch)["BV"], BT, NT)
-                            if name == "fwd_pair" and scores:
+                            if name == "fwd_pair" and scores[arch]:
                                 continue
                             p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
                             flags = (False, True) if name in heuristics.SCANS + (
                                 STATE_FLAG_KERNELS) else (None,)
                             BV = 0 if name == "fwd_pair" else p["BV"]     # (reads no v)
                             for has_init in flags:      # HAS_INIT, HAS_DLAST, HAS_STATE
-                                if name == "fwd_out" and scores:        # "Fs", "Ts"
+                                if name == "fwd_out" and scores[arch]:  # "Fs", "Ts"
                                     has_init = "TF"[not has_init] + "s"
                                 key = (name, dt, arch, BT, p["BK"], BV, p["num_warps"],
                                        p["num_stages"], has_init, p["maxnreg"], NT)
