@@ -383,6 +383,12 @@ def _bad_cases():
         ("backend", dict(backend="cuda"), ValueError, r"unknown backend 'cuda'"),
         ("eps", dict(eps=-1.0), ValueError, r"eps must be a non-negative number"),
         ("empty seq", {n: t[:, :, :0] for n, t in g.items()}, ValueError, r"empty dimension"),
+        ("reverse str", dict(reverse="yes"), TypeError, r"reverse must be a bool, got 'yes'"),
+        ("reverse 2", dict(reverse=2), TypeError, r"reverse must be a bool, got 2"),
+        ("last states str", dict(return_last_states="no"), TypeError,
+         r"return_last_states must be a bool, got 'no'"),
+        ("last states tensor", dict(return_last_states=torch.tensor(True)), TypeError,
+         r"return_last_states must be a bool, got Tensor"),
     ]
 
 

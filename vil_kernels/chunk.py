@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .utils import (NEG, SECOND_ORDER, compute_dtype, default_chunk_size, first_order_only,
-                    normalizer_backward, route_last_state, route_to_argmax)
+                    forget_grad, log_forget, normalizer_backward, route_last_state,
+                    route_to_argmax)
 
 # exp() arguments are floored where exp is still a normal number: on CPUs exp of an underflowing
 # argument runs many times slower. A floored weight is at most 1e-26 of the row's largest, and its
@@ -386,12 +387,14 @@ def _backward(lay, q, k, v, i, fl, c0, n0, m0, eps, h, dh, saved, last, dlast):
 
 def _flat_inputs(q, k, v, i, f, c0, n0, m0, L, reverse):
     """The layout, compute dtype and flat inputs of both entry points: q, k, v, i, f (padding
-    keeps the state: input gate NEG, forget gate +inf) and the initial states (None if absent)."""
+    keeps the state: input gate NEG, forget gate +inf; input gates floored at NEG, so that -inf
+    writes nothing) and the initial states (None if absent)."""
     ct = compute_dtype(q)
     lay = _Layout(q, L, reverse)
     flat = lambda x, value=0.0: lay.to_flat(x, ct, value)
     states = tuple(lay.states_to_flat(x, ct) for x in (c0, n0, m0))
-    return lay, ct, (flat(q), flat(k), flat(v), flat(i, NEG), flat(f, math.inf)), states
+    gates = flat(i, NEG).clamp(min=NEG), flat(f, math.inf)
+    return lay, ct, (flat(q), flat(k), flat(v), *gates), states
 
 
 def _outputs(lay, h, last, dtype):
@@ -410,7 +413,7 @@ class MLSTMChunkwise(torch.autograd.Function):
     def forward(ctx, q, k, v, i, f, c0, n0, m0, eps, L, need_last, reverse, recompute=False):
         lay, ct, (qf, kf, vf, i_f, f_f), states = _flat_inputs(q, k, v, i, f, c0, n0, m0, L,
                                                                reverse)
-        h, last, saved = _forward(lay, qf, kf, vf, i_f, F.logsigmoid(f_f), *states, eps,
+        h, last, saved = _forward(lay, qf, kf, vf, i_f, log_forget(f_f), *states, eps,
                                   need_last, track=True)
         if recompute:                      # the chunk states (saved[3:]) come back in backward
             saved = (*saved[:3], None, None)
@@ -434,17 +437,17 @@ class MLSTMChunkwise(torch.autograd.Function):
         last, saved = rest[:4], tuple(rest[4:])
         last = None if last[0] is None else tuple(last)
         if saved[3] is None:                                     # recompute_states
-            _, _, again = _forward(lay, qf, kf, vf, i_f, F.logsigmoid(f_f), c0, n0, m0, eps,
+            _, _, again = _forward(lay, qf, kf, vf, i_f, log_forget(f_f), c0, n0, m0, eps,
                                    False, track=True)
             saved = (*saved[:3], *again[3:])
         dhf = lay.to_flat(dh, ct) if dh is not None else torch.zeros_like(h)
         if last is not None:
             dlast = tuple(torch.zeros_like(x) if d is None else lay.states_to_flat(d, ct)
                           for d, x in zip(dlast, last[:3]))
-        dq, dk, dv, di, dfl, dstates = _backward(lay, qf, kf, vf, i_f, F.logsigmoid(f_f), c0, n0,
+        dq, dk, dv, di, dfl, dstates = _backward(lay, qf, kf, vf, i_f, log_forget(f_f), c0, n0,
                                                  m0, eps, h, dhf, saved, last,
                                                  dlast if last else None)
-        df = dfl * torch.sigmoid(-f_f)
+        df = forget_grad(dfl, f_f)
         grads = [lay.from_flat(gr, dt) for gr, dt in zip((dq, dk, dv, di, df), dtypes)]
         if dstates is not None:
             grads += [lay.states_from_flat(gr, dt) for gr, dt in zip(dstates, dtypes[5:])]
@@ -468,6 +471,6 @@ def mlstm_chunkwise_torch(q, k, v, i, f, c_initial=None, n_initial=None, m_initi
             return out[0], tuple(out[1:])
         return out, None
     lay, _, (qf, kf, vf, i_f, f_f), states = _flat_inputs(*tensors, L, reverse)
-    h, last, _ = _forward(lay, qf, kf, vf, i_f, F.logsigmoid(f_f), *states, eps,
+    h, last, _ = _forward(lay, qf, kf, vf, i_f, log_forget(f_f), *states, eps,
                           return_last_states, track=False)
     return _outputs(lay, h, last, q.dtype)

@@ -98,6 +98,15 @@ def _check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial, eps, chunk_siz
     return i, f, states
 
 
+def _check_flag(name, x):
+    """A bool: a string such as "no" or a tensor would otherwise be taken by its truth value,
+    silently."""
+    if isinstance(x, bool):
+        return x
+    shown = repr(x) if isinstance(x, (str, int, float)) else type(x).__name__
+    raise TypeError(f"mlstm: {name} must be a bool, got {shown}")
+
+
 def _triton_available():
     try:
         import triton  # noqa: F401  (only whether it imports)
@@ -133,7 +142,10 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
     Args:
         q, k: (B, NH, S, DHQK) queries and keys; float16, bfloat16, float32 or float64.
         v: (B, NH, S, DHV) values, same dtype as q.
-        i, f: (B, NH, S) or (B, NH, S, 1) input and forget gate pre-activations.
+        i, f: (B, NH, S) or (B, NH, S, 1) input and forget gate pre-activations. Infinite
+            values mean their limits: i = -inf writes nothing at that position (padding,
+            masking), f = -inf forgets everything before it (a reset: f is floored at -256,
+            past which nothing crosses), f = +inf keeps everything. NaN, and i = +inf, give NaN.
         c_initial, n_initial, m_initial: optional state to start from, all three or none:
             (B, NH, DHQK, DHV), (B, NH, DHQK), (B, NH, 1). Gradients flow into them.
         return_last_states: also return the state ``(c, n, m)`` after the last position
@@ -169,13 +181,14 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
 
     Raises:
         TypeError, ValueError: for inputs of the wrong type, dtype, rank or shape, a partial
-        initial state, a bad chunk size or an unknown or unavailable backend.
+        initial state, a bad chunk size, a flag that is not a bool or an unknown or
+        unavailable backend.
     """
     i, f, states = _check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial, eps, chunk_size,
                                  backend)
-    if not isinstance(recompute_states, bool):
-        raise TypeError(f"mlstm: recompute_states must be a bool, got "
-                        f"{type(recompute_states).__name__}")
+    reverse = _check_flag("reverse", reverse)
+    return_last_states = _check_flag("return_last_states", return_last_states)
+    recompute_states = _check_flag("recompute_states", recompute_states)
     c_initial, n_initial, m_initial = states if states is not None else (None, None, None)
     tensors = (q, k, v, i, f, c_initial, n_initial, m_initial)
     if backend == "auto":

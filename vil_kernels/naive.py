@@ -3,13 +3,16 @@
 These two functions *define* what every backend computes (../shared/spec/mlstm.md). They favour
 obviousness over speed and memory: the parallel form builds an S x S matrix, the recurrent form
 loops over time steps. Both run in the dtype they are given (use float64 for ground truth) and take
-gates of shape (B, NH, S). `reverse=True` is defined here by flipping the sequence.
+gates of shape (B, NH, S). `reverse=True` is defined here by flipping the sequence. Infinite gates are taken as their
+limits (utils.F_MIN): input gates floored at NEG, forget gate pre-activations at F_MIN, and the
+floor exp(-m) capped below overflow, so that a row that has seen nothing is 0, not NaN.
 """
 
 import math
 
 import torch
-import torch.nn.functional as F
+
+from .utils import NEG, log_forget
 
 
 def _flip_call(fn, q, k, v, i, f, **kw):
@@ -17,6 +20,12 @@ def _flip_call(fn, q, k, v, i, f, **kw):
     if isinstance(out, tuple):
         return out[0].flip(2), out[1]
     return out.flip(2)
+
+
+def _floor(m):
+    """exp(-m), capped where it would overflow (rows that have seen no key: m = NEG): the same h
+    (0 to the dtype's precision), and a finite gradient instead of 0 * inf."""
+    return torch.exp((-m).clamp(max=math.log(torch.finfo(m.dtype).max) - 1.0))
 
 
 def mlstm_parallel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None,
@@ -28,7 +37,8 @@ def mlstm_parallel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None
         return _flip_call(mlstm_parallel, q, k, v, i, f, **kw)
     S, DK = q.shape[-2], q.shape[-1]
     scale = DK ** -0.5
-    fl = F.logsigmoid(f)                                               # [B, NH, S]
+    i = i.clamp(min=NEG)
+    fl = log_forget(f)                                                 # [B, NH, S]
     fcum = fl.cumsum(-1)                                               # F_t
     causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
     log_d = fcum[..., :, None] - fcum[..., None, :] + i[..., None, :]  # [B, NH, S, S]
@@ -47,7 +57,7 @@ def mlstm_parallel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None
         qs = q * scale
         num = num + w0 * (qs @ c_initial)
         n_sum = n_sum + w0[..., 0] * (qs * n_initial[..., None, :]).sum(-1)
-    den = torch.maximum(n_sum.abs(), torch.exp(-m)) + eps
+    den = torch.maximum(n_sum.abs(), _floor(m)) + eps
     h = num / den[..., None]
     if not return_last_states:
         return h
@@ -76,7 +86,8 @@ def mlstm_recurrent(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=Non
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     scale = DK ** -0.5
-    fl = F.logsigmoid(f)
+    i = i.clamp(min=NEG)
+    fl = log_forget(f)
     if c_initial is None:
         c = q.new_zeros(B, NH, DK, DV)
         n = q.new_zeros(B, NH, DK)
@@ -98,7 +109,7 @@ def mlstm_recurrent(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=Non
         m = m_new
         num = (q_t[..., None, :] @ c)[..., 0, :]                       # [B, NH, DV]
         qn = (q_t * n).sum(-1, keepdim=True)
-        den = torch.maximum(qn.abs(), torch.exp(-m)) + eps
+        den = torch.maximum(qn.abs(), _floor(m)) + eps
         hs.append(num / den)
     h = torch.stack(hs, dim=2) if S else q.new_zeros(B, NH, 0, DV)
     if return_last_states:

@@ -10,6 +10,25 @@ import torch
 # and exp() of it (plus anything a gate can add) is exactly 0 in float32 and float64.
 NEG = -1e30
 
+# Infinite gates have a meaning where the limit has one, and every backend computes that limit:
+# i = -inf writes nothing (masking a position), f = -inf forgets everything before (a reset).
+# Input gates are taken as max(i, NEG). Forget gate pre-activations are taken as max(f, F_MIN)
+# (and get no gradient below it): logsigmoid(-256) = -256 puts exp(-256 + i_j - i_t) < 1e-41
+# on whatever crosses a reset for input gates within +-80, and cumsums of such values keep
+# float32's precision (ulp(256) = 3e-5), where -inf would make F_t - F_j NaN and -1e6 would
+# leave F_t - F_j no correct bit.
+F_MIN = -256.0
+
+
+def log_forget(f):
+    """logsigmoid of the floored forget gate pre-activations (F_MIN)."""
+    return torch.nn.functional.logsigmoid(f.clamp(min=F_MIN))
+
+
+def forget_grad(dfl, f):
+    """df from dlogsigmoid(f): sigmoid(-f), none below the floor (autograd's clamp rule)."""
+    return torch.where(f < F_MIN, 0.0, dfl * torch.sigmoid(-f))
+
 
 def compute_dtype(x):
     """float64 stays float64 (ground truth); everything else accumulates in float32."""

@@ -25,7 +25,7 @@ import time
 import torch
 import triton.language as tl
 
-from ..utils import (NEG, SECOND_ORDER, cdiv, compute_dtype, first_order_only,
+from ..utils import (F_MIN, NEG, SECOND_ORDER, cdiv, compute_dtype, first_order_only,
                      grads_in_base_layout, route_last_state, route_to_argmax)
 from . import heuristics
 from .._triton_runtime import INTERPRETED, launch
@@ -35,7 +35,7 @@ from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_gates
                       mlstm_fwd_out_kernel, mlstm_fwd_pair_kernel, mlstm_fwd_state_kernel)
 
 _TL = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
-assert NEG == -1e30  # the kernels' _NEG
+assert NEG == -1e30 and F_MIN == -256.0  # the kernels' _NEG and _F_MIN
 
 
 def _dot_args(dtype):

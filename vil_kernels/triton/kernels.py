@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 _NEG = tl.constexpr(-1e30)
+_F_MIN = tl.constexpr(-256.0)   # the floor of forget gate pre-activations (utils.F_MIN)
 
 
 @triton.jit
@@ -86,10 +87,10 @@ def _rows(i_r, S, REVERSE, BT: tl.constexpr):
 @triton.jit
 def _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC: tl.constexpr):
     """A tile's chunk-relative log-forget cumsum b (0 where masked) and input gates (NEG where
-    masked, so that such keys weigh nothing)."""
+    masked, so that such keys weigh nothing; floored at NEG, as -inf)."""
     b_b = tl.load(b_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_i = tl.load(i + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    return b_b, tl.where(m_t, b_i, _NEG)
+    return b_b, tl.where(m_t, tl.where(b_i < _NEG, _NEG, b_i), _NEG)
 
 
 @triton.jit
@@ -176,9 +177,11 @@ def _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC: tl.constexpr):
 
 @triton.jit
 def _gates(p_i, p_f, o_p, m_t, L: tl.constexpr, ACC: tl.constexpr):
-    """Input gates (NEG when masked), chunk-local inclusive cumsum b of logsigmoid(f), and its
-    total g, of a [chunks, L] tile of positions."""
+    """Input gates (NEG when masked, floored at NEG), chunk-local inclusive cumsum b of
+    logsigmoid(f) (f floored at F_MIN), and its total g, of a [chunks, L] tile of positions.
+    The floors keep NaN gates NaN."""
     b_f = tl.load(p_f + o_p, mask=m_t, other=0.).to(ACC)
+    b_f = tl.where(b_f < _F_MIN, _F_MIN, b_f)
     b_i = tl.load(p_i + o_p, mask=m_t, other=0.).to(ACC)
     # logsigmoid(f) = min(f, 0) - log1p(exp(-|f|)), log1p by Goldberg's trick (accurate to ulps)
     b_x = tl.exp(-tl.abs(b_f))
@@ -186,7 +189,7 @@ def _gates(p_i, p_f, o_p, m_t, L: tl.constexpr, ACC: tl.constexpr):
     b_d = tl.where(b_u == 1., 1., b_u - 1.)
     b_l1p = tl.where(b_u == 1., b_x, tl.log(b_u) * (b_x / b_d))
     b_fl = tl.where(m_t, tl.minimum(b_f, 0.) - b_l1p, 0.)
-    b_i = tl.where(m_t, b_i, _NEG)
+    b_i = tl.where(m_t, tl.where(b_i < _NEG, _NEG, b_i), _NEG)
     b_b = tl.cumsum(b_fl, axis=1)                                   # [chunks, L]
     b_g = tl.sum(tl.where(tl.arange(0, L)[None, :] == L - 1, b_b, 0.), axis=1)
     return b_i, b_b, b_g
@@ -607,6 +610,7 @@ def mlstm_bwd_gates_kernel(
     w (to dF; without HAS_W, -u) done beforehand (scatters, in PyTorch):
         di = sum_k rk[k] + u,   dF = sum_k (rq[k] - rk[k]) + dm + w      (k: head-dim blocks)
         df = sigmoid(-f) * (sum of dF over the positions the recurrence sees at or after p)
+    (0 where f is below its floor F_MIN)
     The NK partial sums are added in a fixed order (deterministic). The suffix sum in logical
     order is one in physical order backwards (forward direction) or forwards (REVERSE), block
     by block with a carry."""
@@ -640,7 +644,8 @@ def mlstm_bwd_gates_kernel(
         b_carry += tl.sum(b_dF, axis=0)
         b_f = tl.load(f + o_x, mask=m_p, other=0.).to(ACC)
         tl.store(di + o_x, (b_rk + b_u).to(di.dtype.element_ty), mask=m_p)
-        tl.store(df + o_x, (b_cs / (1. + tl.exp(b_f))).to(df.dtype.element_ty), mask=m_p)
+        b_df = tl.where(b_f < _F_MIN, 0., b_cs / (1. + tl.exp(b_f)))
+        tl.store(df + o_x, b_df.to(df.dtype.element_ty), mask=m_p)
 
 
 @triton.jit
