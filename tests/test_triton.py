@@ -703,6 +703,49 @@ def test_strided_views_read_in_place(reverse):
     assert max(rel_err(got[name], ref[name]) for name in ref) < 2e-4
 
 
+@pytest.mark.parametrize("backend,chunk", [("triton", 16), ("triton", 128), ("torch", 16)])
+@pytest.mark.parametrize("shared", ["k v", "q k of one tensor", "states"])
+def test_expanded_inputs_get_summed_gradients(backend, chunk, shared):
+    """Inputs broadcast with expand (zero strides: keys and values shared by the heads, gates
+    and initial states by the batch) are read in place, and their gradients are summed over
+    the broadcast, as autograd's expand asks. The Triton backward once wrote such a dv into a
+    buffer with the expand's zero stride, so that one head's dv overwrote the others'."""
+    import vil_kernels
+    B, NH, S, D = 2, 3, 40, 16
+    dt = torch.float32 if DEVICE == "cuda" else torch.float64
+    g = torch.Generator().manual_seed(31)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE, dt)
+    base = {"q": rnd(B, NH, S, D), "k": rnd(B, 1, S, D), "v": rnd(B, 1, S, D),
+            "qk": rnd(B, 1, S, 2 * D), "i": rnd(1, NH, S), "f": rnd(1, NH, S) + 3,
+            "c_initial": rnd(1, NH, D, D), "n_initial": rnd(1, NH, D), "m_initial": rnd(1, NH, 1)}
+
+    def views(t):
+        x = {"q": t["q"], "k": t["k"].expand(B, NH, S, D), "v": t["v"].expand(B, NH, S, D),
+             "i": t["i"].expand(B, NH, S), "f": t["f"].expand(B, NH, S)}
+        if shared == "q k of one tensor":
+            qk = t["qk"].expand(B, NH, S, 2 * D)
+            x["q"], x["k"] = qk[..., :D], qk[..., D:]
+        if shared == "states":
+            x.update(c_initial=t["c_initial"].expand(B, NH, D, D),
+                     n_initial=t["n_initial"].expand(B, NH, D),
+                     m_initial=t["m_initial"].expand(B, NH, 1))
+        return x
+
+    w = rnd(B, NH, S, D)
+    out = []
+    for be, cs in ((backend, chunk), ("parallel", None)):
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in base.items()}
+        h = vil_kernels.mlstm(**views(leaves), backend=be, chunk_size=cs)
+        used = [n for n in leaves if n in views(base) or n == "qk"]
+        grads = torch.autograd.grad((h * w).sum(), [leaves[n] for n in used], allow_unused=True)
+        out.append({"h": h, **{"d" + n: gr for n, gr in zip(used, grads) if gr is not None}})
+    got, ref = out
+    assert got.keys() == ref.keys()
+    tol = 2e-4 if dt == torch.float32 else 1e-9
+    for name in ref:
+        assert rel_err(got[name].double().cpu(), ref[name].double().cpu()) < tol, name
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_torch_compile_fullgraph(recompute):
     """A module calling the Triton backend traces with fullgraph=True (the ops are opaque

@@ -82,16 +82,30 @@ def new_grad_buffer(like):
     return buf
 
 
+def overlaps_itself(x):
+    """Whether two indices of x can address one element (an expand's zero stride, an as_strided
+    overlap): the sufficient test, each stride (in increasing order, sizes over 1) past the
+    extent of the dims below it."""
+    extent = 0
+    for st, sz in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
+        if st <= extent:
+            return True
+        extent += st * (sz - 1)
+    return False
+
+
 def grads_in_base_layout(xs, max_ratio=2):
     """Empty gradients for the views xs of one contiguous tensor, themselves the same views of a
     fresh buffer laid out like it (new_grad_buffer); None unless the views share their dtype and
-    strides, are column ranges of its rows that do not overlap (q and k may be one tensor: their
-    gradients must not share memory then), and it is at most max_ratio times their total size."""
+    strides, are column ranges of its rows that do not overlap, each other or themselves (q and
+    k may be one tensor, a view may be an expand: their gradients must not share memory then),
+    and it is at most max_ratio times their total size."""
     base, stride = xs[0]._base, xs[0].stride()
     if (base is None or not base.is_contiguous()
             or any(x._base is not base or x.dtype != base.dtype or x.stride() != stride
                    for x in xs)
-            or stride[-1] != 1 or base.numel() > max_ratio * sum(x.numel() for x in xs)):
+            or stride[-1] != 1 or base.numel() > max_ratio * sum(x.numel() for x in xs)
+            or overlaps_itself(xs[0])):
         return None
     starts = [x.storage_offset() - base.storage_offset() for x in xs]
     spans = sorted((c, c + x.shape[-1]) for c, x in zip(starts, xs))
