@@ -616,6 +616,25 @@ def test_bad_arguments():
         VisionLSTM(dim=32, depth=1, img_size=64, pooling="cls")
 
 
+@pytest.mark.parametrize("x,exc,match", [
+    (lambda: torch.randn(3, 64, 64), ValueError, r"must be \(B, C, H, W\).*add the batch dim"),
+    (lambda: torch.randn(2, 1, 64, 64), ValueError, r"have 1 channels, the model takes 3"),
+    (lambda: torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8), TypeError,
+     r"floating-point tensor.*torch.uint8"),
+    (lambda: torch.randn(2, 3, 64, 64, dtype=torch.float64), TypeError,
+     r"images are torch.float64 but the model's weights are torch.float32"),
+    (lambda: torch.randn(0, 3, 64, 64), ValueError, r"empty batch"),
+    (lambda: torch.randn(2, 3, 64, 64).numpy(), TypeError, r"must be a torch.Tensor"),
+], ids=["no batch dim", "channels", "uint8", "float64", "empty batch", "numpy"])
+def test_bad_images(x, exc, match):
+    """Images the patch embedding would reject cryptically or take silently (uint8 pixels were
+    cast to float) get an error that names the problem, in forward and forward_features."""
+    m = tiny()
+    for fn in (m, m.forward_features, m.patch_embed):
+        with pytest.raises(exc, match=match):
+            fn(x())
+
+
 def test_bilateral_avg_and_no_bias_variants():
     m = tiny(pooling="bilateral_avg", proj_bias=False, norm_bias=False)
     assert "head.weight" in m.state_dict() and m.head.in_features == 32

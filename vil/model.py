@@ -493,7 +493,29 @@ class PatchEmbed(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.proj.bias)
 
+    def check_images(self, x):
+        """A clear error for what the conv or the patch GEMM would reject cryptically, or take
+        silently (uint8 pixels cast to float, a batch without its batch dim)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"images must be (B, C, H, W), got shape {tuple(x.shape)}"
+                             + (" (add the batch dim: x[None])" if x.dim() == 3 else ""))
+        if not x.is_floating_point():
+            raise TypeError(f"images must be a floating-point tensor (normalized pixels), got "
+                            f"{x.dtype}; convert and normalize them first (vil.data.build_transform)")
+        weight = self.proj.weight.dtype
+        if x.dtype.itemsize > weight.itemsize and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"images are {x.dtype} but the model's weights are {weight}: cast "
+                            f"the images (x.to({weight})) or the model")
+        if x.shape[1] != self.proj.in_channels:
+            raise ValueError(f"images have {x.shape[1]} channels, the model takes "
+                             f"{self.proj.in_channels} (shape {tuple(x.shape)})")
+        if x.shape[0] == 0:
+            raise ValueError(f"an empty batch of images: shape {tuple(x.shape)}")
+
     def forward(self, x):
+        self.check_images(x)
         self.grid_size(x.shape[-2:])
         return self.proj(x)                                            # (B, dim, H', W')
 
@@ -503,8 +525,9 @@ class PatchEmbed(nn.Module):
         patch rows by one copy (cast to autocast's dtype on the way) and multiplied by the conv
         weight with the bias in the GEMM's epilogue; cuDNN ran this conv as a generic implicit
         GEMM, 3.2 ms of a 54 ms ViL-T step at 448 px on an H200."""
+        self.check_images(x)
         H, W = self.grid_size(x.shape[-2:])
-        if self.stride != self.patch_size or x.dim() != 4:
+        if self.stride != self.patch_size:
             return self.proj(x).flatten(2).transpose(1, 2), (H, W)
         B, C = x.shape[:2]
         ph, pw = self.patch_size
