@@ -3,9 +3,10 @@
 These two functions *define* what every backend computes (../shared/spec/mlstm.md). They favour
 obviousness over speed and memory: the parallel form builds an S x S matrix, the recurrent form
 loops over time steps. Both run in the dtype they are given (use float64 for ground truth) and take
-gates of shape (B, NH, S). `reverse=True` is defined here by flipping the sequence. Infinite gates are taken as their
-limits (utils.F_MIN): input gates floored at NEG, forget gate pre-activations at F_MIN, and the
-floor exp(-m) capped below overflow, so that a row that has seen nothing is 0, not NaN.
+gates of shape (B, NH, S). `reverse=True` is defined here by flipping the sequence. Infinite
+gates are taken as their limits (utils.F_MIN): input gates floored at NEG, forget gate
+pre-activations at F_MIN, and the floor exp(-m) capped below overflow, so that a row that has
+seen nothing is 0, not NaN.
 """
 
 import math
