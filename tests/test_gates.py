@@ -128,16 +128,21 @@ def test_padding_positions_are_invisible(backend, chunk, reverse):
 
 
 @pytest.mark.parametrize("backend,chunk", BACKENDS, ids=IDS)
-def test_a_sequence_of_padding_alone_is_zero(backend, chunk):
-    """Every input gate -inf: h is 0 (to the dtype's precision) and the gradients are finite."""
-    x = make_inputs(NH=2, S=40, DK=16, DV=24, seed=6)
+@pytest.mark.parametrize("init", [False, True])
+def test_a_sequence_of_padding_alone_is_zero(backend, chunk, init):
+    """Every input gate -inf: h is 0 (to the dtype's precision), the last state is the initial
+    one carried (or empty: (0, 0, NEG)), and every gradient, of a loss on the last state too, is
+    the reference's (the reference takes no initial state as the state (0, 0, NEG), as the
+    kernels do, so that F's gradient through the carried m is the same)."""
+    x = make_inputs(NH=2, S=40, DK=16, DV=24, seed=6, init=init)
     x["i"][:] = -math.inf
-    w_h, _ = _weights(x)
-    got = _grads(x, backend, chunk, False, w_h)
-    assert got["h"].abs().max() < 1e-30
-    for n in ("dq", "dk", "dv", "di", "df"):
-        assert torch.isfinite(got[n]).all(), f"{backend}: {n}"
-        assert got[n].abs().max() < 1e-20, f"{backend}: {n}"
+    w_h, w_last = _weights(x)
+    got = _grads(x, backend, chunk, False, w_h, w_last)
+    ref = _grads(x, "parallel", None, False, w_h, w_last)
+    if not init:
+        assert got["h"].abs().max() < 1e-30
+        assert got["c"].abs().max() < 1e-20 and got["m"].max() <= -1e29
+    _check(got, ref, _where(backend)[2] * 10, f"{backend} padding alone")
 
 
 @pytest.mark.parametrize("backend,chunk", BACKENDS, ids=IDS)

@@ -278,6 +278,7 @@ def _forward(lay, q, k, v, i, fl, c0, n0, m0, eps, need_last, track):
 
     # Every chunk's own contribution, relative to its end, then the state entering every chunk.
     m_loc, j_loc = a.max(-1)                                           # [BH, NC]
+    m_loc.clamp_(min=NEG)                  # a chunk of masked keys alone (i = -inf): no NaN
     gain = _exp(a - m_loc[..., None])                                  # [BH, NC, L] walk order
     kw = kc * lay.walk(gain.view(BH, Sp)).view(BH * NC, L, 1)
     c_loc = (kw.transpose(1, 2) @ vc).view(BH, NC, DK * DV)
@@ -336,7 +337,7 @@ def _backward(lay, q, k, v, i, fl, c0, n0, m0, eps, h, dh, saved, last, dlast):
     qc, kc, vc, dnum_c = (x.view(BH * NC, L, -1) for x in (q, k, v, dnum))
     dn_c = dn_row.view(BH * NC, L, 1)
     iw, b, g, a = _walk_gates(lay, i, fl)
-    m_loc = a.amax(-1)                                                 # as in the forward
+    m_loc = a.amax(-1).clamp_(min=NEG)                                 # as in the forward
     tables = _tables(g, m_loc, m0)
     m_in = _table_m_in(tables)
     m_w = m_row.view(BH, NC, L)
@@ -387,14 +388,12 @@ def _backward(lay, q, k, v, i, fl, c0, n0, m0, eps, h, dh, saved, last, dlast):
 
 def _flat_inputs(q, k, v, i, f, c0, n0, m0, L, reverse):
     """The layout, compute dtype and flat inputs of both entry points: q, k, v, i, f (padding
-    keeps the state: input gate NEG, forget gate +inf; input gates floored at NEG, so that -inf
-    writes nothing) and the initial states (None if absent)."""
+    keeps the state: input gate NEG, forget gate +inf) and the initial states (None if absent)."""
     ct = compute_dtype(q)
     lay = _Layout(q, L, reverse)
     flat = lambda x, value=0.0: lay.to_flat(x, ct, value)
     states = tuple(lay.states_to_flat(x, ct) for x in (c0, n0, m0))
-    gates = flat(i, NEG).clamp(min=NEG), flat(f, math.inf)
-    return lay, ct, (flat(q), flat(k), flat(v), *gates), states
+    return lay, ct, (flat(q), flat(k), flat(v), flat(i, NEG), flat(f, math.inf)), states
 
 
 def _outputs(lay, h, last, dtype):

@@ -4,9 +4,10 @@ These two functions *define* what every backend computes (../shared/spec/mlstm.m
 obviousness over speed and memory: the parallel form builds an S x S matrix, the recurrent form
 loops over time steps. Both run in the dtype they are given (use float64 for ground truth) and take
 gates of shape (B, NH, S). `reverse=True` is defined here by flipping the sequence. Infinite
-gates are taken as their limits (utils.F_MIN): input gates floored at NEG, forget gate
-pre-activations at F_MIN, and the floor exp(-m) capped below overflow, so that a row that has
-seen nothing is 0, not NaN.
+gates are taken as their limits (utils.F_MIN): forget gate pre-activations floored at F_MIN,
+no initial state taken as the state (0, 0, NEG) (so a row or state that has seen nothing, every
+input gate -inf, has weights 0 and m = NEG, not NaN), and the floor exp(-m) capped below
+overflow.
 """
 
 import math
@@ -38,18 +39,17 @@ def mlstm_parallel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None
         return _flip_call(mlstm_parallel, q, k, v, i, f, **kw)
     S, DK = q.shape[-2], q.shape[-1]
     scale = DK ** -0.5
-    i = i.clamp(min=NEG)
     fl = log_forget(f)                                                 # [B, NH, S]
     fcum = fl.cumsum(-1)                                               # F_t
     causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
     log_d = fcum[..., :, None] - fcum[..., None, :] + i[..., None, :]  # [B, NH, S, S]
     log_d = log_d.masked_fill(~causal, -math.inf)
     has_init = c_initial is not None
-    if has_init:
-        log_d0 = fcum + m_initial                                      # [B, NH, S]
-        m = torch.maximum(log_d.max(-1).values, log_d0)
-    else:
-        m = log_d.max(-1).values                                       # [B, NH, S]
+    # no initial state is the state (0, 0, NEG): a finite "-inf", as in the kernels, so that
+    # m stays finite where every key so far is masked (i = -inf), and a max over it keeps F's
+    # gradient as theirs does
+    log_d0 = fcum + (m_initial.clamp(min=NEG) if has_init else NEG)   # [B, NH, S]
+    m = torch.maximum(log_d.max(-1).values, log_d0)                    # [B, NH, S]
     scores = (q @ k.transpose(-1, -2)) * scale * torch.exp(log_d - m[..., None])
     num = scores @ v                                                   # [B, NH, S, DV]
     n_sum = scores.sum(-1)                                             # [B, NH, S]
@@ -64,9 +64,7 @@ def mlstm_parallel(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None
         return h
     # The last state is the whole sequence taken as one chunk.
     a = fcum[..., -1:] - fcum + i                                      # [B, NH, S]
-    m_last = a.max(-1, keepdim=True).values                            # [B, NH, 1]
-    if has_init:
-        m_last = torch.maximum(m_last, fcum[..., -1:] + m_initial)
+    m_last = torch.maximum(a.max(-1, keepdim=True).values, log_d0[..., -1:])   # [B, NH, 1]
     wk = k * torch.exp(a - m_last)[..., None]
     c_last = wk.transpose(-1, -2) @ v
     n_last = wk.sum(-2)
@@ -87,14 +85,13 @@ def mlstm_recurrent(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=Non
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
     scale = DK ** -0.5
-    i = i.clamp(min=NEG)
     fl = log_forget(f)
     if c_initial is None:
         c = q.new_zeros(B, NH, DK, DV)
         n = q.new_zeros(B, NH, DK)
-        m = q.new_full((B, NH, 1), -math.inf)
+        m = q.new_full((B, NH, 1), NEG)                  # (0, 0, NEG): see mlstm_parallel
     else:
-        c, n, m = c_initial, n_initial, m_initial
+        c, n, m = c_initial, n_initial, m_initial.clamp(min=NEG)
     hs = []
     for t in range(S):
         fl_t, i_t = fl[..., t, None], i[..., t, None]                  # [B, NH, 1]
@@ -102,11 +99,8 @@ def mlstm_recurrent(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=Non
         decay = torch.exp(fl_t + m - m_new)
         gain = torch.exp(i_t - m_new)
         k_t, v_t, q_t = k[..., t, :], v[..., t, :], q[..., t, :] * scale
-        # exp(-inf) is 0, but 0 * C would still give NaN gradients through an infinite m: skip.
-        c_dec = decay[..., None] * c if torch.isfinite(m).all() else c * 0
-        n_dec = decay * n if torch.isfinite(m).all() else n * 0
-        c = c_dec + gain[..., None] * k_t[..., :, None] * v_t[..., None, :]
-        n = n_dec + gain * k_t
+        c = decay[..., None] * c + gain[..., None] * k_t[..., :, None] * v_t[..., None, :]
+        n = decay * n + gain * k_t
         m = m_new
         num = (q_t[..., None, :] @ c)[..., 0, :]                       # [B, NH, DV]
         qn = (q_t * n).sum(-1, keepdim=True)

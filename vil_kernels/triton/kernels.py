@@ -87,10 +87,10 @@ def _rows(i_r, S, REVERSE, BT: tl.constexpr):
 @triton.jit
 def _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC: tl.constexpr):
     """A tile's chunk-relative log-forget cumsum b (0 where masked) and input gates (NEG where
-    masked, so that such keys weigh nothing; floored at NEG, as -inf)."""
+    masked, so that such keys weigh nothing)."""
     b_b = tl.load(b_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     b_i = tl.load(i + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    return b_b, tl.where(m_t, tl.where(b_i < _NEG, _NEG, b_i), _NEG)
+    return b_b, tl.where(m_t, b_i, _NEG)
 
 
 @triton.jit
@@ -177,9 +177,8 @@ def _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC: tl.constexpr):
 
 @triton.jit
 def _gates(p_i, p_f, o_p, m_t, L: tl.constexpr, ACC: tl.constexpr):
-    """Input gates (NEG when masked, floored at NEG), chunk-local inclusive cumsum b of
-    logsigmoid(f) (f floored at F_MIN), and its total g, of a [chunks, L] tile of positions.
-    The floors keep NaN gates NaN."""
+    """Input gates (NEG when masked), chunk-local inclusive cumsum b of logsigmoid(f) (f floored
+    at F_MIN; NaN stays NaN), and its total g, of a [chunks, L] tile of positions."""
     b_f = tl.load(p_f + o_p, mask=m_t, other=0.).to(ACC)
     b_f = tl.where(b_f < _F_MIN, _F_MIN, b_f)
     b_i = tl.load(p_i + o_p, mask=m_t, other=0.).to(ACC)
@@ -189,7 +188,7 @@ def _gates(p_i, p_f, o_p, m_t, L: tl.constexpr, ACC: tl.constexpr):
     b_d = tl.where(b_u == 1., 1., b_u - 1.)
     b_l1p = tl.where(b_u == 1., b_x, tl.log(b_u) * (b_x / b_d))
     b_fl = tl.where(m_t, tl.minimum(b_f, 0.) - b_l1p, 0.)
-    b_i = tl.where(m_t, tl.where(b_i < _NEG, _NEG, b_i), _NEG)
+    b_i = tl.where(m_t, b_i, _NEG)
     b_b = tl.cumsum(b_fl, axis=1)                                   # [chunks, L]
     b_g = tl.sum(tl.where(tl.arange(0, L)[None, :] == L - 1, b_b, 0.), axis=1)
     return b_i, b_b, b_g
