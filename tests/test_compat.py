@@ -286,7 +286,7 @@ def test_mlstm_chunkwise_conventions():
         compat.mlstm_chunkwise(q, k, v, i, f, chunk_size_intre=16)
     with pytest.raises(ValueError, match="autocast_kernel_dtype"):
         compat.mlstm_chunkwise(q, k, v, i, f, autocast_kernel_dtype=torch.int8)
-    with pytest.raises(ValueError, match="reset_mask"):
+    with pytest.raises(ValueError, match="reset_mask.*f to -inf at the first position"):
         compat.mlstm_chunkwise(q, k, v, i, f, reset_mask=torch.zeros(1, 50, dtype=torch.bool))
     with pytest.raises(ValueError, match="chunk_size"):
         compat.mlstm_chunkwise(q, k, v, i, f, chunk_size=0)

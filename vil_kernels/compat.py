@@ -157,7 +157,9 @@ def mlstm_chunkwise(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=Non
                         f"accepted tuning keywords: {sorted(MLSTM_CHUNKWISE_TUNING_KWARGS)}")
     if tuning_kwargs.get("reset_mask") is not None:
         raise ValueError("mlstm_chunkwise: reset_mask (document boundaries) is not supported; "
-                         "split the sequence and pass states instead")
+                         "set the forget gate pre-activation f to -inf at the first position of "
+                         "each document instead (an exact reset in every backend), or split "
+                         "the sequence")
     kdt = _DTYPE_NAMES.get(autocast_kernel_dtype, autocast_kernel_dtype)
     if kdt is not None and kdt not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"mlstm_chunkwise: autocast_kernel_dtype must be float32, float16 or "
