@@ -85,7 +85,8 @@ def test_forget_gate_of_minus_inf_resets(backend, chunk, reverse):
     x["f"][..., resets] = -math.inf
     w_h, w_last = _weights(x)
     whole = _grads(x, backend, chunk, reverse, w_h, w_last)
-    # the pieces in processing order; the last state is the last piece's
+    # the pieces in memory order; the last one processed (the first with reverse) holds the
+    # last state
     cuts = sorted({0, S, *(r + 1 if reverse else r for r in resets)})
     pieces = [slice(a, b) for a, b in zip(cuts, cuts[1:])]
     last_piece = pieces[0] if reverse else pieces[-1]
