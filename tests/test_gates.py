@@ -200,4 +200,5 @@ def test_an_empty_initial_state_is_no_state(backend, chunk, how):
     ref = _grads(plain, backend, chunk, False, w_h, w_last)
     _check({n: got[n] for n in ref}, ref, tol * 10, f"{backend} {how}")
     for n in ("dc_initial", "dn_initial", "dm_initial"):
-        assert torch.isfinite(got[n]).all() and got[n].abs().max() <= 1e-200, (n, got[n].abs().max())
+        assert torch.isfinite(got[n]).all(), n
+        assert got[n].abs().max() <= 1e-200, (n, got[n].abs().max())

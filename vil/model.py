@@ -503,7 +503,8 @@ class PatchEmbed(nn.Module):
                              + (" (add the batch dim: x[None])" if x.dim() == 3 else ""))
         if not x.is_floating_point():
             raise TypeError(f"images must be a floating-point tensor (normalized pixels), got "
-                            f"{x.dtype}; convert and normalize them first (vil.data.build_transform)")
+                            f"{x.dtype}; convert and normalize them first "
+                            f"(vil.data.build_transform)")
         weight = self.proj.weight.dtype
         if x.dtype.itemsize > weight.itemsize and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"images are {x.dtype} but the model's weights are {weight}: cast "

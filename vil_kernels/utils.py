@@ -13,10 +13,11 @@ NEG = -1e30
 # Infinite gates have a meaning where the limit has one, and every backend computes that limit:
 # i = -inf writes nothing (masking a position: its weight is 0, and m never drops below NEG, so
 # a row or state that has seen nothing is empty, not NaN), f = -inf forgets everything before
-# (a reset). Forget gate pre-activations are taken as max(f, F_MIN) (no gradient below it): logsigmoid(-256) = -256 puts exp(-256 + i_j - i_t) < 1e-41
-# on whatever crosses a reset for input gates within +-80, and cumsums of such values keep
-# float32's precision (ulp(256) = 3e-5), where -inf would make F_t - F_j NaN and -1e6 would
-# leave F_t - F_j no correct bit.
+# (a reset). Forget gate pre-activations are taken as max(f, F_MIN), with no gradient below
+# it: logsigmoid(-256) = -256 puts exp(-256 + i_j - i_t) < 1e-41 on whatever crosses a reset
+# for input gates within +-80, and cumsums of such values keep float32's precision
+# (ulp(256) = 3e-5), where -inf would make F_t - F_j NaN and -1e6 would leave F_t - F_j no
+# correct bit.
 F_MIN = -256.0
 
 
