@@ -229,6 +229,15 @@ def test_compile_flag_trains_like_eager(data, tmp_path):
         vt.parse_args(["--data", data, "--compile-mode", "reduce-overhead"])
 
 
+def test_bad_arguments_fail_before_the_run_folder_is_made(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="no train/ folder"):
+        vt.main(["--data", str(tmp_path / "nowhere"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="--epochs and --lr must be >= 0"):
+        vt.main(["--data", str(tmp_path), "--out", str(out), "--lr", "-1"])
+    assert not out.exists()
+
+
 def test_signals_checkpoint_and_stop(data, tmp_path):
     """SIGUSR1 writes a checkpoint and training goes on; SIGTERM writes one and stops cleanly."""
     import signal

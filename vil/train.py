@@ -208,6 +208,8 @@ def parse_args(argv=None):
         raise SystemExit("--batch-size and --accum-steps must be >= 1")
     if args.compile_mode and not args.compile:
         raise SystemExit("--compile-mode needs --compile")
+    if args.epochs < 0 or args.lr < 0:
+        raise SystemExit("--epochs and --lr must be >= 0")
     return args
 
 
@@ -526,6 +528,9 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     own_group = not dist.is_initialized()
+    if not os.path.isdir(os.path.join(args.data, "train")):   # before the run folder is made
+        raise SystemExit(f"--data {args.data}: no train/ folder (the layout is "
+                         f"DIR/train/<class>/<image>, and DIR/val/... for evaluation)")
     rank, world, local_rank, device = setup_distributed(args)
     runlog = RunLog(args.out, rank)
     signals = _Signals()
