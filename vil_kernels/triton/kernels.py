@@ -424,13 +424,32 @@ def _pair_program(S, NC, BT: tl.constexpr, NT: tl.constexpr):
 
 
 @triton.jit
+def _sees(m_t, a, j, BT: tl.constexpr):
+    """Which keys of tile j each row of tile a of the same chunk (j <= a) sees: every key of an
+    earlier tile, its own tile's causal half; no masked row. [BT, BT]"""
+    o_i = tl.arange(0, BT)
+    return m_t[:, None] & ((o_i[:, None] >= o_i[None, :]) | (j < a))
+
+
+@triton.jit
 def _pair_rows(i_r, i_u, a, j, S, REVERSE, BT: tl.constexpr):
     """A pair's row and key tiles (physical positions and masks) and which keys each row sees
-    (every key of an earlier tile, its own tile's causal half; no masked row). [BT, BT]"""
-    o_i = tl.arange(0, BT)
+    (_sees). [BT, BT]"""
     o_p, m_t = _rows(i_r, S, REVERSE, BT)[1:]
     o_pj, m_tj = _rows(i_u, S, REVERSE, BT)[1:]
-    return o_p, m_t, o_pj, m_tj, m_t[:, None] & ((o_i[:, None] >= o_i[None, :]) | (j < a))
+    return o_p, m_t, o_pj, m_tj, _sees(m_t, a, j, BT)
+
+
+@triton.jit
+def _pair_scores(p_q, p_k, b_row, i, i_bh, o_p, m_t, b_b, b_m, o_pj, m_tj, see, S, DK, s_t,
+                 scale, BT: tl.constexpr, BK: tl.constexpr, MMA: tl.constexpr,
+                 ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """A pair's weighted scores s q_a k_j^T * exp(log D - m) [BT, BT], rows (b, m) of tile a:
+    one expression for the forward pair kernel and the outputs kernel's SCORES, so that both
+    give the same bits."""
+    b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+    return _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK, MMA, ACC, PREC,
+                     INTERP) * scale * _weights(b_b, b_m, b_bj, b_ij, see)
 
 
 @triton.jit
@@ -451,10 +470,9 @@ def mlstm_fwd_pair_kernel(
         o_p, m_t, o_pj, m_tj, see = _pair_rows(i_r, i_u, a, j, S, REVERSE, BT)
         b_b, _ = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
         b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-        b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
         p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
-        b_s = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK,
-                        MMA, ACC, PREC, INTERP) * scale * _weights(b_b, b_m, b_bj, b_ij, see)
+        b_s = _pair_scores(p_q, p_k, b_row, i, i_bh, o_p, m_t, b_b, b_m, o_pj, m_tj, see, S,
+                           DK, s_t, scale, BT, BK, MMA, ACC, PREC, INTERP)
         o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
         tl.store(sc + o_x + o_i[:, None] * BT + o_i[None, :], b_s.to(sc.dtype.element_ty))
         tl.store(rs + o_x // BT + o_i, tl.sum(b_s, axis=1).to(rs.dtype.element_ty))
@@ -580,10 +598,9 @@ def mlstm_fwd_out_kernel(
         for j in range(0, a + 1):
             o_pj, m_tj = _rows(i_c * NT + j, S, REVERSE, BT)[1:]
             if SCORES:
-                b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
-                see = m_t[:, None] & ((o_i[:, None] >= o_i[None, :]) | (j < a))
-                b_sj = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK, MMA,
-                                 ACC, PREC, INTERP) * scale * _weights(b_b, b_m, b_bj, b_ij, see)
+                b_sj = _pair_scores(p_q, p_k, b_row, i, i_bh, o_p, m_t, b_b, b_m, o_pj, m_tj,
+                                    _sees(m_t, a, j, BT), S, DK, s_t, scale, BT, BK, MMA, ACC,
+                                    PREC, INTERP)
                 b_nrow += tl.sum(b_sj, axis=1)
             else:
                 o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
