@@ -27,7 +27,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .mlstm import BACKENDS, mlstm
+from .mlstm import BACKENDS, check_flag, mlstm
 
 __all__ = ["parallel_stabilized_simple", "mlstm_chunkwise", "MLSTM_CHUNKWISE_TUNING_KWARGS"]
 
@@ -63,10 +63,7 @@ def parallel_stabilized_simple(queries, keys, values, igate_preact, fgate_preact
         h_tilde_state: (B, NH, S, DHV) in the dtype of queries.
     """
     del lower_triangular_matrix, kwargs
-    if not isinstance(stabilize_rowwise, bool):
-        raise TypeError(f"parallel_stabilized_simple: stabilize_rowwise must be a bool, got "
-                        f"{stabilize_rowwise!r}")
-    if not stabilize_rowwise:
+    if not check_flag("stabilize_rowwise", stabilize_rowwise, "parallel_stabilized_simple"):
         _warn_once("parallel_stabilized_simple(stabilize_rowwise=False) runs the quadratic "
                    "PyTorch form (exactly the original's global-max stabilization), not the "
                    "chunkwise kernels; use the default stabilize_rowwise=True for speed.")

@@ -98,13 +98,13 @@ def _check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial, eps, chunk_siz
     return i, f, states
 
 
-def _check_flag(name, x):
+def check_flag(name, x, caller="mlstm"):
     """A bool: a string such as "no" or a tensor would otherwise be taken by its truth value,
     silently."""
     if isinstance(x, bool):
         return x
     shown = repr(x) if isinstance(x, (str, int, float)) else type(x).__name__
-    raise TypeError(f"mlstm: {name} must be a bool, got {shown}")
+    raise TypeError(f"{caller}: {name} must be a bool, got {shown}")
 
 
 def _triton_available():
@@ -186,9 +186,9 @@ def mlstm(q, k, v, i, f, c_initial=None, n_initial=None, m_initial=None, return_
     """
     i, f, states = _check_inputs(q, k, v, i, f, c_initial, n_initial, m_initial, eps, chunk_size,
                                  backend)
-    reverse = _check_flag("reverse", reverse)
-    return_last_states = _check_flag("return_last_states", return_last_states)
-    recompute_states = _check_flag("recompute_states", recompute_states)
+    reverse = check_flag("reverse", reverse)
+    return_last_states = check_flag("return_last_states", return_last_states)
+    recompute_states = check_flag("recompute_states", recompute_states)
     c_initial, n_initial, m_initial = states if states is not None else (None, None, None)
     tensors = (q, k, v, i, f, c_initial, n_initial, m_initial)
     if backend == "auto":
