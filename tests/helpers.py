@@ -24,20 +24,22 @@ def make_inputs(B=1, NH=2, S=65, DK=16, DV=24, dtype=torch.float64, init=False, 
 
 
 def run(inputs, backend, reverse=False, chunk_size=None, eps=1e-6, compute=torch.float64,
-        last_states=True, **kw):
+        last_states=True, weights=None, **kw):
     """Forward and backward of a fixed random loss over h (and the last states, if asked for).
 
     Inputs are cast to `compute` first; returns {name: tensor} of outputs and gradients in float64.
-    ``kw``: more keywords of vil_kernels.mlstm (recompute_states).
+    ``weights``: the loss's weights of h, c, n, m instead of seeded random ones (None for an
+    output: no term). ``kw``: more keywords of vil_kernels.mlstm (recompute_states).
     """
     leaves = {n: t.detach().to(compute).requires_grad_() for n, t in inputs.items()}
     res = vil_kernels.mlstm(**leaves, return_last_states=last_states, eps=eps, reverse=reverse,
                             chunk_size=chunk_size, backend=backend, **kw)
     out = {"h": res[0], "c": res[1][0], "n": res[1][1], "m": res[1][2]} if last_states else {"h": res}
-    g = torch.Generator().manual_seed(123)
-    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.device)
-               for t in out.values()]
-    loss = sum((t.double() * w).sum() for t, w in zip(out.values(), weights))
+    if weights is None:
+        g = torch.Generator().manual_seed(123)
+        weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in out.values()]
+    loss = sum((t.double() * w.to(t.device)).sum() for t, w in zip(out.values(), weights)
+               if w is not None)
     grads = torch.autograd.grad(loss, list(leaves.values()))
     out.update({"d" + name: gr for name, gr in zip(leaves, grads)})
     return {name: t.detach().double() for name, t in out.items()}

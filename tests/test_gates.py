@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import vil_kernels  # noqa: E402
-from helpers import make_inputs, rel_err  # noqa: E402
+from helpers import make_inputs, rel_err, run  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 # (backend, chunk_size): the Triton cases in chunks of one tile, and of two tiles (pair kernels)
@@ -37,20 +37,14 @@ def _where(backend):
     return "cpu", torch.float64, 1e-9
 
 
-def _grads(x, backend, chunk, reverse, w_h, w_last=None):
+def _grads(x, backend, chunk, reverse, w_h, w_last=None, dev=None, dt=None):
     """h, the last states and every input's gradient of sum(h * w_h) (+ the last states'
-    terms), in float64 on the CPU."""
-    dev, dt, _ = _where(backend)
-    leaves = {n: t.detach().to(dev, dt).requires_grad_() for n, t in x.items()}
-    h, last = vil_kernels.mlstm(**leaves, return_last_states=True, reverse=reverse,
-                                chunk_size=chunk, backend=backend)
-    loss = (h.double() * w_h.to(dev)).sum()
-    if w_last is not None:
-        loss = loss + sum((s.double() * w.to(dev)).sum() for s, w in zip(last, w_last))
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    out = {"h": h, "c": last[0], "n": last[1], "m": last[2]}
-    out.update({"d" + n: g for n, g in zip(leaves, grads)})
-    return {n: t.detach().double().cpu() for n, t in out.items()}
+    terms), in float64 on the CPU; on _where(backend)'s device and dtype unless given."""
+    dev = dev or _where(backend)[0]
+    dt = dt or _where(backend)[1]
+    out = run({n: t.to(dev) for n, t in x.items()}, backend, reverse=reverse, chunk_size=chunk,
+              compute=dt, weights=(w_h, *(w_last or (None,) * 3)))
+    return {n: t.cpu() for n, t in out.items()}
 
 
 def _weights(x, seed=1):
@@ -163,18 +157,10 @@ def test_float32_resets_within_the_bound(backend, chunk):
     stay within the spec's 2e-4 of float64, every gradient included."""
     x = make_inputs(NH=2, S=S, DK=16, DV=24, seed=8, i_range=(-10, 10), f_range=(-5, 8))
     x["f"][..., [3, 30, 31, 50]] = -math.inf
-    dev = "cuda" if backend == "triton" and CUDA else "cpu"
     w_h, w_last = _weights(x)
     ref = _grads(x, "parallel", None, False, w_h, w_last)
-    leaves = {n: t.to(dev, torch.float32).requires_grad_() for n, t in x.items()}
-    h, last = vil_kernels.mlstm(**leaves, return_last_states=True, chunk_size=chunk,
-                                backend=backend)
-    loss = (h.double() * w_h.to(dev)).sum() + sum((s.double() * w.to(dev)).sum()
-                                                  for s, w in zip(last, w_last))
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    got = {"h": h, "c": last[0], "n": last[1], "m": last[2]}
-    got.update({"d" + n: g for n, g in zip(leaves, grads)})
-    _check({n: t.detach().double().cpu() for n, t in got.items()}, ref, 2e-4, backend)
+    got = _grads(x, backend, chunk, False, w_h, w_last, dt=torch.float32)
+    _check(got, ref, 2e-4, backend)
 
 
 @pytest.mark.parametrize("backend,chunk", BACKENDS, ids=IDS)
