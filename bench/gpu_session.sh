@@ -24,6 +24,11 @@
 #               and S=196, D=384, timed the same call: whether 128 should be a table entry;
 #               then at D=96 and 64 in chunks of 64, 128 and 1024 with the outputs kernel
 #               computing the pair scores (heuristics.SCORES_IN_OUTPUTS) and without
+#   flash       the forward's flash form (heuristics.FLASH_FORWARD: every V column of a row
+#               tile in one program, 256 + 128 at D=384, the pair scores computed there, no
+#               forward pair kernel) off and on, the same call: the op in one chunk of 1024
+#               at S=784, D=384/192/96 and in chunks of 1024 at S=3136, D=384 (FLASH_CHUNKS),
+#               then ViL-B's inference at 448 px (our row) with it off and on
 #   chunkjob    the main job's inference at 448 px (ViL-T and ViL-B, our rows) with the cells in
 #               one chunk of 1024 (the quadratic form, no state work) against the default
 #               (CHUNKJOB_BENCH=train: training, where one chunk also keeps no states;
@@ -140,6 +145,17 @@ for s in $STEPS; do
                 --paths triton --chunk-size 64,128,1024 --num-bench-iter 10 \
                 --shapes 64,4,784,96 --shapes 64,4,784,64 \
                 --results-file "$OUT/kernels-scores-$sc.json"
+        done ;;
+    flash)                                     # one process, a row per setting
+        step flash "${FLASH_LIMIT:-200}" python bench/kernels.py --paths triton \
+            --chunk-size "${FLASH_CHUNKS:-1024}" --flash off,on --num-bench-iter 10 \
+            --shapes 64,4,784,384 --shapes 64,4,784,192 --shapes 64,4,784,96 \
+            --shapes 64,4,3136,384 --results-file "$OUT/kernels-flash.json"
+        for fl in 0 1; do
+            VIL_KERNELS_FLASH_FORWARD=$fl step "flashjob-$fl" 120 python bench/throughput.py \
+                --resolution 448 --model "${FLASH_MODELS:-vil2-base}" --rows ours \
+                --bench inference --num-warm-iter 3 --num-bench-iter 10 --no-progress \
+                --results-file "$OUT/throughput-448-inference-flash-$fl.json"
         done ;;
     chunkjob)
         for c in ${CHUNKJOB_CHUNKS:-default 1024}; do

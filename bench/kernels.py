@@ -4,6 +4,7 @@
     python bench/kernels.py --shapes 8,4,784,96  # B,NH,S,D (repeatable)
     python bench/kernels.py --paths triton --chunk-size 64,256   # chunks of 64, then 256
     python bench/kernels.py --paths triton --chunk-size 1024 --tile 64,128   # tiles of 64, 128
+    python bench/kernels.py --paths triton --chunk-size 1024 --flash off,on  # the flash forward
     python bench/kernels.py --results-file bench/results/kernels-cpu.json
 
 On CPU it compares the PyTorch chunkwise path against the parallel form (the published
@@ -163,17 +164,20 @@ def candidates(device, dtype, chunk=None):
 
 
 def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunks=(None,),
-                tiles=(None,)):
+                tiles=(None,), flashes=(None,)):
     """Rows of one shape: every path, the chunkwise ones once per chunk length in ``chunks``
     (None: their default), the Triton one once per tile of positions in ``tiles`` (None: the
-    default; else heuristics.TILE, set for the forward and the backward alike)."""
+    default; else heuristics.TILE, set for the forward and the backward alike) and per setting
+    of the forward's flash form in ``flashes`` (None: the default; else
+    heuristics.FLASH_FORWARD)."""
     B, NH, S, D = shape
     rows = []
     peaks = device_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    runs = [(name, chunk, tile, fn) for n, chunk in enumerate(chunks)
+    runs = [(name, chunk, tile, flash, fn) for n, chunk in enumerate(chunks)
             for name, fn in candidates(device, dtype, chunk) if n == 0 or name in CHUNKED
-            for tile in (tiles if name == "triton" else (None,))]
-    for name, chunk, tile, fn in runs:
+            for tile in (tiles if name == "triton" else (None,))
+            for flash in (flashes if name == "triton" else (None,))]
+    for name, chunk, tile, flash, fn in runs:
         if paths and name not in paths:
             continue
         row = dict(path=name, B=B, NH=NH, S=S, D=D, dtype=str(dtype).replace("torch.", ""))
@@ -181,25 +185,31 @@ def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunks=(No
             row["chunk_size"] = chunk
         if tile:
             row["tile"] = tile
-        with _tile(tile):
+        if flash is not None:
+            row["flash"] = flash
+        with _triton_settings(tile, flash):
             _time_row(row, fn, device, dtype, warmup, iters, mem, peaks)
         rows.append(row)
     return rows
 
 
 @contextlib.contextmanager
-def _tile(tile):
-    """The Triton kernels' tile of positions forced to ``tile`` (None: nothing changed; the
-    Triton package is imported only then, so this runs where it is not installed)."""
-    if tile is None:
+def _triton_settings(tile, flash):
+    """The Triton kernels' tile of positions forced to ``tile`` and their forward's flash form
+    to ``flash`` (None: nothing changed; the Triton package is imported only otherwise, so
+    this runs where it is not installed)."""
+    if tile is None and flash is None:
         yield
         return
     from vil_kernels.triton import heuristics
+    was = heuristics.TILE, heuristics.FLASH_FORWARD
     heuristics.TILE = tile
+    if flash is not None:
+        heuristics.FLASH_FORWARD = flash
     try:
         yield
     finally:
-        heuristics.TILE = None
+        heuristics.TILE, heuristics.FLASH_FORWARD = was
 
 
 def _time_row(row, fn, device, dtype, warmup, iters, mem, peaks):
@@ -233,7 +243,7 @@ def _time_row(row, fn, device, dtype, warmup, iters, mem, peaks):
 
 
 def print_table(rows, cols=None):
-    cols = cols or ["path", "chunk_size", "tile", "B", "NH", "S", "D", "fwd_ms", "fwd+bwd_ms",
+    cols = cols or ["path", "chunk_size", "tile", "flash", "B", "NH", "S", "D", "fwd_ms", "fwd+bwd_ms",
                     "fwd_peak_mib", "fwd+bwd_peak_mib", "fwd+bwd_tflops", "fwd+bwd_roofline",
                     "fwd+bwd_chunkwise_roofline", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]
@@ -246,11 +256,11 @@ def print_table(rows, cols=None):
 
 
 def chunk_choice(rows):
-    """With several chunk lengths (or tiles): per shape and path, each pass's fastest chunk
-    length (and tile) and its time against the first given (rows of bench_shape; [] with one
-    of each)."""
+    """With several chunk lengths (or tiles, or flash settings): per shape and path, each
+    pass's fastest chunk length (and tile and flash setting) and its time against the first
+    given (rows of bench_shape; [] with one of each)."""
     out = []
-    varied = [r for r in rows if "chunk_size" in r or "tile" in r]
+    varied = [r for r in rows if "chunk_size" in r or "tile" in r or "flash" in r]
     shape = lambda r: (r["path"], r["B"], r["NH"], r["S"], r["D"])  # noqa: E731
     for key in sorted({shape(r) for r in varied}, key=lambda k: (k[0], k[3], k[4], k[1])):
         runs = [r for r in varied if shape(r) == key]
@@ -266,8 +276,10 @@ def chunk_choice(rows):
                        best_chunk=best.get("chunk_size"), best_ms=best[f"{mode}_ms"],
                        first_chunk=runs[0].get("chunk_size"), first_ms=first,
                        speedup=first / best[f"{mode}_ms"] if first else None)
-            if any("tile" in r for r in runs):
-                row.update(first_tile=runs[0].get("tile"), best_tile=best.get("tile"))
+            for setting in ("tile", "flash"):
+                if any(setting in r for r in runs):
+                    row.update({f"first_{setting}": runs[0].get(setting),
+                                f"best_{setting}": best.get(setting)})
             out.append(row)
     return out
 
@@ -296,8 +308,18 @@ def parse_args(argv=None):
                         "table's, 64), where it applies: chunks of two such tiles or more, "
                         "16-bit inputs, Hopper (heuristics.tuned_tile). Tiles of 128 run 8 "
                         "warps; not a default until timed")
+    p.add_argument("--flash", default=None, metavar="off|on[,...]",
+                   help="the triton path's forward in FlashAttention's form (every V column "
+                        "of a row tile in one program, pair scores computed there; "
+                        "heuristics.FLASH_FORWARD) off or on; several: a row for each; "
+                        "default: the table's (off until timed)")
     p.add_argument("--results-file", default=None)
     args = p.parse_args(argv)
+    if args.flash is not None:
+        words = args.flash.split(",")
+        if any(w not in ("off", "on") for w in words):
+            p.error(f"--flash takes off, on or both (off,on), got {args.flash!r}")
+        args.flash = [w == "on" for w in words]
     if args.tile is not None:
         try:
             args.tile = [int(t) for t in args.tile.split(",")]
@@ -337,11 +359,13 @@ def main(argv=None):
     mem = PeakMemory(device)
     print(f"# device: {device_name(device)} | torch {torch.__version__} | dtype {dtype}", flush=True)
     meta = dict(device=device_name(device), torch=torch.__version__, dtype=str(dtype),
-                warmup=warm, iters=iters, chunk_size=args.chunk_size, tile=args.tile)
+                warmup=warm, iters=iters, chunk_size=args.chunk_size, tile=args.tile,
+                flash=args.flash)
     rows = []
     for shape in shapes:
         rows += bench_shape(shape, device, dtype, warm, iters, mem, args.paths,
-                            args.chunk_size or (None,), args.tile or (None,))
+                            args.chunk_size or (None,), args.tile or (None,),
+                            args.flash or (None,))
         print(f"  done {shape}", file=sys.stderr, flush=True)
         if args.results_file:                  # after every shape: a run cut short keeps them
             Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
@@ -349,10 +373,11 @@ def main(argv=None):
     print_table(rows)
     choice = chunk_choice(rows)
     if choice:
-        print("\n# fastest chunk length (and tile) a shape and pass (speed-up over the first "
-              "one given)")
+        print("\n# fastest chunk length (and tile, flash form) a shape and pass (speed-up "
+              "over the first one given)")
         print_table(choice, ["path", "B", "NH", "S", "D", "mode", "first_chunk", "first_tile",
-                             "first_ms", "best_chunk", "best_tile", "best_ms", "speedup"])
+                             "first_flash", "first_ms", "best_chunk", "best_tile",
+                             "best_flash", "best_ms", "speedup"])
         if args.results_file:
             Path(args.results_file).write_text(json.dumps(dict(meta=meta, rows=rows,
                                                                chunk_choice=choice), indent=1))

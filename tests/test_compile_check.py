@@ -63,7 +63,7 @@ def test_pipeline_hazard_detected():
     on has none."""
     code = (
         "from vil_kernels.compile_check import compile_one\n"
-        "key = ('fwd_out', 'bfloat16', 90, 64, 64, 128, 4, 2, None, 255, 1)\n"
+        "key = ('fwd_out', 'bfloat16', 90, 64, 64, 128, 4, 2, True, 255, 1)\n"
         "print(compile_one(key, {'QN_MMA': False})['hazards'])\n"
         "print(compile_one(key)['hazards'])\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -102,8 +102,8 @@ def test_one_chunk_rule_defaults_are_checked(monkeypatch):
     full check builds those chunk lengths too (512: eight tiles of 64)."""
     from vil_kernels import compile_check
     from vil_kernels.triton import heuristics
-    tiles = lambda: {key[-1] for key in compile_check.variants(dims=(64,),  # noqa: E731
-                                                               dtypes=("bfloat16",))}
+    tiles = lambda: {key.NT for key in compile_check.variants(dims=(64,),  # noqa: E731
+                                                              dtypes=("bfloat16",))}
     assert 8 in tiles()
     monkeypatch.setattr(heuristics, "ONE_CHUNK_UP_TO", 0)
     assert 8 not in tiles()
@@ -151,3 +151,29 @@ def test_outputs_kernel_computing_the_scores_builds_without_spills():
     # (sm_80; and tiles of 128, where the scores' builds spill)
     assert {(r[2], r[3]) for r in rows if r[0] == "fwd_pair"} == {("sm80", "64"),
                                                                   ("sm90", "128")}, rows
+
+
+def test_flash_forward_builds_without_spills():
+    """`compile_check --flash on` (what VIL_KERNELS_FLASH_FORWARD=1 runs, opt-in until timed on
+    a GPU): ViL-B's, ViL-S's and ViL-T's value head dims in one program of two V tiles on sm_90
+    (256+128 and 128+64 at 8 warps, 64+32 at 4), computing the pairs' scores, with and without
+    the carried state, without a spill; sm_80 keeps the pair kernel's V tiles. The full check
+    covers both settings."""
+    from vil_kernels import compile_check
+    todo = compile_check.variants(dims=(96, 384), chunks=(1024,), dtypes=("bfloat16",))
+    flash = {(k.BV, k.BV2) for k in todo if k.kernel == "fwd_out" and k.BV2}
+    assert flash == {(64, 32), (256, 128)}, flash
+    assert not any(k.BV2 for k in compile_check.variants(dims=(96, 384), chunks=(1024,),
+                                                         dtypes=("bfloat16",), flash=False))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "vil_kernels.compile_check", "--flash", "on", "--dims", "96",
+           "192", "384", "--chunks", "1024", "--dtype", "bfloat16", "--kernel", "fwd_out"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0 and "0 failed" in out, out[-3000:]
+    rows = [line.split() for line in out.splitlines() if line.endswith(" ok")]
+    built = {(r[2], r[6], r[7], r[9]) for r in rows}
+    for bv, warps in (("256+128", "8"), ("128+64", "8"), ("64+32", "4")):
+        assert {("sm90", bv, warps, "Fs"), ("sm90", bv, warps, "Ts")} <= built, out
+    assert not any("+" in r[6] for r in rows if r[2] == "sm80"), out

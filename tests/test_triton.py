@@ -7,6 +7,7 @@ initial states, through a loss on h and on the last states), against vil_kernels
 in float64 on the same (rounded) inputs.
 """
 
+import json
 import math
 import os
 
@@ -463,6 +464,112 @@ def test_scores_in_the_outputs_kernel_same_bits(dtype, monkeypatch):
             assert ("fwd_pair" in names) != here, names
             outs[here] = (h, rest[5])                                   # h, n_row
         assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
+
+
+# The forward in FlashAttention's form (heuristics.FLASH_FORWARD, off until timed): in chunks of
+# several tiles the outputs kernel takes every V column of a row tile in one program, as two V
+# tiles where DV is not a power of two (96 = 64 + 32, 192 = 128 + 64), and computes each pair's
+# scores itself; the forward pair kernel does not run. Tiles of 16 positions (MAX_TILE) give
+# chunks of several tiles at small S: several chunks with initial and last states (the
+# carried-state products of both V tiles, HAS_STATE) and one chunk for the whole sequence
+# (none), both directions, DV a power of two (one tile), two tiles, a masked second tile (40 =
+# 32 + 16 with 8 masked) and one masked tile (100 -> 128); every gradient, float64 exactly.
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
+@pytest.mark.parametrize("chunk,S,reverse,init,last_states,DV,tiles", [
+    (64, 70, False, True, True, 96, (64, 32)),
+    (64, 70, True, True, True, 40, (32, 16)),
+    (1024, 50, True, False, False, 192, (128, 64)),
+    (1024, 50, False, False, True, 100, (128, 0)),
+    (32, 37, True, False, True, 64, (64, 0)),
+])
+def test_flash_forward(chunk, S, reverse, init, last_states, DV, tiles, monkeypatch):
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "MAX_TILE", 16)
+    monkeypatch.setattr(heuristics, "FLASH_FORWARD", True)
+    L = heuristics.chunk_len(S, 24, DV, torch.float64, 0, chunk)
+    p = heuristics.launch_params("fwd_out", 24, DV, L, torch.float64, 0)
+    assert (p["BV"], p["BV2"]) == tiles
+    x = make_inputs(NH=2, S=S, DK=24, DV=DV, init=init, seed=S + DV)
+    got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=chunk,
+                                      last_states=last_states))
+    assert "fwd_pair" not in names and {"fwd_out", "bwd_pair"} <= names, names
+    ref = run(x, "parallel", reverse=reverse, last_states=last_states)
+    errs = {n: rel_err(got[n], ref[n]) for n in ref}
+    assert max(errs.values()) < 1e-9, errs
+
+
+@pytest.mark.parametrize("DV", [96, 384])
+def test_flash_forward_bfloat16(DV, monkeypatch):
+    """bfloat16 (two pipeline stages: the outputs kernel's QN_MMA form) in the flash form, ViL-T's
+    and ViL-B's value head dims as 64 + 32 and 256 + 128 columns: within bfloat16's bound of the
+    float64 reference, and h as the pair kernel's path gives it, with initial states (the
+    carried-state products of both V tiles) and without."""
+    from vil_kernels.triton import heuristics
+    from vil_kernels.triton.chunk import mlstm_fwd
+    monkeypatch.setattr(heuristics, "FLASH_FORWARD", True)
+    x = make_inputs(NH=1, S=150, DK=64, DV=DV, init=True, seed=DV)
+    _check(x, torch.bfloat16, reverse=True, chunk_size=128)
+    x = {n: t.to(DEVICE, torch.bfloat16 if n in "qkv" else torch.float32) for n, t in x.items()}
+    for init in (False, True):
+        state = (x["c_initial"], x["n_initial"], x["m_initial"]) if init else (None,) * 3
+        outs = {}
+        for flash in (True, False):
+            monkeypatch.setattr(heuristics, "FLASH_FORWARD", flash)
+            (h, *rest), names = launched(lambda: mlstm_fwd(
+                x["q"], x["k"], x["v"], x["i"], x["f"], *state, 1e-6, 1024, False,
+                last_states=False))
+            # (off, at DV = 96 one V tile of 128 holds DV: the scores in the outputs kernel)
+            assert ("fwd_pair" in names) == (not flash and DV > 128), names
+            outs[flash] = h.float()
+        # the same products in the same order: the same bits under the interpreter; on a GPU
+        # the MMA instructions of other tile widths may round differently
+        if DEVICE == "cpu":
+            assert torch.equal(outs[True], outs[False])
+        assert rel_err(outs[True], outs[False]) < 2e-2
+
+
+def test_flash_forward_choice(tmp_path, monkeypatch):
+    """Where the flash form applies (FLASH_FORWARD on): chunks of several tiles of at most 64
+    positions, 16-bit and float64 inputs, Hopper and the interpreter, DV up to 512; its tiles
+    and warps; a launch table's fwd_out entry may name BV and BV2, a V tile named alone is
+    the whole block, and BV2 belongs to the outputs kernel only."""
+    from vil_kernels.triton import heuristics as h
+    assert [h.flash_tiles(d) for d in (16, 40, 64, 96, 100, 192, 320, 384, 448, 512)] == [
+        (16, 0), (32, 16), (64, 0), (64, 32), (128, 0), (128, 64), (256, 64), (256, 128),
+        (512, 0), (512, 0)]
+    bf = torch.bfloat16
+    monkeypatch.setattr(h, "FLASH_FORWARD", False)
+    assert h.launch_params("fwd_out", 384, 384, 1024, bf, 90)["BV2"] == 0
+    assert not h.flash_applies(384, 64, 16, bf, 90)
+    monkeypatch.setattr(h, "FLASH_FORWARD", True)
+    p = h.launch_params("fwd_out", 384, 384, 1024, bf, 90)
+    assert (p["BV"], p["BV2"], p["num_warps"]) == (256, 128, 8)
+    p = h.launch_params("fwd_out", 96, 96, 1024, bf, 90)
+    assert (p["BV"], p["BV2"], p["num_warps"]) == (64, 32, 4)
+    assert h.scores_in_outputs(384, 256 + 128, 64, 16)
+    for args in ((384, 64, 1, bf, 90), (384, 64, 16, torch.float32, 90),
+                 (384, 64, 16, bf, 80), (384, 128, 8, bf, 90), (1024, 64, 16, bf, 90)):
+        assert not h.flash_applies(*args), args
+    assert h.flash_applies(384, 64, 16, torch.float64, 0)
+    assert h.launch_params("fwd_out", 384, 384, 64, bf, 90)["BV2"] == 0      # one tile a chunk
+    assert h.launch_params("fwd_out", 384, 384, 1024, bf, 80)["BV2"] == 0    # Ampere
+    key = h.table_key("fwd_out", 384, 384, 1024, bf, 90)
+    path = tmp_path / "table.json"
+    monkeypatch.setenv(h.TABLE_ENV, str(path))
+    try:
+        for entry, want in (({"BV": 128}, (128, 0)), ({"BV": 256, "BV2": 128}, (256, 128))):
+            path.write_text(json.dumps({"entries": {key: entry}}))
+            h.tuned_table(reload=True)
+            p = h.launch_params("fwd_out", 384, 384, 1024, bf, 90)
+            assert (p["BV"], p["BV2"]) == want
+        bad = h.table_key("fwd_pair", 384, 384, 1024, bf, 90)
+        for entry in ({key: {"BV2": 96}}, {bad: {"BV2": 128}}):
+            path.write_text(json.dumps({"entries": entry}))
+            with pytest.raises(ValueError, match="invalid launch parameters"):
+                h.tuned_table(reload=True)
+    finally:
+        monkeypatch.delenv(h.TABLE_ENV)
+        h.tuned_table(reload=True)
 
 
 @pytest.fixture(params=[64, 16])

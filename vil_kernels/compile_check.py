@@ -15,7 +15,9 @@ registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, 
 holds at once (occ, programs_per_sm), and the head dims each binary serves (flag: HAS_INIT of the
 state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the outputs, dq/dk and dv kernels,
 Fs / Ts where the outputs kernel also computes the scores of chunks of several tiles; f/b and S
-for the chain's direction and starting state). Exits 1 on any spill, on shared memory
+for the chain's direction and starting state; BV as 256+128 where the outputs kernel takes two V
+tiles). The forward's flash form (heuristics.FLASH_FORWARD, off by default) is checked too;
+--flash on / off checks only one side. Exits 1 on any spill, on shared memory
 over the arch's limit (sm_80: 163 KB, sm_90: 227 KB), on registers x threads over the 64K register
 file, when a 16-bit build has no HMMA/HGMMA instruction, on a pipelined loop whose asynchronous
 wgmma reads a single-buffered tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile
@@ -34,6 +36,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
 
 HEAD_DIMS = (64, 96, 128, 192, 256, 384, 512)
 # requested chunk lengths: one tile a chunk (16, 32, 64; float32 inputs: 32 at most), and
@@ -47,6 +50,28 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 _PTR = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 # the matmul kernels built with and without the carried-state terms (HAS_STATE)
 STATE_FLAG_KERNELS = ("fwd_out", "bwd_dqk", "bwd_dv")
+
+
+class Variant(NamedTuple):
+    """One compiled variant. flag: HAS_INIT of the state scan, HAS_DLAST of the
+    state-gradient scan, HAS_STATE of the outputs, dq/dk and dv kernels, HAS_W of the gate
+    epilogue (None where a kernel has none; a string for the split scans' chain: "f"/"b" its
+    direction, "S" a starting state). The gate scan has its chunk length in the BT slot and
+    its chunks a block in the BV slot, the gate epilogue its block in the BV slot. BV2: the
+    outputs kernel's second V tile; scores: the outputs kernel computes the pairs' scores."""
+    kernel: str
+    dtype: str
+    arch: int
+    BT: int
+    BK: int
+    BV: int
+    warps: int
+    stages: int
+    flag: object
+    maxnreg: object
+    NT: int
+    BV2: int = 0
+    scores: bool = False
 
 
 def _signature(name, dt, qn_mma=False):
@@ -94,10 +119,26 @@ def _signature(name, dt, qn_mma=False):
     return ptrs, scalars
 
 
-def variants(quick=False, dims=None, chunks=None, dtypes=None):
-    """Distinct compiled variants the dispatcher can choose, each with the head dims it serves.
-    A key: (kernel, dtype, arch, BT, BK, BV, warps, stages, flag, maxnreg, NT); the gate scan
-    has its chunk length in the BT slot and its chunks a block in the BV slot."""
+def variants(quick=False, dims=None, chunks=None, dtypes=None, flash=None):
+    """Distinct compiled variants (Variant) the dispatcher can choose, each with the head dims
+    it serves; with the flash form on and off (heuristics.FLASH_FORWARD) where flash is None,
+    else as it says."""
+    from .triton import heuristics
+    if flash is None:
+        out = {}
+        for on in (False, True):
+            for key, dims_served in variants(quick, dims, chunks, dtypes, flash=on).items():
+                out.setdefault(key, set()).update(dims_served)
+        return out
+    was = heuristics.FLASH_FORWARD
+    heuristics.FLASH_FORWARD = flash
+    try:
+        return _variants(quick, dims, chunks, dtypes)
+    finally:
+        heuristics.FLASH_FORWARD = was
+
+
+def _variants(quick, dims, chunks, dtypes):
     import torch
 
     from .triton import heuristics
@@ -119,9 +160,11 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                     tiles = {arch: heuristics.tile_len(L, dtype, DK, DV, arch) for arch in ARCHS}
                     # (where the outputs kernel computes the pair scores the forward pair
                     # kernel does not run)
+                    out_p = {arch: heuristics.launch_params("fwd_out", DK, DV, L, dtype, arch)
+                             for arch in ARCHS}
                     scores = {arch: heuristics.scores_in_outputs(
-                        DV, heuristics.launch_params("fwd_out", DK, DV, L, dtype, arch)["BV"],
-                        tiles[arch], L // tiles[arch]) for arch in ARCHS}
+                        DV, out_p[arch]["BV"] + out_p[arch]["BV2"], tiles[arch],
+                        L // tiles[arch]) for arch in ARCHS}
                     for name in heuristics.KERNELS:
                         for arch in ARCHS:
                             BT = tiles[arch]
@@ -135,33 +178,37 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None):
                                 STATE_FLAG_KERNELS) else (None,)
                             BV = 0 if name == "fwd_pair" else p["BV"]     # (reads no v)
                             for has_init in flags:      # HAS_INIT, HAS_DLAST, HAS_STATE
-                                if name == "fwd_out" and scores[arch]:  # "Fs", "Ts"
-                                    has_init = "TF"[not has_init] + "s"
-                                key = (name, dt, arch, BT, p["BK"], BV, p["num_warps"],
-                                       p["num_stages"], has_init, p["maxnreg"], NT)
+                                extra = {}
+                                if name == "fwd_out":
+                                    extra = dict(BV2=p["BV2"], scores=scores[arch])
+                                key = Variant(name, dt, arch, BT, p["BK"], BV, p["num_warps"],
+                                              p["num_stages"], has_init, p["maxnreg"], NT,
+                                              **extra)
                                 out.setdefault(key, set()).add((DK, DV))
                             if name in heuristics.SCANS:  # their split form, same parameters
-                                key = ("chunk_local", dt, arch, BT, p["BK"], p["BV"],
-                                       p["num_warps"], p["num_stages"], None, p["maxnreg"], NT)
+                                key = Variant("chunk_local", dt, arch, BT, p["BK"], p["BV"],
+                                              p["num_warps"], p["num_stages"], None,
+                                              p["maxnreg"], NT)
                                 out.setdefault(key, set()).add((DK, DV))
                     for arch in ARCHS:                      # the split scans' chain
                         for flag in ("f", "fS", "b", "bS"):
-                            key = ("chunk_chain", dt, arch, 0, 0, CHAIN_BLOCK, 4, 1, flag, None, 1)
+                            key = Variant("chunk_chain", dt, arch, 0, 0, CHAIN_BLOCK, 4, 1, flag,
+                                          None, 1)
                             out.setdefault(key, set()).add((DK, DV))
                     for arch in ARCHS:                      # the gate scan and the prologue
                         BT = tiles[arch]
                         NT = L // BT
                         p = heuristics.prologue_params(DV, BT, dtype, arch)
-                        key = ("bwd_prologue", dt, arch, BT, 0, p["BV"], p["num_warps"], 1,
-                               None, None, NT)
+                        key = Variant("bwd_prologue", dt, arch, BT, 0, p["BV"],
+                                      p["num_warps"], 1, None, None, NT)
                         out.setdefault(key, set()).add((DK, DV))
                         for has_init in (False, True):
-                            key = ("fwd_gates", dt, arch, L, 0, heuristics.gates_chunks(L),
-                                   heuristics.GATES_WARPS, 1, has_init, None, 1)
+                            key = Variant("fwd_gates", dt, arch, L, 0, heuristics.gates_chunks(L),
+                                          heuristics.GATES_WARPS, 1, has_init, None, 1)
                             out.setdefault(key, set()).add((DK, DV))
                         for has_w in (False, True):           # (w: the last state's)
-                            key = ("bwd_gates", dt, arch, 0, 0, heuristics.GATES_BLOCK, 4, 1,
-                                   has_w, None, 1)
+                            key = Variant("bwd_gates", dt, arch, 0, 0, heuristics.GATES_BLOCK,
+                                          4, 1, has_w, None, 1)
                             out.setdefault(key, set()).add((DK, DV))
     return out
 
@@ -182,7 +229,8 @@ def ptxas_usage(log):
 
 
 def compile_one(key, constexprs=None):
-    """Compile one variant; returns a result row (dict). constexprs: overrides (tests)."""
+    """Compile one variant (a Variant, or a tuple of its fields); returns a result row (dict).
+    constexprs: overrides (tests)."""
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
     import triton.language as tl
@@ -193,7 +241,8 @@ def compile_one(key, constexprs=None):
     from .triton import kernels
     from .triton.heuristics import dot_config
 
-    name, dt, arch, BT, BK, BV, warps, stages, has_init, maxnreg, NT = key
+    key = Variant(*key)
+    name, dt, arch, BT, BK, BV, warps, stages, has_init, maxnreg, NT = key[:11]
     fn = getattr(kernels, f"mlstm_{name}_kernel")
     import torch
     mma, acc, prec = dot_config(getattr(torch, dt))
@@ -212,16 +261,18 @@ def compile_one(key, constexprs=None):
     elif name == "bwd_gates":       # its block of positions in the BV slot, HAS_W the flag's
         const_names, const_vals = ["BS", "HAS_W", "ACC"], [BV, bool(has_init), tl_of[acc]]
     else:
-        # the flag slot: HAS_INIT, HAS_DLAST of the scans, HAS_STATE of the outputs, dq/dk and
-        # dv kernels; for the outputs kernel "Fs" / "Ts": HAS_STATE with SCORES
+        # the flag: HAS_INIT, HAS_DLAST of the scans, HAS_STATE of the outputs, dq/dk and dv
+        # kernels
         flags = {"fwd_state": {"HAS_INIT": bool(has_init)},
                  "bwd_state": {"HAS_DLAST": bool(has_init)},
                  "fwd_out": {"QN_MMA": qn_mma}}.get(name, {})
         if name in STATE_FLAG_KERNELS:
-            flags["HAS_STATE"] = has_init is not False and has_init != "Fs"
+            flags["HAS_STATE"] = bool(has_init)
         if name == "fwd_out":
-            flags["SCORES"] = isinstance(has_init, str)
+            flags["SCORES"] = key.scores
         tiles = {"BT": BT, "NT": NT, "BK": BK, "BV": BV}
+        if name == "fwd_out":
+            tiles["BV2"] = key.BV2
         if name == "fwd_pair":                  # (no V tiles: it never reads v)
             del tiles["BV"]
         const_names = list(tiles) + list(flags) + ["MMA", "ACC", "PREC", "INTERP"]
@@ -244,8 +295,9 @@ def compile_one(key, constexprs=None):
         name, (2, 3, *range(6, n_int)))
     attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in divisible})
     src = ASTSource(fn, sig, consts, attrs)
-    row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, NT=NT, BK=BK, BV=BV, warps=warps,
-               stages=stages, has_init=has_init, maxnreg=maxnreg, error=None)
+    row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, NT=NT, BK=BK, BV=BV, BV2=key.BV2,
+               warps=warps, stages=stages, has_init=has_init, scores=key.scores,
+               maxnreg=maxnreg, error=None)
     t0 = time.time()
     # a fresh cache, so that ptxas runs and logs registers and spills
     cache = knobs.cache.dir = tempfile.mkdtemp(prefix="vil_cc_")
@@ -357,6 +409,9 @@ def main(argv=None):
                     help="positions a tile in chunks of several tiles, as bench/kernels.py "
                          "--tile forces it (heuristics.TILE: one of 16, 32, 64, 128); a launch "
                          "table's tiles are checked where $VIL_KERNELS_LAUNCH_TABLE names it")
+    ap.add_argument("--flash", choices=("on", "off"), default=None,
+                    help="only with the forward's flash form on (what "
+                         "VIL_KERNELS_FLASH_FORWARD=1 runs) or off; default: both")
     args = ap.parse_args(argv)
     from .triton import heuristics
     if args.tile is not None:
@@ -364,11 +419,13 @@ def main(argv=None):
             ap.error(f"--tile takes one of {heuristics.TUNABLE_TILES}, got {args.tile}")
         heuristics.TILE = args.tile
     t0 = time.time()
-    todo = variants(args.quick, args.dims, args.chunks, args.dtype)
+    todo = variants(args.quick, args.dims, args.chunks, args.dtype,
+                    flash=None if args.flash is None else args.flash == "on")
     todo = {k: v for k, v in todo.items()
             if (not args.arch or k[2] in args.arch) and (not args.kernel or k[0] in args.kernel)
             and (not args.dtype or k[1] in args.dtype)}
-    keys = sorted(todo, key=lambda k: (k[0], k[1], k[2], k[3], k[10], k[4], k[5], str(k[8])))
+    keys = sorted(todo, key=lambda k: (k.kernel, k.dtype, k.arch, k.BT, k.NT, k.BK, k.BV, k.BV2,
+                                       k.scores, str(k.flag)))
     env_had = os.environ.pop("TRITON_INTERPRET", None)
     try:
         if args.jobs > 1:
@@ -379,7 +436,7 @@ def main(argv=None):
     finally:
         if env_had is not None:
             os.environ["TRITON_INTERPRET"] = env_had
-    hdr = (f"{'kernel':<12} {'dtype':<8} {'arch':<5} {'BT':>4} {'NT':>2} {'BK':>3} {'BV':>3} "
+    hdr = (f"{'kernel':<12} {'dtype':<8} {'arch':<5} {'BT':>4} {'NT':>2} {'BK':>3} {'BV':>7} "
            f"{'w':>2} {'st':>2} {'flag':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6} "
            f"{'occ':>3}  head dims / status")
     print(hdr)
@@ -390,8 +447,10 @@ def main(argv=None):
         failed += bool(bad)
         flag = row["has_init"]
         init = "" if flag is None else flag if isinstance(flag, str) else str(flag)[0]
+        init += "s" if row["scores"] else ""
+        bv = f"{row['BV']}+{row['BV2']}" if row["BV2"] else str(row["BV"])
         config = (f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>4} "
-                  f"{row['NT']:>2} {row['BK']:>3} {row['BV']:>3} {row['warps']:>2} "
+                  f"{row['NT']:>2} {row['BK']:>3} {bv:>7} {row['warps']:>2} "
                   f"{row['stages']:>2} {init:<5}")
         if row["error"]:
             print(f"{config} FAIL {row['error']}")

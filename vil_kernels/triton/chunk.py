@@ -90,7 +90,10 @@ def _launch(kernel, name, grid, args, DK, DV, L, dtype, arch, **extra):
     meta = dict(BT=BT, NT=L // BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
     if "BV" not in kernel.arg_names:                    # (the forward's pair kernel: no v)
         del meta["BV"]
-    grid = grid(p["BK"], p["BV"]) if callable(grid) else grid
+    if "BV2" in kernel.arg_names:                       # (the outputs kernel's second V tile)
+        meta["BV2"] = p["BV2"]
+    # (grids take the columns a program covers: BV, or BV + BV2)
+    grid = grid(p["BK"], p["BV"] + p.get("BV2", 0)) if callable(grid) else grid
     opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
     if not INTERPRETED and p["maxnreg"]:
         opts["maxnreg"] = p["maxnreg"]
@@ -282,7 +285,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
     p = heuristics.launch_params("fwd_out", DK, DV, L, q.dtype, arch)
     # chunks of several tiles: every pair's weighted scores (MMA dtype) and row sums, once;
     # where one V tile holds DV the outputs kernel computes them itself (SCORES): once too
-    scores = heuristics.scores_in_outputs(DV, p["BV"], BT, NT)
+    scores = heuristics.scores_in_outputs(DV, p["BV"] + p["BV2"], BT, NT)
     (sc, rs), grid = _pair_buffers(q, S, NC, BT, 1 if scores else NT,
                                    ((state_dtype(q), True), (ad, False)))
     if grid is not None:

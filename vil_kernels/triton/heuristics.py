@@ -66,10 +66,50 @@ SCORES_IN_OUTPUTS = os.environ.get("VIL_KERNELS_SCORES_IN_OUTPUTS", "1") != "0"
 
 
 def scores_in_outputs(DV, BV, BT, NT):
-    """Whether the outputs kernel (V tiles of BV) computes the pair scores of chunks of NT
-    tiles of BT itself (SCORES_IN_OUTPUTS): where one V tile holds DV, in tiles of at most 64
-    positions (in tiles of 128 its sm_90 builds spill 24-208 bytes, compile_check)."""
+    """Whether the outputs kernel (V blocks of BV columns: BV + BV2 with two tiles) computes the
+    pair scores of chunks of NT tiles of BT itself (SCORES_IN_OUTPUTS): where one V block holds
+    DV, in tiles of at most 64 positions (in tiles of 128 its sm_90 builds spill 24-208 bytes,
+    compile_check)."""
     return SCORES_IN_OUTPUTS and NT > 1 and DV <= BV and BT <= 64
+
+
+# Chunks of several tiles, forward, any value head dim: FlashAttention's form. The outputs
+# kernel takes all of DV in one program as two V tiles (flash_tiles: 384 = 256 + 128) and
+# computes each pair's scores itself (scores_in_outputs), once for every value column, at 8
+# warps where the block is wider than 128: no forward pair kernel, no [BT, BT] scores through
+# memory, q and k read once a pair instead of once a pair and V tile. At ViL-B's shape (one
+# chunk of 1024 at D=384, tiles of 64) that is the work of 91 pairs a head in 13 programs
+# instead of 91 pair programs plus 13 x 3 outputs programs. Its price: one program an SM
+# (sm_90: 204-218 registers at 8 warps; compile_check --flash), and the latency the pipelined
+# loads must then hide. Not timed on a GPU yet, so off: $VIL_KERNELS_FLASH_FORWARD=1 turns it
+# on (bench/gpu_session.sh's flash step times both), and so does a launch table's fwd_out
+# entry with BV and BV2.
+FLASH_FORWARD = os.environ.get("VIL_KERNELS_FLASH_FORWARD", "0") == "1"
+# widest V block of the flash form: a [64, 512] float32 accumulator is 128 registers a thread
+# at 8 warps (compile_check: 252 in all at sm_90, no spill)
+FLASH_MAX_COLUMNS = 512
+
+
+def flash_tiles(DV):
+    """(BV, BV2): the two powers of two (BV2 = 0: one) whose tiles cover DV with the fewest
+    masked columns, both at least 16: 384 -> (256, 128), 192 -> (128, 64), 96 -> (64, 32),
+    40 -> (32, 16); a power of two is one tile, and so is DV where two tiles would mask as
+    much as one (100 -> (128, 0))."""
+    one = max(16, next_power_of_2(DV))
+    if one == DV or one <= 16:
+        return one, 0
+    BV = one // 2
+    BV2 = max(16, next_power_of_2(DV - BV))
+    return (BV, BV2) if BV + BV2 < one else (one, 0)
+
+
+def flash_applies(DV, BT, NT, dtype, arch):
+    """Whether the forward takes the flash form (FLASH_FORWARD): chunks of several tiles of at
+    most 64 positions, 16-bit (and float64) inputs (float32's tf32x3 operands double the
+    registers), Hopper (and the interpreter; sm_80 keeps V tiles of 32 in the outputs kernel,
+    compile_check), DV up to FLASH_MAX_COLUMNS."""
+    return (FLASH_FORWARD and NT > 1 and BT <= 64 and dtype != torch.float32
+            and not 0 < arch < 90 and sum(flash_tiles(DV)) <= FLASH_MAX_COLUMNS)
 
 
 def device_arch(device):
@@ -158,7 +198,7 @@ TILE = None
 # A launch table measured on one's own GPU (bench/tune.py --write-table FILE), used over the
 # built-in one for the entries it has: opt-in autotuning.
 TABLE_ENV = "VIL_KERNELS_LAUNCH_TABLE"
-_PARAMS = {"BK", "BV", "num_warps", "num_stages", "maxnreg", "split"}
+_PARAMS = {"BK", "BV", "BV2", "num_warps", "num_stages", "maxnreg", "split"}
 TILE_ENTRY = "tile"             # a table's entry for the tile of positions: {"BT": n}
 _tuned = None                                                    # {key: params}, loaded once
 # launch_params' answers while OVERRIDES is empty (emptied when the table is reloaded): the
@@ -175,7 +215,7 @@ def launch_params(kernel, DK, DV, L, dtype, arch):
     table: on the H200 at ViL-B's shape it ran about 5x slower. dtype: the inputs' torch
     dtype."""
     assert kernel in KERNELS, kernel
-    key = (kernel, DK, DV, L, dtype, arch)
+    key = (kernel, DK, DV, L, dtype, arch, FLASH_FORWARD)
     forced = OVERRIDES or TILE is not None
     cached = _cache.get(key) if not forced else None
     if cached is not None:
@@ -184,9 +224,11 @@ def launch_params(kernel, DK, DV, L, dtype, arch):
     p = _table_params(kernel, DK, DV, BT, L // BT, dtype, arch)
     if kernel in SCANS:
         p["split"] = False
-    p.update(tuned_table().get(table_key(kernel, DK, DV, L, dtype, arch), {}))
-    if OVERRIDES:
-        p.update(OVERRIDES.get(kernel, {}))
+    for given in (tuned_table().get(table_key(kernel, DK, DV, L, dtype, arch), {}),
+                  OVERRIDES.get(kernel, {})):
+        p.update(given)
+        if "BV" in given and "BV2" not in given and "BV2" in p:
+            p["BV2"] = 0                     # a V tile named alone is the whole V block
     if not forced:
         _cache[key] = dict(p)
     return p
@@ -216,7 +258,7 @@ def read_table(path):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{TABLE_ENV}={path}: not a launch table ({type(e).__name__}: {e})")
     pow2 = lambda v: isinstance(v, int) and v >= 16 and v & (v - 1) == 0
-    checks = {"BK": pow2, "BV": pow2,
+    checks = {"BK": pow2, "BV": pow2, "BV2": lambda v: v == 0 or pow2(v),
               "num_warps": lambda v: v in (1, 2, 4, 8, 16),
               "num_stages": lambda v: v in (1, 2, 3, 4),
               "maxnreg": lambda v: v is None or isinstance(v, int) and 32 <= v <= 255,
@@ -232,7 +274,8 @@ def read_table(path):
         if name not in KERNELS or len(key.split("/")) != 6 or not isinstance(params, dict):
             raise ValueError(f"{path}: bad entry {key!r}")
         bad = {k: v for k, v in params.items()
-               if k not in _PARAMS or not checks[k](v) or k == "split" and name not in SCANS}
+               if k not in _PARAMS or not checks[k](v) or k == "split" and name not in SCANS
+               or k == "BV2" and name != "fwd_out"}
         if bad:
             raise ValueError(f"{path}: entry {key!r} has invalid launch parameters {bad}")
     return entries
@@ -250,7 +293,8 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
         # 3.7 spills 8 and 368 bytes there (3.6 does not)
         if kernel in ("fwd_out", "bwd_dqk") and BT >= 64:
             BV = min(BV, 32)
-        return dict(BK=BK, BV=BV, num_warps=8 if BT >= 64 else 4, num_stages=1, maxnreg=MAXNREG)
+        p = dict(BK=BK, BV=BV, num_warps=8 if BT >= 64 else 4, num_stages=1, maxnreg=MAXNREG)
+        return dict(p, BV2=0) if kernel == "fwd_out" else p
     # Hopper (and the interpreter, arch 0, so that the tests run this table), measured with
     # bench/tune.py on an H200 (bf16, B=64, NH=4, S=784, D=384, BT=64; the sweeps are
     # bench/results/tune-nvidia-h200-d384*.json):
@@ -290,6 +334,11 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
     if kernel == "bwd_dqk" and sixteen and BT >= 64 and NT == 1 and BK >= 64 and BV < 64:
         BK = 32             # (64 x 32 tiles, DK a multiple of 64 and DV = 96: a 264-byte spill)
     p = dict(BK=BK, BV=BV, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
+    if kernel == "fwd_out":                    # (BV2: its second V tile, none by default)
+        p["BV2"] = 0
+    if kernel == "fwd_out" and flash_applies(DV, BT, NT, dtype, arch):
+        p["BV"], p["BV2"] = flash_tiles(DV)
+        p["num_warps"] = max(warps, 8 if p["BV"] + p["BV2"] > 128 else 4)
     if kernel in SCANS and NT == 1:
         # (chunks of several tiles: the chunk-boundary step holds more registers, and the
         # capped builds spill)

@@ -511,19 +511,31 @@ def mlstm_bwd_pair_kernel(
 
 
 @triton.jit
+def _v_tile(p_v, o_p, m_t, sv_t, o_v, m_v):
+    """The values of a tile of positions (o_p, m_t) in the columns o_v (m_v). [BT, len(o_v)]"""
+    return tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+                   other=0.)
+
+
+@triton.jit
 def mlstm_fwd_out_kernel(
     q, k, v, i, c_in, n_in, m_in, b_row, m_row, h, n_row, sc, rs,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale, eps,
-    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr,
     QN_MMA: tl.constexpr, HAS_STATE: tl.constexpr, SCORES: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """Outputs of one tile of rows and V block: grid (cdiv(DV, BV), cdiv(S, BT), B * NH). The
+    """Outputs of one tile of rows and V block: grid (cdiv(DV, BV + BV2), cdiv(S, BT), B * NH).
+    A V block is one tile of BV columns, or with BV2 > 0 two tiles side by side, BV + BV2
+    columns (DV = 384 as 256 + 128, 192 as 128 + 64, 96 as 64 + 32: powers of two with no
+    masked lanes, where one tile of 512, 256 or 128 would waste a quarter or a third of its
+    products): with SCORES and one block holding DV, each pair's scores feed every value
+    column at once, FlashAttention's forward (heuristics.flash_forward). The
     rows' m (the gate scan's m_row) is the max over the carried state and the chunk's keys up
     to each row; the signed normalizer of every row is stored by the i_v == 0 programs. The
     tile's own keys (one tile a chunk) and the carried state in one pass over DK; with several
     tiles a chunk, the chunk's tiles up to this one (its own included) take their scores from
-    mlstm_fwd_pair_kernel instead, or with SCORES (set where one V tile holds DV, so that no
+    mlstm_fwd_pair_kernel instead, or with SCORES (set where one V block holds DV, so that no
     pair's q k^T would be computed twice) compute them here, as that kernel would (the same
     bits), and it does not run: no [BT, BT] scores through memory. Without HAS_STATE (one
     chunk for the whole sequence, no initial state: the carried state is zero) c_in and n_in
@@ -538,8 +550,11 @@ def mlstm_fwd_out_kernel(
     accurate as the float32 sum, and a plain pipelined load."""
     i_v, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_c = i_r // NT
-    o_v = i_v * BV + tl.arange(0, BV)
+    o_v = i_v * (BV + BV2) + tl.arange(0, BV)
     m_v = o_v < DV
+    if BV2 > 0:                                   # the second V tile, right after the first
+        o_v2 = i_v * (BV + BV2) + BV + tl.arange(0, BV2)
+        m_v2 = o_v2 < DV
     o_i = tl.arange(0, BT)
     o_s = i_bh * NC + i_c
     o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
@@ -547,6 +562,8 @@ def mlstm_fwd_out_kernel(
     p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
     b_qk = tl.zeros([BT, BT], dtype=ACC)
     b_qc = tl.zeros([BT, BV], dtype=ACC)
+    if BV2 > 0:
+        b_qc2 = tl.zeros([BT, BV2], dtype=ACC)
     b_qn = tl.zeros([BT], dtype=ACC)
     b_qn16 = tl.zeros([BT, 16], dtype=ACC)                          # QN_MMA: q @ (n hi, lo)
     if (NT == 1) or HAS_STATE:
@@ -559,9 +576,14 @@ def mlstm_fwd_out_kernel(
                 b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
                 b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)        # [BT, BT]
             if HAS_STATE:
-                b_c = tl.load(c_in + o_s * DK * DV + o_k[:, None] * DV + o_v[None, :],
-                              mask=m_k[:, None] & m_v[None, :], other=0.)            # [BK, BV]
+                p_c = c_in + o_s * DK * DV + o_k[:, None] * DV
+                b_c = tl.load(p_c + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                              other=0.)                                       # [BK, BV]
                 b_qc += _dot(b_q, b_c, MMA, ACC, PREC, INTERP)
+                if BV2 > 0:
+                    b_c2 = tl.load(p_c + o_v2[None, :], mask=m_k[:, None] & m_v2[None, :],
+                                   other=0.)                                  # [BK, BV2]
+                    b_qc2 += _dot(b_q, b_c2, MMA, ACC, PREC, INTERP)
                 if QN_MMA:
                     o_j = tl.arange(0, 16)
                     b_n = tl.load(n_in + (o_s * DK + o_k[:, None]) * 2 + o_j[None, :],
@@ -578,17 +600,21 @@ def mlstm_fwd_out_kernel(
     if NT == 1:
         causal = o_i[:, None] >= o_i[None, :]
         b_s = b_qk * scale * _weights(b_b, b_m, b_b, b_i, causal)  # [BT, BT]
-        b_vt = tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :],
-                       mask=m_t[:, None] & m_v[None, :], other=0.)  # [BT, BV]
-        b_num = _dot(b_s, b_vt, MMA, ACC, PREC, INTERP)
+        b_num = _dot(b_s, _v_tile(p_v, o_p, m_t, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
+        if BV2 > 0:
+            b_num2 = _dot(b_s, _v_tile(p_v, o_p, m_t, sv_t, o_v2, m_v2), MMA, ACC, PREC, INTERP)
         b_nrow = tl.sum(b_s, axis=1)
     else:
         b_num = tl.zeros([BT, BV], dtype=ACC)
+        if BV2 > 0:
+            b_num2 = tl.zeros([BT, BV2], dtype=ACC)
         b_nrow = tl.zeros([BT], dtype=ACC)
     if HAS_STATE:
         b_min = tl.load(m_in + o_s).to(ACC)
         b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale  # [BT] carried state's weight
         b_num += b_w[:, None] * b_qc
+        if BV2 > 0:
+            b_num2 += b_w[:, None] * b_qc2
         b_nrow += b_w * b_qn
     if NT > 1:
         # the chunk's tiles of keys up to this one: their weighted scores (mlstm_fwd_pair_kernel's,
@@ -606,13 +632,17 @@ def mlstm_fwd_out_kernel(
                 o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
                 b_sj = tl.load(sc + o_x + o_ss)                             # [BT, BT]
                 b_nrow += tl.load(rs + o_x // BT + o_i).to(ACC)
-            b_vj = tl.load(p_v + o_pj[:, None] * sv_t + o_v[None, :],
-                           mask=m_tj[:, None] & m_v[None, :], other=0.)     # [BT, BV]
-            b_num += _dot(b_sj, b_vj, MMA, ACC, PREC, INTERP)
+            b_num += _dot(b_sj, _v_tile(p_v, o_pj, m_tj, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
+            if BV2 > 0:
+                b_num2 += _dot(b_sj, _v_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2), MMA, ACC, PREC,
+                               INTERP)
     b_den = tl.maximum(tl.abs(b_nrow), tl.exp(-b_m)) + eps
-    b_h = b_num / b_den[:, None]
-    tl.store(h + i_bh * S * DV + o_p[:, None] * DV + o_v[None, :], b_h.to(h.dtype.element_ty),
+    p_h = h + i_bh * S * DV + o_p[:, None] * DV
+    tl.store(p_h + o_v[None, :], (b_num / b_den[:, None]).to(h.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
+    if BV2 > 0:
+        tl.store(p_h + o_v2[None, :], (b_num2 / b_den[:, None]).to(h.dtype.element_ty),
+                 mask=m_t[:, None] & m_v2[None, :])
     tl.store(n_row + i_bh * S + o_p, b_nrow.to(n_row.dtype.element_ty), mask=m_t & (i_v == 0))
 
 
