@@ -26,9 +26,10 @@
 #               computing the pair scores (heuristics.SCORES_IN_OUTPUTS) and without
 #   flash       the forward's flash form (heuristics.FLASH_FORWARD: every V column of a row
 #               tile in one program, 256 + 128 at D=384, the pair scores computed there, no
-#               forward pair kernel) off and on, the same call: the op in one chunk of 1024
-#               at S=784, D=384/192/96 and in chunks of 1024 at S=3136, D=384 (FLASH_CHUNKS),
-#               then ViL-B's inference at 448 px (our row) with it off and on
+#               forward pair kernel) off and on, the same call: the op in chunks of 64 (where
+#               it does not apply: the baseline) and 1024 (FLASH_CHUNKS) at S=784,
+#               D=384/192/96 and at S=3136, D=384 (chunks of 1024 with carried states), then
+#               ViL-B's inference at 448 px (our row; FLASH_MODELS) with it off and on
 #   chunkjob    the main job's inference at 448 px (ViL-T and ViL-B, our rows) with the cells in
 #               one chunk of 1024 (the quadratic form, no state work) against the default
 #               (CHUNKJOB_BENCH=train: training, where one chunk also keeps no states;
@@ -148,7 +149,7 @@ for s in $STEPS; do
         done ;;
     flash)                                     # one process, a row per setting
         step flash "${FLASH_LIMIT:-200}" python bench/kernels.py --paths triton \
-            --chunk-size "${FLASH_CHUNKS:-1024}" --flash off,on --num-bench-iter 10 \
+            --chunk-size "${FLASH_CHUNKS:-64,1024}" --flash off,on --num-bench-iter 10 \
             --shapes 64,4,784,384 --shapes 64,4,784,192 --shapes 64,4,784,96 \
             --shapes 64,4,3136,384 --results-file "$OUT/kernels-flash.json"
         for fl in 0 1; do

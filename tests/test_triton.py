@@ -447,23 +447,32 @@ def test_scores_in_the_outputs_kernel_same_bits(dtype, monkeypatch):
     """Chunks of several tiles where one V tile holds DV: the outputs kernel computing each
     pair's scores (heuristics.SCORES_IN_OUTPUTS) gives the bits of the pair kernel's path, h
     and the normalizer, with an initial state and without."""
-    from vil_kernels.triton import heuristics
-    from vil_kernels.triton.chunk import mlstm_fwd
     if dtype == torch.float64 and DEVICE == "cuda":
         dtype = torch.float32
+    x = make_inputs(NH=2, S=150, DK=32, DV=64, init=True, seed=31)
+    x = {n: t.to(DEVICE, dtype if n in "qkv" else torch.float32) for n, t in x.items()}
+    outs = _forward_on_and_off(monkeypatch, "SCORES_IN_OUTPUTS", x, 128, True)
     for init in (False, True):
-        x = make_inputs(NH=2, S=150, DK=32, DV=64, init=init, seed=31)
-        x = {n: t.to(DEVICE, dtype if n in "qkv" else torch.float32) for n, t in x.items()}
-        state = (x["c_initial"], x["n_initial"], x["m_initial"]) if init else (None,) * 3
-        outs = {}
         for here in (True, False):
-            monkeypatch.setattr(heuristics, "SCORES_IN_OUTPUTS", here)
+            assert ("fwd_pair" in outs[init, here][1]) != here, outs[init, here][1]
+        assert all(torch.equal(a, b) for a, b in zip(outs[init, True][0], outs[init, False][0]))
+
+
+def _forward_on_and_off(monkeypatch, setting, x, chunk, reverse):
+    """The forward kernels' h and normalizer, and the kernels launched, with heuristics.<setting>
+    on and off, with x's initial states and without: {(init, on): ((h, n_row), names)}."""
+    from vil_kernels.triton import heuristics
+    from vil_kernels.triton.chunk import mlstm_fwd
+    out = {}
+    for init in (False, True):
+        state = (x["c_initial"], x["n_initial"], x["m_initial"]) if init else (None,) * 3
+        for on in (True, False):
+            monkeypatch.setattr(heuristics, setting, on)
             (h, *rest), names = launched(lambda: mlstm_fwd(
-                x["q"], x["k"], x["v"], x["i"], x["f"], *state, 1e-6, 128, True,
+                x["q"], x["k"], x["v"], x["i"], x["f"], *state, 1e-6, chunk, reverse,
                 last_states=False))
-            assert ("fwd_pair" in names) != here, names
-            outs[here] = (h, rest[5])                                   # h, n_row
-        assert all(torch.equal(a, b) for a, b in zip(outs[True], outs[False]))
+            out[init, on] = (h, rest[5]), names
+    return out
 
 
 # The forward in FlashAttention's form (heuristics.FLASH_FORWARD, off until timed): in chunks of
@@ -505,27 +514,22 @@ def test_flash_forward_bfloat16(DV, monkeypatch):
     float64 reference, and h as the pair kernel's path gives it, with initial states (the
     carried-state products of both V tiles) and without."""
     from vil_kernels.triton import heuristics
-    from vil_kernels.triton.chunk import mlstm_fwd
     monkeypatch.setattr(heuristics, "FLASH_FORWARD", True)
     x = make_inputs(NH=1, S=150, DK=64, DV=DV, init=True, seed=DV)
     _check(x, torch.bfloat16, reverse=True, chunk_size=128)
     x = {n: t.to(DEVICE, torch.bfloat16 if n in "qkv" else torch.float32) for n, t in x.items()}
+    outs = _forward_on_and_off(monkeypatch, "FLASH_FORWARD", x, 1024, False)
     for init in (False, True):
-        state = (x["c_initial"], x["n_initial"], x["m_initial"]) if init else (None,) * 3
-        outs = {}
         for flash in (True, False):
-            monkeypatch.setattr(heuristics, "FLASH_FORWARD", flash)
-            (h, *rest), names = launched(lambda: mlstm_fwd(
-                x["q"], x["k"], x["v"], x["i"], x["f"], *state, 1e-6, 1024, False,
-                last_states=False))
             # (off, at DV = 96 one V tile of 128 holds DV: the scores in the outputs kernel)
+            names = outs[init, flash][1]
             assert ("fwd_pair" in names) == (not flash and DV > 128), names
-            outs[flash] = h.float()
+        h_flash, h_pairs = (outs[init, flash][0][0].float() for flash in (True, False))
         # the same products in the same order: the same bits under the interpreter; on a GPU
         # the MMA instructions of other tile widths may round differently
         if DEVICE == "cpu":
-            assert torch.equal(outs[True], outs[False])
-        assert rel_err(outs[True], outs[False]) < 2e-2
+            assert torch.equal(h_flash, h_pairs)
+        assert rel_err(h_flash, h_pairs) < 2e-2
 
 
 def test_flash_forward_choice(tmp_path, monkeypatch):

@@ -12,8 +12,10 @@ spill (see scan_maxnreg). On Ampere (not measured): 8 warps from 64 positions, o
 of at most 32 in the outputs and dq/dk kernels there. Chunks of several tiles (not timed yet;
 chosen only on request) take the same parameters except where they would spill: the scans uncapped,
 float32 inputs in tiles of 16 positions; their two pair kernels (PAIR_KERNELS) take the head-dim
-tiles of the rules above (64, 32 or 16), 4 warps on Hopper and two stages for 16-bit inputs.
-Everything is also checked ahead of time without a GPU (``python -m vil_kernels.compile_check``: no
+tiles of the rules above (64, 32 or 16), 4 warps on Hopper and two stages for 16-bit inputs, or,
+with FLASH_FORWARD (off until timed), the forward runs without its pair kernel: the outputs
+kernel takes every V column of a row tile as one or two V tiles (flash_tiles) and computes the
+pairs' scores itself. Everything is also checked ahead of time without a GPU (``python -m vil_kernels.compile_check``: no
 spills, shared memory under the arch's limit, tensor cores used for 16-bit inputs, no pipelining
 races). OVERRIDES lets bench/tune.py sweep; a table it measured on another GPU is used where
 $VIL_KERNELS_LAUNCH_TABLE names its file.
@@ -80,7 +82,7 @@ def scores_in_outputs(DV, BV, BT, NT):
 # memory, q and k read once a pair instead of once a pair and V tile. At ViL-B's shape (one
 # chunk of 1024 at D=384, tiles of 64) that is the work of 91 pairs a head in 13 programs
 # instead of 91 pair programs plus 13 x 3 outputs programs. Its price: one program an SM
-# (sm_90: 204-218 registers at 8 warps; compile_check --flash), and the latency the pipelined
+# (sm_90: 182-229 registers at 8 warps; compile_check --flash), and the latency the pipelined
 # loads must then hide. Not timed on a GPU yet, so off: $VIL_KERNELS_FLASH_FORWARD=1 turns it
 # on (bench/gpu_session.sh's flash step times both), and so does a launch table's fwd_out
 # entry with BV and BV2.
