@@ -24,9 +24,10 @@
 #               and S=196, D=384, timed the same call: whether 128 should be a table entry;
 #               then at D=96 and 64 in chunks of 64, 128 and 1024 with the outputs kernel
 #               computing the pair scores (heuristics.SCORES_IN_OUTPUTS) and without
-#   flash       the forward's flash form (heuristics.FLASH_FORWARD: every V column of a row
-#               tile in one program, 256 + 128 at D=384, the pair scores computed there, no
-#               forward pair kernel) off and on, the same call: the op in chunks of 64 (where
+#   flash       the forward's flash form (heuristics.FLASH_FORWARD: one chunk without a carried
+#               state in mlstm_fwd_flash_kernel, FlashAttention's one pipelined loop over key
+#               tiles; with states every V column of a row tile in one outputs program; no
+#               forward pair kernel either way) off and on, the same call: the op in chunks of 64 (where
 #               it does not apply: the baseline) and 1024 (FLASH_CHUNKS) at S=784,
 #               D=384/192/96 and at S=3136, D=384 (chunks of 1024 with carried states), then
 #               ViL-B's inference at 448 px (our row; FLASH_MODELS) with it off and on

@@ -309,10 +309,11 @@ def parse_args(argv=None):
                         "16-bit inputs, Hopper (heuristics.tuned_tile). Tiles of 128 run 8 "
                         "warps; not a default until timed")
     p.add_argument("--flash", default=None, metavar="off|on[,...]",
-                   help="the triton path's forward in FlashAttention's form (every V column "
-                        "of a row tile in one program, pair scores computed there; "
-                        "heuristics.FLASH_FORWARD) off or on; several: a row for each; "
-                        "default: the table's (off until timed)")
+                   help="the triton path's forward in FlashAttention's form (one chunk "
+                        "without a carried state: one kernel, one pipelined loop over key "
+                        "tiles; with states: every V column of a row tile in one outputs "
+                        "program; heuristics.FLASH_FORWARD) off or on; several: a row for "
+                        "each; default: off until timed")
     p.add_argument("--results-file", default=None)
     args = p.parse_args(argv)
     if args.flash is not None:

@@ -34,7 +34,9 @@ import peers  # noqa: E402
 from vil_kernels.triton import chunk as tchunk  # noqa: E402
 from vil_kernels.triton import heuristics  # noqa: E402
 
-FWD, BWD = ("fwd_state", "fwd_out", "fwd_pair"), ("bwd_state", "bwd_dqk", "bwd_dv", "bwd_pair")
+# (fwd_flash runs, and is swept, only with VIL_KERNELS_FLASH_FORWARD=1: heuristics.FLASH_FORWARD)
+FWD = ("fwd_state", "fwd_out", "fwd_pair", "fwd_flash")
+BWD = ("bwd_state", "bwd_dqk", "bwd_dv", "bwd_pair")
 # chunk lengths the table's parameters are timed at, kernel by kernel, before the sweeps: one
 # tile a chunk (32, 64) and chunks of 2, 4 and 16 tiles of 64 (1024: ViL's 784 tokens in one
 # chunk, the quadratic form)
@@ -54,9 +56,14 @@ def candidates(kernel, D, L, arch=None):
     1.5-2x), 1 or 2 pipeline stages (3 for the scans, whose loops run every chunk), and
     register caps of 128 / 168 / none (255) for the scans, 168 or the table's elsewhere (caps
     at which 4 / 3 / 2 programs of 4 warps share an SM's registers); for the scans also their
-    split form (heuristics.launch_params), timed as the sum of its two launches."""
+    split form (heuristics.launch_params), timed as the sum of its two launches. The flash
+    kernel: its key tile (16, 32, 64), warps (4, 8) and stages (2, 3)."""
     arch = device_arch() if arch is None else arch
     base = heuristics.launch_params(kernel, D, D, L, torch.bfloat16, arch)
+    if kernel == "fwd_flash":               # its head-dim tiles are the whole head dims
+        out = [dict(base, BS=bs, num_warps=w, num_stages=st)
+               for bs, w, st in itertools.product((16, 32, 64), (4, 8), (2, 3))]
+        return [c for i, c in enumerate(out) if c not in out[:i] and c != base]
     if kernel in heuristics.SCANS:
         tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (32, 128), (64, 128), (128, 64)]
         caps = (128, 168, 255)

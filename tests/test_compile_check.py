@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of the Triton kernels for sm_80 and sm_90 (no GPU needed).
 
 Runs `python -m vil_kernels.compile_check --quick` (the ViL-S configuration: head dim 192, chunks
-of 64 and 128, one and two tiles, bfloat16, every kernel incl. the split scans' two and the pair
-kernels of multi-tile chunks, both archs) in a subprocess without TRITON_INTERPRET: it fails on a
+of 64 and 128, one and two tiles, bfloat16, every kernel incl. the split scans' two, the pair
+kernels of multi-tile chunks and the opt-in flash forward's, both archs) in a subprocess without TRITON_INTERPRET: it fails on a
 compile error, a register spill, shared memory over the arch limit or a bfloat16 build without
 tensor-core MMA. The full matrix is `python -m vil_kernels.compile_check`.
 """
@@ -51,7 +51,7 @@ def test_compile_check_quick():
     kernels = {line.split()[0] for line in rows}
     assert kernels == {"fwd_gates", "fwd_state", "fwd_out", "bwd_prologue", "bwd_state",
                        "bwd_dqk", "bwd_dv", "bwd_gates", "chunk_local", "chunk_chain",
-                       "fwd_pair", "bwd_pair"}, out
+                       "fwd_pair", "bwd_pair", "fwd_flash"}, out
     assert {line.split()[2] for line in rows} == {"sm80", "sm90"}, out
     assert "0 failed" in out
 
@@ -155,25 +155,32 @@ def test_outputs_kernel_computing_the_scores_builds_without_spills():
 
 def test_flash_forward_builds_without_spills():
     """`compile_check --flash on` (what VIL_KERNELS_FLASH_FORWARD=1 runs, opt-in until timed on
-    a GPU): ViL-B's, ViL-S's and ViL-T's value head dims in one program of two V tiles on sm_90
-    (256+128 and 128+64 at 8 warps, 64+32 at 4), computing the pairs' scores, with and without
-    the carried state, without a spill; sm_80 keeps the pair kernel's V tiles. The full check
-    covers both settings."""
+    a GPU) at ViL-B's, ViL-S's and ViL-T's head dims, on sm_90, without a spill: the flash
+    kernel (one chunk, no carried state; q held over 256 + 128 columns against key tiles of 32
+    at 8 warps, 128 + 64 likewise, 64 + 32 against key tiles of 64 at 4), and the outputs
+    kernel with every V column in one program (256 + 128, 128 + 64 at 8 warps, 64 + 32 at 4),
+    computing the pairs' scores, with and without the carried state. sm_80 runs neither. The
+    full check covers both settings."""
     from vil_kernels import compile_check
     todo = compile_check.variants(dims=(96, 384), chunks=(1024,), dtypes=("bfloat16",))
     flash = {(k.BV, k.BV2) for k in todo if k.kernel == "fwd_out" and k.BV2}
     assert flash == {(64, 32), (256, 128)}, flash
-    assert not any(k.BV2 for k in compile_check.variants(dims=(96, 384), chunks=(1024,),
-                                                         dtypes=("bfloat16",), flash=False))
+    assert {k.arch for k in todo if k.kernel == "fwd_flash"} == {90}
+    assert not any(k.BV2 or k.kernel == "fwd_flash" for k in compile_check.variants(
+        dims=(96, 384), chunks=(1024,), dtypes=("bfloat16",), flash=False))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "vil_kernels.compile_check", "--flash", "on", "--dims", "96",
-           "192", "384", "--chunks", "1024", "--dtype", "bfloat16", "--kernel", "fwd_out"]
+           "192", "384", "--chunks", "1024", "--dtype", "bfloat16", "--kernel", "fwd_out",
+           "--kernel", "fwd_flash"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "0 failed" in out, out[-3000:]
     rows = [line.split() for line in out.splitlines() if line.endswith(" ok")]
-    built = {(r[2], r[6], r[7], r[9]) for r in rows}
-    for bv, warps in (("256+128", "8"), ("128+64", "8"), ("64+32", "4")):
-        assert {("sm90", bv, warps, "Fs"), ("sm90", bv, warps, "Ts")} <= built, out
+    outputs = {(r[2], r[6], r[7], r[9]) for r in rows if r[0] == "fwd_out"}
+    flash = {(r[2], r[3], r[5], r[6], r[7]) for r in rows if r[0] == "fwd_flash"}
+    for cols, tile, warps in (("256+128", "64x32", "8"), ("128+64", "64x32", "8"),
+                              ("64+32", "64x64", "4")):
+        assert {("sm90", cols, warps, "Fs"), ("sm90", cols, warps, "Ts")} <= outputs, out
+        assert ("sm90", tile, cols, cols, warps) in flash, out
     assert not any("+" in r[6] for r in rows if r[2] == "sm80"), out

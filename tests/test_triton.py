@@ -475,99 +475,128 @@ def _forward_on_and_off(monkeypatch, setting, x, chunk, reverse):
     return out
 
 
-# The forward in FlashAttention's form (heuristics.FLASH_FORWARD, off until timed): in chunks of
-# several tiles the outputs kernel takes every V column of a row tile in one program, as two V
-# tiles where DV is not a power of two (96 = 64 + 32, 192 = 128 + 64), and computes each pair's
-# scores itself; the forward pair kernel does not run. Tiles of 16 positions (MAX_TILE) give
-# chunks of several tiles at small S: several chunks with initial and last states (the
-# carried-state products of both V tiles, HAS_STATE) and one chunk for the whole sequence
-# (none), both directions, DV a power of two (one tile), two tiles, a masked second tile (40 =
-# 32 + 16 with 8 masked) and one masked tile (100 -> 128); every gradient, float64 exactly.
+# The forward in FlashAttention's form (heuristics.FLASH_FORWARD, off until timed), in chunks of
+# several tiles. One chunk holding the sequence with no carried state (no initial state, the
+# last state unused) runs mlstm_fwd_flash_kernel alone: q held over all of DK, one loop over key
+# tiles (64 positions here, against row tiles of 16: several rows tiles a key tile), every
+# value column accumulated. With carried states the outputs kernel takes every V column of a
+# row tile in one program and computes each pair's scores itself. Head dims that are not a
+# power of two are two tiles (96 = 64 + 32, 192 = 128 + 64; 40 = 32 + 16 with 8 masked), or one
+# masked tile (24 -> 32, 100 -> 128). Neither runs the forward pair kernel. Both
+# directions, several chunks with initial and last states, one chunk with and without the last
+# state (which brings the state scan back), training and inference; every gradient, float64
+# exactly.
 @pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
-@pytest.mark.parametrize("chunk,S,reverse,init,last_states,DV,tiles", [
-    (64, 70, False, True, True, 96, (64, 32)),
-    (64, 70, True, True, True, 40, (32, 16)),
-    (1024, 50, True, False, False, 192, (128, 64)),
-    (1024, 50, False, False, True, 100, (128, 0)),
-    (32, 37, True, False, True, 64, (64, 0)),
+@pytest.mark.parametrize("chunk,S,reverse,init,last_states,DK,DV,kernel,tiles", [
+    (64, 70, False, True, True, 24, 96, "fwd_out", (64, 32)),
+    (64, 70, True, True, True, 24, 40, "fwd_out", (32, 16)),
+    (1024, 50, False, False, True, 24, 100, "fwd_out", (128, 0)),
+    (1024, 50, True, False, False, 24, 192, "fwd_flash", (128, 64)),
+    (1024, 70, False, False, False, 96, 40, "fwd_flash", (32, 16)),
+    (1024, 37, True, False, False, 100, 64, "fwd_flash", (64, 0)),
 ])
-def test_flash_forward(chunk, S, reverse, init, last_states, DV, tiles, monkeypatch):
+def test_flash_forward(chunk, S, reverse, init, last_states, DK, DV, kernel, tiles,
+                       monkeypatch):
+    import vil_kernels
     from vil_kernels.triton import heuristics
     monkeypatch.setattr(heuristics, "MAX_TILE", 16)
     monkeypatch.setattr(heuristics, "FLASH_FORWARD", True)
-    L = heuristics.chunk_len(S, 24, DV, torch.float64, 0, chunk)
-    p = heuristics.launch_params("fwd_out", 24, DV, L, torch.float64, 0)
+    L = heuristics.chunk_len(S, DK, DV, torch.float64, 0, chunk)
+    p = heuristics.launch_params(kernel, DK, DV, L, torch.float64, 0)
     assert (p["BV"], p["BV2"]) == tiles
-    x = make_inputs(NH=2, S=S, DK=24, DV=DV, init=init, seed=S + DV)
+    x = make_inputs(NH=2, S=S, DK=DK, DV=DV, init=init, seed=S + DV)
     got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=chunk,
                                       last_states=last_states))
-    assert "fwd_pair" not in names and {"fwd_out", "bwd_pair"} <= names, names
+    others = {"fwd_pair", "fwd_out", "fwd_flash"} - {kernel}
+    assert kernel in names and "bwd_pair" in names and not others & names, names
     ref = run(x, "parallel", reverse=reverse, last_states=last_states)
     errs = {n: rel_err(got[n], ref[n]) for n in ref}
     assert max(errs.values()) < 1e-9, errs
+    with torch.no_grad():
+        h, names = launched(lambda: vil_kernels.mlstm(**x, backend="triton", chunk_size=chunk,
+                                                      reverse=reverse))
+    # (inference never uses the last state: one chunk without an initial state is flash's)
+    assert ("fwd_flash" if L >= S and not init else "fwd_out") in names, names
+    assert rel_err(h, ref["h"]) < 1e-9
 
 
 @pytest.mark.parametrize("DV", [96, 384])
 def test_flash_forward_bfloat16(DV, monkeypatch):
-    """bfloat16 (two pipeline stages: the outputs kernel's QN_MMA form) in the flash form, ViL-T's
-    and ViL-B's value head dims as 64 + 32 and 256 + 128 columns: within bfloat16's bound of the
-    float64 reference, and h as the pair kernel's path gives it, with initial states (the
-    carried-state products of both V tiles) and without."""
+    """bfloat16 (two pipeline stages) in the flash form, ViL-T's and ViL-B's head dims as
+    64 + 32 and 256 + 128 columns: within bfloat16's bound of the float64 reference in one
+    chunk and in several, every gradient; and h against the pair kernel's path. Without
+    initial states the flash kernel sums each score over two K tiles and each row over key
+    tiles of its own, so h differs by roundings; with them the outputs kernel's two V tiles
+    give the pair path's bits (under the interpreter)."""
     from vil_kernels.triton import heuristics
     monkeypatch.setattr(heuristics, "FLASH_FORWARD", True)
-    x = make_inputs(NH=1, S=150, DK=64, DV=DV, init=True, seed=DV)
+    x = make_inputs(NH=1, S=150, DK=DV, DV=DV, init=True, seed=DV)
     _check(x, torch.bfloat16, reverse=True, chunk_size=128)
+    _check({n: t for n, t in x.items() if "initial" not in n}, torch.bfloat16,
+           chunk_size=1024, last_states=False)
     x = {n: t.to(DEVICE, torch.bfloat16 if n in "qkv" else torch.float32) for n, t in x.items()}
     outs = _forward_on_and_off(monkeypatch, "FLASH_FORWARD", x, 1024, False)
     for init in (False, True):
-        for flash in (True, False):
-            # (off, at DV = 96 one V tile of 128 holds DV: the scores in the outputs kernel)
-            names = outs[init, flash][1]
-            assert ("fwd_pair" in names) == (not flash and DV > 128), names
+        names = outs[init, True][1]
+        assert ("fwd_out" if init else "fwd_flash") in names and "fwd_pair" not in names, names
+        # (off, at DV = 96 one V tile of 128 holds DV: the scores in the outputs kernel)
+        assert ("fwd_pair" in outs[init, False][1]) == (DV > 128), outs[init, False][1]
         h_flash, h_pairs = (outs[init, flash][0][0].float() for flash in (True, False))
-        # the same products in the same order: the same bits under the interpreter; on a GPU
-        # the MMA instructions of other tile widths may round differently
-        if DEVICE == "cpu":
+        if init and DEVICE == "cpu":
             assert torch.equal(h_flash, h_pairs)
         assert rel_err(h_flash, h_pairs) < 2e-2
 
 
 def test_flash_forward_choice(tmp_path, monkeypatch):
     """Where the flash form applies (FLASH_FORWARD on): chunks of several tiles of at most 64
-    positions, 16-bit and float64 inputs, Hopper and the interpreter, DV up to 512; its tiles
-    and warps; a launch table's fwd_out entry may name BV and BV2, a V tile named alone is
-    the whole block, and BV2 belongs to the outputs kernel only."""
+    positions, 16-bit and float64 inputs, Hopper and the interpreter, head dims up to 512; its
+    tiles and warps; a launch table may name BV and BV2 for the outputs kernel and every tile
+    for the flash kernel, a head-dim tile named alone is the whole block, and BK2, BV2 and BS
+    belong to the kernels that take them."""
     from vil_kernels.triton import heuristics as h
-    assert [h.flash_tiles(d) for d in (16, 40, 64, 96, 100, 192, 320, 384, 448, 512)] == [
-        (16, 0), (32, 16), (64, 0), (64, 32), (128, 0), (128, 64), (256, 64), (256, 128),
-        (512, 0), (512, 0)]
+    assert [h.flash_tiles(d) for d in (16, 24, 40, 64, 96, 100, 192, 320, 384, 448, 512)] == [
+        (16, 0), (32, 0), (32, 16), (64, 0), (64, 32), (128, 0), (128, 64), (256, 64),
+        (256, 128), (512, 0), (512, 0)]
     bf = torch.bfloat16
     monkeypatch.setattr(h, "FLASH_FORWARD", False)
     assert h.launch_params("fwd_out", 384, 384, 1024, bf, 90)["BV2"] == 0
-    assert not h.flash_applies(384, 64, 16, bf, 90)
+    assert not h.flash_applies(384, 384, 64, 16, bf, 90)
     monkeypatch.setattr(h, "FLASH_FORWARD", True)
     p = h.launch_params("fwd_out", 384, 384, 1024, bf, 90)
     assert (p["BV"], p["BV2"], p["num_warps"]) == (256, 128, 8)
     p = h.launch_params("fwd_out", 96, 96, 1024, bf, 90)
     assert (p["BV"], p["BV2"], p["num_warps"]) == (64, 32, 4)
+    flash = lambda D: {k: v for k, v in h.launch_params("fwd_flash", D, D, 1024, bf, 90).items()
+                       if k != "maxnreg"}
+    assert flash(384) == dict(BK=256, BK2=128, BV=256, BV2=128, BS=32, num_warps=8,
+                              num_stages=2)
+    assert flash(192) == dict(BK=128, BK2=64, BV=128, BV2=64, BS=32, num_warps=8, num_stages=2)
+    assert flash(96) == dict(BK=64, BK2=32, BV=64, BV2=32, BS=64, num_warps=4, num_stages=2)
     assert h.scores_in_outputs(384, 256 + 128, 64, 16)
-    for args in ((384, 64, 1, bf, 90), (384, 64, 16, torch.float32, 90),
-                 (384, 64, 16, bf, 80), (384, 128, 8, bf, 90), (1024, 64, 16, bf, 90)):
+    for args in ((384, 384, 64, 1, bf, 90), (384, 384, 64, 16, torch.float32, 90),
+                 (384, 384, 64, 16, bf, 80), (384, 384, 128, 8, bf, 90),
+                 (1024, 384, 64, 16, bf, 90), (384, 1024, 64, 16, bf, 90)):
         assert not h.flash_applies(*args), args
-    assert h.flash_applies(384, 64, 16, torch.float64, 0)
+    assert h.flash_applies(384, 384, 64, 16, torch.float64, 0)
     assert h.launch_params("fwd_out", 384, 384, 64, bf, 90)["BV2"] == 0      # one tile a chunk
     assert h.launch_params("fwd_out", 384, 384, 1024, bf, 80)["BV2"] == 0    # Ampere
     key = h.table_key("fwd_out", 384, 384, 1024, bf, 90)
+    fkey = h.table_key("fwd_flash", 384, 384, 1024, bf, 90)
     path = tmp_path / "table.json"
     monkeypatch.setenv(h.TABLE_ENV, str(path))
     try:
-        for entry, want in (({"BV": 128}, (128, 0)), ({"BV": 256, "BV2": 128}, (256, 128))):
-            path.write_text(json.dumps({"entries": {key: entry}}))
+        for entries, kernel, want in (
+                ({key: {"BV": 128}}, "fwd_out", dict(BV=128, BV2=0)),
+                ({key: {"BV": 256, "BV2": 128}}, "fwd_out", dict(BV=256, BV2=128)),
+                ({fkey: {"BK": 512, "BS": 16}}, "fwd_flash", dict(BK=512, BK2=0, BS=16,
+                                                                  BV=256, BV2=128))):
+            path.write_text(json.dumps({"entries": entries}))
             h.tuned_table(reload=True)
-            p = h.launch_params("fwd_out", 384, 384, 1024, bf, 90)
-            assert (p["BV"], p["BV2"]) == want
+            p = h.launch_params(kernel, 384, 384, 1024, bf, 90)
+            assert {k: p[k] for k in want} == want
         bad = h.table_key("fwd_pair", 384, 384, 1024, bf, 90)
-        for entry in ({key: {"BV2": 96}}, {bad: {"BV2": 128}}):
+        for entry in ({key: {"BV2": 96}}, {bad: {"BV2": 128}}, {key: {"BS": 32}},
+                      {fkey: {"BS": 256}}, {bad: {"BK2": 64}}):
             path.write_text(json.dumps({"entries": entry}))
             with pytest.raises(ValueError, match="invalid launch parameters"):
                 h.tuned_table(reload=True)

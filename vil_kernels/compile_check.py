@@ -16,8 +16,9 @@ holds at once (occ, programs_per_sm), and the head dims each binary serves (flag
 state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the outputs, dq/dk and dv kernels,
 Fs / Ts where the outputs kernel also computes the scores of chunks of several tiles; f/b and S
 for the chain's direction and starting state; BV as 256+128 where the outputs kernel takes two V
-tiles). The forward's flash form (heuristics.FLASH_FORWARD, off by default) is checked too;
---flash on / off checks only one side. Exits 1 on any spill, on shared memory
+tiles; BK as 256+128 and BT as 64x32, rows by keys, for the flash kernel). The forward's flash
+form (heuristics.FLASH_FORWARD, off by default) is checked too; --flash on / off checks only one
+side. Exits 1 on any spill, on shared memory
 over the arch's limit (sm_80: 163 KB, sm_90: 227 KB), on registers x threads over the 64K register
 file, when a 16-bit build has no HMMA/HGMMA instruction, on a pipelined loop whose asynchronous
 wgmma reads a single-buffered tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile
@@ -58,7 +59,8 @@ class Variant(NamedTuple):
     epilogue (None where a kernel has none; a string for the split scans' chain: "f"/"b" its
     direction, "S" a starting state). The gate scan has its chunk length in the BT slot and
     its chunks a block in the BV slot, the gate epilogue its block in the BV slot. BV2: the
-    outputs kernel's second V tile; scores: the outputs kernel computes the pairs' scores."""
+    outputs kernel's (and the flash kernel's) second V tile; scores: the outputs kernel
+    computes the pairs' scores; BK2, BS: the flash kernel's second K tile and key tile."""
     kernel: str
     dtype: str
     arch: int
@@ -72,6 +74,8 @@ class Variant(NamedTuple):
     NT: int
     BV2: int = 0
     scores: bool = False
+    BK2: int = 0
+    BS: int = 0
 
 
 def _signature(name, dt, qn_mma=False):
@@ -89,6 +93,9 @@ def _signature(name, dt, qn_mma=False):
     elif name == "fwd_out":    # q, k, v, i, c_in, n_in, m_in, b_row, m_row, h, n_row, sc, rs;
         ptrs = [x] * 4 + [x, x if qn_mma else a, a, a, a, x, a, x, a]    # n_in: (hi, lo) pairs
         scalars = ["i32"] * (5 + 7) + ["fp32", "fp32"]                # in x at QN_MMA
+    elif name == "fwd_flash":  # q, k, v, i, b_row, m_row, h, n_row; S, DK, DV, REVERSE, NH,
+        ptrs = [x] * 4 + [a, a, x, a]                      # strides of q/k and of v
+        scalars = ["i32"] * 11 + ["fp32", "fp32"]
     elif name == "fwd_pair":   # q, k, i, b_row, m_row, sc, rs; S, NC, DK, REVERSE, NH, strides
         ptrs = [x, x, x, a, a, x, a]
         scalars = ["i32"] * 8 + ["fp32"]
@@ -174,6 +181,14 @@ def _variants(quick, dims, chunks, dtypes):
                             if name == "fwd_pair" and scores[arch]:
                                 continue
                             p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
+                            if name == "fwd_flash":     # (one build whatever the chunk's tiles)
+                                if heuristics.flash_applies(DK, DV, BT, NT, dtype, arch):
+                                    key = Variant(name, dt, arch, BT, p["BK"], p["BV"],
+                                                  p["num_warps"], p["num_stages"], None,
+                                                  p["maxnreg"], 1, BV2=p["BV2"], BK2=p["BK2"],
+                                                  BS=p["BS"])
+                                    out.setdefault(key, set()).add((DK, DV))
+                                continue
                             flags = (False, True) if name in heuristics.SCANS + (
                                 STATE_FLAG_KERNELS) else (None,)
                             BV = 0 if name == "fwd_pair" else p["BV"]     # (reads no v)
@@ -273,6 +288,8 @@ def compile_one(key, constexprs=None):
         tiles = {"BT": BT, "NT": NT, "BK": BK, "BV": BV}
         if name == "fwd_out":
             tiles["BV2"] = key.BV2
+        if name == "fwd_flash":
+            tiles = {"BT": BT, "BS": key.BS, "BK": BK, "BK2": key.BK2, "BV": BV, "BV2": key.BV2}
         if name == "fwd_pair":                  # (no V tiles: it never reads v)
             del tiles["BV"]
         const_names = list(tiles) + list(flags) + ["MMA", "ACC", "PREC", "INTERP"]
@@ -291,11 +308,13 @@ def compile_one(key, constexprs=None):
     attrs = {(j,): [["tt.divisibility", 16]] for j in range(len(ptrs))}
     # DV for the prologue; DK, DV and the strides for the matmul kernels; none for the gate scan
     divisible = {"bwd_prologue": (2,), "fwd_gates": (), "bwd_gates": (),
-                 "chunk_chain": (1, 2), "fwd_pair": (2, 5, 6, 7)}.get(
+                 "chunk_chain": (1, 2), "fwd_pair": (2, 5, 6, 7),
+                 "fwd_flash": (1, 2, *range(5, n_int))}.get(
         name, (2, 3, *range(6, n_int)))
     attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in divisible})
     src = ASTSource(fn, sig, consts, attrs)
     row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, NT=NT, BK=BK, BV=BV, BV2=key.BV2,
+               BK2=key.BK2, BS=key.BS,
                warps=warps, stages=stages, has_init=has_init, scores=key.scores,
                maxnreg=maxnreg, error=None)
     t0 = time.time()
@@ -436,7 +455,7 @@ def main(argv=None):
     finally:
         if env_had is not None:
             os.environ["TRITON_INTERPRET"] = env_had
-    hdr = (f"{'kernel':<12} {'dtype':<8} {'arch':<5} {'BT':>4} {'NT':>2} {'BK':>3} {'BV':>7} "
+    hdr = (f"{'kernel':<12} {'dtype':<8} {'arch':<5} {'BT':>5} {'NT':>2} {'BK':>7} {'BV':>7} "
            f"{'w':>2} {'st':>2} {'flag':<5} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':>6} "
            f"{'occ':>3}  head dims / status")
     print(hdr)
@@ -449,8 +468,10 @@ def main(argv=None):
         init = "" if flag is None else flag if isinstance(flag, str) else str(flag)[0]
         init += "s" if row["scores"] else ""
         bv = f"{row['BV']}+{row['BV2']}" if row["BV2"] else str(row["BV"])
-        config = (f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {row['BT']:>4} "
-                  f"{row['NT']:>2} {row['BK']:>3} {bv:>7} {row['warps']:>2} "
+        bk = f"{row['BK']}+{row['BK2']}" if row["BK2"] else str(row["BK"])
+        bt = f"{row['BT']}x{row['BS']}" if row["BS"] else str(row["BT"])   # (rows x keys)
+        config = (f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {bt:>5} "
+                  f"{row['NT']:>2} {bk:>7} {bv:>7} {row['warps']:>2} "
                   f"{row['stages']:>2} {init:<5}")
         if row["error"]:
             print(f"{config} FAIL {row['error']}")

@@ -32,7 +32,8 @@ from .._triton_runtime import INTERPRETED, launch
 from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_gates_kernel,
                       mlstm_bwd_pair_kernel, mlstm_bwd_prologue_kernel, mlstm_bwd_state_kernel,
                       mlstm_chunk_chain_kernel, mlstm_chunk_local_kernel, mlstm_fwd_gates_kernel,
-                      mlstm_fwd_out_kernel, mlstm_fwd_pair_kernel, mlstm_fwd_state_kernel)
+                      mlstm_fwd_flash_kernel, mlstm_fwd_out_kernel, mlstm_fwd_pair_kernel,
+                      mlstm_fwd_state_kernel)
 
 _TL = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 assert NEG == -1e30 and F_MIN == -256.0  # the kernels' _NEG and _F_MIN
@@ -87,11 +88,11 @@ def _launch(kernel, name, grid, args, DK, DV, L, dtype, arch, **extra):
     tile_len(L)) with the table's parameters."""
     p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
     BT = heuristics.tile_len(L, dtype, DK, DV, arch)
-    meta = dict(BT=BT, NT=L // BT, BK=p["BK"], BV=p["BV"], **_dot_args(dtype), **extra)
-    if "BV" not in kernel.arg_names:                    # (the forward's pair kernel: no v)
-        del meta["BV"]
-    if "BV2" in kernel.arg_names:                       # (the outputs kernel's second V tile)
-        meta["BV2"] = p["BV2"]
+    meta = dict(BT=BT, NT=L // BT, **_dot_args(dtype), **extra)
+    # the tiles a kernel takes (the forward pair kernel no BV, the flash kernel no NT)
+    meta.update({t: p[t] for t in ("BK", "BV", "BK2", "BV2", "BS") if t in kernel.arg_names})
+    if "NT" not in kernel.arg_names:
+        del meta["NT"]
     # (grids take the columns a program covers: BV, or BV + BV2)
     grid = grid(p["BK"], p["BV"] + p.get("BV2", 0)) if callable(grid) else grid
     opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
@@ -282,6 +283,12 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
     h = torch.empty(B, NH, S, DV, dtype=q.dtype, device=q.device)
     n_row = torch.empty(B, NH, S, dtype=ad, device=q.device)
     scale = DK ** -0.5
+    if not states and heuristics.flash_applies(DK, DV, BT, NT, q.dtype, arch):
+        # one chunk, no carried state: FlashAttention's form, one kernel (heuristics)
+        _launch(mlstm_fwd_flash_kernel, "fwd_flash", (cdiv(S, BT), B * NH),
+                (q, k, v, i, b_row, m_row, h, n_row, S, DK, DV, rev, NH, *_strides(q),
+                 *_strides(v), scale, eps), DK, DV, L, q.dtype, arch)
+        return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, b_row
     p = heuristics.launch_params("fwd_out", DK, DV, L, q.dtype, arch)
     # chunks of several tiles: every pair's weighted scores (MMA dtype) and row sums, once;
     # where one V tile holds DV the outputs kernel computes them itself (SCORES): once too

@@ -13,12 +13,14 @@ of at most 32 in the outputs and dq/dk kernels there. Chunks of several tiles (n
 chosen only on request) take the same parameters except where they would spill: the scans uncapped,
 float32 inputs in tiles of 16 positions; their two pair kernels (PAIR_KERNELS) take the head-dim
 tiles of the rules above (64, 32 or 16), 4 warps on Hopper and two stages for 16-bit inputs, or,
-with FLASH_FORWARD (off until timed), the forward runs without its pair kernel: the outputs
-kernel takes every V column of a row tile as one or two V tiles (flash_tiles) and computes the
-pairs' scores itself. Everything is also checked ahead of time without a GPU (``python -m vil_kernels.compile_check``: no
-spills, shared memory under the arch's limit, tensor cores used for 16-bit inputs, no pipelining
-races). OVERRIDES lets bench/tune.py sweep; a table it measured on another GPU is used where
-$VIL_KERNELS_LAUNCH_TABLE names its file.
+with FLASH_FORWARD (off until timed), the forward runs without its pair kernel: in
+FlashAttention's form (mlstm_fwd_flash_kernel, flash_params) where one chunk holds the sequence
+with no carried state, else the outputs kernel takes every V column of a row tile as one or two V
+tiles (flash_tiles) and computes the pairs' scores itself. Everything is also checked ahead of
+time without a GPU (``python -m vil_kernels.compile_check``: no spills, shared memory under the
+arch's limit, tensor cores used for 16-bit inputs, no pipelining races). OVERRIDES lets
+bench/tune.py sweep; a table it measured on another GPU is used where $VIL_KERNELS_LAUNCH_TABLE
+names its file.
 """
 
 import json
@@ -51,7 +53,8 @@ ONE_CHUNK_HEAD_DIM = 384
 # ptxas otherwise sometimes settles on 128 registers and spills a few bytes (compile_check
 # caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
 MAXNREG = 255
-KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv", "fwd_pair", "bwd_pair")
+KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv", "fwd_pair", "bwd_pair",
+           "fwd_flash")
 # the kernels of chunks of several tiles only: every (row tile, key tile up to it) pair's
 # products once, which the outputs, dq/dk and dv kernels then load (kernels.py)
 PAIR_KERNELS = ("fwd_pair", "bwd_pair")
@@ -75,17 +78,18 @@ def scores_in_outputs(DV, BV, BT, NT):
     return SCORES_IN_OUTPUTS and NT > 1 and DV <= BV and BT <= 64
 
 
-# Chunks of several tiles, forward, any value head dim: FlashAttention's form. The outputs
-# kernel takes all of DV in one program as two V tiles (flash_tiles: 384 = 256 + 128) and
-# computes each pair's scores itself (scores_in_outputs), once for every value column, at 8
-# warps where the block is wider than 128: no forward pair kernel, no [BT, BT] scores through
-# memory, q and k read once a pair instead of once a pair and V tile. At ViL-B's shape (one
-# chunk of 1024 at D=384, tiles of 64) that is the work of 91 pairs a head in 13 programs
-# instead of 91 pair programs plus 13 x 3 outputs programs. Its price: one program an SM
-# (sm_90: 182-229 registers at 8 warps; compile_check --flash), and the latency the pipelined
-# loads must then hide. Not timed on a GPU yet, so off: $VIL_KERNELS_FLASH_FORWARD=1 turns it
-# on (bench/gpu_session.sh's flash step times both), and so does a launch table's fwd_out
-# entry with BV and BV2.
+# Chunks of several tiles, forward, any head dim: FlashAttention's form. Where the chunk holds
+# the whole sequence with no carried state (ViL's cells), mlstm_fwd_flash_kernel replaces the
+# pair and outputs kernels: a program holds a row tile of q over all of DK and walks the key
+# tiles (BS positions: 32 at head dims of 192 and more, where two stages of [BS, DK + DV] tiles
+# and q must fit shared memory) in one software-pipelined loop, every value column in its
+# accumulators; head dims that are not a power of two are two tiles (flash_tiles: 384 =
+# 256 + 128). Otherwise (carried states) the outputs kernel takes all of DV in one program as
+# two V tiles and computes each pair's scores itself (scores_in_outputs). Either way: no
+# forward pair kernel, no [BT, BT] scores through memory, q and k read once a pair instead of
+# once a pair and V tile. Their price: one or two programs an SM (sm_90: 151-255 registers at
+# 4 or 8 warps, no spill; compile_check --flash). Not timed on a GPU yet, so off:
+# $VIL_KERNELS_FLASH_FORWARD=1 turns it on (bench/gpu_session.sh's flash step times both).
 FLASH_FORWARD = os.environ.get("VIL_KERNELS_FLASH_FORWARD", "0") == "1"
 # widest V block of the flash form: a [64, 512] float32 accumulator is 128 registers a thread
 # at 8 warps (compile_check: 252 in all at sm_90, no spill)
@@ -105,13 +109,14 @@ def flash_tiles(DV):
     return (BV, BV2) if BV + BV2 < one else (one, 0)
 
 
-def flash_applies(DV, BT, NT, dtype, arch):
+def flash_applies(DK, DV, BT, NT, dtype, arch):
     """Whether the forward takes the flash form (FLASH_FORWARD): chunks of several tiles of at
     most 64 positions, 16-bit (and float64) inputs (float32's tf32x3 operands double the
-    registers), Hopper (and the interpreter; sm_80 keeps V tiles of 32 in the outputs kernel,
-    compile_check), DV up to FLASH_MAX_COLUMNS."""
+    registers), Hopper (and the interpreter; on sm_80 the flash kernel spills and the outputs
+    kernel keeps V tiles of 32, compile_check), head dims up to FLASH_MAX_COLUMNS."""
     return (FLASH_FORWARD and NT > 1 and BT <= 64 and dtype != torch.float32
-            and not 0 < arch < 90 and sum(flash_tiles(DV)) <= FLASH_MAX_COLUMNS)
+            and not 0 < arch < 90
+            and max(sum(flash_tiles(DK)), sum(flash_tiles(DV))) <= FLASH_MAX_COLUMNS)
 
 
 def device_arch(device):
@@ -200,7 +205,10 @@ TILE = None
 # A launch table measured on one's own GPU (bench/tune.py --write-table FILE), used over the
 # built-in one for the entries it has: opt-in autotuning.
 TABLE_ENV = "VIL_KERNELS_LAUNCH_TABLE"
-_PARAMS = {"BK", "BV", "BV2", "num_warps", "num_stages", "maxnreg", "split"}
+_PARAMS = {"BK", "BV", "BK2", "BV2", "BS", "num_warps", "num_stages", "maxnreg", "split"}
+# parameters only some kernels take
+_OWN_PARAMS = {"split": SCANS, "BK2": ("fwd_flash",), "BS": ("fwd_flash",),
+               "BV2": ("fwd_out", "fwd_flash")}
 TILE_ENTRY = "tile"             # a table's entry for the tile of positions: {"BT": n}
 _tuned = None                                                    # {key: params}, loaded once
 # launch_params' answers while OVERRIDES is empty (emptied when the table is reloaded): the
@@ -229,8 +237,9 @@ def launch_params(kernel, DK, DV, L, dtype, arch):
     for given in (tuned_table().get(table_key(kernel, DK, DV, L, dtype, arch), {}),
                   OVERRIDES.get(kernel, {})):
         p.update(given)
-        if "BV" in given and "BV2" not in given and "BV2" in p:
-            p["BV2"] = 0                     # a V tile named alone is the whole V block
+        for tile, second in (("BK", "BK2"), ("BV", "BV2")):
+            if tile in given and second not in given and second in p:
+                p[second] = 0            # a head-dim tile named alone is the whole block
     if not forced:
         _cache[key] = dict(p)
     return p
@@ -260,7 +269,8 @@ def read_table(path):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{TABLE_ENV}={path}: not a launch table ({type(e).__name__}: {e})")
     pow2 = lambda v: isinstance(v, int) and v >= 16 and v & (v - 1) == 0
-    checks = {"BK": pow2, "BV": pow2, "BV2": lambda v: v == 0 or pow2(v),
+    checks = {"BK": pow2, "BV": pow2, "BK2": lambda v: v == 0 or pow2(v),
+              "BV2": lambda v: v == 0 or pow2(v), "BS": lambda v: pow2(v) and v <= 128,
               "num_warps": lambda v: v in (1, 2, 4, 8, 16),
               "num_stages": lambda v: v in (1, 2, 3, 4),
               "maxnreg": lambda v: v is None or isinstance(v, int) and 32 <= v <= 255,
@@ -276,14 +286,15 @@ def read_table(path):
         if name not in KERNELS or len(key.split("/")) != 6 or not isinstance(params, dict):
             raise ValueError(f"{path}: bad entry {key!r}")
         bad = {k: v for k, v in params.items()
-               if k not in _PARAMS or not checks[k](v) or k == "split" and name not in SCANS
-               or k == "BV2" and name != "fwd_out"}
+               if k not in _PARAMS or not checks[k](v) or name not in _OWN_PARAMS.get(k, (name,))}
         if bad:
             raise ValueError(f"{path}: entry {key!r} has invalid launch parameters {bad}")
     return entries
 
 
 def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
+    if kernel == "fwd_flash":                     # (FLASH_FORWARD; Hopper and the interpreter)
+        return flash_params(DK, DV)
     BK, BV = head_block(DK), head_block(DV)
     if dtype == torch.float32:
         # tf32x3 splits every fp32 operand into two tf32 tiles: half-size head-dim tiles
@@ -338,7 +349,7 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
     p = dict(BK=BK, BV=BV, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
     if kernel == "fwd_out":                    # (BV2: its second V tile, none by default)
         p["BV2"] = 0
-    if kernel == "fwd_out" and flash_applies(DV, BT, NT, dtype, arch):
+    if kernel == "fwd_out" and flash_applies(DK, DV, BT, NT, dtype, arch):
         p["BV"], p["BV2"] = flash_tiles(DV)
         p["num_warps"] = max(warps, 8 if p["BV"] + p["BV2"] > 128 else 4)
     if kernel in SCANS and NT == 1:
@@ -346,6 +357,19 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
         # capped builds spill)
         p["maxnreg"] = scan_maxnreg(kernel, BT, BK, BV, dtype)
     return p
+
+
+def flash_params(DK, DV):
+    """mlstm_fwd_flash_kernel's tiles (compiled for sm_90 with 16-bit inputs, not timed): the
+    head dims as flash_tiles, key tiles of 64 positions, or of 32 where the head dims' tiles add
+    up to more than 256 columns (at 64, D=384 spills and needs 240 KB of shared memory, and
+    D=192 takes 254 registers a thread against 187), 8 warps where the value columns pass 128
+    (a [64, 384] float32 accumulator is 96 registers a thread at 8 warps; at 4, D=384 spills),
+    two pipeline stages."""
+    BK, BK2 = flash_tiles(DK)
+    BV, BV2 = flash_tiles(DV)
+    return dict(BK=BK, BK2=BK2, BV=BV, BV2=BV2, BS=32 if BK + BK2 + BV + BV2 > 256 else 64,
+                num_warps=8 if BV + BV2 > 128 else 4, num_stages=2, maxnreg=MAXNREG)
 
 
 def scan_maxnreg(kernel, BT, BK, BV, dtype):

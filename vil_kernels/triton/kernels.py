@@ -647,6 +647,68 @@ def mlstm_fwd_out_kernel(
 
 
 @triton.jit
+def mlstm_fwd_flash_kernel(
+    q, k, v, i, b_row, m_row, h, n_row,
+    S, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale, eps,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
+    BV: tl.constexpr, BV2: tl.constexpr,
+    MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """One chunk holding the whole sequence and no carried state (no initial state, the last
+    state unused: ViL's cells), outputs in FlashAttention's form: grid (cdiv(S, BT), B * NH).
+    A program holds a tile of BT rows of q over the whole of DK (BK + BK2 columns) and walks
+    the key tiles of BS positions up to its last row in one loop, the loop Triton pipelines:
+    each key tile's k and v (BV + BV2 columns) are loaded, its scores computed and weighted
+    and their products with v accumulated, with nothing stored but h and the signed normalizer.
+    (The outputs kernel nests a loop over DK in its loop over key tiles; only that inner loop
+    is pipelined there, and the value tiles' loads wait.)"""
+    i_r, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
+    p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
+    p_v = _seq(v, i_bh, NH, sv_b, sv_h)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < DK
+    b_q = _v_tile(p_q, o_p, m_t, s_t, o_k, m_k)                     # [BT, BK]
+    if BK2 > 0:                                   # the second K tile, right after the first
+        o_k2 = BK + tl.arange(0, BK2)
+        m_k2 = o_k2 < DK
+        b_q2 = _v_tile(p_q, o_p, m_t, s_t, o_k2, m_k2)              # [BT, BK2]
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    b_num = tl.zeros([BT, BV], dtype=ACC)
+    if BV2 > 0:
+        o_v2 = BV + tl.arange(0, BV2)
+        m_v2 = o_v2 < DV
+        b_num2 = tl.zeros([BT, BV2], dtype=ACC)
+    b_b, _ = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
+    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    b_nrow = tl.zeros([BT], dtype=ACC)
+    for j in range(0, tl.cdiv(tl.minimum(i_r * BT + BT, S), BS)):
+        o_tj, o_pj, m_tj = _rows(j, S, REVERSE, BS)
+        b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+        b_s = _dot(b_q, tl.trans(_v_tile(p_k, o_pj, m_tj, s_t, o_k, m_k)), MMA, ACC, PREC,
+                   INTERP)                                          # [BT, BS]
+        if BK2 > 0:
+            b_s += _dot(b_q2, tl.trans(_v_tile(p_k, o_pj, m_tj, s_t, o_k2, m_k2)), MMA, ACC,
+                        PREC, INTERP)
+        see = m_t[:, None] & (o_t[:, None] >= o_tj[None, :])
+        b_s = b_s * scale * _weights(b_b, b_m, b_bj, b_ij, see)
+        b_nrow += tl.sum(b_s, axis=1)
+        b_num += _dot(b_s, _v_tile(p_v, o_pj, m_tj, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
+        if BV2 > 0:
+            b_num2 += _dot(b_s, _v_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2), MMA, ACC, PREC,
+                           INTERP)
+    b_den = tl.maximum(tl.abs(b_nrow), tl.exp(-b_m)) + eps
+    p_h = h + i_bh * S * DV + o_p[:, None] * DV
+    tl.store(p_h + o_v[None, :], (b_num / b_den[:, None]).to(h.dtype.element_ty),
+             mask=m_t[:, None] & m_v[None, :])
+    if BV2 > 0:
+        tl.store(p_h + o_v2[None, :], (b_num2 / b_den[:, None]).to(h.dtype.element_ty),
+                 mask=m_t[:, None] & m_v2[None, :])
+    tl.store(n_row + i_bh * S + o_p, b_nrow.to(n_row.dtype.element_ty), mask=m_t)
+
+
+@triton.jit
 def mlstm_bwd_gates_kernel(
     rq, rk, dm_row, u, w, f, di, df, S, NK, BH, REVERSE,
     BS: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
