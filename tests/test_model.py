@@ -226,6 +226,38 @@ def test_triton_backend_two_pairs():
 
 
 @pytest.mark.skipif(not _triton_available(), reason="vil_kernels.triton not importable")
+@pytest.mark.skipif(torch.cuda.is_available()
+                    or os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
+                    reason="float64 through the kernels: the interpreter's")
+def test_flash_forward_in_the_model(monkeypatch):
+    """A 2-pair float64 model with its cells in one chunk of 4 tiles (64 tokens, tiles of 16)
+    and the opt-in flash forward (heuristics.FLASH_FORWARD): every block's forward is the flash
+    kernel, in both traversal directions, and logits and every parameter gradient are the
+    parallel form's."""
+    from vil_kernels.triton import chunk as tchunk, heuristics
+    monkeypatch.setattr(heuristics, "MAX_TILE", 16)
+    monkeypatch.setattr(heuristics, "FLASH_FORWARD", True)
+    x = images(2, 128, dtype=torch.float64)
+    res = {}
+    for backend in ("parallel", "triton"):
+        m = tiny(torch.float64, dim=32, depth=2, img_size=128, mlstm_backend=backend,
+                 mlstm_chunk_size=1024).train()
+        tchunk.KERNEL_EVENTS = []
+        try:
+            y = m(x)
+            y.square().sum().backward()
+            names = [name for name, _ in tchunk.KERNEL_EVENTS]
+        finally:
+            tchunk.KERNEL_EVENTS = None
+        res[backend] = (y.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
+    assert names.count("fwd_flash") == 4 and not {"fwd_out", "fwd_pair"} & set(names), names
+    (y0, g0), (y1, g1) = res["parallel"], res["triton"]
+    assert rel(y1, y0) < 1e-9
+    for n in g0:
+        assert rel(g1[n], g0[n]) < 1e-9, n
+
+
+@pytest.mark.skipif(not _triton_available(), reason="vil_kernels.triton not importable")
 @pytest.mark.skipif(not torch.cuda.is_available()
                     and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                     reason="needs CUDA or TRITON_INTERPRET=1")
