@@ -520,6 +520,27 @@ def test_flash_forward(chunk, S, reverse, init, last_states, DK, DV, kernel, til
     assert rel_err(h, ref["h"]) < 1e-9
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
+@pytest.mark.parametrize("reverse", [False, True])
+def test_flash_forward_extreme_and_infinite_gates(reverse, monkeypatch):
+    """The flash kernel (one chunk of five tiles, no state) with gates at the edges: input gates
+    in +-80 and forget gates in +-20, leading padding (i = -inf), a reset (f = -inf) and a
+    position that keeps everything (f = +inf); every gradient as the parallel form's."""
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "MAX_TILE", 16)
+    monkeypatch.setattr(heuristics, "FLASH_FORWARD", True)
+    x = make_inputs(NH=2, S=70, DK=24, DV=40, seed=5, i_range=(-80, 80), f_range=(-20, 20))
+    x["i"][..., :5] = -math.inf
+    x["f"][..., 30] = -math.inf
+    x["f"][..., 50] = math.inf
+    got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=1024,
+                                      last_states=False))
+    assert "fwd_flash" in names and "fwd_out" not in names, names
+    ref = run(x, "parallel", reverse=reverse, last_states=False)
+    errs = {n: rel_err(got[n], ref[n]) for n in ref}
+    assert max(errs.values()) < 1e-9, errs
+
+
 @pytest.mark.parametrize("DV", [96, 384])
 def test_flash_forward_bfloat16(DV, monkeypatch):
     """bfloat16 (two pipeline stages) in the flash form, ViL-T's and ViL-B's head dims as
