@@ -511,6 +511,19 @@ def mlstm_bwd_pair_kernel(
 
 
 @triton.jit
+def _normalized(b_num, b_nrow, b_m, eps):
+    """h of a tile of rows: numerator / (max(|n|, exp(-m)) + eps), row by row."""
+    return b_num / (tl.maximum(tl.abs(b_nrow), tl.exp(-b_m)) + eps)[:, None]
+
+
+@triton.jit
+def _store_tile(x, i_bh, S, D, o_p, m_t, b_x, o_d, m_d):
+    """A tile of rows (o_p, m_t) and columns (o_d, m_d) into a (B * NH, S, D) tensor."""
+    tl.store(x + i_bh * S * D + o_p[:, None] * D + o_d[None, :], b_x.to(x.dtype.element_ty),
+             mask=m_t[:, None] & m_d[None, :])
+
+
+@triton.jit
 def _v_tile(p_v, o_p, m_t, sv_t, o_v, m_v):
     """The values of a tile of positions (o_p, m_t) in the columns o_v (m_v). [BT, len(o_v)]"""
     return tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
@@ -636,13 +649,9 @@ def mlstm_fwd_out_kernel(
             if BV2 > 0:
                 b_num2 += _dot(b_sj, _v_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2), MMA, ACC, PREC,
                                INTERP)
-    b_den = tl.maximum(tl.abs(b_nrow), tl.exp(-b_m)) + eps
-    p_h = h + i_bh * S * DV + o_p[:, None] * DV
-    tl.store(p_h + o_v[None, :], (b_num / b_den[:, None]).to(h.dtype.element_ty),
-             mask=m_t[:, None] & m_v[None, :])
+    _store_tile(h, i_bh, S, DV, o_p, m_t, _normalized(b_num, b_nrow, b_m, eps), o_v, m_v)
     if BV2 > 0:
-        tl.store(p_h + o_v2[None, :], (b_num2 / b_den[:, None]).to(h.dtype.element_ty),
-                 mask=m_t[:, None] & m_v2[None, :])
+        _store_tile(h, i_bh, S, DV, o_p, m_t, _normalized(b_num2, b_nrow, b_m, eps), o_v2, m_v2)
     tl.store(n_row + i_bh * S + o_p, b_nrow.to(n_row.dtype.element_ty), mask=m_t & (i_v == 0))
 
 
@@ -698,13 +707,9 @@ def mlstm_fwd_flash_kernel(
         if BV2 > 0:
             b_num2 += _dot(b_s, _v_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2), MMA, ACC, PREC,
                            INTERP)
-    b_den = tl.maximum(tl.abs(b_nrow), tl.exp(-b_m)) + eps
-    p_h = h + i_bh * S * DV + o_p[:, None] * DV
-    tl.store(p_h + o_v[None, :], (b_num / b_den[:, None]).to(h.dtype.element_ty),
-             mask=m_t[:, None] & m_v[None, :])
+    _store_tile(h, i_bh, S, DV, o_p, m_t, _normalized(b_num, b_nrow, b_m, eps), o_v, m_v)
     if BV2 > 0:
-        tl.store(p_h + o_v2[None, :], (b_num2 / b_den[:, None]).to(h.dtype.element_ty),
-                 mask=m_t[:, None] & m_v2[None, :])
+        _store_tile(h, i_bh, S, DV, o_p, m_t, _normalized(b_num2, b_nrow, b_m, eps), o_v2, m_v2)
     tl.store(n_row + i_bh * S + o_p, b_nrow.to(n_row.dtype.element_ty), mask=m_t)
 
 
