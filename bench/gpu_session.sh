@@ -30,7 +30,8 @@
 #               forward pair kernel either way) off and on, the same call: the op in chunks of 64 (where
 #               it does not apply: the baseline) and 1024 (FLASH_CHUNKS) at S=784,
 #               D=384/192/96 and at S=3136, D=384 (chunks of 1024 with carried states), then
-#               ViL-B's inference at 448 px (our row; FLASH_MODELS) with it off and on
+#               ViL-B's inference at 448 px (our row; FLASH_MODELS) with it off and on; the
+#               Triton tests of several-tile chunks with it on first
 #   chunkjob    the main job's inference at 448 px (ViL-T and ViL-B, our rows) with the cells in
 #               one chunk of 1024 (the quadratic form, no state work) against the default
 #               (CHUNKJOB_BENCH=train: training, where one chunk also keeps no states;
@@ -149,6 +150,9 @@ for s in $STEPS; do
                 --results-file "$OUT/kernels-scores-$sc.json"
         done ;;
     flash)                                     # one process, a row per setting
+        # first the Triton tests that run chunks of several tiles, with the form on
+        VIL_KERNELS_FLASH_FORWARD=1 step flashtests 100 python -m pytest tests/test_triton.py \
+            -q -k "flash or bfloat16 or one_chunk or tiles" $XDIST
         step flash "${FLASH_LIMIT:-200}" python bench/kernels.py --paths triton \
             --chunk-size "${FLASH_CHUNKS:-64,1024}" --flash off,on --num-bench-iter 10 \
             --shapes 64,4,784,384 --shapes 64,4,784,192 --shapes 64,4,784,96 \
