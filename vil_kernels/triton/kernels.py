@@ -524,9 +524,10 @@ def _store_tile(x, i_bh, S, D, o_p, m_t, b_x, o_d, m_d):
 
 
 @triton.jit
-def _v_tile(p_v, o_p, m_t, sv_t, o_v, m_v):
-    """The values of a tile of positions (o_p, m_t) in the columns o_v (m_v). [BT, len(o_v)]"""
-    return tl.load(p_v + o_p[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :],
+def _load_tile(p_x, o_p, m_t, s_t, o_d, m_d):
+    """A tile of positions (o_p, m_t) of a sequence (p_x, row stride s_t) in the columns o_d
+    (m_d): of q, k or v. [len(o_p), len(o_d)]"""
+    return tl.load(p_x + o_p[:, None] * s_t + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
                    other=0.)
 
 
@@ -613,9 +614,9 @@ def mlstm_fwd_out_kernel(
     if NT == 1:
         causal = o_i[:, None] >= o_i[None, :]
         b_s = b_qk * scale * _weights(b_b, b_m, b_b, b_i, causal)  # [BT, BT]
-        b_num = _dot(b_s, _v_tile(p_v, o_p, m_t, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
+        b_num = _dot(b_s, _load_tile(p_v, o_p, m_t, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
         if BV2 > 0:
-            b_num2 = _dot(b_s, _v_tile(p_v, o_p, m_t, sv_t, o_v2, m_v2), MMA, ACC, PREC, INTERP)
+            b_num2 = _dot(b_s, _load_tile(p_v, o_p, m_t, sv_t, o_v2, m_v2), MMA, ACC, PREC, INTERP)
         b_nrow = tl.sum(b_s, axis=1)
     else:
         b_num = tl.zeros([BT, BV], dtype=ACC)
@@ -645,9 +646,9 @@ def mlstm_fwd_out_kernel(
                 o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
                 b_sj = tl.load(sc + o_x + o_ss)                             # [BT, BT]
                 b_nrow += tl.load(rs + o_x // BT + o_i).to(ACC)
-            b_num += _dot(b_sj, _v_tile(p_v, o_pj, m_tj, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
+            b_num += _dot(b_sj, _load_tile(p_v, o_pj, m_tj, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
             if BV2 > 0:
-                b_num2 += _dot(b_sj, _v_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2), MMA, ACC, PREC,
+                b_num2 += _dot(b_sj, _load_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2), MMA, ACC, PREC,
                                INTERP)
     _store_tile(h, i_bh, S, DV, o_p, m_t, _normalized(b_num, b_nrow, b_m, eps), o_v, m_v)
     if BV2 > 0:
@@ -677,11 +678,11 @@ def mlstm_fwd_flash_kernel(
     p_v = _seq(v, i_bh, NH, sv_b, sv_h)
     o_k = tl.arange(0, BK)
     m_k = o_k < DK
-    b_q = _v_tile(p_q, o_p, m_t, s_t, o_k, m_k)                     # [BT, BK]
+    b_q = _load_tile(p_q, o_p, m_t, s_t, o_k, m_k)                     # [BT, BK]
     if BK2 > 0:                                   # the second K tile, right after the first
         o_k2 = BK + tl.arange(0, BK2)
         m_k2 = o_k2 < DK
-        b_q2 = _v_tile(p_q, o_p, m_t, s_t, o_k2, m_k2)              # [BT, BK2]
+        b_q2 = _load_tile(p_q, o_p, m_t, s_t, o_k2, m_k2)              # [BT, BK2]
     o_v = tl.arange(0, BV)
     m_v = o_v < DV
     b_num = tl.zeros([BT, BV], dtype=ACC)
@@ -695,17 +696,17 @@ def mlstm_fwd_flash_kernel(
     for j in range(0, tl.cdiv(tl.minimum(i_r * BT + BT, S), BS)):
         o_tj, o_pj, m_tj = _rows(j, S, REVERSE, BS)
         b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
-        b_s = _dot(b_q, tl.trans(_v_tile(p_k, o_pj, m_tj, s_t, o_k, m_k)), MMA, ACC, PREC,
+        b_s = _dot(b_q, tl.trans(_load_tile(p_k, o_pj, m_tj, s_t, o_k, m_k)), MMA, ACC, PREC,
                    INTERP)                                          # [BT, BS]
         if BK2 > 0:
-            b_s += _dot(b_q2, tl.trans(_v_tile(p_k, o_pj, m_tj, s_t, o_k2, m_k2)), MMA, ACC,
+            b_s += _dot(b_q2, tl.trans(_load_tile(p_k, o_pj, m_tj, s_t, o_k2, m_k2)), MMA, ACC,
                         PREC, INTERP)
         see = m_t[:, None] & (o_t[:, None] >= o_tj[None, :])
         b_s = b_s * scale * _weights(b_b, b_m, b_bj, b_ij, see)
         b_nrow += tl.sum(b_s, axis=1)
-        b_num += _dot(b_s, _v_tile(p_v, o_pj, m_tj, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
+        b_num += _dot(b_s, _load_tile(p_v, o_pj, m_tj, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
         if BV2 > 0:
-            b_num2 += _dot(b_s, _v_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2), MMA, ACC, PREC,
+            b_num2 += _dot(b_s, _load_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2), MMA, ACC, PREC,
                            INTERP)
     _store_tile(h, i_bh, S, DV, o_p, m_t, _normalized(b_num, b_nrow, b_m, eps), o_v, m_v)
     if BV2 > 0:
