@@ -27,8 +27,8 @@
 #   flash       the forward's flash form (heuristics.FLASH_FORWARD: one chunk without a carried
 #               state in mlstm_fwd_flash_kernel, FlashAttention's one pipelined loop over key
 #               tiles; with states every V column of a row tile in one outputs program; no
-#               forward pair kernel either way) off and on, the same call: the op in chunks of 64 (where
-#               it does not apply: the baseline) and 1024 (FLASH_CHUNKS) at S=784,
+#               forward pair kernel either way) off and on, the same call: the op in chunks
+#               of 64 (where it does not apply: the baseline) and 1024 (FLASH_CHUNKS) at S=784,
 #               D=384/192/96 and at S=3136, D=384 (chunks of 1024 with carried states), then
 #               ViL-B's inference at 448 px (our row; FLASH_MODELS) with it off and on; the
 #               Triton tests of several-tile chunks with it on first

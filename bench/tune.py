@@ -61,9 +61,9 @@ def candidates(kernel, D, L, arch=None):
     arch = device_arch() if arch is None else arch
     base = heuristics.launch_params(kernel, D, D, L, torch.bfloat16, arch)
     if kernel == "fwd_flash":               # its head-dim tiles are the whole head dims
-        out = [dict(base, BS=bs, num_warps=w, num_stages=st)
-               for bs, w, st in itertools.product((16, 32, 64), (4, 8), (2, 3))]
-        return [c for i, c in enumerate(out) if c not in out[:i] and c != base]
+        return _new_configs([dict(base, BS=bs, num_warps=w, num_stages=st)
+                             for bs, w, st in itertools.product((16, 32, 64), (4, 8), (2, 3))],
+                            base)
     if kernel in heuristics.SCANS:
         tiles = [(32, 32), (32, 64), (64, 32), (64, 64), (32, 128), (64, 128), (128, 64)]
         caps = (128, 168, 255)
@@ -87,7 +87,12 @@ def candidates(kernel, D, L, arch=None):
         # the split form: its parallel pass's tiles (no loop there to pipeline; the chain's
         # launch is fixed)
         out += [dict(base, BK=BK, BV=BV, num_stages=1, split=True) for BK, BV in tiles]
-    return [c for i, c in enumerate(out) if c not in out[:i] and c != base]
+    return _new_configs(out, base)
+
+
+def _new_configs(configs, base):
+    """configs without repeats and without the table's own (base), in order."""
+    return [c for i, c in enumerate(configs) if c not in configs[:i] and c != base]
 
 
 def _sync(t):

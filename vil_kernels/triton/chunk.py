@@ -291,7 +291,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
         return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, b_row
     p = heuristics.launch_params("fwd_out", DK, DV, L, q.dtype, arch)
     # chunks of several tiles: every pair's weighted scores (MMA dtype) and row sums, once;
-    # where one V tile holds DV the outputs kernel computes them itself (SCORES): once too
+    # where one V block holds DV the outputs kernel computes them itself (SCORES): once too
     scores = heuristics.scores_in_outputs(DV, p["BV"] + p["BV2"], BT, NT)
     (sc, rs), grid = _pair_buffers(q, S, NC, BT, 1 if scores else NT,
                                    ((state_dtype(q), True), (ad, False)))

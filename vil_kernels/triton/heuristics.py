@@ -349,9 +349,9 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
     p = dict(BK=BK, BV=BV, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
     if kernel == "fwd_out":                    # (BV2: its second V tile, none by default)
         p["BV2"] = 0
-    if kernel == "fwd_out" and flash_applies(DK, DV, BT, NT, dtype, arch):
-        p["BV"], p["BV2"] = flash_tiles(DV)
-        p["num_warps"] = max(warps, 8 if p["BV"] + p["BV2"] > 128 else 4)
+        if flash_applies(DK, DV, BT, NT, dtype, arch):
+            p["BV"], p["BV2"] = flash_tiles(DV)
+            p["num_warps"] = max(warps, 8 if p["BV"] + p["BV2"] > 128 else 4)
     if kernel in SCANS and NT == 1:
         # (chunks of several tiles: the chunk-boundary step holds more registers, and the
         # capped builds spill)
