@@ -24,14 +24,18 @@
 #               and S=196, D=384, timed the same call: whether 128 should be a table entry;
 #               then at D=96 and 64 in chunks of 64, 128 and 1024 with the outputs kernel
 #               computing the pair scores (heuristics.SCORES_IN_OUTPUTS) and without
-#   flash       the forward's flash form (heuristics.FLASH_FORWARD: one chunk without a carried
-#               state in mlstm_fwd_flash_kernel, FlashAttention's one pipelined loop over key
-#               tiles; with states every V column of a row tile in one outputs program; no
-#               forward pair kernel either way) off and on, the same call: the op in chunks
-#               of 64 (where it does not apply: the baseline) and 1024 (FLASH_CHUNKS) at S=784,
+#   flash       the flash forms (heuristics.FLASH_FORWARD: one chunk without a carried state
+#               in mlstm_fwd_flash_kernel, FlashAttention's one pipelined loop over key tiles;
+#               with states every V column of a row tile in one outputs program; no forward
+#               pair kernel either way. FLASH_BACKWARD: the backward's pair products and dq in
+#               mlstm_bwd_flash_kernel, one chunk without a carried state) off, forward only,
+#               backward only and both (FLASH_SETTINGS), the same call: the op in chunks of 64
+#               (where they do not apply: the baseline) and 1024 (FLASH_CHUNKS) at S=784,
 #               D=384/192/96 and at S=3136, D=384 (chunks of 1024 with carried states), then
-#               ViL-B's inference at 448 px (our row; FLASH_MODELS) with it off and on; the
-#               Triton tests of several-tile chunks with it on first
+#               ViL-B's inference at 448 px (our row; FLASH_MODELS) with the forward's off and
+#               on; the Triton tests of several-tile chunks with both on first
+#   flashtrain  ViL-B's training at 448 px (our row; FLASH_MODELS) with both flash forms off
+#               and on
 #   chunkjob    the main job's inference at 448 px (ViL-T and ViL-B, our rows) with the cells in
 #               one chunk of 1024 (the quadratic form, no state work) against the default
 #               (CHUNKJOB_BENCH=train: training, where one chunk also keeps no states;
@@ -151,10 +155,12 @@ for s in $STEPS; do
         done ;;
     flash)                                     # one process, a row per setting
         # first the Triton tests that run chunks of several tiles, with the form on
-        VIL_KERNELS_FLASH_FORWARD=1 step flashtests 100 python -m pytest tests/test_triton.py \
-            -q -k "flash or bfloat16 or one_chunk or tiles" $XDIST
-        step flash "${FLASH_LIMIT:-200}" python bench/kernels.py --paths triton \
-            --chunk-size "${FLASH_CHUNKS:-64,1024}" --flash off,on --num-bench-iter 10 \
+        VIL_KERNELS_FLASH_FORWARD=1 VIL_KERNELS_FLASH_BACKWARD=1 step flashtests 100 \
+            python -m pytest tests/test_triton.py -q -k "flash or bfloat16 or one_chunk or tiles" \
+            $XDIST
+        step flash "${FLASH_LIMIT:-300}" python bench/kernels.py --paths triton \
+            --chunk-size "${FLASH_CHUNKS:-64,1024}" --flash "${FLASH_SETTINGS:-off,fwd,bwd,on}" \
+            --num-bench-iter 10 \
             --shapes 64,4,784,384 --shapes 64,4,784,192 --shapes 64,4,784,96 \
             --shapes 64,4,3136,384 --results-file "$OUT/kernels-flash.json"
         for fl in 0 1; do
@@ -162,6 +168,13 @@ for s in $STEPS; do
                 --resolution 448 --model "${FLASH_MODELS:-vil2-base}" --rows ours \
                 --bench inference --num-warm-iter 3 --num-bench-iter 10 --no-progress \
                 --results-file "$OUT/throughput-448-inference-flash-$fl.json"
+        done ;;
+    flashtrain)
+        for fl in 0 1; do
+            VIL_KERNELS_FLASH_FORWARD=$fl VIL_KERNELS_FLASH_BACKWARD=$fl step "flashtrain-$fl" 150 \
+                python bench/throughput.py --resolution 448 --model "${FLASH_MODELS:-vil2-base}" \
+                --rows ours --bench train --num-warm-iter 3 --num-bench-iter 10 --no-progress \
+                --results-file "$OUT/throughput-448-train-flash-$fl.json"
         done ;;
     chunkjob)
         for c in ${CHUNKJOB_CHUNKS:-default 1024}; do

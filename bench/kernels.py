@@ -4,7 +4,7 @@
     python bench/kernels.py --shapes 8,4,784,96  # B,NH,S,D (repeatable)
     python bench/kernels.py --paths triton --chunk-size 64,256   # chunks of 64, then 256
     python bench/kernels.py --paths triton --chunk-size 1024 --tile 64,128   # tiles of 64, 128
-    python bench/kernels.py --paths triton --chunk-size 1024 --flash off,on  # the flash forward
+    python bench/kernels.py --paths triton --chunk-size 1024 --flash off,fwd,bwd,on  # flash forms
     python bench/kernels.py --results-file bench/results/kernels-cpu.json
 
 On CPU it compares the PyTorch chunkwise path against the parallel form (the published
@@ -168,8 +168,8 @@ def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunks=(No
     """Rows of one shape: every path, the chunkwise ones once per chunk length in ``chunks``
     (None: their default), the Triton one once per tile of positions in ``tiles`` (None: the
     default; else heuristics.TILE, set for the forward and the backward alike) and per setting
-    of the forward's flash form in ``flashes`` (None: the default; else
-    heuristics.FLASH_FORWARD)."""
+    of the flash forms in ``flashes`` (None: the default; else FLASH_SETTINGS' words: which of
+    heuristics.FLASH_FORWARD and FLASH_BACKWARD are on)."""
     B, NH, S, D = shape
     rows = []
     peaks = device_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -193,23 +193,28 @@ def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunks=(No
     return rows
 
 
+# --flash's words: which flash forms are on, (forward, backward)
+FLASH_SETTINGS = {"off": (False, False), "fwd": (True, False), "bwd": (False, True),
+                  "on": (True, True)}
+
+
 @contextlib.contextmanager
 def _triton_settings(tile, flash):
-    """The Triton kernels' tile of positions forced to ``tile`` and their forward's flash form
-    to ``flash`` (None: nothing changed; the Triton package is imported only otherwise, so
-    this runs where it is not installed)."""
+    """The Triton kernels' tile of positions forced to ``tile`` and their flash forms to
+    ``flash`` (a FLASH_SETTINGS word; None: nothing changed; the Triton package is imported only
+    otherwise, so this runs where it is not installed)."""
     if tile is None and flash is None:
         yield
         return
     from vil_kernels.triton import heuristics
-    was = heuristics.TILE, heuristics.FLASH_FORWARD
+    was = heuristics.TILE, heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD
     heuristics.TILE = tile
     if flash is not None:
-        heuristics.FLASH_FORWARD = flash
+        heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD = FLASH_SETTINGS[flash]
     try:
         yield
     finally:
-        heuristics.TILE, heuristics.FLASH_FORWARD = was
+        heuristics.TILE, heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD = was
 
 
 def _time_row(row, fn, device, dtype, warmup, iters, mem, peaks):
@@ -308,19 +313,21 @@ def parse_args(argv=None):
                         "table's, 64), where it applies: chunks of two such tiles or more, "
                         "16-bit inputs, Hopper (heuristics.tuned_tile). Tiles of 128 run 8 "
                         "warps; not a default until timed")
-    p.add_argument("--flash", default=None, metavar="off|on[,...]",
-                   help="the triton path's forward in FlashAttention's form (one chunk "
-                        "without a carried state: one kernel, one pipelined loop over key "
-                        "tiles; with states: every V column of a row tile in one outputs "
-                        "program; heuristics.FLASH_FORWARD) off or on; several: a row for "
-                        "each; default: off until timed")
+    p.add_argument("--flash", default=None, metavar="off|fwd|bwd|on[,...]",
+                   help="the triton path's flash forms, FlashAttention's one pipelined loop "
+                        "over key tiles a row tile (one chunk without a carried state): "
+                        "fwd the forward's (heuristics.FLASH_FORWARD; with states, every V "
+                        "column of a row tile in one outputs program), bwd the backward's "
+                        "(FLASH_BACKWARD: the pair products and dq in one kernel), on both, "
+                        "off neither; several: a row for each; default: off until timed")
     p.add_argument("--results-file", default=None)
     args = p.parse_args(argv)
     if args.flash is not None:
         words = args.flash.split(",")
-        if any(w not in ("off", "on") for w in words):
-            p.error(f"--flash takes off, on or both (off,on), got {args.flash!r}")
-        args.flash = [w == "on" for w in words]
+        if any(w not in FLASH_SETTINGS for w in words):
+            p.error(f"--flash takes words of {', '.join(FLASH_SETTINGS)} (e.g. off,on), got "
+                    f"{args.flash!r}")
+        args.flash = words
     if args.tile is not None:
         try:
             args.tile = [int(t) for t in args.tile.split(",")]

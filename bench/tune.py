@@ -34,9 +34,10 @@ import peers  # noqa: E402
 from vil_kernels.triton import chunk as tchunk  # noqa: E402
 from vil_kernels.triton import heuristics  # noqa: E402
 
-# (fwd_flash runs, and is swept, only with VIL_KERNELS_FLASH_FORWARD=1: heuristics.FLASH_FORWARD)
+# (fwd_flash runs, and is swept, only with VIL_KERNELS_FLASH_FORWARD=1: heuristics.FLASH_FORWARD;
+# bwd_flash only with VIL_KERNELS_FLASH_BACKWARD=1)
 FWD = ("fwd_state", "fwd_out", "fwd_pair", "fwd_flash")
-BWD = ("bwd_state", "bwd_dqk", "bwd_dv", "bwd_pair")
+BWD = ("bwd_state", "bwd_dqk", "bwd_dv", "bwd_pair", "bwd_flash")
 # chunk lengths the table's parameters are timed at, kernel by kernel, before the sweeps: one
 # tile a chunk (32, 64) and chunks of 2, 4 and 16 tiles of 64 (1024: ViL's 784 tokens in one
 # chunk, the quadratic form)
@@ -57,10 +58,10 @@ def candidates(kernel, D, L, arch=None):
     register caps of 128 / 168 / none (255) for the scans, 168 or the table's elsewhere (caps
     at which 4 / 3 / 2 programs of 4 warps share an SM's registers); for the scans also their
     split form (heuristics.launch_params), timed as the sum of its two launches. The flash
-    kernel: its key tile (16, 32, 64), warps (4, 8) and stages (2, 3)."""
+    kernels: their key tile (16, 32, 64), warps (4, 8) and stages (2, 3)."""
     arch = device_arch() if arch is None else arch
     base = heuristics.launch_params(kernel, D, D, L, torch.bfloat16, arch)
-    if kernel == "fwd_flash":               # its head-dim tiles are the whole head dims
+    if kernel in heuristics.FLASH_KERNELS:  # their head-dim tiles are the whole head dims
         return _new_configs([dict(base, BS=bs, num_warps=w, num_stages=st)
                              for bs, w, st in itertools.product((16, 32, 64), (4, 8), (2, 3))],
                             base)

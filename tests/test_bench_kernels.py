@@ -108,25 +108,34 @@ def test_tile_option(monkeypatch):
 
 
 def test_flash_option(monkeypatch):
-    """--flash off,on: a triton row per setting, heuristics.FLASH_FORWARD set while it runs and
-    restored after; with --tile, a row per tile and setting; a bad word is an error."""
+    """--flash off,fwd,bwd,on: a triton row per setting, heuristics.FLASH_FORWARD and
+    FLASH_BACKWARD set as the word says while it runs and restored after; with --tile, a row
+    per tile and setting; a bad word is an error."""
     from vil_kernels.triton import heuristics
     seen = []
-    record = lambda x: seen.append((heuristics.TILE, heuristics.FLASH_FORWARD)) or x["q"] * 1
+    record = lambda x: seen.append((heuristics.TILE, heuristics.FLASH_FORWARD,
+                                    heuristics.FLASH_BACKWARD)) or x["q"] * 1
     fake = lambda device, dtype, chunk=None: [("triton", record), ("parallel", lambda x: x["q"])]
     monkeypatch.setattr(kernels, "candidates", fake)
-    before = heuristics.FLASH_FORWARD
+    before = heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD
     rows = kernels.main(["--device", "cpu", "--shapes", "1,1,20,16", "--num-bench-iter", "1",
                          "--num-warm-iter", "0", "--flash", "off,on", "--tile", "64,128"])
     assert [(r["path"], r.get("tile"), r.get("flash")) for r in rows] == [
-        ("triton", 64, False), ("triton", 64, True), ("triton", 128, False),
-        ("triton", 128, True), ("parallel", None, None)]
-    assert set(seen) == {(64, False), (64, True), (128, False), (128, True)}
-    assert heuristics.FLASH_FORWARD == before and heuristics.TILE is None
+        ("triton", 64, "off"), ("triton", 64, "on"), ("triton", 128, "off"),
+        ("triton", 128, "on"), ("parallel", None, None)]
+    assert set(seen) == {(64, False, False), (64, True, True), (128, False, False),
+                         (128, True, True)}
+    assert (heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD) == before
+    assert heuristics.TILE is None
     choice = kernels.chunk_choice(rows)
-    assert {(c["first_tile"], c["first_flash"]) for c in choice} == {(64, False)}
-    assert kernels.parse_args(["--flash", "on"]).flash == [True]
-    for bad in ("yes", "off,1", ""):
+    assert {(c["first_tile"], c["first_flash"]) for c in choice} == {(64, "off")}
+    seen.clear()
+    rows = kernels.main(["--device", "cpu", "--shapes", "1,1,20,16", "--num-bench-iter", "1",
+                         "--num-warm-iter", "0", "--flash", "fwd,bwd", "--paths", "triton"])
+    assert [r["flash"] for r in rows] == ["fwd", "bwd"]
+    assert set(seen) == {(None, True, False), (None, False, True)}
+    assert kernels.parse_args(["--flash", "on"]).flash == ["on"]
+    for bad in ("yes", "off,1", "", "True"):
         with pytest.raises(SystemExit):
             kernels.parse_args(["--flash", bad])
 

@@ -51,7 +51,7 @@ def test_compile_check_quick():
     kernels = {line.split()[0] for line in rows}
     assert kernels == {"fwd_gates", "fwd_state", "fwd_out", "bwd_prologue", "bwd_state",
                        "bwd_dqk", "bwd_dv", "bwd_gates", "chunk_local", "chunk_chain",
-                       "fwd_pair", "bwd_pair", "fwd_flash"}, out
+                       "fwd_pair", "bwd_pair", "fwd_flash", "bwd_flash"}, out
     assert {line.split()[2] for line in rows} == {"sm80", "sm90"}, out
     assert "0 failed" in out
 
@@ -153,14 +153,16 @@ def test_outputs_kernel_computing_the_scores_builds_without_spills():
                                                                   ("sm90", "128")}, rows
 
 
-def test_flash_forward_builds_without_spills():
-    """`compile_check --flash on` (what VIL_KERNELS_FLASH_FORWARD=1 runs, opt-in until timed on
-    a GPU) at ViL-B's, ViL-S's and ViL-T's head dims, on sm_90, without a spill: the flash
-    kernel (one chunk, no carried state; q held over 256 + 128 columns against key tiles of 32
-    at 8 warps, 128 + 64 likewise, 64 + 32 against key tiles of 64 at 4), and the outputs
-    kernel with every V column in one program (256 + 128, 128 + 64 at 8 warps, 64 + 32 at 4),
-    computing the pairs' scores, with and without the carried state. sm_80 runs neither. The
-    full check covers both settings."""
+def test_flash_forms_build_without_spills():
+    """`compile_check --flash on` (what VIL_KERNELS_FLASH_FORWARD=1 and
+    VIL_KERNELS_FLASH_BACKWARD=1 run, opt-in until timed on a GPU) at ViL-B's, ViL-S's and
+    ViL-T's head dims, on sm_90, without a spill: the flash forward (one chunk, no carried
+    state; q held over 256 + 128 columns against key tiles of 32 at 8 warps, 128 + 64 likewise,
+    64 + 32 against key tiles of 64 at 4), the outputs kernel with every V column in one
+    program (256 + 128, 128 + 64 at 8 warps, 64 + 32 at 4), computing the pairs' scores, with
+    and without the carried state; the flash backward (q and dh held, key tiles of 16 at
+    D=384, of 32 at 192 and 96) and the dq/dk kernel making dk alone beside it. sm_80 runs
+    none of them. The full check covers both settings."""
     from vil_kernels import compile_check
     todo = compile_check.variants(dims=(96, 384), chunks=(1024,), dtypes=("bfloat16",))
     flash = {(k.BV, k.BV2) for k in todo if k.kernel == "fwd_out" and k.BV2}
@@ -172,7 +174,7 @@ def test_flash_forward_builds_without_spills():
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "vil_kernels.compile_check", "--flash", "on", "--dims", "96",
            "192", "384", "--chunks", "1024", "--dtype", "bfloat16", "--kernel", "fwd_out",
-           "--kernel", "fwd_flash"]
+           "--kernel", "fwd_flash", "--kernel", "bwd_flash", "--kernel", "bwd_dqk"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "0 failed" in out, out[-3000:]
@@ -183,4 +185,10 @@ def test_flash_forward_builds_without_spills():
                               ("64+32", "64x64", "4")):
         assert {("sm90", cols, warps, "Fs"), ("sm90", cols, warps, "Ts")} <= outputs, out
         assert ("sm90", tile, cols, cols, warps) in flash, out
+    backward = {(r[2], r[3], r[5], r[6], r[7]) for r in rows if r[0] == "bwd_flash"}
+    assert backward == {("sm90", "64x16", "256+128", "256+128", "8"),
+                        ("sm90", "64x32", "128+64", "128+64", "8"),
+                        ("sm90", "64x32", "64+32", "64+32", "4")}, out
+    dk_alone = {(r[2], r[5]) for r in rows if r[0] == "bwd_dqk" and r[9] == "Fdk"}
+    assert dk_alone == {("sm90", "64"), ("sm90", "32")}, out
     assert not any("+" in r[6] for r in rows if r[2] == "sm80"), out

@@ -231,12 +231,13 @@ def test_triton_backend_two_pairs():
                     reason="float64 through the kernels: the interpreter's")
 def test_flash_forward_in_the_model(monkeypatch):
     """A 2-pair float64 model with its cells in one chunk of 4 tiles (64 tokens, tiles of 16)
-    and the opt-in flash forward (heuristics.FLASH_FORWARD): every block's forward is the flash
-    kernel, in both traversal directions, and logits and every parameter gradient are the
-    parallel form's."""
+    and the opt-in flash forms (heuristics.FLASH_FORWARD, FLASH_BACKWARD): every block's
+    forward and backward are the flash kernels, in both traversal directions, and logits and
+    every parameter gradient are the parallel form's."""
     from vil_kernels.triton import chunk as tchunk, heuristics
     monkeypatch.setattr(heuristics, "MAX_TILE", 16)
     monkeypatch.setattr(heuristics, "FLASH_FORWARD", True)
+    monkeypatch.setattr(heuristics, "FLASH_BACKWARD", True)
     x = images(2, 128, dtype=torch.float64)
     res = {}
     for backend in ("parallel", "triton"):
@@ -251,6 +252,7 @@ def test_flash_forward_in_the_model(monkeypatch):
             tchunk.KERNEL_EVENTS = None
         res[backend] = (y.detach(), {n: p.grad.clone() for n, p in m.named_parameters()})
     assert names.count("fwd_flash") == 4 and not {"fwd_out", "fwd_pair"} & set(names), names
+    assert names.count("bwd_flash") == 4 and "bwd_pair" not in names, names
     (y0, g0), (y1, g1) = res["parallel"], res["triton"]
     assert rel(y1, y0) < 1e-9
     for n in g0:

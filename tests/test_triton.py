@@ -626,6 +626,122 @@ def test_flash_forward_choice(tmp_path, monkeypatch):
         h.tuned_table(reload=True)
 
 
+# The backward in FlashAttention's form (heuristics.FLASH_BACKWARD, off until timed): one chunk
+# holding the sequence with no carried state (no initial state, the last state unused) runs
+# mlstm_bwd_flash_kernel instead of the backward pair kernel: q and dh held over all of DK and
+# DV, one loop over key tiles making each pair's products (stored whole into the pair slots,
+# for key tiles longer than a row tile as well as shorter) and dq; the dq/dk kernel then makes
+# dk alone. With carried states (an initial state, the last state used, several chunks) the
+# pair kernel runs as before. Both directions, head dims in two tiles (96 = 64 + 32, 192 = 128
+# + 64) and one masked tile (100 -> 128), S not a multiple of the tile; every gradient, float64
+# exactly.
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
+@pytest.mark.parametrize("tile,S,reverse,init,last_states,DK,DV,flash", [
+    (16, 70, False, False, False, 96, 40, True),     # key tiles of 32 over row tiles of 16
+    (16, 37, True, False, False, 100, 64, True),
+    (64, 150, True, False, False, 192, 72, True),    # key tiles of 32 inside row tiles of 64
+    (16, 50, False, True, False, 24, 40, False),     # an initial state: the pair kernel
+    (16, 50, True, False, True, 24, 40, False),      # the last state used: the pair kernel
+])
+def test_flash_backward(tile, S, reverse, init, last_states, DK, DV, flash, monkeypatch):
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "MAX_TILE", tile)
+    monkeypatch.setattr(heuristics, "FLASH_BACKWARD", True)
+    L = heuristics.chunk_len(S, DK, DV, torch.float64, 0, 1024)
+    BT = heuristics.tile_len(L, torch.float64, DK, DV, 0)
+    p = heuristics.launch_params("bwd_flash", DK, DV, L, torch.float64, 0)
+    assert p["BS"] != BT and L // BT > 1, (p, BT)
+    x = make_inputs(NH=2, S=S, DK=DK, DV=DV, init=init, seed=S + DK)
+    got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=1024,
+                                      last_states=last_states))
+    assert ("bwd_flash" in names) == flash and ("bwd_pair" in names) != flash, names
+    ref = run(x, "parallel", reverse=reverse, last_states=last_states)
+    errs = {n: rel_err(got[n], ref[n]) for n in ref}
+    assert max(errs.values()) < 1e-9, errs
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
+@pytest.mark.parametrize("reverse", [False, True])
+def test_flash_backward_extreme_and_infinite_gates(reverse, monkeypatch):
+    """Both flash kernels (one chunk of five tiles, no state) with gates at the edges: input
+    gates in +-80 and forget gates in +-20, leading padding (i = -inf), a reset (f = -inf) and
+    a position that keeps everything (f = +inf); every gradient as the parallel form's."""
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "MAX_TILE", 16)
+    monkeypatch.setattr(heuristics, "FLASH_FORWARD", True)
+    monkeypatch.setattr(heuristics, "FLASH_BACKWARD", True)
+    x = make_inputs(NH=2, S=70, DK=24, DV=40, seed=6, i_range=(-80, 80), f_range=(-20, 20))
+    x["i"][..., :5] = -math.inf
+    x["f"][..., 30] = -math.inf
+    x["f"][..., 50] = math.inf
+    got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=1024,
+                                      last_states=False))
+    assert {"fwd_flash", "bwd_flash"} <= names and not {"fwd_out", "bwd_pair"} & names, names
+    ref = run(x, "parallel", reverse=reverse, last_states=False)
+    errs = {n: rel_err(got[n], ref[n]) for n in ref}
+    assert max(errs.values()) < 1e-9, errs
+
+
+@pytest.mark.parametrize("D", [96, 384])
+def test_flash_backward_bfloat16(D, monkeypatch):
+    """bfloat16 (two pipeline stages) in the flash backward at ViL-T's and ViL-B's head dims
+    (dq over 64 + 32 and 256 + 128 columns, key tiles of 32 and 16 inside row tiles of 64):
+    within bfloat16's bound of the float64 reference, every gradient; and against the pair
+    kernel's path, from which the gradients differ by the roundings of dq's sums (over key
+    tiles of BS instead of 64) and of q k^T's (over two K tiles)."""
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "FLASH_BACKWARD", True)
+    x = make_inputs(NH=1, S=150, DK=D, DV=D, seed=D + 1)
+    _check(x, torch.bfloat16, reverse=True, chunk_size=1024, last_states=False)
+    x = {n: t.to(torch.bfloat16).double() for n, t in x.items()}
+    if DEVICE == "cuda":
+        x = {n: t.cuda() for n, t in x.items()}
+    grads = {}
+    for on in (True, False):
+        monkeypatch.setattr(heuristics, "FLASH_BACKWARD", on)
+        grads[on], names = launched(lambda: run(x, "triton", chunk_size=1024,
+                                                compute=torch.bfloat16, last_states=False))
+        assert ("bwd_flash" in names) == on and ("bwd_pair" in names) != on, names
+    for n in grads[True]:
+        assert rel_err(grads[True][n], grads[False][n]) < 2e-2, n
+
+
+def test_flash_backward_choice(tmp_path, monkeypatch):
+    """Where the flash backward applies (FLASH_BACKWARD on): the forward's conditions and dq
+    over at most FLASH_BWD_MAX_COLUMNS; its tiles (key tiles of 32, or 16 where dq passes 256
+    columns), warps by dq's columns; a launch table may name its tiles."""
+    from vil_kernels.triton import heuristics as h
+    bf = torch.bfloat16
+    monkeypatch.setattr(h, "FLASH_BACKWARD", False)
+    assert not h.flash_applies(384, 384, 64, 16, bf, 90, True)
+    monkeypatch.setattr(h, "FLASH_BACKWARD", True)
+    monkeypatch.setattr(h, "FLASH_FORWARD", False)
+    assert h.flash_applies(384, 384, 64, 16, bf, 90, True)
+    assert not h.flash_applies(384, 384, 64, 16, bf, 90)          # (the forward's own flag)
+    for args in ((512, 384, 64, 16, bf, 90), (384, 384, 64, 1, bf, 90),
+                 (384, 384, 64, 16, torch.float32, 90), (384, 384, 64, 16, bf, 80)):
+        assert not h.flash_applies(*args, True), args
+    assert h.flash_applies(384, 512, 64, 16, bf, 90, True)
+    flash = lambda DK, DV: {k: v for k, v in h.launch_params("bwd_flash", DK, DV, 1024, bf,
+                                                             90).items() if k != "maxnreg"}
+    assert flash(384, 384) == dict(BK=256, BK2=128, BV=256, BV2=128, BS=16, num_warps=8,
+                                   num_stages=2)
+    assert flash(192, 192) == dict(BK=128, BK2=64, BV=128, BV2=64, BS=32, num_warps=8,
+                                   num_stages=2)
+    assert flash(96, 96) == dict(BK=64, BK2=32, BV=64, BV2=32, BS=32, num_warps=4, num_stages=2)
+    assert flash(96, 384)["num_warps"] == 4 and flash(384, 96)["num_warps"] == 8
+    key = h.table_key("bwd_flash", 384, 384, 1024, bf, 90)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"entries": {key: {"BS": 32, "num_warps": 4}}}))
+    monkeypatch.setenv(h.TABLE_ENV, str(path))
+    try:
+        h.tuned_table(reload=True)
+        assert flash(384, 384)["BS"] == 32 and flash(384, 384)["num_warps"] == 4
+    finally:
+        monkeypatch.delenv(h.TABLE_ENV)
+        h.tuned_table(reload=True)
+
+
 @pytest.fixture(params=[64, 16])
 def one_chunk_tile(request, monkeypatch):
     """Tiles of 64 or 16 positions: S = 50 in one chunk is one tile or four."""

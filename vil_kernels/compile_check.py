@@ -16,9 +16,9 @@ holds at once (occ, programs_per_sm), and the head dims each binary serves (flag
 state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the outputs, dq/dk and dv kernels,
 Fs / Ts where the outputs kernel also computes the scores of chunks of several tiles; f/b and S
 for the chain's direction and starting state; BV as 256+128 where the outputs kernel takes two V
-tiles; BK as 256+128 and BT as 64x32, rows by keys, for the flash kernel). The forward's flash
-form (heuristics.FLASH_FORWARD, off by default) is checked too; --flash on / off checks only one
-side. Exits 1 on any spill, on shared memory
+tiles; BK as 256+128 and BT as 64x32, rows by keys, for the flash kernels; "dk" where the dq/dk
+kernel makes dk alone, beside the flash backward). The flash forms (heuristics.FLASH_FORWARD and
+FLASH_BACKWARD, off by default) are checked too; --flash on / off checks only one side. Exits 1 on any spill, on shared memory
 over the arch's limit (sm_80: 163 KB, sm_90: 227 KB), on registers x threads over the 64K register
 file, when a 16-bit build has no HMMA/HGMMA instruction, on a pipelined loop whose asynchronous
 wgmma reads a single-buffered tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile
@@ -59,8 +59,9 @@ class Variant(NamedTuple):
     epilogue (None where a kernel has none; a string for the split scans' chain: "f"/"b" its
     direction, "S" a starting state). The gate scan has its chunk length in the BT slot and
     its chunks a block in the BV slot, the gate epilogue its block in the BV slot. BV2: the
-    outputs kernel's (and the flash kernel's) second V tile; scores: the outputs kernel
-    computes the pairs' scores; BK2, BS: the flash kernel's second K tile and key tile."""
+    outputs kernel's (and the flash kernels') second V tile; scores: the outputs kernel
+    computes the pairs' scores; BK2, BS: the flash kernels' second K tile and key tile; dq:
+    the dq/dk kernel makes dq too (DQ; not beside the flash backward)."""
     kernel: str
     dtype: str
     arch: int
@@ -76,6 +77,7 @@ class Variant(NamedTuple):
     scores: bool = False
     BK2: int = 0
     BS: int = 0
+    dq: bool = True
 
 
 def _signature(name, dt, qn_mma=False):
@@ -96,6 +98,9 @@ def _signature(name, dt, qn_mma=False):
     elif name == "fwd_flash":  # q, k, v, i, b_row, m_row, h, n_row; S, DK, DV, REVERSE, NH,
         ptrs = [x] * 4 + [a, a, x, a]                      # strides of q/k and of v
         scalars = ["i32"] * 11 + ["fp32", "fp32"]
+    elif name == "bwd_flash":  # q, k, v, i, dh, b_row, m_row, den, dn, ps, ds, dq, rq; S, DK,
+        ptrs = [x] * 5 + [a] * 4 + [x, x, x, a]      # DV, REVERSE, NH, strides of q/k, v, dq
+        scalars = ["i32"] * 14 + ["fp32"]
     elif name == "fwd_pair":   # q, k, i, b_row, m_row, sc, rs; S, NC, DK, REVERSE, NH, strides
         ptrs = [x, x, x, a, a, x, a]
         scalars = ["i32"] * 8 + ["fp32"]
@@ -117,9 +122,9 @@ def _signature(name, dt, qn_mma=False):
     elif name == "chunk_chain":  # c, n, decay, c0, n0, c_end, n_end; NC, DK, DV
         ptrs = [x] + [a] * 6
         scalars = ["i32"] * 3
-    elif name == "bwd_gates":  # rq, rk, dm_row, u, w, then f, di, df; S, NK, BH, REVERSE
+    elif name == "bwd_gates":  # rq, rk, dm_row, u, w, then f, di, df; S, NQ, NK, BH, REVERSE
         ptrs = [a] * 5 + [x] * 3
-        scalars = ["i32"] * 4
+        scalars = ["i32"] * 5
     else:  # bwd_prologue: dh, h, then 11 float32 rows; S, NC, DV, REVERSE; scale, eps
         ptrs = [x] * 2 + [a] * 11
         scalars = ["i32"] * 4 + ["fp32", "fp32"]
@@ -128,8 +133,8 @@ def _signature(name, dt, qn_mma=False):
 
 def variants(quick=False, dims=None, chunks=None, dtypes=None, flash=None):
     """Distinct compiled variants (Variant) the dispatcher can choose, each with the head dims
-    it serves; with the flash form on and off (heuristics.FLASH_FORWARD) where flash is None,
-    else as it says."""
+    it serves; with the flash forms on and off (heuristics.FLASH_FORWARD and FLASH_BACKWARD,
+    together) where flash is None, else as it says."""
     from .triton import heuristics
     if flash is None:
         out = {}
@@ -137,12 +142,12 @@ def variants(quick=False, dims=None, chunks=None, dtypes=None, flash=None):
             for key, dims_served in variants(quick, dims, chunks, dtypes, flash=on).items():
                 out.setdefault(key, set()).update(dims_served)
         return out
-    was = heuristics.FLASH_FORWARD
-    heuristics.FLASH_FORWARD = flash
+    was = heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD
+    heuristics.FLASH_FORWARD = heuristics.FLASH_BACKWARD = flash
     try:
         return _variants(quick, dims, chunks, dtypes)
     finally:
-        heuristics.FLASH_FORWARD = was
+        heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD = was
 
 
 def _variants(quick, dims, chunks, dtypes):
@@ -181,8 +186,10 @@ def _variants(quick, dims, chunks, dtypes):
                             if name == "fwd_pair" and scores[arch]:
                                 continue
                             p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
-                            if name == "fwd_flash":     # (one build whatever the chunk's tiles)
-                                if heuristics.flash_applies(DK, DV, BT, NT, dtype, arch):
+                            backward = name == "bwd_flash"
+                            if name in heuristics.FLASH_KERNELS:  # (one build, any chunk)
+                                if heuristics.flash_applies(DK, DV, BT, NT, dtype, arch,
+                                                            backward):
                                     key = Variant(name, dt, arch, BT, p["BK"], p["BV"],
                                                   p["num_warps"], p["num_stages"], None,
                                                   p["maxnreg"], 1, BV2=p["BV2"], BK2=p["BK2"],
@@ -199,6 +206,11 @@ def _variants(quick, dims, chunks, dtypes):
                                 key = Variant(name, dt, arch, BT, p["BK"], BV, p["num_warps"],
                                               p["num_stages"], has_init, p["maxnreg"], NT,
                                               **extra)
+                                out.setdefault(key, set()).add((DK, DV))
+                            if name == "bwd_dqk" and heuristics.flash_applies(
+                                    DK, DV, BT, NT, dtype, arch, True):   # dk alone, no state
+                                key = Variant(name, dt, arch, BT, p["BK"], BV, p["num_warps"],
+                                              p["num_stages"], False, p["maxnreg"], NT, dq=False)
                                 out.setdefault(key, set()).add((DK, DV))
                             if name in heuristics.SCANS:  # their split form, same parameters
                                 key = Variant("chunk_local", dt, arch, BT, p["BK"], p["BV"],
@@ -285,10 +297,12 @@ def compile_one(key, constexprs=None):
             flags["HAS_STATE"] = bool(has_init)
         if name == "fwd_out":
             flags["SCORES"] = key.scores
+        if name == "bwd_dqk":
+            flags["DQ"] = key.dq
         tiles = {"BT": BT, "NT": NT, "BK": BK, "BV": BV}
         if name == "fwd_out":
             tiles["BV2"] = key.BV2
-        if name == "fwd_flash":
+        if name in ("fwd_flash", "bwd_flash"):
             tiles = {"BT": BT, "BS": key.BS, "BK": BK, "BK2": key.BK2, "BV": BV, "BV2": key.BV2}
         if name == "fwd_pair":                  # (no V tiles: it never reads v)
             del tiles["BV"]
@@ -309,12 +323,13 @@ def compile_one(key, constexprs=None):
     # DV for the prologue; DK, DV and the strides for the matmul kernels; none for the gate scan
     divisible = {"bwd_prologue": (2,), "fwd_gates": (), "bwd_gates": (),
                  "chunk_chain": (1, 2), "fwd_pair": (2, 5, 6, 7),
-                 "fwd_flash": (1, 2, *range(5, n_int))}.get(
+                 "fwd_flash": (1, 2, *range(5, n_int)),
+                 "bwd_flash": (1, 2, *range(5, n_int))}.get(
         name, (2, 3, *range(6, n_int)))
     attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in divisible})
     src = ASTSource(fn, sig, consts, attrs)
     row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, NT=NT, BK=BK, BV=BV, BV2=key.BV2,
-               BK2=key.BK2, BS=key.BS,
+               BK2=key.BK2, BS=key.BS, dq=key.dq,
                warps=warps, stages=stages, has_init=has_init, scores=key.scores,
                maxnreg=maxnreg, error=None)
     t0 = time.time()
@@ -429,8 +444,8 @@ def main(argv=None):
                          "--tile forces it (heuristics.TILE: one of 16, 32, 64, 128); a launch "
                          "table's tiles are checked where $VIL_KERNELS_LAUNCH_TABLE names it")
     ap.add_argument("--flash", choices=("on", "off"), default=None,
-                    help="only with the forward's flash form on (what "
-                         "VIL_KERNELS_FLASH_FORWARD=1 runs) or off; default: both")
+                    help="only with the flash forms on (what VIL_KERNELS_FLASH_FORWARD=1 "
+                         "and VIL_KERNELS_FLASH_BACKWARD=1 run) or off; default: both")
     args = ap.parse_args(argv)
     from .triton import heuristics
     if args.tile is not None:
@@ -444,7 +459,7 @@ def main(argv=None):
             if (not args.arch or k[2] in args.arch) and (not args.kernel or k[0] in args.kernel)
             and (not args.dtype or k[1] in args.dtype)}
     keys = sorted(todo, key=lambda k: (k.kernel, k.dtype, k.arch, k.BT, k.NT, k.BK, k.BV, k.BV2,
-                                       k.scores, str(k.flag)))
+                                       k.scores, k.dq, str(k.flag)))
     env_had = os.environ.pop("TRITON_INTERPRET", None)
     try:
         if args.jobs > 1:
@@ -467,6 +482,7 @@ def main(argv=None):
         flag = row["has_init"]
         init = "" if flag is None else flag if isinstance(flag, str) else str(flag)[0]
         init += "s" if row["scores"] else ""
+        init += "" if row["dq"] else "dk"
         bv = f"{row['BV']}+{row['BV2']}" if row["BV2"] else str(row["BV"])
         bk = f"{row['BK']}+{row['BK2']}" if row["BK2"] else str(row["BK"])
         bt = f"{row['BT']}x{row['BS']}" if row["BS"] else str(row["BT"])   # (rows x keys)

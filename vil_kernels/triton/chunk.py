@@ -11,6 +11,9 @@ launch parameter each scan is mlstm_chunk_local_kernel then mlstm_chunk_chain_ke
 (unless one V tile holds DV: then the outputs kernel computes the pairs' scores itself,
 heuristics.SCORES_IN_OUTPUTS) and mlstm_bwd_pair_kernel before dq/dk and dv: each (tile, tile
 up to it) pair of a chunk computed once, into buffers the others read (_pair_buffers).
+One chunk holding the sequence with no carried state may take the flash forms instead
+(heuristics.FLASH_FORWARD, FLASH_BACKWARD; off until timed): mlstm_fwd_flash_kernel for the
+pair and outputs kernels, mlstm_bwd_flash_kernel for the backward pair kernel and dq.
 Backward: mlstm_bwd_prologue_kernel (den, dn, dm per row from one pass over dh and h, and the
 state-gradient scan's row weights and chunk factors), mlstm_bwd_state_kernel (reverse
 scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv),
@@ -29,11 +32,11 @@ from ..utils import (F_MIN, NEG, SECOND_ORDER, cdiv, compute_dtype, first_order_
                      grads_in_base_layout, route_last_state, route_to_argmax)
 from . import heuristics
 from .._triton_runtime import INTERPRETED, launch
-from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_gates_kernel,
-                      mlstm_bwd_pair_kernel, mlstm_bwd_prologue_kernel, mlstm_bwd_state_kernel,
-                      mlstm_chunk_chain_kernel, mlstm_chunk_local_kernel, mlstm_fwd_gates_kernel,
-                      mlstm_fwd_flash_kernel, mlstm_fwd_out_kernel, mlstm_fwd_pair_kernel,
-                      mlstm_fwd_state_kernel)
+from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_flash_kernel,
+                      mlstm_bwd_gates_kernel, mlstm_bwd_pair_kernel, mlstm_bwd_prologue_kernel,
+                      mlstm_bwd_state_kernel, mlstm_chunk_chain_kernel, mlstm_chunk_local_kernel,
+                      mlstm_fwd_gates_kernel, mlstm_fwd_flash_kernel, mlstm_fwd_out_kernel,
+                      mlstm_fwd_pair_kernel, mlstm_fwd_state_kernel)
 
 _TL = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 assert NEG == -1e30 and F_MIN == -256.0  # the kernels' _NEG and _F_MIN
@@ -362,23 +365,29 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
                     (q, dh, wa, wb, decay, *dlast, dc_out, dn_out, dc0, dn0,
                      S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, L, q.dtype, arch,
                     HAS_DLAST=has_dlast)
-    # chunks of several tiles: every pair's scores over the normalizer and weighted dS once
+    # chunks of several tiles: every pair's scores over the normalizer and weighted dS once;
+    # in one chunk without state, where the flash form applies, along with dq (heuristics)
     (ps, ds), grid = _pair_buffers(q, S, NC, BT, NT, ((state_dtype(q), True),) * 2)
-    if grid is not None:
+    flash = not carried and heuristics.flash_applies(DK, DV, BT, NT, q.dtype, arch, True)
+    p = heuristics.launch_params("bwd_dqk", DK, DV, L, q.dtype, arch)
+    NK = cdiv(DK, p["BK"])
+    rq = torch.empty(1 if flash else NK, B, NH, S, dtype=ad, **kw)
+    rk = torch.empty(NK, B, NH, S, dtype=ad, **kw)
+    if flash:
+        _launch(mlstm_bwd_flash_kernel, "bwd_flash", (NTS, B * NH),
+                (q, k, v, i, dh, b_row, m_row, den, dn, ps, ds, dq, rq, S, DK, DV, rev, NH,
+                 *_strides(q), *_strides(v), *_strides(dq), scale), DK, DV, L, q.dtype, arch)
+    elif grid is not None:
         _launch(mlstm_bwd_pair_kernel, "bwd_pair", grid,
                 (q, k, v, i, dh, b_row, m_row, den, dn, ps, ds, S, NC, DK, DV, rev, NH,
                  *_strides(q), *_strides(v), scale), DK, DV, L, q.dtype, arch)
     else:
         ps = ds = dh                                                     # unread
-    p = heuristics.launch_params("bwd_dqk", DK, DV, L, q.dtype, arch)
-    NK = cdiv(DK, p["BK"])
-    rq = torch.empty(NK, B, NH, S, dtype=ad, **kw)
-    rk = torch.empty(NK, B, NH, S, dtype=ad, **kw)
     _launch(mlstm_bwd_dqk_kernel, "bwd_dqk", (NK, NTS, B * NH),
             (q, k, v, i, dh, b_row, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out, ds,
              dq, dk, rq, rk, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v),
              *_strides(dq), scale),
-            DK, DV, L, q.dtype, arch, HAS_STATE=carried)
+            DK, DV, L, q.dtype, arch, HAS_STATE=carried, DQ=not flash)
     _launch(mlstm_bwd_dv_kernel, "bwd_dv",
             lambda BK, BV: (cdiv(DV, BV), NTS, B * NH),
             (q, k, dh, i, b_row, m_row, den, m_in, m_last, dc_out, ps, dv,
@@ -402,7 +411,8 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
                          n_last, dc_last.to(ad), dn_last.to(ad), dm_last.to(ad))
     di, df = torch.empty_like(i), torch.empty_like(f)
     _run(mlstm_bwd_gates_kernel, "bwd_gates", (B * NH,),
-         (rq, rk, dm_row, u, u if w is None else w, f, di, df, S, NK, B * NH, rev),
+         (rq, rk, dm_row, u, u if w is None else w, f, di, df, S, rq.shape[0], NK, B * NH,
+          rev),
          BS=heuristics.GATES_BLOCK, HAS_W=w is not None, ACC=_dot_args(q.dtype)["ACC"],
          num_warps=4)
     if c0 is not None:

@@ -16,7 +16,9 @@ tiles of the rules above (64, 32 or 16), 4 warps on Hopper and two stages for 16
 with FLASH_FORWARD (off until timed), the forward runs without its pair kernel: in
 FlashAttention's form (mlstm_fwd_flash_kernel, flash_params) where one chunk holds the sequence
 with no carried state, else the outputs kernel takes every V column of a row tile as one or two V
-tiles (flash_tiles) and computes the pairs' scores itself. Everything is also checked ahead of
+tiles (flash_tiles) and computes the pairs' scores itself; with FLASH_BACKWARD (off until
+timed) the backward of one chunk without carried state makes its pair products and dq in one
+such kernel (mlstm_bwd_flash_kernel). Everything is also checked ahead of
 time without a GPU (``python -m vil_kernels.compile_check``: no spills, shared memory under the
 arch's limit, tensor cores used for 16-bit inputs, no pipelining races). OVERRIDES lets
 bench/tune.py sweep; a table it measured on another GPU is used where $VIL_KERNELS_LAUNCH_TABLE
@@ -54,7 +56,8 @@ ONE_CHUNK_HEAD_DIM = 384
 # caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
 MAXNREG = 255
 KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv", "fwd_pair", "bwd_pair",
-           "fwd_flash")
+           "fwd_flash", "bwd_flash")
+FLASH_KERNELS = ("fwd_flash", "bwd_flash")
 # the kernels of chunks of several tiles only: every (row tile, key tile up to it) pair's
 # products once, which the outputs, dq/dk and dv kernels then load (kernels.py)
 PAIR_KERNELS = ("fwd_pair", "bwd_pair")
@@ -91,9 +94,22 @@ def scores_in_outputs(DV, BV, BT, NT):
 # 4 or 8 warps, no spill; compile_check --flash). Not timed on a GPU yet, so off:
 # $VIL_KERNELS_FLASH_FORWARD=1 turns it on (bench/gpu_session.sh's flash step times both).
 FLASH_FORWARD = os.environ.get("VIL_KERNELS_FLASH_FORWARD", "0") == "1"
+# The backward's counterpart, for one chunk without carried state: mlstm_bwd_flash_kernel takes
+# a row tile of q and dh over all of DK and DV and walks the key tiles in one pipelined loop,
+# making each pair's products (the backward pair kernel's, stored for the dk and dv kernels)
+# and dq over all of DK; the dq/dk kernel then makes dk alone. By count at ViL-B's shape (B=64,
+# NH=4, S=784, D=384, bf16) it loads k and v once a (row tile, key tile) pair where the pair
+# kernel loads q, k, dh and v, and the dq/dk kernel's loads of k and dS for dq go: about 4 GB
+# fewer between L2 or HBM and the SMs, the same tensor-core work. Its price is one 8-warp
+# program an SM at D=384 (flash_params). Not timed on a GPU yet, so off:
+# $VIL_KERNELS_FLASH_BACKWARD=1 turns it on.
+FLASH_BACKWARD = os.environ.get("VIL_KERNELS_FLASH_BACKWARD", "0") == "1"
 # widest V block of the flash form: a [64, 512] float32 accumulator is 128 registers a thread
 # at 8 warps (compile_check: 252 in all at sm_90, no spill)
 FLASH_MAX_COLUMNS = 512
+# widest dq of the flash backward: its sm_90 builds spilled at DK = 512 with key tiles of 16,
+# 32 or 64 (376-1,272 bytes)
+FLASH_BWD_MAX_COLUMNS = 384
 
 
 def flash_tiles(DV):
@@ -109,14 +125,17 @@ def flash_tiles(DV):
     return (BV, BV2) if BV + BV2 < one else (one, 0)
 
 
-def flash_applies(DK, DV, BT, NT, dtype, arch):
-    """Whether the forward takes the flash form (FLASH_FORWARD): chunks of several tiles of at
-    most 64 positions, 16-bit (and float64) inputs (float32's tf32x3 operands double the
-    registers), Hopper (and the interpreter; on sm_80 the flash kernel spills and the outputs
-    kernel keeps V tiles of 32, compile_check), head dims up to FLASH_MAX_COLUMNS."""
-    return (FLASH_FORWARD and NT > 1 and BT <= 64 and dtype != torch.float32
-            and not 0 < arch < 90
-            and max(sum(flash_tiles(DK)), sum(flash_tiles(DV))) <= FLASH_MAX_COLUMNS)
+def flash_applies(DK, DV, BT, NT, dtype, arch, backward=False):
+    """Whether the forward (FLASH_FORWARD), or with backward the backward (FLASH_BACKWARD),
+    takes the flash form: chunks of several tiles of at most 64 positions, 16-bit (and
+    float64) inputs (float32's tf32x3 operands double the registers), Hopper (and the
+    interpreter; on sm_80 the flash kernel spills and the outputs kernel keeps V tiles of 32,
+    compile_check), head dims up to FLASH_MAX_COLUMNS. (The backward's form is for one chunk
+    without carried state only: the caller checks that.)"""
+    return ((FLASH_BACKWARD if backward else FLASH_FORWARD) and NT > 1 and BT <= 64
+            and dtype != torch.float32 and not 0 < arch < 90
+            and max(sum(flash_tiles(DK)), sum(flash_tiles(DV))) <= FLASH_MAX_COLUMNS
+            and not (backward and sum(flash_tiles(DK)) > FLASH_BWD_MAX_COLUMNS))
 
 
 def device_arch(device):
@@ -207,8 +226,8 @@ TILE = None
 TABLE_ENV = "VIL_KERNELS_LAUNCH_TABLE"
 _PARAMS = {"BK", "BV", "BK2", "BV2", "BS", "num_warps", "num_stages", "maxnreg", "split"}
 # parameters only some kernels take
-_OWN_PARAMS = {"split": SCANS, "BK2": ("fwd_flash",), "BS": ("fwd_flash",),
-               "BV2": ("fwd_out", "fwd_flash")}
+_OWN_PARAMS = {"split": SCANS, "BK2": FLASH_KERNELS, "BS": FLASH_KERNELS,
+               "BV2": ("fwd_out",) + FLASH_KERNELS}
 TILE_ENTRY = "tile"             # a table's entry for the tile of positions: {"BT": n}
 _tuned = None                                                    # {key: params}, loaded once
 # launch_params' answers while OVERRIDES is empty (emptied when the table is reloaded): the
@@ -225,7 +244,7 @@ def launch_params(kernel, DK, DV, L, dtype, arch):
     table: on the H200 at ViL-B's shape it ran about 5x slower. dtype: the inputs' torch
     dtype."""
     assert kernel in KERNELS, kernel
-    key = (kernel, DK, DV, L, dtype, arch, FLASH_FORWARD)
+    key = (kernel, DK, DV, L, dtype, arch, FLASH_FORWARD, FLASH_BACKWARD)
     forced = OVERRIDES or TILE is not None
     cached = _cache.get(key) if not forced else None
     if cached is not None:
@@ -293,8 +312,8 @@ def read_table(path):
 
 
 def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
-    if kernel == "fwd_flash":                     # (FLASH_FORWARD; Hopper and the interpreter)
-        return flash_params(DK, DV)
+    if kernel in FLASH_KERNELS:                   # (Hopper and the interpreter)
+        return flash_params(DK, DV, kernel)
     BK, BV = head_block(DK), head_block(DV)
     if dtype == torch.float32:
         # tf32x3 splits every fp32 operand into two tf32 tiles: half-size head-dim tiles
@@ -359,17 +378,26 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
     return p
 
 
-def flash_params(DK, DV):
-    """mlstm_fwd_flash_kernel's tiles (compiled for sm_90 with 16-bit inputs, not timed): the
+def flash_params(DK, DV, kernel="fwd_flash"):
+    """The flash kernels' tiles (compiled for sm_90 with 16-bit inputs, not timed): the
     head dims as flash_tiles, key tiles of 64 positions, or of 32 where the head dims' tiles add
     up to more than 256 columns (at 64, D=384 spills and needs 240 KB of shared memory, and
-    D=192 takes 254 registers a thread against 187), 8 warps where the value columns pass 128
-    (a [64, 384] float32 accumulator is 96 registers a thread at 8 warps; at 4, D=384 spills),
-    two pipeline stages."""
+    D=192 takes 254 registers a thread against 187), 8 warps where the accumulated columns
+    (the forward's h over DV, the backward's dq over DK) pass 128 (a [64, 384] float32
+    accumulator is 96 registers a thread at 8 warps; at 4, D=384 spills), two pipeline
+    stages."""
     BK, BK2 = flash_tiles(DK)
     BV, BV2 = flash_tiles(DV)
-    return dict(BK=BK, BK2=BK2, BV=BV, BV2=BV2, BS=32 if BK + BK2 + BV + BV2 > 256 else 64,
-                num_warps=8 if BV + BV2 > 128 else 4, num_stages=2, maxnreg=MAXNREG)
+    wide = (BV + BV2 if kernel == "fwd_flash" else BK + BK2) > 128
+    BS = 32 if BK + BK2 + BV + BV2 > 256 else 64
+    if kernel == "bwd_flash":
+        # the backward holds q and dh and stores two [BT, BS] products a key tile: key tiles of
+        # 64 spilled at every head dim from 96 (sm_90, bf16), of 32 at D=384 (204 bytes); at
+        # 16 the score products are half as wide, which costs wgmma throughput (shared-memory
+        # reads of q a product), so 32 wherever it fits
+        BS = 32 if BK + BK2 <= 256 and BK + BK2 + BV + BV2 <= 512 else 16
+    return dict(BK=BK, BK2=BK2, BV=BV, BV2=BV2, BS=BS, num_warps=8 if wide else 4,
+                num_stages=2, maxnreg=MAXNREG)
 
 
 def scan_maxnreg(kernel, BT, BK, BV, dtype):

@@ -29,13 +29,16 @@ Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
   c_in, n_in    [NC, DK(, DV)] state entering each chunk, m_in [NC] its m
   dc_out, dn_out [NC, DK(, DV)] gradient of the state leaving each chunk
   (c_in and dc_out are stored in the MMA dtype: they are only ever tl.dot operands)
-  rq, rk        [NK, S]        per K block: q . dq and k . dk per row (for the gate gradients)
+  rq, rk        [NK, S]        per K block: q . dq and k . dk per row (for the gate gradients;
+                               rq [1, S] from the flash backward, whose dq spans DK)
   gain, decay   [NC, L], [NC]  the state scan's key weights and carried-state factors
   sc, rs        [NC, NP, BT, BT], [NC, NP, BT]   chunks of several tiles, forward: the
                 weighted scores of every (row tile, key tile up to it) pair of a chunk and
                 their row sums (the pair kernels; NP pairs a chunk, _pair)
   ps, ds        [NC, NP, BT, BT]   the same pairs in the backward: scores over the row
-                normalizer (for dv) and the weighted dS (for dq, dk)
+                normalizer (for dv) and the weighted dS (for dq, dk); from the backward pair
+                kernel, or in one chunk without state from the flash backward, which also
+                makes dq
   wa, wb, decay [NC, L], [NC]  the state-gradient scan's row weights (w / den, w dn) and factors
   ([NC, L] vectors are in logical order: entry t is logical position t)
 """
@@ -511,6 +514,86 @@ def mlstm_bwd_pair_kernel(
 
 
 @triton.jit
+def mlstm_bwd_flash_kernel(
+    q, k, v, i, dh, b_row, m_row, den, dn, ps, ds, dq, rq,
+    S, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, sd_b, sd_h, sd_t, scale,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
+    BV: tl.constexpr, BV2: tl.constexpr,
+    MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """One chunk holding the whole sequence and no carried state (ViL's cells), backward in
+    FlashAttention's form for the rows: grid (cdiv(S, BT), B * NH). A program holds a tile of
+    BT rows of q (BK + BK2 columns) and dh (BV + BV2) and walks the key tiles of BS positions
+    up to its last row in one pipelined loop: for each, the products mlstm_bwd_pair_kernel
+    makes (ps = s q k^T W / den, ds = (dh v^T / den + dn) W), stored into the pair slots for
+    the dk and dv kernels, and dq += ds k s accumulated over all of DK, with q . dq per row
+    into rq [1, B * NH, S]. Key tiles run to the row tile's last pair slot's end, past S where
+    the sequence ends inside it (zeros there), so that every slot is written whole."""
+    i_r, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    o_t, o_p, m_t = _rows(i_r, S, REVERSE, BT)
+    p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
+    p_v, p_dh = _seq(v, i_bh, NH, sv_b, sv_h), dh + i_bh * S * DV
+    o_k, o_v = tl.arange(0, BK), tl.arange(0, BV)
+    m_k, m_v = o_k < DK, o_v < DV
+    b_q = _load_tile(p_q, o_p, m_t, s_t, o_k, m_k)                     # [BT, BK]
+    b_dh = _load_tile(p_dh, o_p, m_t, DV, o_v, m_v)                    # [BT, BV]
+    b_dq = tl.zeros([BT, BK], dtype=ACC)
+    if BK2 > 0:                                   # the second K tile, right after the first
+        o_k2 = BK + tl.arange(0, BK2)
+        m_k2 = o_k2 < DK
+        b_q2 = _load_tile(p_q, o_p, m_t, s_t, o_k2, m_k2)              # [BT, BK2]
+        b_dq2 = tl.zeros([BT, BK2], dtype=ACC)
+    if BV2 > 0:
+        o_v2 = BV + tl.arange(0, BV2)
+        m_v2 = o_v2 < DV
+        b_dh2 = _load_tile(p_dh, o_p, m_t, DV, o_v2, m_v2)             # [BT, BV2]
+    b_b, b_m, b_den, b_dn = _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC)
+    # this row tile's first pair slot (key tile 0), row by row: _pair's, in the one chunk of
+    # cdiv(S, BT) tiles (so that the chunk's length is not compiled in); its slots hold the
+    # keys before (i_r + 1) * BT
+    NTE = tl.cdiv(S, BT)
+    p_x = ((i_bh * (NTE * (NTE + 1) // 2) + i_r * (i_r + 1) // 2) * (BT * BT)
+           + tl.arange(0, BT)[:, None] * BT)
+    end = (i_r + 1) * BT
+    for j in range(0, tl.cdiv(end, BS)):
+        o_tj, o_pj, m_tj = _rows(j, S, REVERSE, BS)
+        b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+        b_k = _load_tile(p_k, o_pj, m_tj, s_t, o_k, m_k)                # [BS, BK]
+        b_s = _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)          # [BT, BS]
+        b_dhv = _dot(b_dh, tl.trans(_load_tile(p_v, o_pj, m_tj, sv_t, o_v, m_v)), MMA, ACC,
+                     PREC, INTERP)                                      # [BT, BS]
+        if BK2 > 0:
+            b_k2 = _load_tile(p_k, o_pj, m_tj, s_t, o_k2, m_k2)         # [BS, BK2]
+            b_s += _dot(b_q2, tl.trans(b_k2), MMA, ACC, PREC, INTERP)
+        if BV2 > 0:
+            b_dhv += _dot(b_dh2, tl.trans(_load_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2)), MMA,
+                          ACC, PREC, INTERP)
+        b_w = _weights(b_b, b_m, b_bj, b_ij, m_t[:, None] & (o_t[:, None] >= o_tj[None, :]))
+        b_ds = (b_dhv / b_den[:, None] + b_dn[:, None]) * b_w            # [BT, BS]
+        # (a key tile may span several slots, or, longer than a row tile, pass the last)
+        o_x = p_x + ((o_tj // BT) * (BT * BT) + o_tj % BT)[None, :]
+        m_x = (o_tj < end)[None, :]
+        tl.store(ps + o_x, (b_s * scale * b_w / b_den[:, None]).to(ps.dtype.element_ty), mask=m_x)
+        tl.store(ds + o_x, b_ds.to(ds.dtype.element_ty), mask=m_x)
+        b_dq += _dot(b_ds, b_k, MMA, ACC, PREC, INTERP)
+        if BK2 > 0:
+            b_dq2 += _dot(b_ds, b_k2, MMA, ACC, PREC, INTERP)
+    # q . dq from q loaded again (from L2): q's registers would otherwise stay live through
+    # the loop beside its shared-memory copy (at D=384, 48 a thread: the build spilled)
+    b_dq = b_dq * scale
+    p_dq = _seq(dq, i_bh, NH, sd_b, sd_h)
+    tl.store(p_dq + o_p[:, None] * sd_t + o_k[None, :], b_dq.to(dq.dtype.element_ty),
+             mask=m_t[:, None] & m_k[None, :])
+    b_rq = tl.sum(_load_tile(p_q, o_p, m_t, s_t, o_k, m_k).to(ACC) * b_dq, axis=1)
+    if BK2 > 0:
+        b_dq2 = b_dq2 * scale
+        tl.store(p_dq + o_p[:, None] * sd_t + o_k2[None, :], b_dq2.to(dq.dtype.element_ty),
+                 mask=m_t[:, None] & m_k2[None, :])
+        b_rq += tl.sum(_load_tile(p_q, o_p, m_t, s_t, o_k2, m_k2).to(ACC) * b_dq2, axis=1)
+    tl.store(rq + i_bh * S + o_p, b_rq.to(rq.dtype.element_ty), mask=m_t)
+
+
+@triton.jit
 def _normalized(b_num, b_nrow, b_m, eps):
     """h of a tile of rows: numerator / (max(|n|, exp(-m)) + eps), row by row."""
     return b_num / (tl.maximum(tl.abs(b_nrow), tl.exp(-b_m)) + eps)[:, None]
@@ -716,13 +799,14 @@ def mlstm_fwd_flash_kernel(
 
 @triton.jit
 def mlstm_bwd_gates_kernel(
-    rq, rk, dm_row, u, w, f, di, df, S, NK, BH, REVERSE,
+    rq, rk, dm_row, u, w, f, di, df, S, NQ, NK, BH, REVERSE,
     BS: tl.constexpr, HAS_W: tl.constexpr, ACC: tl.constexpr,
 ):
     """The gate gradients from the row sums, once per (batch, head): grid (B * NH,), the
     sequence in blocks of BS, physical order. With the argmax routing's additions u (to di) and
     w (to dF; without HAS_W, -u) done beforehand (scatters, in PyTorch):
-        di = sum_k rk[k] + u,   dF = sum_k (rq[k] - rk[k]) + dm + w      (k: head-dim blocks)
+        di = sum_k rk[k] + u,   dF = sum_k rq[k] - sum_k rk[k] + dm + w  (k: head-dim blocks,
+                                                   NQ of them in rq, NK in rk)
         df = sigmoid(-f) * (sum of dF over the positions the recurrence sees at or after p)
     (0 where f is below its floor F_MIN)
     The NK partial sums are added in a fixed order (deterministic). The suffix sum in logical
@@ -743,8 +827,9 @@ def mlstm_bwd_gates_kernel(
         b_rk = tl.zeros([BS], dtype=ACC)
         for i_k in range(NK):                          # (i_k * BH + i_bh: int64, no overflow)
             o_k = (i_k * BH + i_bh) * S + o_p
-            b_rq += tl.load(rq + o_k, mask=m_p, other=0.).to(ACC)
             b_rk += tl.load(rk + o_k, mask=m_p, other=0.).to(ACC)
+            if i_k < NQ:
+                b_rq += tl.load(rq + o_k, mask=m_p, other=0.).to(ACC)
         b_u = tl.load(u + o_x, mask=m_p, other=0.).to(ACC)
         if HAS_W:
             b_w = tl.load(w + o_x, mask=m_p, other=0.).to(ACC)
@@ -863,7 +948,7 @@ def mlstm_bwd_dqk_kernel(
     dq, dk, rq, rk,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, sd_b, sd_h, sd_t, scale,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_STATE: tl.constexpr,
+    HAS_STATE: tl.constexpr, DQ: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     """dq, dk of one tile of positions and K block: grid (cdiv(DK, BK), cdiv(S, BT), B * NH),
@@ -877,7 +962,8 @@ def mlstm_bwd_dqk_kernel(
     k . dk per row in rq / rk [NK, B * NH, S] (summed over blocks by the caller). Without
     HAS_STATE (one chunk for the whole sequence, no initial state, the last state unused: the
     entry and exit states and their gradients are zero) the state terms are not loaded or
-    computed."""
+    computed. Without DQ (chunks of several tiles with no state, where mlstm_bwd_flash_kernel
+    made dq and rq along with the pair slots) dk and rk alone."""
     i_k, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_c = i_r // NT
     o_i = tl.arange(0, BT)
@@ -944,7 +1030,7 @@ def mlstm_bwd_dqk_kernel(
         # dq, from this one on (up to the sequence's last) as rows for dk
         a = i_r - i_c * NT
         o_ss = o_i[:, None] * BT + o_i[None, :]
-        for j in range(0, a + 1):
+        for j in range(0, (a + 1) * DQ):
             b_dsj = tl.load(ds + _pair(i_bh, i_c, NC, S, a, j, BT, NT) + o_ss)    # [BT, BT]
             o_pj, m_tj = _rows(i_c * NT + j, S, REVERSE, BT)[1:]
             b_kj = tl.load(p_k + o_pj[:, None] * s_t + o_k[None, :],
@@ -957,10 +1043,12 @@ def mlstm_bwd_dqk_kernel(
                            mask=m_tu[:, None] & m_k[None, :], other=0.)    # [BT, BK]
             b_dk += _dot(tl.trans(b_dsu), b_qu, MMA, ACC, PREC, INTERP) * scale
     o_d = o_p[:, None] * sd_t + o_k[None, :]
-    tl.store(_seq(dq, i_bh, NH, sd_b, sd_h) + o_d, b_dq.to(dq.dtype.element_ty), mask=m_tk)
-    tl.store(_seq(dk, i_bh, NH, sd_b, sd_h) + o_d, b_dk.to(dk.dtype.element_ty), mask=m_tk)
     o_r = (i_k * tl.num_programs(2) + i_bh) * S + o_p
-    tl.store(rq + o_r, tl.sum(b_q.to(ACC) * b_dq, axis=1).to(rq.dtype.element_ty), mask=m_t)
+    if DQ:
+        tl.store(_seq(dq, i_bh, NH, sd_b, sd_h) + o_d, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+        tl.store(rq + o_r, tl.sum(b_q.to(ACC) * b_dq, axis=1).to(rq.dtype.element_ty),
+                 mask=m_t)
+    tl.store(_seq(dk, i_bh, NH, sd_b, sd_h) + o_d, b_dk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(rk + o_r, tl.sum(b_k.to(ACC) * b_dk, axis=1).to(rk.dtype.element_ty), mask=m_t)
 
 
