@@ -11,16 +11,19 @@ epilogue, and the scans' split form at the scans' parameters (chunk_local, chunk
 by a launch table or the tuner), maps each to its compiled variant (tiles, warps, stages, register
 cap, dtypes: head dims are runtime values, so many head dims share one binary), and compiles every
 distinct variant for sm_80 and sm_90 with triton's own ptxas. Prints kernel, config, arch,
-registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS, programs an SM
-holds at once (occ, programs_per_sm), and the head dims each binary serves (flag: HAS_INIT of the
-state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the outputs, dq/dk and dv kernels,
+registers, spill bytes (ptxas -v), shared memory, MMA instructions in the SASS (G: HGMMA, H:
+HMMA; "d" where some wgmma runs on both warpgroups, the same products twice: doubled_dots),
+programs an SM holds at once (occ, programs_per_sm), and the head dims each binary serves
+(flag: HAS_INIT of the state scan, HAS_DLAST of the state-gradient scan, HAS_STATE of the
+outputs, dq/dk and dv kernels,
 Fs / Ts where the outputs kernel also computes the scores of chunks of several tiles; f/b and S
 for the chain's direction and starting state; BV as 256+128 where the outputs kernel takes two V
 tiles; BK as 256+128 and BT as 64x32, rows by keys, for the flash kernels; "dk" where the dq/dk
 kernel makes dk alone, beside the flash backward). The flash forms (heuristics.FLASH_FORWARD and
-FLASH_BACKWARD, off by default) are checked too; --flash on / off checks only one side. Exits 1 on any spill, on shared memory
-over the arch's limit (sm_80: 163 KB, sm_90: 227 KB), on registers x threads over the 64K register
-file, when a 16-bit build has no HMMA/HGMMA instruction, on a pipelined loop whose asynchronous
+FLASH_BACKWARD, off by default) are checked too; --flash on / off checks only one side. Exits 1
+on any spill, on shared memory over the arch's limit (sm_80: 163 KB, sm_90: 227 KB), on
+registers x threads over the 64K register file, when a 16-bit build has no HMMA/HGMMA
+instruction, on a pipelined loop whose asynchronous
 wgmma reads a single-buffered tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile
 error. With --tile 128 (or a launch table naming tiles) chunks of several tiles are checked in
 the tiles bench/kernels.py --tile would run.
@@ -362,8 +365,22 @@ def compile_one(key, constexprs=None):
     row["hmma"] = len(re.findall(r"\bHMMA\b", sass))
     row["hgmma"] = len(re.findall(r"\bHGMMA\b", sass))
     row["hazards"] = pipeline_hazards(ck.asm["ttgir"])
+    row["doubled"] = doubled_dots(ck.asm["ttgir"])
     row["seconds"] = round(time.time() - t0, 1)
     return row
+
+
+def doubled_dots(ttgir):
+    """Result shapes ("64x32") of the wgmma whose layout spans more rows than the tile:
+    Triton 3.6 gives a dot whose result feeds another dot (the scores before P V) all warps
+    along the rows (warpsPerCTA [num_warps, 1], FlashAttention's 128-row tiles at 8 warps), so
+    at 8 warps a 64-row tile is computed by both warpgroups, the same products twice. Not a
+    failure: the flash kernels at 8 warps pay it for their accumulators' registers."""
+    layouts = {m: int(w) for m, w in re.findall(
+        r"^(#mma\d*) = #ttg\.nvidia_mma<\{versionMajor = 3,[^}]*warpsPerCTA = \[(\d+),", ttgir,
+        flags=re.M)}
+    shapes = re.findall(r"ttng\.warp_group_dot .*-> tensor<(\d+)x(\d+)xf\d+, (#mma\d*)>", ttgir)
+    return sorted({f"{m}x{n}" for m, n, lay in shapes if layouts.get(lay, 0) * 16 > int(m)})
 
 
 def pipeline_hazards(ttgir):
@@ -493,6 +510,7 @@ def main(argv=None):
             print(f"{config} FAIL {row['error']}")
             continue
         mma = f"G{row['hgmma']}" if row["hgmma"] else (f"H{row['hmma']}" if row["hmma"] else "-")
+        mma += "d" if row.get("doubled") else ""              # (doubled_dots)
         status = "FAIL " + "; ".join(bad) if bad else "ok"
         print(f"{config} {row['regs']:>4} {row['spill']:>5} {row['smem']:>7} {mma:>6} "
               f"{programs_per_sm(row['regs'], row['warps'], row['smem'], row['arch']):>3}  "

@@ -100,8 +100,10 @@ FLASH_FORWARD = os.environ.get("VIL_KERNELS_FLASH_FORWARD", "0") == "1"
 # and dq over all of DK; the dq/dk kernel then makes dk alone. By count at ViL-B's shape (B=64,
 # NH=4, S=784, D=384, bf16) it loads k and v once a (row tile, key tile) pair where the pair
 # kernel loads q, k, dh and v, and the dq/dk kernel's loads of k and dS for dq go: about 4 GB
-# fewer between L2 or HBM and the SMs, the same tensor-core work. Its price is one 8-warp
-# program an SM at D=384 (flash_params). Not timed on a GPU yet, so off:
+# fewer between L2 or HBM and the SMs. Its price is one 8-warp program an SM at D=384
+# (flash_params) and, as in the flash forward at 8 warps, its score products done on both
+# warpgroups (Triton's layout for a dot that feeds a dot spans 128 rows; compile_check's "d"):
+# at D=384 the work of 5 products for 3. Not timed on a GPU yet, so off:
 # $VIL_KERNELS_FLASH_BACKWARD=1 turns it on.
 FLASH_BACKWARD = os.environ.get("VIL_KERNELS_FLASH_BACKWARD", "0") == "1"
 # widest V block of the flash form: a [64, 512] float32 accumulator is 128 registers a thread
