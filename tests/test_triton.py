@@ -591,7 +591,7 @@ def test_flash_forward_choice(tmp_path, monkeypatch):
                        if k != "maxnreg"}
     assert flash(384) == dict(BK=256, BK2=128, BV=256, BV2=128, BS=32, num_warps=8,
                               num_stages=2)
-    assert flash(192) == dict(BK=128, BK2=64, BV=128, BV2=64, BS=32, num_warps=8, num_stages=2)
+    assert flash(192) == dict(BK=128, BK2=64, BV=128, BV2=64, BS=32, num_warps=4, num_stages=2)
     assert flash(96) == dict(BK=64, BK2=32, BV=64, BV2=32, BS=64, num_warps=4, num_stages=2)
     assert h.scores_in_outputs(384, 256 + 128, 64, 16)
     for args in ((384, 384, 64, 1, bf, 90), (384, 384, 64, 16, torch.float32, 90),

@@ -384,14 +384,18 @@ def flash_params(DK, DV, kernel="fwd_flash"):
     """The flash kernels' tiles (compiled for sm_90 with 16-bit inputs, not timed): the
     head dims as flash_tiles, key tiles of 64 positions, or of 32 where the head dims' tiles add
     up to more than 256 columns (at 64, D=384 spills and needs 240 KB of shared memory, and
-    D=192 takes 254 registers a thread against 187), 8 warps where the accumulated columns
-    (the forward's h over DV, the backward's dq over DK) pass 128 (a [64, 384] float32
-    accumulator is 96 registers a thread at 8 warps; at 4, D=384 spills), two pipeline
-    stages."""
+    D=192 takes 254 registers a thread against 187), and 8 warps where the accumulated columns
+    pass what 4 warps hold without spilling (a [64, 384] float32 accumulator is 96 registers a
+    thread at 8 warps), two pipeline stages. The forward's h: up to 192 columns at 4 warps,
+    key tiles of 32 from 128 columns (at 8 warps, a 64-row tile's scores are computed on both
+    warpgroups, compile_check's doubled_dots; at 4, D=192 takes 243 registers, two programs
+    an SM). The backward's dq: up to 128 columns at 4 warps (192 spilled 8-16 bytes beside
+    value head dims of 96 and 256)."""
     BK, BK2 = flash_tiles(DK)
     BV, BV2 = flash_tiles(DV)
-    wide = (BV + BV2 if kernel == "fwd_flash" else BK + BK2) > 128
-    BS = 32 if BK + BK2 + BV + BV2 > 256 else 64
+    cols = BV + BV2 if kernel == "fwd_flash" else BK + BK2
+    wide = cols > (192 if kernel == "fwd_flash" else 128)
+    BS = 32 if BK + BK2 + BV + BV2 > 256 or cols > 128 else 64
     if kernel == "bwd_flash":
         # the backward holds q and dh and stores two [BT, BS] products a key tile: key tiles of
         # 64 spilled at every head dim from 96 (sm_90, bf16), of 32 at D=384 (204 bytes); at
