@@ -163,6 +163,15 @@ def check():
                 mlstm_step(mlstm_inputs(1, 1, 130, 32), chunk=128)
             finally:
                 heuristics.SCORES_IN_OUTPUTS = scores
+            # the flash forms (off by default): one chunk of two tiles without state (the flash
+            # kernels), and two chunks (the outputs kernel with every V column, the pair kernel)
+            flash = heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD
+            heuristics.FLASH_FORWARD = heuristics.FLASH_BACKWARD = True
+            try:
+                mlstm_step(mlstm_inputs(1, 1, 100, 32), chunk=128)
+                mlstm_step(mlstm_inputs(1, 1, 130, 32), chunk=128)
+            finally:
+                heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD = flash
             heuristics.OVERRIDES.update({k: {"split": True} for k in heuristics.SCANS})
             try:                                 # the scans' split form (off in the table)
                 mlstm_step(mlstm_inputs(2, 2, 40, 32, True), last=True)

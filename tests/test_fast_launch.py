@@ -39,7 +39,8 @@ def test_fast_launch_matches_triton_launches():
                    "mlstm_bwd_prologue_kernel", "mlstm_bwd_state_kernel", "mlstm_bwd_dqk_kernel",
                    "mlstm_bwd_dv_kernel", "mlstm_bwd_gates_kernel", "mlstm_chunk_local_kernel",
                    "mlstm_chunk_chain_kernel", "mlstm_fwd_pair_kernel",
-                   "mlstm_bwd_pair_kernel", "_conv_silu_kernel", "_conv_rows_kernel",
+                   "mlstm_bwd_pair_kernel", "mlstm_fwd_flash_kernel", "mlstm_bwd_flash_kernel",
+                   "_conv_silu_kernel", "_conv_rows_kernel",
                    "_conv_dw_kernel",
                    "_gated_outnorm_kernel", "_gated_outnorm_bwd_kernel", "_layer_norm_kernel",
                    "_layer_norm_bwd_kernel"):

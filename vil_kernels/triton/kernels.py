@@ -962,8 +962,8 @@ def mlstm_bwd_dqk_kernel(
     k . dk per row in rq / rk [NK, B * NH, S] (summed over blocks by the caller). Without
     HAS_STATE (one chunk for the whole sequence, no initial state, the last state unused: the
     entry and exit states and their gradients are zero) the state terms are not loaded or
-    computed. Without DQ (chunks of several tiles with no state, where mlstm_bwd_flash_kernel
-    made dq and rq along with the pair slots) dk and rk alone."""
+    computed. Without DQ (chunks of several tiles with no state only, where
+    mlstm_bwd_flash_kernel made dq and rq along with the pair slots) dk and rk alone."""
     i_k, i_r, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     i_c = i_r // NT
     o_i = tl.arange(0, BT)
@@ -1030,12 +1030,13 @@ def mlstm_bwd_dqk_kernel(
         # dq, from this one on (up to the sequence's last) as rows for dk
         a = i_r - i_c * NT
         o_ss = o_i[:, None] * BT + o_i[None, :]
-        for j in range(0, (a + 1) * DQ):
-            b_dsj = tl.load(ds + _pair(i_bh, i_c, NC, S, a, j, BT, NT) + o_ss)    # [BT, BT]
-            o_pj, m_tj = _rows(i_c * NT + j, S, REVERSE, BT)[1:]
-            b_kj = tl.load(p_k + o_pj[:, None] * s_t + o_k[None, :],
-                           mask=m_tj[:, None] & m_k[None, :], other=0.)    # [BT, BK]
-            b_dq += _dot(b_dsj, b_kj, MMA, ACC, PREC, INTERP) * scale
+        if DQ:
+            for j in range(0, a + 1):
+                b_dsj = tl.load(ds + _pair(i_bh, i_c, NC, S, a, j, BT, NT) + o_ss)  # [BT, BT]
+                o_pj, m_tj = _rows(i_c * NT + j, S, REVERSE, BT)[1:]
+                b_kj = tl.load(p_k + o_pj[:, None] * s_t + o_k[None, :],
+                               mask=m_tj[:, None] & m_k[None, :], other=0.)  # [BT, BK]
+                b_dq += _dot(b_dsj, b_kj, MMA, ACC, PREC, INTERP) * scale
         for u in range(a, tl.minimum(NT, tl.cdiv(S, BT) - i_c * NT)):
             b_dsu = tl.load(ds + _pair(i_bh, i_c, NC, S, u, a, BT, NT) + o_ss)    # rows u
             o_pu, m_tu = _rows(i_c * NT + u, S, REVERSE, BT)[1:]
