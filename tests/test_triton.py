@@ -475,6 +475,17 @@ def _forward_on_and_off(monkeypatch, setting, x, chunk, reverse):
     return out
 
 
+def _exact_in_float64(x, reverse, last_states, chunk=1024):
+    """Triton in float64 against the parallel reference (h, the last states where asked for
+    and every gradient, to 1e-9); returns the names of the kernels launched."""
+    got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=chunk,
+                                      last_states=last_states))
+    ref = run(x, "parallel", reverse=reverse, last_states=last_states)
+    errs = {n: rel_err(got[n], ref[n]) for n in ref}
+    assert max(errs.values()) < 1e-9, errs
+    return names
+
+
 # The forward in FlashAttention's form (heuristics.FLASH_FORWARD, off until timed), in chunks of
 # several tiles. One chunk holding the sequence with no carried state (no initial state, the
 # last state unused) runs mlstm_fwd_flash_kernel alone: q held over all of DK, one loop over key
@@ -505,13 +516,10 @@ def test_flash_forward(chunk, S, reverse, init, last_states, DK, DV, kernel, til
     p = heuristics.launch_params(kernel, DK, DV, L, torch.float64, 0)
     assert (p["BV"], p["BV2"]) == tiles
     x = make_inputs(NH=2, S=S, DK=DK, DV=DV, init=init, seed=S + DV)
-    got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=chunk,
-                                      last_states=last_states))
+    names = _exact_in_float64(x, reverse, last_states, chunk)
     others = {"fwd_pair", "fwd_out", "fwd_flash"} - {kernel}
     assert kernel in names and "bwd_pair" in names and not others & names, names
     ref = run(x, "parallel", reverse=reverse, last_states=last_states)
-    errs = {n: rel_err(got[n], ref[n]) for n in ref}
-    assert max(errs.values()) < 1e-9, errs
     with torch.no_grad():
         h, names = launched(lambda: vil_kernels.mlstm(**x, backend="triton", chunk_size=chunk,
                                                       reverse=reverse))
@@ -522,23 +530,24 @@ def test_flash_forward(chunk, S, reverse, init, last_states, DK, DV, kernel, til
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
 @pytest.mark.parametrize("reverse", [False, True])
-def test_flash_forward_extreme_and_infinite_gates(reverse, monkeypatch):
-    """The flash kernel (one chunk of five tiles, no state) with gates at the edges: input gates
-    in +-80 and forget gates in +-20, leading padding (i = -inf), a reset (f = -inf) and a
-    position that keeps everything (f = +inf); every gradient as the parallel form's."""
+@pytest.mark.parametrize("backward", [False, True])
+def test_flash_forms_extreme_and_infinite_gates(reverse, backward, monkeypatch):
+    """The flash forward, and with backward the flash backward too (one chunk of five tiles, no
+    state), with gates at the edges: input gates in +-80 and forget gates in +-20, leading
+    padding (i = -inf), a reset (f = -inf) and a position that keeps everything (f = +inf);
+    every gradient as the parallel form's."""
     from vil_kernels.triton import heuristics
     monkeypatch.setattr(heuristics, "MAX_TILE", 16)
     monkeypatch.setattr(heuristics, "FLASH_FORWARD", True)
-    x = make_inputs(NH=2, S=70, DK=24, DV=40, seed=5, i_range=(-80, 80), f_range=(-20, 20))
+    monkeypatch.setattr(heuristics, "FLASH_BACKWARD", backward)
+    x = make_inputs(NH=2, S=70, DK=24, DV=40, seed=5 + backward, i_range=(-80, 80),
+                    f_range=(-20, 20))
     x["i"][..., :5] = -math.inf
     x["f"][..., 30] = -math.inf
     x["f"][..., 50] = math.inf
-    got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=1024,
-                                      last_states=False))
+    names = _exact_in_float64(x, reverse, False)
     assert "fwd_flash" in names and "fwd_out" not in names, names
-    ref = run(x, "parallel", reverse=reverse, last_states=False)
-    errs = {n: rel_err(got[n], ref[n]) for n in ref}
-    assert max(errs.values()) < 1e-9, errs
+    assert ("bwd_flash" in names) == backward and ("bwd_pair" in names) != backward, names
 
 
 @pytest.mark.parametrize("DV", [96, 384])
@@ -652,34 +661,8 @@ def test_flash_backward(tile, S, reverse, init, last_states, DK, DV, flash, monk
     p = heuristics.launch_params("bwd_flash", DK, DV, L, torch.float64, 0)
     assert p["BS"] != BT and L // BT > 1, (p, BT)
     x = make_inputs(NH=2, S=S, DK=DK, DV=DV, init=init, seed=S + DK)
-    got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=1024,
-                                      last_states=last_states))
+    names = _exact_in_float64(x, reverse, last_states)
     assert ("bwd_flash" in names) == flash and ("bwd_pair" in names) != flash, names
-    ref = run(x, "parallel", reverse=reverse, last_states=last_states)
-    errs = {n: rel_err(got[n], ref[n]) for n in ref}
-    assert max(errs.values()) < 1e-9, errs
-
-
-@pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
-@pytest.mark.parametrize("reverse", [False, True])
-def test_flash_backward_extreme_and_infinite_gates(reverse, monkeypatch):
-    """Both flash kernels (one chunk of five tiles, no state) with gates at the edges: input
-    gates in +-80 and forget gates in +-20, leading padding (i = -inf), a reset (f = -inf) and
-    a position that keeps everything (f = +inf); every gradient as the parallel form's."""
-    from vil_kernels.triton import heuristics
-    monkeypatch.setattr(heuristics, "MAX_TILE", 16)
-    monkeypatch.setattr(heuristics, "FLASH_FORWARD", True)
-    monkeypatch.setattr(heuristics, "FLASH_BACKWARD", True)
-    x = make_inputs(NH=2, S=70, DK=24, DV=40, seed=6, i_range=(-80, 80), f_range=(-20, 20))
-    x["i"][..., :5] = -math.inf
-    x["f"][..., 30] = -math.inf
-    x["f"][..., 50] = math.inf
-    got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=1024,
-                                      last_states=False))
-    assert {"fwd_flash", "bwd_flash"} <= names and not {"fwd_out", "bwd_pair"} & names, names
-    ref = run(x, "parallel", reverse=reverse, last_states=False)
-    errs = {n: rel_err(got[n], ref[n]) for n in ref}
-    assert max(errs.values()) < 1e-9, errs
 
 
 @pytest.mark.parametrize("D", [96, 384])
