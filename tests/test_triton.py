@@ -512,6 +512,7 @@ def test_flash_forward(chunk, S, reverse, init, last_states, DK, DV, kernel, til
     from vil_kernels.triton import heuristics
     monkeypatch.setattr(heuristics, "MAX_TILE", 16)
     monkeypatch.setattr(heuristics, "FLASH_FORWARD", True)
+    monkeypatch.setattr(heuristics, "FLASH_BACKWARD", False)    # (the pair kernel's backward)
     L = heuristics.chunk_len(S, DK, DV, torch.float64, 0, chunk)
     p = heuristics.launch_params(kernel, DK, DV, L, torch.float64, 0)
     assert (p["BV"], p["BV2"]) == tiles
@@ -738,8 +739,10 @@ def one_chunk_tile(request, monkeypatch):
 # with the last state asked for it runs them.
 @pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
 @pytest.mark.parametrize("reverse", [False, True])
-def test_one_chunk_inference_runs_no_state_work(one_chunk_tile, reverse):
+def test_one_chunk_inference_runs_no_state_work(one_chunk_tile, reverse, monkeypatch):
     import vil_kernels
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "FLASH_FORWARD", False)     # (the default's kernels)
     x = make_inputs(NH=2, S=50, DK=24, DV=40, seed=21)
     ref = run(x, "parallel", reverse=reverse)
     for last in (False, True):
@@ -791,7 +794,10 @@ def test_one_chunk_rule_runs_the_quadratic_form(monkeypatch):
     x = make_inputs(NH=2, S=100, DK=32, DV=48, seed=25)
     _, names = launched(lambda: _check(x, torch.bfloat16, reverse=True, chunk_size=None,
                                        last_states=False))
-    assert {"fwd_pair", "bwd_pair"} <= names and not names & {"fwd_state", "bwd_state"}, names
+    # (the flash forms, where $VIL_KERNELS_FLASH_* turned them on, instead of the pair kernels)
+    pairs = {"fwd_flash" if heuristics.FLASH_FORWARD else "fwd_pair",
+             "bwd_flash" if heuristics.FLASH_BACKWARD else "bwd_pair"}
+    assert pairs <= names and not names & {"fwd_state", "bwd_state"}, names
 
 
 @pytest.mark.parametrize("reverse", [False, True])
