@@ -269,7 +269,7 @@ def compile_one(key, constexprs=None):
     from triton import knobs
 
     from .triton import kernels
-    from .triton.heuristics import dot_config
+    from .triton.heuristics import FLASH_KERNELS, dot_config
 
     key = Variant(*key)
     name, dt, arch, BT, BK, BV, warps, stages, has_init, maxnreg, NT = key[:11]
@@ -305,7 +305,7 @@ def compile_one(key, constexprs=None):
         tiles = {"BT": BT, "NT": NT, "BK": BK, "BV": BV}
         if name == "fwd_out":
             tiles["BV2"] = key.BV2
-        if name in ("fwd_flash", "bwd_flash"):
+        if name in FLASH_KERNELS:
             tiles = {"BT": BT, "BS": key.BS, "BK": BK, "BK2": key.BK2, "BV": BV, "BV2": key.BV2}
         if name == "fwd_pair":                  # (no V tiles: it never reads v)
             del tiles["BV"]
@@ -326,8 +326,7 @@ def compile_one(key, constexprs=None):
     # DV for the prologue; DK, DV and the strides for the matmul kernels; none for the gate scan
     divisible = {"bwd_prologue": (2,), "fwd_gates": (), "bwd_gates": (),
                  "chunk_chain": (1, 2), "fwd_pair": (2, 5, 6, 7),
-                 "fwd_flash": (1, 2, *range(5, n_int)),
-                 "bwd_flash": (1, 2, *range(5, n_int))}.get(
+                 **dict.fromkeys(FLASH_KERNELS, (1, 2, *range(5, n_int)))}.get(
         name, (2, 3, *range(6, n_int)))
     attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in divisible})
     src = ASTSource(fn, sig, consts, attrs)
