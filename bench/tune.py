@@ -34,8 +34,9 @@ import peers  # noqa: E402
 from vil_kernels.triton import chunk as tchunk  # noqa: E402
 from vil_kernels.triton import heuristics  # noqa: E402
 
-# (fwd_flash runs, and is swept, only with VIL_KERNELS_FLASH_FORWARD=1: heuristics.FLASH_FORWARD;
-# bwd_flash only with VIL_KERNELS_FLASH_BACKWARD=1)
+# (fwd_flash and bwd_flash run, and are swept, where heuristics.flash_applies says: with
+# VIL_KERNELS_FLASH_FORWARD=1 and VIL_KERNELS_FLASH_BACKWARD=1, or =auto at head dims whose
+# flash builds take 4 warps)
 FWD = ("fwd_state", "fwd_out", "fwd_pair", "fwd_flash")
 BWD = ("bwd_state", "bwd_dqk", "bwd_dv", "bwd_pair", "bwd_flash")
 # chunk lengths the table's parameters are timed at, kernel by kernel, before the sweeps: one

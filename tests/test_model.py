@@ -231,7 +231,7 @@ def test_triton_backend_two_pairs():
                     reason="float64 through the kernels: the interpreter's")
 def test_flash_forward_in_the_model(monkeypatch):
     """A 2-pair float64 model with its cells in one chunk of 4 tiles (64 tokens, tiles of 16)
-    and the opt-in flash forms (heuristics.FLASH_FORWARD, FLASH_BACKWARD): every block's
+    and the flash forms forced on (heuristics.FLASH_FORWARD, FLASH_BACKWARD): every block's
     forward and backward are the flash kernels, in both traversal directions, and logits and
     every parameter gradient are the parallel form's."""
     from vil_kernels.triton import chunk as tchunk, heuristics

@@ -20,7 +20,8 @@ Fs / Ts where the outputs kernel also computes the scores of chunks of several t
 for the chain's direction and starting state; BV as 256+128 where the outputs kernel takes two V
 tiles; BK as 256+128 and BT as 64x32, rows by keys, for the flash kernels; "dk" where the dq/dk
 kernel makes dk alone, beside the flash backward). The flash forms (heuristics.FLASH_FORWARD and
-FLASH_BACKWARD, off by default) are checked too; --flash on / off checks only one side. Exits 1
+FLASH_BACKWARD) are checked off, on and auto; --flash on / off / auto checks only one of those
+settings. Exits 1
 on any spill, on shared memory over the arch's limit (sm_80: 163 KB, sm_90: 227 KB), on
 registers x threads over the 64K register file, when a 16-bit build has no HMMA/HGMMA
 instruction, on a pipelined loop whose asynchronous
@@ -134,19 +135,22 @@ def _signature(name, dt, qn_mma=False):
     return ptrs, scalars
 
 
+FLASH_CHOICES = {"off": False, "on": True, "auto": None}     # heuristics.FLASH_* settings
+
+
 def variants(quick=False, dims=None, chunks=None, dtypes=None, flash=None):
     """Distinct compiled variants (Variant) the dispatcher can choose, each with the head dims
-    it serves; with the flash forms on and off (heuristics.FLASH_FORWARD and FLASH_BACKWARD,
-    together) where flash is None, else as it says."""
+    it serves; with the flash forms (heuristics.FLASH_FORWARD and FLASH_BACKWARD, together)
+    off, on and auto where flash is None, else at the FLASH_CHOICES word it names."""
     from .triton import heuristics
     if flash is None:
         out = {}
-        for on in (False, True):
-            for key, dims_served in variants(quick, dims, chunks, dtypes, flash=on).items():
+        for word in FLASH_CHOICES:
+            for key, dims_served in variants(quick, dims, chunks, dtypes, flash=word).items():
                 out.setdefault(key, set()).update(dims_served)
         return out
     was = heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD
-    heuristics.FLASH_FORWARD = heuristics.FLASH_BACKWARD = flash
+    heuristics.FLASH_FORWARD = heuristics.FLASH_BACKWARD = FLASH_CHOICES[flash]
     try:
         return _variants(quick, dims, chunks, dtypes)
     finally:
@@ -459,9 +463,10 @@ def main(argv=None):
                     help="positions a tile in chunks of several tiles, as bench/kernels.py "
                          "--tile forces it (heuristics.TILE: one of 16, 32, 64, 128); a launch "
                          "table's tiles are checked where $VIL_KERNELS_LAUNCH_TABLE names it")
-    ap.add_argument("--flash", choices=("on", "off"), default=None,
+    ap.add_argument("--flash", choices=tuple(FLASH_CHOICES), default=None,
                     help="only with the flash forms on (what VIL_KERNELS_FLASH_FORWARD=1 "
-                         "and VIL_KERNELS_FLASH_BACKWARD=1 run) or off; default: both")
+                         "and VIL_KERNELS_FLASH_BACKWARD=1 run), off (the default), or auto "
+                         "(each where it builds at 4 warps); default: all three")
     args = ap.parse_args(argv)
     from .triton import heuristics
     if args.tile is not None:
@@ -470,7 +475,7 @@ def main(argv=None):
         heuristics.TILE = args.tile
     t0 = time.time()
     todo = variants(args.quick, args.dims, args.chunks, args.dtype,
-                    flash=None if args.flash is None else args.flash == "on")
+                    flash=args.flash)
     todo = {k: v for k, v in todo.items()
             if (not args.arch or k[2] in args.arch) and (not args.kernel or k[0] in args.kernel)
             and (not args.dtype or k[1] in args.dtype)}

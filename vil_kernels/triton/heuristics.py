@@ -12,13 +12,11 @@ spill (see scan_maxnreg). On Ampere (not measured): 8 warps from 64 positions, o
 of at most 32 in the outputs and dq/dk kernels there. Chunks of several tiles (not timed yet;
 chosen only on request) take the same parameters except where they would spill: the scans uncapped,
 float32 inputs in tiles of 16 positions; their two pair kernels (PAIR_KERNELS) take the head-dim
-tiles of the rules above (64, 32 or 16), 4 warps on Hopper and two stages for 16-bit inputs, or,
-with FLASH_FORWARD (off until timed), the forward runs without its pair kernel: in
-FlashAttention's form (mlstm_fwd_flash_kernel, flash_params) where one chunk holds the sequence
-with no carried state, else the outputs kernel takes every V column of a row tile as one or two V
-tiles (flash_tiles) and computes the pairs' scores itself; with FLASH_BACKWARD (off until
-timed) the backward of one chunk without carried state makes its pair products and dq in one
-such kernel (mlstm_bwd_flash_kernel). Everything is also checked ahead of
+tiles of the rules above (64, 32 or 16), 4 warps on Hopper and two stages for 16-bit inputs.
+One chunk holding the sequence with no carried state may take FlashAttention's form
+(FLASH_FORWARD, FLASH_BACKWARD; off by default, slower at D=384 on an H200): the forward in one
+kernel (mlstm_fwd_flash_kernel, flash_params), the backward's pair products and dq in one kernel
+(mlstm_bwd_flash_kernel). Everything is also checked ahead of
 time without a GPU (``python -m vil_kernels.compile_check``: no spills, shared memory under the
 arch's limit, tensor cores used for 16-bit inputs, no pipelining races). OVERRIDES lets
 bench/tune.py sweep; a table it measured on another GPU is used where $VIL_KERNELS_LAUNCH_TABLE
@@ -87,25 +85,47 @@ def scores_in_outputs(DV, BV, BT, NT):
 # tiles (BS positions: 32 at head dims of 192 and more, where two stages of [BS, DK + DV] tiles
 # and q must fit shared memory) in one software-pipelined loop, every value column in its
 # accumulators; head dims that are not a power of two are two tiles (flash_tiles: 384 =
-# 256 + 128). Otherwise (carried states) the outputs kernel takes all of DV in one program as
-# two V tiles and computes each pair's scores itself (scores_in_outputs). Either way: no
-# forward pair kernel, no [BT, BT] scores through memory, q and k read once a pair instead of
-# once a pair and V tile. Their price: one or two programs an SM (sm_90: 151-255 registers at
-# 4 or 8 warps, no spill; compile_check --flash). Not timed on a GPU yet, so off:
-# $VIL_KERNELS_FLASH_FORWARD=1 turns it on (bench/gpu_session.sh's flash step times both).
-FLASH_FORWARD = os.environ.get("VIL_KERNELS_FLASH_FORWARD", "0") == "1"
+# 256 + 128). No forward pair kernel, no [BT, BT] scores through memory, q and k read once a
+# pair instead of once a pair and V tile.
 # The backward's counterpart, for one chunk without carried state: mlstm_bwd_flash_kernel takes
 # a row tile of q and dh over all of DK and DV and walks the key tiles in one pipelined loop,
 # making each pair's products (the backward pair kernel's, stored for the dk and dv kernels)
-# and dq over all of DK; the dq/dk kernel then makes dk alone. By count at ViL-B's shape (B=64,
-# NH=4, S=784, D=384, bf16) it loads k and v once a (row tile, key tile) pair where the pair
-# kernel loads q, k, dh and v, and the dq/dk kernel's loads of k and dS for dq go: about 4 GB
-# fewer between L2 or HBM and the SMs. Its price is one 8-warp program an SM at D=384
-# (flash_params) and, as in the flash forward at 8 warps, its score products done on both
-# warpgroups (Triton's layout for a dot that feeds a dot spans 128 rows; compile_check's "d"):
-# at D=384 the work of 5 products for 3. Not timed on a GPU yet, so off:
-# $VIL_KERNELS_FLASH_BACKWARD=1 turns it on.
-FLASH_BACKWARD = os.environ.get("VIL_KERNELS_FLASH_BACKWARD", "0") == "1"
+# and dq over all of DK; the dq/dk kernel then makes dk alone. By count at ViL-B's shape it
+# loads about 4 GB fewer between L2 or HBM and the SMs.
+# Their price is the 8-warp builds that wide head dims need (flash_params): Triton lays out a
+# dot that feeds a dot across all warps along the rows, so a 64-row tile's scores are computed
+# on both warpgroups (compile_check's "d"). Timed on an H200 (bf16, B=64, NH=4, S=784, one
+# chunk of 1024; bench/results/kernels-nvidia-h200-bf16-flash-s19.json; host-timed medians,
+# one run each), both forms on against both off:
+#   D=384 (8-warp builds)   forward 0.811 -> 1.3 ms, forward and backward 3.8 -> 6.3 ms
+#   D=192 (backward 8 warps) forward 0.661 -> 0.560 ms, forward and backward 2.7 -> 3.5 ms
+#   D=96  (4 warps)         forward 0.708 -> 0.513 ms, forward and backward 2.4 -> 1.9 ms
+# ViL-B's inference at 448 px ran 1235 -> 1073 img/s with the forward's form. Repeats of one
+# configuration in the same session moved by up to 1.7x forward and 10-25% forward and
+# backward at D <= 192 (kernels-nvidia-h200-bf16-chunk64-repeat-*-s19.json), so only D=384's
+# loss stands out of the noise. Off by default; one chunk is the default only from D=384
+# (ONE_CHUNK_HEAD_DIM), where both forms lost. $VIL_KERNELS_FLASH_FORWARD and
+# $VIL_KERNELS_FLASH_BACKWARD: 1 (on wherever the form applies), 0 (off, the default), auto
+# (each where its build takes 4 warps, flash_wanted: the forward up to 192 value columns, the
+# backward up to 128 of dq). Forced on, a forward with carried states (several chunks, or an
+# initial state) also has the outputs kernel take every V column of a row tile as two V tiles
+# (flash_tiles, from 129 columns, at 8 warps) and compute each pair's scores itself (slower
+# at D=384 on the H200: 6.0 -> 9.7 ms forward at S=3136 in chunks of 1024).
+FLASH_ENV = {"forward": "VIL_KERNELS_FLASH_FORWARD", "backward": "VIL_KERNELS_FLASH_BACKWARD"}
+_FLASH_WORDS = {"1": True, "on": True, "0": False, "off": False, "": False, "auto": None}
+
+
+def flash_setting(name):
+    """The setting $VIL_KERNELS_FLASH_<name> asks for: True (on), False (off, the default) or
+    None (auto)."""
+    value = os.environ.get(FLASH_ENV[name], "0").strip().lower()
+    if value not in _FLASH_WORDS:
+        raise ValueError(f"${FLASH_ENV[name]} must be 1, 0 or auto, got {value!r}")
+    return _FLASH_WORDS[value]
+
+
+FLASH_FORWARD = flash_setting("forward")
+FLASH_BACKWARD = flash_setting("backward")
 # widest V block of the flash form: a [64, 512] float32 accumulator is 128 registers a thread
 # at 8 warps (compile_check: 252 in all at sm_90, no spill)
 FLASH_MAX_COLUMNS = 512
@@ -127,14 +147,23 @@ def flash_tiles(DV):
     return (BV, BV2) if BV + BV2 < one else (one, 0)
 
 
+def flash_wanted(DK, DV, backward=False):
+    """Whether FLASH_FORWARD (with backward: FLASH_BACKWARD) asks for the flash form at these
+    head dims: on, off, or auto (None): where flash_params builds it at 4 warps."""
+    setting = FLASH_BACKWARD if backward else FLASH_FORWARD
+    if setting is None:
+        return flash_params(DK, DV, "bwd_flash" if backward else "fwd_flash")["num_warps"] == 4
+    return bool(setting)
+
+
 def flash_applies(DK, DV, BT, NT, dtype, arch, backward=False):
     """Whether the forward (FLASH_FORWARD), or with backward the backward (FLASH_BACKWARD),
-    takes the flash form: chunks of several tiles of at most 64 positions, 16-bit (and
+    takes the flash form (as flash_wanted says): chunks of several tiles of at most 64 positions, 16-bit (and
     float64) inputs (float32's tf32x3 operands double the registers), Hopper (and the
     interpreter; on sm_80 the flash kernel spills and the outputs kernel keeps V tiles of 32,
     compile_check), head dims up to FLASH_MAX_COLUMNS. (The backward's form is for one chunk
     without carried state only: the caller checks that.)"""
-    return ((FLASH_BACKWARD if backward else FLASH_FORWARD) and NT > 1 and BT <= 64
+    return (flash_wanted(DK, DV, backward) and NT > 1 and BT <= 64
             and dtype != torch.float32 and not 0 < arch < 90
             and max(sum(flash_tiles(DK)), sum(flash_tiles(DV))) <= FLASH_MAX_COLUMNS
             and not (backward and sum(flash_tiles(DK)) > FLASH_BWD_MAX_COLUMNS))
@@ -261,6 +290,12 @@ def launch_params(kernel, DK, DV, L, dtype, arch):
         for tile, second in (("BK", "BK2"), ("BV", "BV2")):
             if tile in given and second not in given and second in p:
                 p[second] = 0            # a head-dim tile named alone is the whole block
+    if kernel == "fwd_out" and p.get("BV2") and p["num_warps"] < 8:
+        # two V tiles at 4 warps: on an H200, 64 + 32 columns (Triton 3.6, sm_90) gave wrong
+        # second-tile columns, or an out-of-range shared-memory address (compute-sanitizer, at
+        # the dot of the scores and the second v tile); 8 warps, and one tile of 64 + 64, were
+        # right (bench/results/README.md). A table's or sweep's entry gets 8 warps too.
+        p["num_warps"] = 8
     if not forced:
         _cache[key] = dict(p)
     return p
@@ -370,9 +405,14 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
     p = dict(BK=BK, BV=BV, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
     if kernel == "fwd_out":                    # (BV2: its second V tile, none by default)
         p["BV2"] = 0
-        if flash_applies(DK, DV, BT, NT, dtype, arch):
-            p["BV"], p["BV2"] = flash_tiles(DV)
-            p["num_warps"] = max(warps, 8 if p["BV"] + p["BV2"] > 128 else 4)
+        if FLASH_FORWARD is True and flash_applies(DK, DV, BT, NT, dtype, arch):
+            # (forced on, with carried states) all of DV in one program: two V tiles from 129
+            # columns, at 8 warps (_two_v_tiles_warps); one tile up to 128
+            BV, BV2 = flash_tiles(DV)
+            if BV2 and BV + BV2 > 128:
+                p["BV"], p["BV2"], p["num_warps"] = BV, BV2, max(warps, 8)
+            else:
+                p["BV"] = max(16, next_power_of_2(DV))
     if kernel in SCANS and NT == 1:
         # (chunks of several tiles: the chunk-boundary step holds more registers, and the
         # capped builds spill)
@@ -381,7 +421,7 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
 
 
 def flash_params(DK, DV, kernel="fwd_flash"):
-    """The flash kernels' tiles (compiled for sm_90 with 16-bit inputs, not timed): the
+    """The flash kernels' tiles (compiled for sm_90 with 16-bit inputs): the
     head dims as flash_tiles, key tiles of 64 positions, or of 32 where the head dims' tiles add
     up to more than 256 columns (at 64, D=384 spills and needs 240 KB of shared memory, and
     D=192 takes 254 registers a thread against 187), and 8 warps where the accumulated columns
@@ -390,7 +430,8 @@ def flash_params(DK, DV, kernel="fwd_flash"):
     key tiles of 32 from 128 columns (at 8 warps, a 64-row tile's scores are computed on both
     warpgroups, compile_check's doubled_dots; at 4, D=192 takes 243 registers, two programs
     an SM). The backward's dq: up to 128 columns at 4 warps (192 spilled 8-16 bytes beside
-    value head dims of 96 and 256)."""
+    value head dims of 96 and 256). Set to auto (flash_wanted), the forms run where these
+    parameters say 4 warps."""
     BK, BK2 = flash_tiles(DK)
     BV, BV2 = flash_tiles(DV)
     cols = BV + BV2 if kernel == "fwd_flash" else BK + BK2

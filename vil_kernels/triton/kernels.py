@@ -624,10 +624,11 @@ def mlstm_fwd_out_kernel(
 ):
     """Outputs of one tile of rows and V block: grid (cdiv(DV, BV + BV2), cdiv(S, BT), B * NH).
     A V block is one tile of BV columns, or with BV2 > 0 two tiles side by side, BV + BV2
-    columns (DV = 384 as 256 + 128, 192 as 128 + 64, 96 as 64 + 32: powers of two with no
-    masked lanes, where one tile of 512, 256 or 128 would waste a quarter of its products):
-    with SCORES and one block holding DV, each pair's scores feed every value column at once,
-    FlashAttention's forward (heuristics.FLASH_FORWARD). The
+    columns (DV = 384 as 256 + 128, 192 as 128 + 64: powers of two with no masked lanes, where
+    one tile of 512 or 256 would waste a quarter of its products; at 8 warps, as
+    heuristics.launch_params enforces: 64 + 32 at 4 warps gave wrong outputs on an H200): with
+    SCORES and one block holding DV, each pair's scores feed every value column at once,
+    FlashAttention's forward (heuristics.FLASH_FORWARD forced on). The
     rows' m (the gate scan's m_row) is the max over the carried state and the chunk's keys up
     to each row; the signed normalizer of every row is stored by the i_v == 0 programs. The
     tile's own keys (one tile a chunk) and the carried state in one pass over DK; with several
