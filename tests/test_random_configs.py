@@ -61,13 +61,18 @@ def test_random_configuration(case):
               chunk_size=c["chunk"], last_states=c["last"], compute=compute,
               recompute_states=c["recompute"])
     ref = run(x, "parallel", reverse=c["reverse"], last_states=c["last"])
-    errs = {n: rel_err(got[n].cpu(), ref[n]) for n in ref}
+    # float32 (Triton has no float64 on CUDA): a gradient that is exactly zero in float64 (di at
+    # S = 1, where h does not depend on i) comes out as float32 cancellation noise of O(1)
+    # terms (case 19: 2.1e-8), so references below 1e-2 are compared absolutely against 1e-2
+    floor = 1e-2 if device == "cuda" else 1e-6
+    errs = {n: rel_err(got[n].cpu(), ref[n], floor) for n in ref}
     if device == "cuda":
-        # float32 (Triton has no float64 on CUDA): the spec's bound, or a small factor of what
-        # the float32 parallel form itself reaches (extreme gates)
+        # the spec's bound, or a small factor of what the float32 parallel form itself reaches
+        # (extreme gates)
         par32 = run(x, "parallel", reverse=c["reverse"], last_states=c["last"],
                     compute=torch.float32)
-        bad = {n: e for n, e in errs.items() if not e <= max(2e-4, 4 * rel_err(par32[n], ref[n]))}
+        bad = {n: e for n, e in errs.items()
+               if not e <= max(2e-4, 4 * rel_err(par32[n], ref[n], floor))}
     else:
         bad = {n: e for n, e in errs.items() if not e < 1e-6}
     assert not bad, (c, {n: f"{e:.1e}" for n, e in bad.items()})
