@@ -34,6 +34,11 @@
 #               D=384/192/96 and at S=3136, D=384 (chunks of 1024 with carried states), then
 #               ViL-B's inference at 448 px (our row; FLASH_MODELS) with the forward's off and
 #               on; the Triton tests of several-tile chunks with both on first
+#   flashauto   the flash forms set to auto (each where its build takes 4 warps: D <= 192 forward,
+#               D <= 128 backward) in one chunk of 1024 against off and against the default
+#               chunks of 64: device time per kernel (profile_op) at S=784, D=96/192, the op
+#               at D=96/192/128, then ViL-T's inference and training at 448 px (our row;
+#               FLASH_MODELS) with its cells in one chunk and by default
 #   flashtrain  ViL-B's training at 448 px (our row; FLASH_MODELS) with both flash forms off
 #               and on
 #   chunkjob    the main job's inference at 448 px (ViL-T and ViL-B, our rows) with the cells in
@@ -168,6 +173,26 @@ for s in $STEPS; do
                 --resolution 448 --model "${FLASH_MODELS:-vil2-base}" --rows ours \
                 --bench inference --num-warm-iter 3 --num-bench-iter 10 --no-progress \
                 --results-file "$OUT/throughput-448-inference-flash-$fl.json"
+        done ;;
+    flashauto)                                 # flash auto in one chunk against the default
+        # device time per kernel (profile_op), then the host-timed op and ViL-T at 448 px
+        for D in 96 192; do
+            step "flashprof-$D" 60 python bench/profile_op.py --shape 64,4,784,$D --reps 20 \
+                --peer-chunks --chunk-size 64,1024 --flash off,auto \
+                --results-file "$OUT/profile-$D-flash.json"
+        done
+        step flashauto "${FLASH_LIMIT:-90}" python bench/kernels.py --paths triton \
+            --chunk-size 64,1024 --flash off,auto --num-bench-iter 20 --shapes 64,4,784,96 \
+            --shapes 64,4,784,192 --shapes 64,4,784,128 --results-file "$OUT/kernels-flash-auto.json"
+        for bench in inference train; do
+            for c in default 1024; do
+                FLAG=""; [ "$c" = default ] || FLAG="--mlstm-chunk-size $c"
+                VIL_KERNELS_FLASH_FORWARD=auto VIL_KERNELS_FLASH_BACKWARD=auto \
+                    step "flashauto-$bench-$c" 50 python bench/throughput.py --resolution 448 \
+                    --model "${FLASH_MODELS:-vil2-tiny}" --rows ours --bench $bench \
+                    --num-warm-iter 3 --num-bench-iter 10 --no-progress $FLAG \
+                    --results-file "$OUT/throughput-448-$bench-flash-auto-chunk-$c.json"
+            done
         done ;;
     flashtrain)
         for fl in 0 1; do

@@ -54,25 +54,56 @@ def device_peaks(name):
 SLOW_CALL_S = 0.05
 
 
+# Timed calls run in up to ROUNDS rounds of back-to-back calls (time_call)
+ROUNDS = 5
+
+
+def _clock(device):
+    """(start, stop): stop(start()) is the seconds between them, of the device's work on CUDA
+    (events on the current stream), of the host's elsewhere."""
+    if device.type != "cuda":
+        return time.perf_counter, lambda t0: time.perf_counter() - t0
+
+    def start():
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def stop(ev):
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return ev.elapsed_time(end) / 1e3
+    return start, stop
+
+
 def time_call(fn, device, warmup, iters):
+    """Median seconds a call after ``warmup`` calls (the first compiles). The ``iters`` timed
+    calls run as up to ROUNDS rounds of back-to-back calls, a round timed as a whole (on CUDA
+    by events: the host enqueues ahead, as in a training loop, so its jitter does not add to a
+    GPU-bound call; timed one by one with a sync each, repeats of one configuration moved by
+    up to 1.7x on an H200, bench/results/kernels-nvidia-h200-bf16-chunk64-repeat-*-s19.json);
+    the median round, per call. Calls over SLOW_CALL_S (after the first): one more warm-up
+    and two timed calls."""
+    slow = False
     for j in range(warmup):
         t0 = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         if j > 0 and time.perf_counter() - t0 > SLOW_CALL_S:    # (the first call compiles)
+            slow = True
             break
+    rounds, per = (2, 1) if slow else (max(1, min(ROUNDS, iters)), max(1, iters // ROUNDS))
+    start, stop = _clock(device)
     times = []
-    for _ in range(iters):
-        if times and times[0] > SLOW_CALL_S and len(times) >= 2:
-            break
+    for _ in range(rounds):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        t0 = start()
+        for _ in range(per):
+            fn()
+        times.append(stop(t0) / per)
     return statistics.median(times)
 
 
@@ -187,19 +218,20 @@ def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunks=(No
             row["tile"] = tile
         if flash is not None:
             row["flash"] = flash
-        with _triton_settings(tile, flash):
+        with triton_settings(tile, flash):
             _time_row(row, fn, device, dtype, warmup, iters, mem, peaks)
         rows.append(row)
     return rows
 
 
-# --flash's words: which flash forms are on, (forward, backward)
+# --flash's words: which flash forms are on, (forward, backward); auto: each where its build
+# takes 4 warps (heuristics.flash_wanted)
 FLASH_SETTINGS = {"off": (False, False), "fwd": (True, False), "bwd": (False, True),
-                  "on": (True, True)}
+                  "on": (True, True), "auto": (None, None)}
 
 
 @contextlib.contextmanager
-def _triton_settings(tile, flash):
+def triton_settings(tile, flash):
     """The Triton kernels' tile of positions forced to ``tile`` and their flash forms to
     ``flash`` (a FLASH_SETTINGS word; None: nothing changed; the Triton package is imported only
     otherwise, so this runs where it is not installed)."""
@@ -313,13 +345,14 @@ def parse_args(argv=None):
                         "table's, 64), where it applies: chunks of two such tiles or more, "
                         "16-bit inputs, Hopper (heuristics.tuned_tile). Tiles of 128 run 8 "
                         "warps; not a default until timed")
-    p.add_argument("--flash", default=None, metavar="off|fwd|bwd|on[,...]",
+    p.add_argument("--flash", default=None, metavar="off|fwd|bwd|on|auto[,...]",
                    help="the triton path's flash forms, FlashAttention's one pipelined loop "
                         "over key tiles a row tile (one chunk without a carried state): "
                         "fwd the forward's (heuristics.FLASH_FORWARD; with states, every V "
                         "column of a row tile in one outputs program), bwd the backward's "
                         "(FLASH_BACKWARD: the pair products and dq in one kernel), on both, "
-                        "off neither; several: a row for each; default: off until timed")
+                        "off neither, auto each where its build takes 4 warps; several: a "
+                        "row for each; default: the environment's setting (off unless set)")
     p.add_argument("--results-file", default=None)
     args = p.parse_args(argv)
     if args.flash is not None:

@@ -2,12 +2,16 @@
 
     python bench/profile_op.py                       # ViL-B's shape: B=64, NH=4, S=784, D=384
     python bench/profile_op.py --shape 64,4,784,96 --results-file prof.json
+    python bench/profile_op.py --chunk-size 64,1024 --flash off,on --peer-chunks   # a row each
 
 Runs the op (and NX-AI's mlstm_kernels chunkwise--triton_xl_chunk when installed) forward and
 backward under torch.profiler after a warm-up, and prints every GPU kernel's time per pass
 (device time, summed over its launches in a pass), the sum of the kernels and the wall time of a
 pass (CUDA events, outside the profiler). The loss is ``(h * w).sum()`` with a fixed bfloat16
-``w``, so no float32 copy of h and no expanded gradient enters the numbers.
+``w``, so no float32 copy of h and no expanded gradient enters the numbers. --chunk-size and
+--flash (bench/kernels.py's words) give the op a row per chunk length and flash setting: device
+time per kernel, which host-timed medians at these sizes blur (repeats of one configuration
+moved by up to 1.7x on an H200, bench/results/kernels-nvidia-h200-bf16-chunk64-repeat-*).
 """
 
 import argparse
@@ -23,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 import vil_kernels  # noqa: E402
-from kernels import make_inputs  # noqa: E402
+from kernels import FLASH_SETTINGS, make_inputs, triton_settings  # noqa: E402
 from machine import device_name  # noqa: E402
 from vil_kernels.triton import chunk as tchunk  # noqa: E402
 
@@ -60,17 +64,19 @@ def kernel_table(step, reps, device):
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
-def profile_path(name, fn, x, w, reps):
+def profile_path(name, fn, x, w, reps, settings=(None, None)):
+    """One path's row; settings: (tile, flash word) for the Triton op (triton_settings)."""
     def step():
         for t in x.values():
             t.grad = None
         (fn(x) * w).sum().backward()
 
     device = w.device
-    for _ in range(3):
-        step()
-    row = dict(path=name, wall_ms=wall_ms(step, reps, device),
-               kernels=kernel_table(step, reps, device))
+    with triton_settings(*settings):
+        for _ in range(3):
+            step()
+        row = dict(path=name, wall_ms=wall_ms(step, reps, device),
+                   kernels=kernel_table(step, reps, device))
     row["kernels_ms"] = sum(row["kernels"].values())
     print(f"\n{name}: fwd+bwd {row['wall_ms']:.3f} ms wall, {row['kernels_ms']:.3f} ms in "
           f"{len(row['kernels'])} kernels", flush=True)
@@ -87,22 +93,36 @@ def main(argv=None):
                     help="cpu: a dry run (the torch path; Triton under TRITON_INTERPRET=1)")
     ap.add_argument("--peer-chunks", type=int, nargs="*", default=[64, 128],
                     help="chunk sizes to run the peer at (none: no peer)")
+    ap.add_argument("--chunk-size", default=None, metavar="L[,L...]",
+                    help="the op's chunk lengths, a row each (default: its own choice)")
+    ap.add_argument("--flash", default=None, metavar="off|fwd|bwd|on|auto[,...]",
+                    help="the op's flash settings, a row each (bench/kernels.py --flash)")
     ap.add_argument("--results-file")
     args = ap.parse_args(argv)
+    chunks = [None] if args.chunk_size is None else [int(c) for c in args.chunk_size.split(",")]
+    flashes = [None] if args.flash is None else args.flash.split(",")
+    if any(f not in FLASH_SETTINGS for f in flashes if f is not None):
+        ap.error(f"--flash takes words of {', '.join(FLASH_SETTINGS)}, got {args.flash!r}")
     B, NH, S, D = (int(s) for s in args.shape.split(","))
     dev = torch.device(args.device)
     x = make_inputs(B, NH, S, D, torch.bfloat16, dev, requires_grad=True)
     w = torch.randn(B, NH, S, D, device=dev, dtype=torch.bfloat16)
     backend = "triton" if dev.type == "cuda" or tchunk.INTERPRETED else "torch"
-    paths = [(backend, lambda x: vil_kernels.mlstm(**x, backend=backend))]
+    paths = []
+    for chunk in chunks:
+        for flash in flashes:
+            name = backend + (f"-chunk{chunk}" if chunk else "") + (f"-{flash}" if flash else "")
+            paths.append((name, lambda x, chunk=chunk: vil_kernels.mlstm(
+                **x, backend=backend, chunk_size=chunk), (None, flash)))
     for chunk in args.peer_chunks:
         peer = peers.mlstm_kernels_chunkwise(chunk)
         if peer is not None:
-            paths.append((f"mlstm_kernels-xl_chunk-{chunk}", lambda x, peer=peer: peer(**x)))
+            paths.append((f"mlstm_kernels-xl_chunk-{chunk}", lambda x, peer=peer: peer(**x),
+                          (None, None)))
     rows = []
-    for name, fn in paths:
+    for name, fn, settings in paths:
         try:
-            rows.append(profile_path(name, fn, x, w, args.reps))
+            rows.append(profile_path(name, fn, x, w, args.reps, settings))
         except Exception as e:  # noqa: BLE001 - the peer may fail to build; report, go on
             rows.append(dict(path=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
             print(f"\n{name}: {rows[-1]['error']}", flush=True)

@@ -108,7 +108,7 @@ def test_tile_option(monkeypatch):
 
 
 def test_flash_option(monkeypatch):
-    """--flash off,fwd,bwd,on: a triton row per setting, heuristics.FLASH_FORWARD and
+    """--flash off,fwd,bwd,on,auto: a triton row per setting, heuristics.FLASH_FORWARD and
     FLASH_BACKWARD set as the word says while it runs and restored after; with --tile, a row
     per tile and setting; a bad word is an error."""
     from vil_kernels.triton import heuristics
@@ -131,9 +131,9 @@ def test_flash_option(monkeypatch):
     assert {(c["first_tile"], c["first_flash"]) for c in choice} == {(64, "off")}
     seen.clear()
     rows = kernels.main(["--device", "cpu", "--shapes", "1,1,20,16", "--num-bench-iter", "1",
-                         "--num-warm-iter", "0", "--flash", "fwd,bwd", "--paths", "triton"])
-    assert [r["flash"] for r in rows] == ["fwd", "bwd"]
-    assert set(seen) == {(None, True, False), (None, False, True)}
+                         "--num-warm-iter", "0", "--flash", "fwd,bwd,auto", "--paths", "triton"])
+    assert [r["flash"] for r in rows] == ["fwd", "bwd", "auto"]
+    assert set(seen) == {(None, True, False), (None, False, True), (None, None, None)}
     assert kernels.parse_args(["--flash", "on"]).flash == ["on"]
     for bad in ("yes", "off,1", "", "True"):
         with pytest.raises(SystemExit):
@@ -164,6 +164,32 @@ def test_profile_op_dry_run_on_cpu(tmp_path):
     saved = json.loads(out.read_text())
     assert saved["meta"]["shape"] == {"B": 1, "NH": 1, "S": 20, "D": 16}
     assert saved["rows"][0]["path"] == row["path"]
+
+
+def test_profile_op_rows_per_chunk_and_flash(monkeypatch):
+    """--chunk-size and --flash: a row of the op per chunk length and flash setting, each run
+    with that chunk and with heuristics' flash flags as the word says (restored after); a bad
+    word is an error."""
+    import profile_op
+    from vil_kernels.triton import heuristics
+    seen = []
+    real = profile_op.vil_kernels.mlstm
+
+    def spy(**kw):
+        seen.append((kw["chunk_size"], heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD))
+        return real(**kw)
+
+    monkeypatch.setattr(profile_op.vil_kernels, "mlstm", spy)
+    before = heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD
+    rows = profile_op.main(["--device", "cpu", "--shape", "1,1,20,16", "--reps", "1",
+                            "--peer-chunks", "--chunk-size", "16,32", "--flash", "off,on"])
+    assert [r["path"].split("-", 1)[1] for r in rows] == [
+        "chunk16-off", "chunk16-on", "chunk32-off", "chunk32-on"]
+    assert set(seen) == {(16, False, False), (16, True, True), (32, False, False),
+                         (32, True, True)}
+    assert (heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD) == before
+    with pytest.raises(SystemExit):
+        profile_op.main(["--device", "cpu", "--flash", "yes"])
 
 
 def test_model_kernels_dry_run_with_sweep(tmp_path, monkeypatch):
