@@ -21,12 +21,10 @@ for the chain's direction and starting state; BV as 256+128 where the outputs ke
 tiles; BK as 256+128 and BT as 64x32, rows by keys, for the flash kernels; "dk" where the dq/dk
 kernel makes dk alone, beside the flash backward). The flash forms (heuristics.FLASH_FORWARD and
 FLASH_BACKWARD) are checked off, on and auto; --flash on / off / auto checks only one of those
-settings. Exits 1
-on any spill, on shared memory over the arch's limit (sm_80: 163 KB, sm_90: 227 KB), on
-registers x threads over the 64K register file, when a 16-bit build has no HMMA/HGMMA
-instruction, on a pipelined loop whose asynchronous
-wgmma reads a single-buffered tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile
-error. With --tile 128 (or a launch table naming tiles) chunks of several tiles are checked in
+settings. Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB, sm_90:
+227 KB), on registers x threads over the 64K register file, when a 16-bit build has no
+HMMA/HGMMA instruction, on a pipelined loop whose asynchronous wgmma reads a single-buffered
+tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile error. With --tile 128 (or a launch table naming tiles) chunks of several tiles are checked in
 the tiles bench/kernels.py --tile would run.
 """
 

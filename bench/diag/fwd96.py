@@ -24,8 +24,12 @@ TRACE = []
 _run = chunk._run
 
 
+SHOWN = ("BT", "NT", "BK", "BV", "BV2", "BK2", "BS", "num_warps", "num_stages", "SCORES",
+         "HAS_STATE", "QN_MMA")
+
+
 def traced(kernel, name, grid, args, **meta):
-    TRACE.append((name, {k: v for k, v in meta.items() if k in ("BT", "NT", "BK", "BV", "BV2", "BK2", "BS", "num_warps", "num_stages", "SCORES", "HAS_STATE", "QN_MMA")}))
+    TRACE.append((name, {k: v for k, v in meta.items() if k in SHOWN}))
     _run(kernel, name, grid, args, **meta)
     if DEV == "cuda":
         torch.cuda.synchronize()
@@ -48,7 +52,8 @@ def report(tag, D, L, reverse, init, S=150, over=None, flash=True, scores=True, 
         H.OVERRIDES.update(over)
     x = make_inputs(NH=1, S=S, DK=D, DV=D, init=True, seed=D)
     x = {n: t for n, t in x.items() if init or "initial" not in n}
-    xs = {n: t.to(DEV, torch.bfloat16 if n in "qkv" or bf16 else torch.float32) for n, t in x.items()}
+    xs = {n: t.to(DEV, torch.bfloat16 if n in "qkv" or bf16 else torch.float32)
+          for n, t in x.items()}
     head = f"{tag:32s} D={D} L={L} rev={reverse} init={init} bf16={bf16}"
     try:
         h = vil_kernels.mlstm(**xs, reverse=reverse, chunk_size=L, backend="triton").double()
@@ -59,7 +64,8 @@ def report(tag, D, L, reverse, init, S=150, over=None, flash=True, scores=True, 
                             backend="parallel")
     col = [f"{err(h[..., a:b], ref[..., a:b]):.1e}" for a, b in ((0, 64), (64, D))]
     rows = [f"{err(h[..., a:a + 64, :], ref[..., a:a + 64, :]):.1e}" for a in range(0, S, 64)]
-    print(f"{head}: h {err(h, ref):.2e} cols {col} rows {rows} {[n for n, _ in TRACE]}", flush=True)
+    print(f"{head}: h {err(h, ref):.2e} cols {col} rows {rows} {[n for n, _ in TRACE]}",
+          flush=True)
     if err(h, ref) > 0.05:
         print("   launches", TRACE)
 
@@ -68,10 +74,11 @@ def grads(D, fw, bw):
     H.FLASH_FORWARD, H.FLASH_BACKWARD = fw, bw
     x = make_inputs(NH=2, S=150, DK=D, DV=D, seed=D)
     xc = {n: t.to(torch.bfloat16).double().to(DEV) for n, t in x.items()}
-    got = run(xc, "triton", reverse=True, chunk_size=1024, compute=torch.bfloat16, last_states=False)
+    got = run(xc, "triton", reverse=True, chunk_size=1024, compute=torch.bfloat16,
+              last_states=False)
     ref = run(xc, "parallel", reverse=True, last_states=False)
-    print(f"grads fwd={fw} bwd={bw} D={D}: " + " ".join(f"{n} {err(got[n], ref[n]):.1e}" for n in ref),
-          flush=True)
+    errs = " ".join(f"{n} {err(got[n], ref[n]):.1e}" for n in ref)
+    print(f"grads fwd={fw} bwd={bw} D={D}: {errs}", flush=True)
 
 
 CONFIGS = [lambda D=D: report("flash fwd_out", D, 128, True, True) for D in (96, 192, 384, 64)] + [
@@ -87,8 +94,10 @@ CONFIGS = [lambda D=D: report("flash fwd_out", D, 128, True, True) for D in (96,
     lambda: report("flash, BK 64", 96, 128, True, True, over={"fwd_out": {"BK": 64}}),
     lambda: report("flash, scores off", 96, 128, True, True, scores=False),
     lambda: report("flash, S=256", 96, 128, True, True, S=256),
-    lambda: report("off, BV 64+32", 96, 128, True, True, flash=False, over={"fwd_out": {"BV": 64, "BV2": 32}}),
-] + [lambda D=D, r=r: report("flash kernel", D, 1024, r, False) for D in (96, 192, 384) for r in (True, False)] + [
+    lambda: report("off, BV 64+32", 96, 128, True, True, flash=False,
+                   over={"fwd_out": {"BV": 64, "BV2": 32}}),
+] + [lambda D=D, r=r: report("flash kernel", D, 1024, r, False)
+     for D in (96, 192, 384) for r in (True, False)] + [
     lambda D=D, fw=fw: grads(D, fw, True) for D in (96, 192, 384) for fw in (False, True)]
 
 if __name__ == "__main__":

@@ -65,7 +65,8 @@ def stages(L=128):
     print(f"chunk {L}: b_row {(bg - b).abs().max().item():.1e} (|b| up to "
           f"{b.abs().max().item():.0f}), m_row {(mg - m).abs().max().item():.1e}; kernels: "
           f"n_row {rel_err(n_row.double().cpu(), n):.1e}, h {rel_err(h.double().cpu(), href):.1e};"
-          f" float64 from the kernels' b and m: n {rel_err(n_e, n):.1e}, h {rel_err(h_e, href):.1e}",
+          f" float64 from the kernels' b and m: n {rel_err(n_e, n):.1e},"
+          f" h {rel_err(h_e, href):.1e}",
           flush=True)
 
 

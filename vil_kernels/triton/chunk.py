@@ -12,9 +12,8 @@ launch parameter each scan is mlstm_chunk_local_kernel then mlstm_chunk_chain_ke
 heuristics.SCORES_IN_OUTPUTS) and mlstm_bwd_pair_kernel before dq/dk and dv: each (tile, tile
 up to it) pair of a chunk computed once, into buffers the others read (_pair_buffers).
 One chunk holding the sequence with no carried state may take the flash forms instead
-(heuristics.flash_applies; off by default):
-mlstm_fwd_flash_kernel for the pair and outputs kernels, mlstm_bwd_flash_kernel for the
-backward pair kernel and dq.
+(heuristics.flash_applies; off by default): mlstm_fwd_flash_kernel for the pair and outputs
+kernels, mlstm_bwd_flash_kernel for the backward pair kernel and dq.
 Backward: mlstm_bwd_prologue_kernel (den, dn, dm per row from one pass over dh and h, and the
 state-gradient scan's row weights and chunk factors), mlstm_bwd_state_kernel (reverse
 scan of dC, dn), mlstm_bwd_dqk_kernel (dq, dk and q.dq, k.dk per row), mlstm_bwd_dv_kernel (dv),

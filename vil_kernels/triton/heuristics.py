@@ -158,11 +158,11 @@ def flash_wanted(DK, DV, backward=False):
 
 def flash_applies(DK, DV, BT, NT, dtype, arch, backward=False):
     """Whether the forward (FLASH_FORWARD), or with backward the backward (FLASH_BACKWARD),
-    takes the flash form (as flash_wanted says): chunks of several tiles of at most 64 positions, 16-bit (and
-    float64) inputs (float32's tf32x3 operands double the registers), Hopper (and the
-    interpreter; on sm_80 the flash kernel spills and the outputs kernel keeps V tiles of 32,
-    compile_check), head dims up to FLASH_MAX_COLUMNS. (The backward's form is for one chunk
-    without carried state only: the caller checks that.)"""
+    takes the flash form (as flash_wanted says): chunks of several tiles of at most 64
+    positions, 16-bit (and float64) inputs (float32's tf32x3 operands double the registers),
+    Hopper (and the interpreter; on sm_80 the flash kernel spills and the outputs kernel keeps
+    V tiles of 32, compile_check), head dims up to FLASH_MAX_COLUMNS. (The backward's form is
+    for one chunk without carried state only: the caller checks that.)"""
     return (flash_wanted(DK, DV, backward) and NT > 1 and BT <= 64
             and dtype != torch.float32 and not 0 < arch < 90
             and max(sum(flash_tiles(DK)), sum(flash_tiles(DV))) <= FLASH_MAX_COLUMNS
@@ -407,7 +407,7 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
         p["BV2"] = 0
         if FLASH_FORWARD is True and flash_applies(DK, DV, BT, NT, dtype, arch):
             # (forced on, with carried states) all of DV in one program: two V tiles from 129
-            # columns, at 8 warps (_two_v_tiles_warps); one tile up to 128
+            # columns, at 8 warps (see launch_params); one tile up to 128
             BV, BV2 = flash_tiles(DV)
             if BV2 and BV + BV2 > 128:
                 p["BV"], p["BV2"], p["num_warps"] = BV, BV2, max(warps, 8)
