@@ -649,7 +649,8 @@ def test_flash_settings(monkeypatch):
     """The flash forms are off by default (slower at D=384 on an H200, where one chunk is the
     default); auto runs each where its build takes 4 warps: the forward up to 192 value
     columns, the backward up to 128 of dq (at 8 warps both warpgroups compute the same
-    scores). The environment says 1, 0 or auto; any other word is a ValueError naming it."""
+    scores). The environment says 1 (on, true, yes), 0 (off, false, no) or auto; any other
+    word is a ValueError naming it."""
     from vil_kernels.triton import heuristics as h
     bf = torch.bfloat16
     monkeypatch.setattr(h, "FLASH_FORWARD", None)
@@ -665,11 +666,11 @@ def test_flash_settings(monkeypatch):
     assert h.launch_params("fwd_out", 192, 192, 1024, bf, 90)["BV2"] == 0
     monkeypatch.delenv("VIL_KERNELS_FLASH_FORWARD", raising=False)
     assert h.flash_setting("forward") is False
-    for word, want in (("1", True), ("on", True), ("0", False), ("off", False), ("", False),
-                       ("auto", None), (" Auto ", None)):
+    for word, want in (("1", True), ("on", True), ("True", True), ("0", False), ("off", False),
+                       ("no", False), ("", False), ("auto", None), (" Auto ", None)):
         monkeypatch.setenv("VIL_KERNELS_FLASH_FORWARD", word)
         assert h.flash_setting("forward") is want
-    monkeypatch.setenv("VIL_KERNELS_FLASH_BACKWARD", "yes")
+    monkeypatch.setenv("VIL_KERNELS_FLASH_BACKWARD", "maybe")
     with pytest.raises(ValueError, match="VIL_KERNELS_FLASH_BACKWARD"):
         h.flash_setting("backward")
 

@@ -112,7 +112,8 @@ def scores_in_outputs(DV, BV, BT, NT):
 # (flash_tiles, from 129 columns, at 8 warps) and compute each pair's scores itself (slower
 # at D=384 on the H200: 6.0 -> 9.7 ms forward at S=3136 in chunks of 1024).
 FLASH_ENV = {"forward": "VIL_KERNELS_FLASH_FORWARD", "backward": "VIL_KERNELS_FLASH_BACKWARD"}
-_FLASH_WORDS = {"1": True, "on": True, "0": False, "off": False, "": False, "auto": None}
+_FLASH_WORDS = {**dict.fromkeys(("1", "on", "true", "yes"), True),
+                **dict.fromkeys(("0", "off", "false", "no", ""), False), "auto": None}
 
 
 def flash_setting(name):
@@ -120,7 +121,7 @@ def flash_setting(name):
     None (auto)."""
     value = os.environ.get(FLASH_ENV[name], "0").strip().lower()
     if value not in _FLASH_WORDS:
-        raise ValueError(f"${FLASH_ENV[name]} must be 1, 0 or auto, got {value!r}")
+        raise ValueError(f"${FLASH_ENV[name]} must be 1 (on), 0 (off) or auto, got {value!r}")
     return _FLASH_WORDS[value]
 
 
