@@ -14,6 +14,10 @@
 #               the kernels that chunks of several tiles run differently: the two pair kernels,
 #               the outputs, dq/dk and dv kernels' loops over the pairs; table file of its own
 #   tests       the Triton and torch.func tests on CUDA (pytest-xdist when there); after tune, with its table
+#   gatetests   tests/test_gates.py and tests/test_random_configs.py on CUDA
+#   diag        bench/diag/gates32.py (where float32 loses precision with several resets in a
+#               long chunk) and bench/diag/two_v_tiles.py (a reduced form of the two-V-tile
+#               fault, for a Triton report)
 #   kernels     the operator benchmark at S=784, D=384/192/96, with that table (kernels-all:
 #               at every shape of bench/kernels.py's GPU list)
 #   chunks      the Triton op in chunks of CHUNKS positions (default 64,128,256,1024: the
@@ -131,6 +135,12 @@ for s in $STEPS; do
             --write-table "$OUT/launch-table-chunk.json" ;;
     tests)
         step tests 100 python -m pytest tests/test_triton.py tests/test_func.py -q $XDIST ;;
+    gatetests)                                 # infinite gates and the random configurations
+        step gatetests 80 python -m pytest tests/test_gates.py tests/test_random_configs.py -q \
+            $XDIST ;;
+    diag)                                      # session 19's open questions (bench/diag/)
+        step diag-gates32 40 python bench/diag/gates32.py
+        step diag-two-v-tiles 40 python bench/diag/two_v_tiles.py ;;
     kernels)
         step kernels 80 python bench/kernels.py --shapes 64,4,784,384 \
             --shapes 64,4,784,192 --shapes 64,4,784,96 --results-file "$OUT/kernels.json" ;;
