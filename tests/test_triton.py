@@ -448,7 +448,7 @@ def test_scores_in_the_outputs_kernel_same_bits(dtype, monkeypatch):
     pair's scores (heuristics.SCORES_IN_OUTPUTS) gives the bits of the pair kernel's path, h
     and the normalizer, with an initial state and without (bfloat16 on CUDA as well as
     float64 under the interpreter; float32 on CUDA, whose V tiles are 32 wide, at DV = 32 and
-    to 1e-6: its tf32x3 products are not claimed bit for bit)."""
+    to 1e-5: its tf32x3 products are not claimed bit for bit; not yet run there)."""
     float32 = dtype == torch.float64 and DEVICE == "cuda"
     if float32:
         dtype = torch.float32
@@ -459,7 +459,7 @@ def test_scores_in_the_outputs_kernel_same_bits(dtype, monkeypatch):
         for here in (True, False):
             assert ("fwd_pair" in outs[init, here][1]) != here, outs[init, here][1]
         for a, b in zip(outs[init, True][0], outs[init, False][0]):
-            assert rel_err(a.float(), b.float()) < 1e-6 if float32 else torch.equal(a, b)
+            assert rel_err(a.float(), b.float()) < 1e-5 if float32 else torch.equal(a, b)
 
 
 def _forward_on_and_off(monkeypatch, setting, x, chunk, reverse):
