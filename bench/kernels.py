@@ -230,6 +230,15 @@ FLASH_SETTINGS = {"off": (False, False), "fwd": (True, False), "bwd": (False, Tr
                   "on": (True, True), "auto": (None, None)}
 
 
+def flash_words(parser, text):
+    """--flash's comma-separated FLASH_SETTINGS words, or the parser's usage error."""
+    words = text.split(",")
+    if any(w not in FLASH_SETTINGS for w in words):
+        parser.error(f"--flash takes words of {', '.join(FLASH_SETTINGS)} (e.g. off,on), got "
+                     f"{text!r}")
+    return words
+
+
 @contextlib.contextmanager
 def triton_settings(tile, flash):
     """The Triton kernels' tile of positions forced to ``tile`` and their flash forms to
@@ -356,11 +365,7 @@ def parse_args(argv=None):
     p.add_argument("--results-file", default=None)
     args = p.parse_args(argv)
     if args.flash is not None:
-        words = args.flash.split(",")
-        if any(w not in FLASH_SETTINGS for w in words):
-            p.error(f"--flash takes words of {', '.join(FLASH_SETTINGS)} (e.g. off,on), got "
-                    f"{args.flash!r}")
-        args.flash = words
+        args.flash = flash_words(p, args.flash)
     if args.tile is not None:
         try:
             args.tile = [int(t) for t in args.tile.split(",")]

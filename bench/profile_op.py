@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 import vil_kernels  # noqa: E402
-from kernels import FLASH_SETTINGS, make_inputs, triton_settings  # noqa: E402
+from kernels import flash_words, make_inputs, triton_settings  # noqa: E402
 from machine import device_name  # noqa: E402
 from vil_kernels.triton import chunk as tchunk  # noqa: E402
 
@@ -100,9 +100,7 @@ def main(argv=None):
     ap.add_argument("--results-file")
     args = ap.parse_args(argv)
     chunks = [None] if args.chunk_size is None else [int(c) for c in args.chunk_size.split(",")]
-    flashes = [None] if args.flash is None else args.flash.split(",")
-    if any(f not in FLASH_SETTINGS for f in flashes if f is not None):
-        ap.error(f"--flash takes words of {', '.join(FLASH_SETTINGS)}, got {args.flash!r}")
+    flashes = [None] if args.flash is None else flash_words(ap, args.flash)
     B, NH, S, D = (int(s) for s in args.shape.split(","))
     dev = torch.device(args.device)
     x = make_inputs(B, NH, S, D, torch.bfloat16, dev, requires_grad=True)

@@ -292,10 +292,11 @@ def launch_params(kernel, DK, DV, L, dtype, arch):
             if tile in given and second not in given and second in p:
                 p[second] = 0            # a head-dim tile named alone is the whole block
     if kernel == "fwd_out" and p.get("BV2") and p["num_warps"] < 8:
-        # two V tiles at 4 warps: on an H200, 64 + 32 columns (Triton 3.6, sm_90) gave wrong
-        # second-tile columns, or an out-of-range shared-memory address (compute-sanitizer, at
-        # the dot of the scores and the second v tile); 8 warps, and one tile of 64 + 64, were
-        # right (bench/results/README.md). A table's or sweep's entry gets 8 warps too.
+        # two V tiles run 8 warps, the built-in rule's and any table's or sweep's. At 4, on
+        # an H200, 64 + 32 columns (Triton 3.6, sm_90) gave wrong second-tile columns, or an
+        # out-of-range shared-memory address (compute-sanitizer, at the dot of the scores and
+        # the second v tile); 8 warps, and one tile of 64 + 64, were right
+        # (bench/results/README.md).
         p["num_warps"] = 8
     if not forced:
         _cache[key] = dict(p)
@@ -408,10 +409,10 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
         p["BV2"] = 0
         if FLASH_FORWARD is True and flash_applies(DK, DV, BT, NT, dtype, arch):
             # (forced on, with carried states) all of DV in one program: two V tiles from 129
-            # columns, at 8 warps (see launch_params); one tile up to 128
+            # columns (launch_params runs them at 8 warps); one tile up to 128
             BV, BV2 = flash_tiles(DV)
             if BV2 and BV + BV2 > 128:
-                p["BV"], p["BV2"], p["num_warps"] = BV, BV2, max(warps, 8)
+                p["BV"], p["BV2"] = BV, BV2
             else:
                 p["BV"] = max(16, next_power_of_2(DV))
     if kernel in SCANS and NT == 1:
