@@ -24,9 +24,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .utils import (NEG, SECOND_ORDER, compute_dtype, default_chunk_size, first_order_only,
-                    forget_grad, log_forget, normalizer_backward, route_last_state,
-                    route_to_argmax)
+from .utils import (NEG, SECOND_ORDER, compute_dtype, cumsum_parts, default_chunk_size,
+                    first_order_only, forget_grad, log_forget, normalizer_backward,
+                    route_last_state, route_to_argmax)
 
 # exp() arguments are floored where exp is still a normal number: on CPUs exp of an underflowing
 # argument runs many times slower. A floored weight is at most 1e-26 of the row's largest, and its
@@ -102,14 +102,16 @@ class _Layout:
 
 
 def _walk_gates(lay, i, fl):
-    """In walk order, per chunk: the input gate, the cumulative log-forget b, its total g and the
-    log-weight a of each key at its chunk's end."""
+    """In walk order, per chunk: the cumulative log-forget b as its coarse and fine parts c, f
+    (utils.cumsum_parts; every log-weight below is formed as (c_t - c_j) + (small terms), so
+    that resets, which make |b| ~ 1000, cost no precision), y = i - f for the keys, the total g
+    and the log-weight a of each key at its chunk's end."""
     BH = i.shape[0]
     iw = lay.walk(i).view(BH, lay.NC, lay.L)
-    b = lay.walk(fl).view(BH, lay.NC, lay.L).cumsum(-1)                # [BH, NC, L]
-    g = b[..., -1]                                                     # [BH, NC]
-    a = g[..., None] - b + iw
-    return iw, b, g, a
+    c, f = cumsum_parts(lay.walk(fl).view(BH, lay.NC, lay.L))          # [BH, NC, L]
+    y = iw - f
+    a = (c[..., -1:] - c) + (f[..., -1:] + y)
+    return c, f, y, c[..., -1] + f[..., -1], a
 
 
 def _strictly_after(R, device):
@@ -248,11 +250,14 @@ def _entry_states_backward(lay, tables, dc_in, dn_in, dc_last, dn_last):
     return dc_loc, dn_loc, dc_next, dn_next
 
 
-def _intra_weights(lay, u, w):
-    """exp(log D - m_row) inside every chunk, memory order [BH * NC, L, L]: u_t + w_j with
-    u = b - m_row (rows) and w = i - b (keys); keys later in the walk are exactly 0."""
-    L = lay.L
-    E = _exp(u.reshape(-1, L, 1) + w.reshape(-1, 1, L))
+def _intra_weights(lay, c, x, y):
+    """exp(log D - m_row) inside every chunk, memory order [BH * NC, L, L], from walk-order
+    [BH, NC, L] parts: (c_t - c_j) + x_t + y_j with the cumsum's coarse part c, x = f - m_row
+    (rows) and y = i - f (keys) (_walk_gates); keys later in the walk are exactly 0."""
+    BH, L = c.shape[0], lay.L
+    c, x, y = (lay.walk(t.reshape(BH, -1)).reshape(-1, L) for t in (c, x, y))
+    E = (c[:, :, None] - c[:, None, :]).add_(x[:, :, None]).add_(y[:, None, :])
+    E = _exp(E)
     return E.triu_() if lay.reverse else E.tril_()
 
 
@@ -274,7 +279,7 @@ def _forward(lay, q, k, v, i, fl, c0, n0, m0, eps, need_last, track):
     NC, L = lay.NC, lay.L
     scale = DK ** -0.5
     qc, kc, vc = (x.view(BH * NC, L, -1) for x in (q, k, v))
-    iw, b, g, a = _walk_gates(lay, i, fl)
+    c, f, y, g, a = _walk_gates(lay, i, fl)
 
     # Every chunk's own contribution, relative to its end, then the state entering every chunk.
     m_loc, j_loc = a.max(-1)                                           # [BH, NC]
@@ -289,16 +294,17 @@ def _forward(lay, q, k, v, i, fl, c0, n0, m0, eps, need_last, track):
                                                None if c0 is None else c0.reshape(BH, DK * DV),
                                                n0, need_last)
 
-    # Row maxima from a running max over keys (no L x L pass), then the outputs.
-    w_key = iw - b                                                     # [BH, NC, L]
-    run_max, j_intra = w_key.cummax(-1)
-    m_intra = b + run_max
-    carried = b + m_in[:, :NC, None]                                   # [BH, NC, L]
+    # Row maxima from a running max over keys of i - b (no L x L pass; its argmax, then the
+    # max formed from the parts), then the outputs.
+    j_intra = (y - c).cummax(-1)[1]                                    # [BH, NC, L]
+    m_intra = (c - c.gather(-1, j_intra)) + (f + y.gather(-1, j_intra))
+    carried = c + (f + m_in[:, :NC, None])                             # [BH, NC, L]
     m_row = torch.maximum(carried, m_intra)
-    E = _intra_weights(lay, lay.walk((b - m_row).view(BH, Sp)), lay.walk(w_key.view(BH, Sp)))
+    x = f - m_row
+    E = _intra_weights(lay, c, x, y)
     scores = _mm(qc, kc.transpose(1, 2), scale).mul_(E)                # [BH * NC, L, L]
     del E
-    w_carried = _exp(carried - m_row).view(BH, Sp)
+    w_carried = _exp(c + (x + m_in[:, :NC, None])).view(BH, Sp)
     qw = qc * lay.walk(w_carried).view(BH * NC, L, 1)
     num = _mm(qw, c_in.view(BH * NC, DK, DV), scale).baddbmm_(scores, vc)  # [BH * NC, L, DV]
     n_row = scores.sum(-1).view(BH, Sp)
@@ -336,12 +342,12 @@ def _backward(lay, q, k, v, i, fl, c0, n0, m0, eps, h, dh, saved, last, dlast):
 
     qc, kc, vc, dnum_c = (x.view(BH * NC, L, -1) for x in (q, k, v, dnum))
     dn_c = dn_row.view(BH * NC, L, 1)
-    iw, b, g, a = _walk_gates(lay, i, fl)
+    c, f, y, g, a = _walk_gates(lay, i, fl)
     m_loc = a.amax(-1).clamp_(min=NEG)                                 # as in the forward
     tables = _tables(g, m_loc, m0)
     m_in = _table_m_in(tables)
-    m_w = m_row.view(BH, NC, L)
-    E = _intra_weights(lay, lay.walk((b - m_w).view(BH, Sp)), lay.walk((iw - b).view(BH, Sp)))
+    x = f - m_row.view(BH, NC, L)
+    E = _intra_weights(lay, c, x, y)
 
     # Inside the chunks: gated linear attention with values [v, 1].
     dscores = torch.baddbmm(dn_c, dnum_c, vc.transpose(1, 2)).mul_(E)  # [BH * NC, L, L]
@@ -353,7 +359,7 @@ def _backward(lay, q, k, v, i, fl, c0, n0, m0, eps, h, dh, saved, last, dlast):
     del scores, E
 
     # Through the state entering each chunk.
-    w_carried = lay.walk(_exp(b + m_in[:, :NC, None] - m_w).view(BH, Sp)).view(BH * NC, L, 1)
+    w_carried = lay.walk(_exp(c + (x + m_in[:, :NC, None])).view(BH, Sp)).view(BH * NC, L, 1)
     dnum_w = dnum_c * w_carried
     dn_w = dn_c * w_carried
     c_in_c = c_in.view(BH * NC, DK, DV)

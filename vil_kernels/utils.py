@@ -26,6 +26,19 @@ def log_forget(f):
     return torch.nn.functional.logsigmoid(f.clamp(min=F_MIN))
 
 
+def cumsum_parts(fl):
+    """Cumsum of log forget gates (>= F_MIN) along the last dim as (coarse, fine) parts, coarse
+    + fine = the cumsum: each term rounded to a grid of 2^-k (1/64 for up to 1024 terms, coarser
+    beyond) and the rest. Every partial sum of the coarse parts is a multiple of the grid below
+    2^24 grid steps, so it is exact in float32 in any order, and differences of cumsums,
+    (c_t - c_j) + (f_t - f_j), keep float32's precision where resets make them ~1000 (one
+    float32 cumsum there has an ulp of 6e-5; the Triton kernels' gate scan does the same)."""
+    n = fl.shape[-1]
+    grid = 2.0 ** min(6, 16 - (n - 1).bit_length())
+    hi = torch.round(fl * grid) / grid
+    return hi.cumsum(-1), (fl - hi).cumsum(-1)
+
+
 def forget_grad(dfl, f):
     """df from dlogsigmoid(f): sigmoid(-f), none below the floor (autograd's clamp rule)."""
     return torch.where(f < F_MIN, 0.0, dfl * torch.sigmoid(-f))

@@ -57,7 +57,7 @@ def stages(L=128):
         return n, (s @ v) / (n.abs().maximum(torch.exp(-m)) + 1e-6)[..., None]
 
     n, href = forward(logd, m)
-    bg, mg = b_row.double().cpu(), m_row.double().cpu()
+    bg, mg = b_row.double().cpu().sum(-2), m_row.double().cpu()   # coarse + fine parts
     # the kernels' rounded b and m, every other step in float64 (one chunk only: there b_t - b_j
     # is the weight's cumsum difference)
     logd_g = (bg[..., :, None] - bg[..., None, :] + i[..., None, :]).masked_fill(~causal, -math.inf)

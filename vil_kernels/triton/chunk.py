@@ -236,7 +236,7 @@ def _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse, states=True):
     a_last = torch.empty(B, NH, dtype=torch.int32, **kw)
     gain = torch.empty(B, NH, NC, L, dtype=ad, **kw)
     decay = torch.empty(B, NH, NC, dtype=ad, **kw)
-    b_row = torch.empty(B, NH, S, dtype=ad, **kw)
+    b_row = torch.empty(B, NH, 2, S, dtype=ad, **kw)                 # coarse, fine parts
     m_row = torch.empty(B, NH, S, dtype=ad, **kw)
     a_row = torch.empty(B, NH, S, dtype=torch.int32, **kw)
     c_init, n_init, m_init = (c0, n0, m0) if has_init else (c_last, n_last, m_last)  # unread

@@ -22,7 +22,11 @@ like q, k and v, into the buffer their projection's output would take as its gra
 can); everything else the kernels write, and dh, is contiguous.
 
 Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
-  b_row         [S]            cumsum of logsigmoid(f) from the row's chunk start, inclusive
+  b_row         [2, S]         cumsum of logsigmoid(f) from the row's chunk start, inclusive,
+                               as a coarse part c (multiples of 1/64, summed exactly) and a
+                               fine part f, |f| <= L / 128 (_gates): b = c + f, and b_t - b_j
+                               = (c_t - c_j) + (f_t - f_j) keeps float32's precision even
+                               where resets make |b| large, whatever the order of summation
   m_row, n_row  [S]            per-row stabilizer and signed normalizer
   a_row         [S] int32      logical index of the row's argmax key, -1 = the initial state
   (b_row, m_row, a_row from the gate scan; [S] rows are in physical order)
@@ -48,6 +52,10 @@ import triton.language as tl
 
 _NEG = tl.constexpr(-1e30)
 _F_MIN = tl.constexpr(-256.0)   # the floor of forget gate pre-activations (utils.F_MIN)
+# The grid of the cumsums' coarse parts: L <= 1024 terms of at least F_MIN each on a grid of
+# 1/64 stay within 2^24 grid steps, so every partial sum is exact in float32.
+_GRID = tl.constexpr(64.0)
+_STEP = tl.constexpr(1 / 64)
 
 
 @triton.jit
@@ -61,13 +69,6 @@ def _dot(a, b, MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP:
         a = a.to(ACC)
         b = b.to(ACC)
     return tl.dot(a, b, input_precision=PREC, out_dtype=ACC)
-
-
-@triton.jit
-def _argmax_combine(a_v, a_j, b_v, b_j):
-    """Running (max, argmax); the earlier index on ties."""
-    take_b = b_v > a_v
-    return tl.where(take_b, b_v, a_v), tl.where(take_b, b_j, a_j)
 
 
 @triton.jit
@@ -89,28 +90,61 @@ def _rows(i_r, S, REVERSE, BT: tl.constexpr):
 
 @triton.jit
 def _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC: tl.constexpr):
-    """A tile's chunk-relative log-forget cumsum b (0 where masked) and input gates (NEG where
-    masked, so that such keys weigh nothing)."""
-    b_b = tl.load(b_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    """A tile's chunk-relative log-forget cumsum as its coarse and fine parts c, f (0 where
+    masked; b = c + f) and, for its keys, y = i - f (NEG where masked, so that such keys weigh
+    nothing)."""
+    p_b = b_row + 2 * i_bh * S + o_p
+    b_c = tl.load(p_b, mask=m_t, other=0.).to(ACC)
+    b_f = tl.load(p_b + S, mask=m_t, other=0.).to(ACC)
     b_i = tl.load(i + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    return b_b, tl.where(m_t, b_i, _NEG)
+    return b_c, b_f, tl.where(m_t, b_i - b_f, _NEG)
+
+
+@triton.jit
+def _row_gates(b_row, m_row, i_bh, o_p, m_t, S, ACC: tl.constexpr):
+    """A tile's rows as the weights take them: the cumsum's coarse part c, x = f - m, and m
+    (0, 0, 0 where masked)."""
+    p_b = b_row + 2 * i_bh * S + o_p
+    b_c = tl.load(p_b, mask=m_t, other=0.).to(ACC)
+    b_f = tl.load(p_b + S, mask=m_t, other=0.).to(ACC)
+    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    return b_c, b_f - b_m, b_m
 
 
 @triton.jit
 def _chunk_total(b_row, i_bh, i_c, S, REVERSE, L: tl.constexpr, ACC: tl.constexpr):
-    """g of chunk i_c, the sum of its log forget gates: b at its last position in the sequence."""
+    """g of chunk i_c, the sum of its log forget gates, as (coarse, fine) parts: b at its last
+    position in the sequence."""
     o_t = tl.minimum(i_c * L + L - 1, S - 1)
     o_p = tl.where(REVERSE != 0, S - 1 - o_t, o_t)
-    return tl.load(b_row + i_bh * S + o_p).to(ACC)
+    p_b = b_row + 2 * i_bh * S + o_p
+    return tl.load(p_b).to(ACC), tl.load(p_b + S).to(ACC)
 
 
 @triton.jit
-def _weights(b_ba, b_ma, b_bb, b_ib, see):
+def _weights(b_ca, b_xa, b_cb, b_yb, see):
     """exp(log D - m) of a tile of rows a and a tile of keys b of the same chunk, up to a:
     exp(b_t - b_j + i_j - m_t) where row t sees key j (see [BT, BT]: every key of an earlier
-    tile, its own tile's causal half), else 0. [BT, BT]"""
-    return tl.exp(tl.where(see, b_ba[:, None] - b_bb[None, :] + b_ib[None, :] - b_ma[:, None],
+    tile, its own tile's causal half), else 0. [BT, BT] From the rows' (c, x = f - m) and the
+    keys' (c, y = i - f) (_row_gates, _tile_gates): the coarse parts' difference is exact, the
+    rest is small, so the weight keeps float32's precision however large |b| (three additions
+    an element, as b_t - b_j + i_j - m_t takes)."""
+    return tl.exp(tl.where(see, (b_ca[:, None] - b_cb[None, :]) + (b_xa[:, None] + b_yb[None, :]),
                            _NEG))
+
+
+@triton.jit
+def _entry_weight(b_c, b_x, b_min, m_t):
+    """exp(b_t + m_in - m_t), the weight of the state entering the chunk in each row (0 where
+    masked). [BT]"""
+    return tl.where(m_t, tl.exp(b_c + (b_x + b_min)), 0.)
+
+
+@triton.jit
+def _exit_weight(g_c, g_f, b_c, b_y, b_mout):
+    """exp(g - b_j + i_j - m_out), each key's weight in the state leaving its chunk (0 where
+    masked). [BT]"""
+    return tl.exp((g_c - b_c) + ((g_f - b_mout) + b_y))
 
 
 @triton.jit
@@ -132,13 +166,12 @@ def _pair(i_bh, i_c, NC, S, a, j, BT: tl.constexpr, NT: tl.constexpr):
 
 @triton.jit
 def _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC: tl.constexpr):
-    """A tile's rows as the backward weighs them: gate cumsum b, stabilizer m, normalizer den
-    and its gradient dn (masked rows: 0, 0, 1, 0)."""
-    b_b = tl.load(b_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    """A tile's rows as the backward weighs them: (c, x) for _weights (_row_gates), the
+    normalizer den and its gradient dn (masked rows: 0, 0, 1, 0)."""
+    b_c, b_x, _ = _row_gates(b_row, m_row, i_bh, o_p, m_t, S, ACC)
     b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
     b_dn = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    return b_b, b_m, b_den, b_dn
+    return b_c, b_x, b_den, b_dn
 
 
 @triton.jit
@@ -180,8 +213,16 @@ def _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC: tl.constexpr):
 
 @triton.jit
 def _gates(p_i, p_f, o_p, m_t, L: tl.constexpr, ACC: tl.constexpr):
-    """Input gates (NEG when masked), chunk-local inclusive cumsum b of logsigmoid(f) (f floored
-    at F_MIN; NaN stays NaN), and its total g, of a [chunks, L] tile of positions."""
+    """The chunk-local inclusive cumsum b of logsigmoid(f) (f floored at F_MIN; NaN stays NaN)
+    of a [chunks, L] tile of positions as its coarse and fine parts c, f, the chunks' totals
+    g as (g_c, g_f), and y = i - f (NEG where masked).
+    Each log forget gate is split into its value rounded to a multiple of 1/64 and the rest
+    (|rest| <= 1/128): the coarse parts' partial sums are multiples of 1/64 below 2^18 in
+    magnitude (L <= 1024 terms >= F_MIN), exact in float32 in any order of summation, and the
+    fine parts' are small. A single float32 cumsum reaches |b| ~ 1000 after four resets in a
+    chunk (ulp 6e-5), and a GPU's parallel scan rounds b_t and b_j on different paths, so
+    that b_t - b_j, the log of every weight, lost ~5e-4 (an H200 in session 19; a log-step
+    scan order under the interpreter reproduces it)."""
     b_f = tl.load(p_f + o_p, mask=m_t, other=0.).to(ACC)
     b_f = tl.where(b_f < _F_MIN, _F_MIN, b_f)
     b_i = tl.load(p_i + o_p, mask=m_t, other=0.).to(ACC)
@@ -191,10 +232,22 @@ def _gates(p_i, p_f, o_p, m_t, L: tl.constexpr, ACC: tl.constexpr):
     b_d = tl.where(b_u == 1., 1., b_u - 1.)
     b_l1p = tl.where(b_u == 1., b_x, tl.log(b_u) * (b_x / b_d))
     b_fl = tl.where(m_t, tl.minimum(b_f, 0.) - b_l1p, 0.)
-    b_i = tl.where(m_t, b_i, _NEG)
-    b_b = tl.cumsum(b_fl, axis=1)                                   # [chunks, L]
-    b_g = tl.sum(tl.where(tl.arange(0, L)[None, :] == L - 1, b_b, 0.), axis=1)
-    return b_i, b_b, b_g
+    b_hi = tl.floor(b_fl * _GRID + 0.5) * _STEP                    # exact: a power of two
+    b_c = tl.cumsum(b_hi, axis=1)                                   # [chunks, L] exact
+    b_f = tl.cumsum(b_fl - b_hi, axis=1)                            # [chunks, L]
+    last = tl.arange(0, L)[None, :] == L - 1
+    g_c = tl.sum(tl.where(last, b_c, 0.), axis=1)
+    g_f = tl.sum(tl.where(last, b_f, 0.), axis=1)
+    return tl.where(m_t, b_i - b_f, _NEG), b_c, b_f, g_c, g_f
+
+
+@triton.jit
+def _key_max_combine(c1, y1, j1, c2, y2, j2):
+    """Running max and argmax of keys' u = y - c (i - b, from _gates' parts): the later key
+    wins if y2 - y1 > c2 - c1 (the coarse difference exact, so that u, ~1000 after resets,
+    is never rounded); the earlier index on ties."""
+    take = y2 - y1 > c2 - c1
+    return tl.where(take, c2, c1), tl.where(take, y2, y1), tl.where(take, j2, j1)
 
 
 @triton.jit
@@ -222,7 +275,8 @@ def mlstm_fwd_gates_kernel(
     the carried m; a chunk at a time, the loads' latency made the scan ~0.9 us a chunk (0.23
     ms at S=16384 on an H200). A row's m and argmax: the larger of the carried state's
     (b + m_in, its argmax; it wins ties) and the chunk's keys up to the row (b + prefix max of
-    i - b, the earliest index on ties), as the references' earliest-key rule."""
+    i - b, the earliest index on ties), as the references' earliest-key rule. Every log-weight
+    here is formed from the cumsum's coarse and fine parts as _weights forms them."""
     i_bh = tl.program_id(0).to(tl.int64)
     p_i, p_f = i + i_bh * S, f + i_bh * S
     if HAS_INIT:
@@ -235,8 +289,9 @@ def mlstm_fwd_gates_kernel(
         o_c = i_cb * BC + o_b                                       # [BC] chunks
         m_c = o_c < NC
         o_p, m_t = _physical(o_c[:, None] * L + o_j[None, :], S, REVERSE)      # [BC, L]
-        b_i, b_b, b_g = _gates(p_i, p_f, o_p, m_t, L, ACC)       # [BC, L], [BC, L], [BC]
-        b_lw = b_g[:, None] - b_b + b_i                             # key log-weights
+        b_y, b_c, b_f, g_c, g_f = _gates(p_i, p_f, o_p, m_t, L, ACC)  # [BC, L] x 3, [BC] x 2
+        b_g = g_c + g_f
+        b_lw = (g_c[:, None] - b_c) + (g_f[:, None] + b_y)          # key log-weights
         b_mloc, b_jloc = tl.max(b_lw, axis=1, return_indices=True)  # [BC]
         b_jloc = (b_jloc + o_c * L).to(tl.int32)
         # every chunk's step from the block's start, then from the carried (m, argmax); chunks
@@ -251,19 +306,23 @@ def mlstm_fwd_gates_kernel(
         b_ain = tl.where(o_b == 0, b_a, tl.sum(tl.where(prev, b_aout[None, :], 0), axis=1))
         o_s = i_bh * NC + o_c
         tl.store(m_in + o_s, b_min.to(m_in.dtype.element_ty), mask=m_c)
-        tl.store(decay + o_s, tl.exp(b_g + b_min - b_mout).to(decay.dtype.element_ty), mask=m_c)
+        tl.store(decay + o_s, tl.exp(g_c + (g_f + b_min - b_mout)).to(decay.dtype.element_ty),
+                 mask=m_c)
         tl.store(gain + o_s[:, None] * L + o_j[None, :],
                  tl.exp(b_lw - b_mout[:, None]).to(gain.dtype.element_ty),
                  mask=m_c[:, None])                                 # 0 where masked
         # rows: the chunk's keys up to each row (a prefix max along the chunk) or the carry
-        b_pv, b_pj = tl.associative_scan((b_i - b_b, tl.broadcast_to(o_j[None, :], (BC, L))),
-                                         axis=1, combine_fn=_argmax_combine)
-        b_carry = b_b + b_min[:, None]
-        b_mintra = b_b + b_pv
+        b_pc, b_py, b_pj = tl.associative_scan(
+            (b_c, b_y, tl.broadcast_to(o_j[None, :], (BC, L))), axis=1,
+            combine_fn=_key_max_combine)
+        b_carry = b_c + (b_f + b_min[:, None])
+        b_mintra = (b_c - b_pc) + (b_f + b_py)
         b_mrow = tl.maximum(b_carry, b_mintra)                      # [BC, L]
         b_arow = tl.where(b_carry >= b_mintra, b_ain[:, None], b_pj + (o_c * L)[:, None])
         o_x = i_bh * S + o_p
-        tl.store(b_row + o_x, b_b.to(b_row.dtype.element_ty), mask=m_t)
+        o_b2 = 2 * i_bh * S + o_p                                   # b_row [2, S] a head
+        tl.store(b_row + o_b2, b_c.to(b_row.dtype.element_ty), mask=m_t)
+        tl.store(b_row + o_b2 + S, b_f.to(b_row.dtype.element_ty), mask=m_t)
         tl.store(m_row + o_x, b_mrow.to(m_row.dtype.element_ty), mask=m_t)
         tl.store(a_row + o_x, b_arow.to(tl.int32), mask=m_t)
         last = o_b == BC - 1
@@ -444,15 +503,15 @@ def _pair_rows(i_r, i_u, a, j, S, REVERSE, BT: tl.constexpr):
 
 
 @triton.jit
-def _pair_scores(p_q, p_k, b_row, i, i_bh, o_p, m_t, b_b, b_m, o_pj, m_tj, see, S, DK, s_t,
+def _pair_scores(p_q, p_k, b_row, i, i_bh, o_p, m_t, b_c, b_x, o_pj, m_tj, see, S, DK, s_t,
                  scale, BT: tl.constexpr, BK: tl.constexpr, MMA: tl.constexpr,
                  ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
     """A pair's weighted scores s q_a k_j^T * exp(log D - m) [BT, BT], rows (b, m) of tile a:
     one expression for the forward pair kernel and the outputs kernel's SCORES, so that both
-    give the same bits."""
-    b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+    give the same bits. Rows as (c, x) (_row_gates)."""
+    b_cj, _, b_yj = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
     return _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK, MMA, ACC, PREC,
-                     INTERP) * scale * _weights(b_b, b_m, b_bj, b_ij, see)
+                     INTERP) * scale * _weights(b_c, b_x, b_cj, b_yj, see)
 
 
 @triton.jit
@@ -471,10 +530,9 @@ def mlstm_fwd_pair_kernel(
     if live:
         o_i = tl.arange(0, BT)
         o_p, m_t, o_pj, m_tj, see = _pair_rows(i_r, i_u, a, j, S, REVERSE, BT)
-        b_b, _ = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
-        b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+        b_c, b_x, _ = _row_gates(b_row, m_row, i_bh, o_p, m_t, S, ACC)
         p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
-        b_s = _pair_scores(p_q, p_k, b_row, i, i_bh, o_p, m_t, b_b, b_m, o_pj, m_tj, see, S,
+        b_s = _pair_scores(p_q, p_k, b_row, i, i_bh, o_p, m_t, b_c, b_x, o_pj, m_tj, see, S,
                            DK, s_t, scale, BT, BK, MMA, ACC, PREC, INTERP)
         o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
         tl.store(sc + o_x + o_i[:, None] * BT + o_i[None, :], b_s.to(sc.dtype.element_ty))
@@ -498,9 +556,9 @@ def mlstm_bwd_pair_kernel(
     if live:
         o_i = tl.arange(0, BT)
         o_p, m_t, o_pj, m_tj, see = _pair_rows(i_r, i_u, a, j, S, REVERSE, BT)
-        b_b, b_m, b_den, b_dn = _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC)
-        b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
-        b_w = _weights(b_b, b_m, b_bj, b_ij, see)                   # [BT, BT]
+        b_c, b_x, b_den, b_dn = _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC)
+        b_cj, _, b_yj = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+        b_w = _weights(b_c, b_x, b_cj, b_yj, see)                   # [BT, BT]
         p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
         p_v, p_dh = _seq(v, i_bh, NH, sv_b, sv_h), dh + i_bh * S * DV
         b_qk = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK,
@@ -547,7 +605,7 @@ def mlstm_bwd_flash_kernel(
         o_v2 = BV + tl.arange(0, BV2)
         m_v2 = o_v2 < DV
         b_dh2 = _load_tile(p_dh, o_p, m_t, DV, o_v2, m_v2)             # [BT, BV2]
-    b_b, b_m, b_den, b_dn = _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC)
+    b_c, b_x, b_den, b_dn = _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC)
     # this row tile's first pair slot (key tile 0), row by row: _pair's, in the one chunk of
     # cdiv(S, BT) tiles (so that the chunk's length is not compiled in); its slots hold the
     # keys before (i_r + 1) * BT
@@ -557,7 +615,7 @@ def mlstm_bwd_flash_kernel(
     end = (i_r + 1) * BT
     for j in range(0, tl.cdiv(end, BS)):
         o_tj, o_pj, m_tj = _rows(j, S, REVERSE, BS)
-        b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+        b_cj, _, b_yj = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
         b_k = _load_tile(p_k, o_pj, m_tj, s_t, o_k, m_k)                # [BS, BK]
         b_s = _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)          # [BT, BS]
         b_dhv = _dot(b_dh, tl.trans(_load_tile(p_v, o_pj, m_tj, sv_t, o_v, m_v)), MMA, ACC,
@@ -568,7 +626,7 @@ def mlstm_bwd_flash_kernel(
         if BV2 > 0:
             b_dhv += _dot(b_dh2, tl.trans(_load_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2)), MMA,
                           ACC, PREC, INTERP)
-        b_w = _weights(b_b, b_m, b_bj, b_ij, m_t[:, None] & (o_t[:, None] >= o_tj[None, :]))
+        b_w = _weights(b_c, b_x, b_cj, b_yj, m_t[:, None] & (o_t[:, None] >= o_tj[None, :]))
         b_ds = (b_dhv / b_den[:, None] + b_dn[:, None]) * b_w            # [BT, BS]
         # (a key tile may span several slots, or, longer than a row tile, pass the last)
         o_x = p_x + ((o_tj // BT) * (BT * BT) + o_tj % BT)[None, :]
@@ -692,12 +750,13 @@ def mlstm_fwd_out_kernel(
                     b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
     if QN_MMA and HAS_STATE:
         b_qn = tl.sum(b_qn16, axis=1)
-    b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
+    b_c, b_f, b_y = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
     b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    b_x = b_f - b_m                                                  # rows' (c, x): _row_gates
     p_v = _seq(v, i_bh, NH, sv_b, sv_h)
     if NT == 1:
         causal = o_i[:, None] >= o_i[None, :]
-        b_s = b_qk * scale * _weights(b_b, b_m, b_b, b_i, causal)  # [BT, BT]
+        b_s = b_qk * scale * _weights(b_c, b_x, b_c, b_y, causal)  # [BT, BT]
         b_num = _dot(b_s, _load_tile(p_v, o_p, m_t, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
         if BV2 > 0:
             b_num2 = _dot(b_s, _load_tile(p_v, o_p, m_t, sv_t, o_v2, m_v2), MMA, ACC, PREC, INTERP)
@@ -709,7 +768,7 @@ def mlstm_fwd_out_kernel(
         b_nrow = tl.zeros([BT], dtype=ACC)
     if HAS_STATE:
         b_min = tl.load(m_in + o_s).to(ACC)
-        b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale  # [BT] carried state's weight
+        b_w = _entry_weight(b_c, b_x, b_min, m_t) * scale          # [BT] carried state's weight
         b_num += b_w[:, None] * b_qc
         if BV2 > 0:
             b_num2 += b_w[:, None] * b_qc2
@@ -722,7 +781,7 @@ def mlstm_fwd_out_kernel(
         for j in range(0, a + 1):
             o_pj, m_tj = _rows(i_c * NT + j, S, REVERSE, BT)[1:]
             if SCORES:
-                b_sj = _pair_scores(p_q, p_k, b_row, i, i_bh, o_p, m_t, b_b, b_m, o_pj, m_tj,
+                b_sj = _pair_scores(p_q, p_k, b_row, i, i_bh, o_p, m_t, b_c, b_x, o_pj, m_tj,
                                     _sees(m_t, a, j, BT), S, DK, s_t, scale, BT, BK, MMA, ACC,
                                     PREC, INTERP)
                 b_nrow += tl.sum(b_sj, axis=1)
@@ -774,19 +833,18 @@ def mlstm_fwd_flash_kernel(
         o_v2 = BV + tl.arange(0, BV2)
         m_v2 = o_v2 < DV
         b_num2 = tl.zeros([BT, BV2], dtype=ACC)
-    b_b, _ = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
-    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    b_c, b_x, b_m = _row_gates(b_row, m_row, i_bh, o_p, m_t, S, ACC)
     b_nrow = tl.zeros([BT], dtype=ACC)
     for j in range(0, tl.cdiv(tl.minimum(i_r * BT + BT, S), BS)):
         o_tj, o_pj, m_tj = _rows(j, S, REVERSE, BS)
-        b_bj, b_ij = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+        b_cj, _, b_yj = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
         b_s = _dot(b_q, tl.trans(_load_tile(p_k, o_pj, m_tj, s_t, o_k, m_k)), MMA, ACC, PREC,
                    INTERP)                                          # [BT, BS]
         if BK2 > 0:
             b_s += _dot(b_q2, tl.trans(_load_tile(p_k, o_pj, m_tj, s_t, o_k2, m_k2)), MMA, ACC,
                         PREC, INTERP)
         see = m_t[:, None] & (o_t[:, None] >= o_tj[None, :])
-        b_s = b_s * scale * _weights(b_b, b_m, b_bj, b_ij, see)
+        b_s = b_s * scale * _weights(b_c, b_x, b_cj, b_yj, see)
         b_nrow += tl.sum(b_s, axis=1)
         b_num += _dot(b_s, _load_tile(p_v, o_pj, m_tj, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
         if BV2 > 0:
@@ -885,16 +943,16 @@ def mlstm_bwd_prologue_kernel(
     tl.store(dn + i_bh * S + o_p, b_dn.to(dn.dtype.element_ty), mask=m_t)
     tl.store(dm + i_bh * S + o_p, (eps * b_dden).to(dm.dtype.element_ty), mask=m_t)
 
-    b_b = tl.load(b_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    b_c, b_x, _ = _row_gates(b_row, m_row, i_bh, o_p, m_t, S, ACC)
     b_min = tl.load(m_in + o_s).to(ACC)
-    b_w = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale     # [BT]
+    b_w = _entry_weight(b_c, b_x, b_min, m_t) * scale               # [BT]
     o_w = i_bh * NC * (BT * NT) + o_t                               # [NC, L]: logical positions
     tl.store(wa + o_w, (b_w / b_den).to(wa.dtype.element_ty))
     tl.store(wb + o_w, (b_w * b_dn).to(wb.dtype.element_ty))
     if i_r % NT == 0:
-        b_g = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
+        g_c, g_f = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
         b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
-        tl.store(decay + o_s, tl.exp(b_g + b_min - b_mout).to(decay.dtype.element_ty))
+        tl.store(decay + o_s, tl.exp(g_c + (g_f + b_min - b_mout)).to(decay.dtype.element_ty))
 
 
 @triton.jit
@@ -1002,26 +1060,26 @@ def mlstm_bwd_dqk_kernel(
     if MMA != tl.float32:
         b_ds = b_ds / b_den[:, None]                                   # [BT, BT] dnum v^T
         b_dqc = b_dqc / b_den[:, None]                                 # [BT, BK] dnum C_in^T
-    b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
-    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    b_c, b_f, b_y = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
+    b_x = b_f - tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)   # _row_gates
     b_dnr = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
     b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
     b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
     if NT == 1:
         causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
-        b_ds = (b_ds + b_dnr[:, None]) * _weights(b_b, b_m, b_b, b_i, causal)  # dS * weights
+        b_ds = (b_ds + b_dnr[:, None]) * _weights(b_c, b_x, b_c, b_y, causal)  # dS * weights
         b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale
         b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale
     else:
         b_dq = tl.zeros([BT, BK], dtype=ACC)
         b_dk = tl.zeros([BT, BK], dtype=ACC)
     if HAS_STATE:
-        b_g = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
+        g_c, g_f = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
         b_min = tl.load(m_in + o_s).to(ACC)
         b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
-        b_wc = tl.where(m_t, tl.exp(b_b + b_min - b_m), 0.) * scale  # [BT] entry-state weight
-        b_gain = tl.exp(b_g - b_b + b_i - b_mout)                    # [BT] exit-state weight
+        b_wc = _entry_weight(b_c, b_x, b_min, m_t) * scale           # [BT] entry-state weight
+        b_gain = _exit_weight(g_c, g_f, b_c, b_y, b_mout)            # [BT] exit-state weight
         b_nin = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
         b_dno = tl.load(dn_out + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
         b_dq += b_wc[:, None] * (b_dqc + b_dnr[:, None] * b_nin[None, :])
@@ -1095,21 +1153,21 @@ def mlstm_bwd_dv_kernel(
                 b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :],
                                 mask=m_k[:, None] & m_v[None, :], other=0.)          # [BK, BV]
                 b_kdc += _dot(b_k, b_dco, MMA, ACC, PREC, INTERP)
-    b_b, b_i = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
-    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
+    b_c, b_f, b_y = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
+    b_x = b_f - tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)   # _row_gates
     b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
     if NT == 1:
         causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
         # scores over the row normalizer, so that dh enters the MMA as loaded (dnum = dh / den)
-        b_s = b_qk * scale * _weights(b_b, b_m, b_b, b_i, causal) / b_den[:, None]  # [BT, BT]
+        b_s = b_qk * scale * _weights(b_c, b_x, b_c, b_y, causal) / b_den[:, None]  # [BT, BT]
         b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
         b_dv = _dot(tl.trans(b_s), b_dh, MMA, ACC, PREC, INTERP)
     else:
         b_dv = tl.zeros([BT, BV], dtype=ACC)
     if HAS_STATE:
-        b_g = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
+        g_c, g_f = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
         b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
-        b_dv += tl.exp(b_g - b_b + b_i - b_mout)[:, None] * b_kdc     # exit-state weight
+        b_dv += _exit_weight(g_c, g_f, b_c, b_y, b_mout)[:, None] * b_kdc  # exit-state weight
     if NT > 1:
         # the chunk's rows from this tile on, their scores over the normalizer from
         # mlstm_bwd_pair_kernel
