@@ -224,7 +224,7 @@ def _gate_scan_outputs(BH, S, NC, L):
     f64, i32 = dict(dtype=torch.float64), dict(dtype=torch.int32)
     return dict(m_in=torch.zeros(BH, NC, **f64), m_last=torch.zeros(BH, **f64),
                 a_last=torch.zeros(BH, **i32), gain=torch.zeros(BH, NC, L, **f64),
-                decay=torch.zeros(BH, NC, **f64), b_row=torch.zeros(BH, 2, S, **f64),
+                decay=torch.zeros(BH, NC, **f64), b_row=torch.zeros(BH, 4, S, **f64),
                 m_row=torch.zeros(BH, S, **f64), a_row=torch.zeros(BH, S, **i32))
 
 
@@ -297,10 +297,15 @@ def test_gate_scan_blocks_match_the_recurrence(case, L, reverse):
         ref = _gate_scan_steps(i, f, m0, L, reverse)
         for n in ("a_last", "a_row"):
             assert torch.equal(got[n], ref[n]), n
-        # the kernel writes b as coarse and fine parts: the coarse part on a grid of 1/64
-        assert torch.equal(got["b_row"][:, 0], (got["b_row"][:, 0] * 64).round() / 64)
-        assert got["b_row"][:, 1].abs().max() <= L / 128
-        got["b_row"] = torch.stack((got["b_row"].sum(1), torch.zeros(BH, S, dtype=torch.float64)), 1)
+        # the kernel writes b as coarse and fine parts (the coarse part on a grid of 1/64),
+        # then x = fine - m and y = i - fine (kernels._cumsum_rows)
+        c, fine, x, y = got["b_row"].unbind(1)
+        assert torch.equal(c, (c * 64).round() / 64)
+        assert fine.abs().max() <= L / 128
+        torch.testing.assert_close(x, fine - got["m_row"], rtol=0, atol=0)
+        torch.testing.assert_close(y, i - fine, rtol=0, atol=0)
+        got["b_row"] = torch.zeros_like(got["b_row"])
+        got["b_row"][:, 0] = c + fine
         for n in ("m_in", "m_last", "decay", "gain", "b_row", "m_row"):
             torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-12 * (
                 1 + ref[n].abs().max().item()), msg=n)

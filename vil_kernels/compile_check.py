@@ -94,29 +94,30 @@ def _signature(name, dt, qn_mma=False):
     elif name == "fwd_state":  # k, v, gain, decay, c0, n0, c_in, n_in, c_last, n_last
         ptrs = [x, x, a, a, a, a, x, a, a, a]
         scalars = ["i32"] * (5 + 7)
-    elif name == "fwd_out":    # q, k, v, i, c_in, n_in, m_in, b_row, m_row, h, n_row, sc, rs;
-        ptrs = [x] * 4 + [x, x if qn_mma else a, a, a, a, x, a, x, a]    # n_in: (hi, lo) pairs
+    elif name == "fwd_out":    # q, k, v, c_in, n_in, m_in, b_row, m_row, h, n_row, sc, rs;
+        ptrs = [x] * 3 + [x, x if qn_mma else a, a, a, a, x, a, x, a]    # n_in: (hi, lo) pairs
         scalars = ["i32"] * (5 + 7) + ["fp32", "fp32"]                # in x at QN_MMA
-    elif name == "fwd_flash":  # q, k, v, i, b_row, m_row, h, n_row; S, DK, DV, REVERSE, NH,
-        ptrs = [x] * 4 + [a, a, x, a]                      # strides of q/k and of v
+    elif name == "fwd_flash":  # q, k, v, b_row, m_row, h, n_row; S, DK, DV, REVERSE, NH,
+        ptrs = [x] * 3 + [a, a, x, a]                      # strides of q/k and of v
         scalars = ["i32"] * 11 + ["fp32", "fp32"]
-    elif name == "bwd_flash":  # q, k, v, i, dh, b_row, m_row, den, dn, ps, ds, dq, rq; S, DK,
-        ptrs = [x] * 5 + [a] * 4 + [x, x, x, a]      # DV, REVERSE, NH, strides of q/k, v, dq
+    elif name == "bwd_flash":  # q, k, v, dh, b_row, den, dn, ps, ds, dq, rq; S, DK,
+        ptrs = [x] * 4 + [a] * 3 + [x, x, x, a]      # DV, REVERSE, NH, strides of q/k, v, dq
         scalars = ["i32"] * 14 + ["fp32"]
-    elif name == "fwd_pair":   # q, k, i, b_row, m_row, sc, rs; S, NC, DK, REVERSE, NH, strides
-        ptrs = [x, x, x, a, a, x, a]
+    elif name == "fwd_pair":   # q, k, b_row, sc, rs; S, NC, DK, REVERSE, NH, strides
+        ptrs = [x, x, a, x, a]
         scalars = ["i32"] * 8 + ["fp32"]
-    elif name == "bwd_pair":   # q, k, v, i, dh, b_row, m_row, den, dn, ps, ds
-        ptrs = [x] * 5 + [a] * 4 + [x, x]
+    elif name == "bwd_pair":   # q, k, v, dh, b_row, den, dn, ps, ds
+        ptrs = [x] * 4 + [a] * 3 + [x, x]
         scalars = ["i32"] * (5 + 7) + ["fp32"]
     elif name == "bwd_state":  # q, dh, wa, wb, decay, dc_last, dn_last, dc_out, dn_out, dc0, dn0
         ptrs = [x, x] + [a] * 5 + [x, a, a, a]
         scalars = ["i32"] * (5 + 4)
-    elif name == "bwd_dqk":    # strides of q/k, of v, then of dq/dk (batch, head, position)
-        ptrs = [x] * 5 + [a] * 4 + [x, a, a, a, x, a, x] + [x, x, a, a]
+    elif name == "bwd_dqk":    # q, k, v, dh, b_row, den, dn, c_in, n_in, m_in, m_last, dc_out,
+        # dn_out, ds, dq, dk, rq, rk; strides of q/k, of v, then of dq/dk (batch, head, position)
+        ptrs = [x] * 4 + [a] * 3 + [x, a, a, a, x, a, x] + [x, x, a, a]
         scalars = ["i32"] * (5 + 10) + ["fp32"]
-    elif name == "bwd_dv":     # strides of q/k, then of dv (batch, head, position)
-        ptrs = [x, x, x, x] + [a] * 5 + [x, x, x]
+    elif name == "bwd_dv":     # q, k, dh, b_row, den, m_in, m_last, dc_out, ps, dv; strides
+        ptrs = [x, x, x] + [a] * 4 + [x, x, x]            # of q/k, then of dv (b, h, position)
         scalars = ["i32"] * (5 + 7) + ["fp32"]
     elif name == "chunk_local":  # x, y, wc, wn, c, n
         ptrs = [x, x, a, a, x, a]

@@ -15,9 +15,9 @@ NEG = -1e30
 # a row or state that has seen nothing is empty, not NaN), f = -inf forgets everything before
 # (a reset). Forget gate pre-activations are taken as max(f, F_MIN), with no gradient below
 # it: logsigmoid(-256) = -256 puts exp(-256 + i_j - i_t) < 1e-41 on whatever crosses a reset
-# for input gates within +-80, and cumsums of such values keep float32's precision
-# (ulp(256) = 3e-5), where -inf would make F_t - F_j NaN and -1e6 would leave F_t - F_j no
-# correct bit.
+# for input gates within +-80, and differences of cumsums of such values keep float32's
+# precision (kept in two parts, cumsum_parts: an exact coarse part on a grid of 1/64 and a
+# small rest), where -inf would make F_t - F_j NaN and -1e6 would overflow the grid.
 F_MIN = -256.0
 
 

@@ -2,9 +2,14 @@
 80 positions): each backend's error against float64, Triton in chunks of 16 to 128 and the
 float32 parallel form (session 19: bench/results/gpu-diag-nvidia-h200-2026-11-27-s19.log);
 then stages(): which stage of the forward loses it (the gate scan's b and m, or the kernels'
-arithmetic after them). Under the interpreter, one chunk of 128: b_row off by 2.8e-4 (|b| up
-to 1133), h 3.6e-5, all of it explained by b's and m's rounding; on the H200 h was 6.6e-4, so
-something GPU-side adds to it (not yet run there). `python bench/diag/gates32.py`."""
+arithmetic after them). `python bench/diag/gates32.py`.
+
+Session 19 on an H200, b as one float32 cumsum: h 6.6e-4 in one chunk of 128. Under the
+interpreter the same kernels gave 3.6e-5 with numpy's sequential cumsum and 4.6e-4 with a
+log-step cumsum (a GPU scan's order, tests/test_gates.py's _log_step_cumsum), all of it
+explained by b's and m's rounding. Since session 20 the gate scan keeps b as an exact coarse
+part and a small fine part (kernels._gates): 4.0e-6 in either order under the interpreter;
+the next GPU run says whether CUDA agrees."""
 import math
 import sys
 from pathlib import Path
@@ -57,7 +62,7 @@ def stages(L=128):
         return n, (s @ v) / (n.abs().maximum(torch.exp(-m)) + 1e-6)[..., None]
 
     n, href = forward(logd, m)
-    bg, mg = b_row.double().cpu().sum(-2), m_row.double().cpu()   # coarse + fine parts
+    bg, mg = b_row[..., :2, :].double().cpu().sum(-2), m_row.double().cpu()  # coarse + fine
     # the kernels' rounded b and m, every other step in float64 (one chunk only: there b_t - b_j
     # is the weight's cumsum difference)
     logd_g = (bg[..., :, None] - bg[..., None, :] + i[..., None, :]).masked_fill(~causal, -math.inf)

@@ -40,6 +40,7 @@ from .kernels import (mlstm_bwd_dqk_kernel, mlstm_bwd_dv_kernel, mlstm_bwd_flash
 
 _TL = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 assert NEG == -1e30 and F_MIN == -256.0  # the kernels' _NEG and _F_MIN
+assert heuristics.MAX_CHUNK * -F_MIN * 64 <= 2 ** 24   # exact coarse cumsums (kernels._GRID)
 
 
 def _dot_args(dtype):
@@ -236,7 +237,7 @@ def _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse, states=True):
     a_last = torch.empty(B, NH, dtype=torch.int32, **kw)
     gain = torch.empty(B, NH, NC, L, dtype=ad, **kw)
     decay = torch.empty(B, NH, NC, dtype=ad, **kw)
-    b_row = torch.empty(B, NH, 2, S, dtype=ad, **kw)                 # coarse, fine parts
+    b_row = torch.empty(B, NH, 4, S, dtype=ad, **kw)      # gate cumsum parts (kernels.py)
     m_row = torch.empty(B, NH, S, dtype=ad, **kw)
     a_row = torch.empty(B, NH, S, dtype=torch.int32, **kw)
     c_init, n_init, m_init = (c0, n0, m0) if has_init else (c_last, n_last, m_last)  # unread
@@ -289,7 +290,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
     if not states and heuristics.flash_applies(DK, DV, BT, NT, q.dtype, arch):
         # one chunk, no carried state: FlashAttention's form, one kernel (heuristics)
         _launch(mlstm_fwd_flash_kernel, "fwd_flash", (cdiv(S, BT), B * NH),
-                (q, k, v, i, b_row, m_row, h, n_row, S, DK, DV, rev, NH, *_strides(q),
+                (q, k, v, b_row, m_row, h, n_row, S, DK, DV, rev, NH, *_strides(q),
                  *_strides(v), scale, eps), DK, DV, L, q.dtype, arch)
         return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, b_row
     p = heuristics.launch_params("fwd_out", DK, DV, L, q.dtype, arch)
@@ -300,7 +301,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
                                    ((state_dtype(q), True), (ad, False)))
     if grid is not None:
         _launch(mlstm_fwd_pair_kernel, "fwd_pair", grid,
-                (q, k, i, b_row, m_row, sc, rs, S, NC, DK, rev, NH, *_strides(q), scale),
+                (q, k, b_row, sc, rs, S, NC, DK, rev, NH, *_strides(q), scale),
                 DK, DV, L, q.dtype, arch)
     else:
         sc, rs = h, n_row                                                # unread
@@ -308,7 +309,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
     qn_mma = p["num_stages"] > 1
     _launch(mlstm_fwd_out_kernel, "fwd_out",
             lambda BK, BV: (cdiv(DV, BV), cdiv(S, BT), B * NH),
-            (q, k, v, i, c_in, hi_lo(n_in, c_in.dtype) if qn_mma else n_in, m_in, b_row, m_row,
+            (q, k, v, c_in, hi_lo(n_in, c_in.dtype) if qn_mma else n_in, m_in, b_row, m_row,
              h, n_row, sc, rs, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v), scale, eps),
             DK, DV, L, q.dtype, arch, QN_MMA=qn_mma, HAS_STATE=states, SCORES=scores)
     return h, c_last, n_last, m_last, a_last, m_row, n_row, a_row, c_in, n_in, m_in, b_row
@@ -375,22 +376,22 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
     rk = torch.empty(NK, B, NH, S, dtype=ad, **kw)
     if flash:
         _launch(mlstm_bwd_flash_kernel, "bwd_flash", (NTS, B * NH),
-                (q, k, v, i, dh, b_row, m_row, den, dn, ps, ds, dq, rq, S, DK, DV, rev, NH,
+                (q, k, v, dh, b_row, den, dn, ps, ds, dq, rq, S, DK, DV, rev, NH,
                  *_strides(q), *_strides(v), *_strides(dq), scale), DK, DV, L, q.dtype, arch)
     elif grid is not None:
         _launch(mlstm_bwd_pair_kernel, "bwd_pair", grid,
-                (q, k, v, i, dh, b_row, m_row, den, dn, ps, ds, S, NC, DK, DV, rev, NH,
+                (q, k, v, dh, b_row, den, dn, ps, ds, S, NC, DK, DV, rev, NH,
                  *_strides(q), *_strides(v), scale), DK, DV, L, q.dtype, arch)
     else:
         ps = ds = dh                                                     # unread
     _launch(mlstm_bwd_dqk_kernel, "bwd_dqk", (NK, NTS, B * NH),
-            (q, k, v, i, dh, b_row, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out, ds,
+            (q, k, v, dh, b_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out, ds,
              dq, dk, rq, rk, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v),
              *_strides(dq), scale),
             DK, DV, L, q.dtype, arch, HAS_STATE=carried, DQ=not flash)
     _launch(mlstm_bwd_dv_kernel, "bwd_dv",
             lambda BK, BV: (cdiv(DV, BV), NTS, B * NH),
-            (q, k, dh, i, b_row, m_row, den, m_in, m_last, dc_out, ps, dv,
+            (q, k, dh, b_row, den, m_in, m_last, dc_out, ps, dv,
              S, NC, DK, DV, rev, NH, *_strides(q), *_strides(dv), scale),
             DK, DV, L, q.dtype, arch, HAS_STATE=carried)
     # Gate epilogue, O(S), in physical order (p = t forward, p = S - 1 - t reverse): the m

@@ -38,7 +38,8 @@ DEFAULT_CHUNK = 64
 # Longest chunk: the gate scan holds one chunk's gates as a [1, L] tile, and a tile's program
 # loops over up to L / BT - 1 others. The chunk length only changes the rounding, never the
 # function: a longer chunk keeps fewer states (S / L of DK x DV a head, the largest memory
-# traffic of a pass at large head dims) for more intra-chunk products.
+# traffic of a pass at large head dims) for more intra-chunk products. The gate scan's exact
+# coarse cumsums hold up to 1024 terms of at least F_MIN on their grid (kernels._GRID).
 MAX_CHUNK = 1024
 # 16-bit sequences up to ONE_CHUNK_UP_TO positions at head dims of ONE_CHUNK_HEAD_DIM or more
 # run as one chunk by default: the quadratic, attention-like form, with no chunk state, no

@@ -22,14 +22,17 @@ like q, k and v, into the buffer their projection's output would take as its gra
 can); everything else the kernels write, and dh, is contiguous.
 
 Per (batch * head) the kernels exchange, besides q, k, v, gates, h:
-  b_row         [2, S]         cumsum of logsigmoid(f) from the row's chunk start, inclusive,
-                               as a coarse part c (multiples of 1/64, summed exactly) and a
-                               fine part f, |f| <= L / 128 (_gates): b = c + f, and b_t - b_j
-                               = (c_t - c_j) + (f_t - f_j) keeps float32's precision even
-                               where resets make |b| large, whatever the order of summation
+  b_row         [4, S]         the cumsum b of logsigmoid(f) from the row's chunk start,
+                               inclusive, as a coarse part c (multiples of 1/64, summed
+                               exactly) and a fine part f, |f| <= L / 128 (_gates), and what
+                               the weights take: x = f - m for rows, y = i - f for keys
+                               (_cumsum_rows, _weights). b_t - b_j + i_j - m_t = (c_t - c_j)
+                               + (x_t + y_j) keeps float32's precision even where resets make
+                               |b| large, whatever order a scan sums in
   m_row, n_row  [S]            per-row stabilizer and signed normalizer
   a_row         [S] int32      logical index of the row's argmax key, -1 = the initial state
-  (b_row, m_row, a_row from the gate scan; [S] rows are in physical order)
+  (b_row, m_row, a_row from the gate scan; [S] rows are in physical order; the matmul
+  kernels read i, f and m through b_row only, where m is not a normalizer's)
   c_in, n_in    [NC, DK(, DV)] state entering each chunk, m_in [NC] its m
   dc_out, dn_out [NC, DK(, DV)] gradient of the state leaving each chunk
   (c_in and dc_out are stored in the MMA dtype: they are only ever tl.dot operands)
@@ -89,26 +92,15 @@ def _rows(i_r, S, REVERSE, BT: tl.constexpr):
 
 
 @triton.jit
-def _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC: tl.constexpr):
-    """A tile's chunk-relative log-forget cumsum as its coarse and fine parts c, f (0 where
-    masked; b = c + f) and, for its keys, y = i - f (NEG where masked, so that such keys weigh
-    nothing)."""
-    p_b = b_row + 2 * i_bh * S + o_p
-    b_c = tl.load(p_b, mask=m_t, other=0.).to(ACC)
-    b_f = tl.load(p_b + S, mask=m_t, other=0.).to(ACC)
-    b_i = tl.load(i + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    return b_c, b_f, tl.where(m_t, b_i - b_f, _NEG)
-
-
-@triton.jit
-def _row_gates(b_row, m_row, i_bh, o_p, m_t, S, ACC: tl.constexpr):
-    """A tile's rows as the weights take them: the cumsum's coarse part c, x = f - m, and m
-    (0, 0, 0 where masked)."""
-    p_b = b_row + 2 * i_bh * S + o_p
-    b_c = tl.load(p_b, mask=m_t, other=0.).to(ACC)
-    b_f = tl.load(p_b + S, mask=m_t, other=0.).to(ACC)
-    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    return b_c, b_f - b_m, b_m
+def _cumsum_rows(b_row, i_bh, o_p, m_t, S, ACC: tl.constexpr):
+    """A tile's gates as the weights take them (b_row): the cumsum's coarse part c, x = f - m
+    as rows, y = i - f as keys (0, 0, NEG where masked: such keys weigh nothing). Loads that a
+    kernel leaves unused are dropped."""
+    p_b = b_row + 4 * i_bh * S + o_p
+    b_bc = tl.load(p_b, mask=m_t, other=0.).to(ACC)
+    b_bx = tl.load(p_b + 2 * S, mask=m_t, other=0.).to(ACC)
+    b_by = tl.load(p_b + 3 * S, mask=m_t, other=_NEG).to(ACC)
+    return b_bc, b_bx, b_by
 
 
 @triton.jit
@@ -117,7 +109,7 @@ def _chunk_total(b_row, i_bh, i_c, S, REVERSE, L: tl.constexpr, ACC: tl.constexp
     position in the sequence."""
     o_t = tl.minimum(i_c * L + L - 1, S - 1)
     o_p = tl.where(REVERSE != 0, S - 1 - o_t, o_t)
-    p_b = b_row + 2 * i_bh * S + o_p
+    p_b = b_row + 4 * i_bh * S + o_p
     return tl.load(p_b).to(ACC), tl.load(p_b + S).to(ACC)
 
 
@@ -126,25 +118,25 @@ def _weights(b_ca, b_xa, b_cb, b_yb, see):
     """exp(log D - m) of a tile of rows a and a tile of keys b of the same chunk, up to a:
     exp(b_t - b_j + i_j - m_t) where row t sees key j (see [BT, BT]: every key of an earlier
     tile, its own tile's causal half), else 0. [BT, BT] From the rows' (c, x = f - m) and the
-    keys' (c, y = i - f) (_row_gates, _tile_gates): the coarse parts' difference is exact, the
-    rest is small, so the weight keeps float32's precision however large |b| (three additions
-    an element, as b_t - b_j + i_j - m_t takes)."""
+    keys' (c, y = i - f) (_cumsum_rows): the coarse parts' difference is exact and the rest is
+    small, so the weight keeps float32's precision however large |b| (three additions an
+    element, as b_t - b_j + i_j - m_t takes)."""
     return tl.exp(tl.where(see, (b_ca[:, None] - b_cb[None, :]) + (b_xa[:, None] + b_yb[None, :]),
                            _NEG))
 
 
 @triton.jit
-def _entry_weight(b_c, b_x, b_min, m_t):
+def _entry_weight(b_bc, b_bx, b_min, m_t):
     """exp(b_t + m_in - m_t), the weight of the state entering the chunk in each row (0 where
     masked). [BT]"""
-    return tl.where(m_t, tl.exp(b_c + (b_x + b_min)), 0.)
+    return tl.where(m_t, tl.exp(b_bc + (b_bx + b_min)), 0.)
 
 
 @triton.jit
-def _exit_weight(g_c, g_f, b_c, b_y, b_mout):
+def _exit_weight(b_gc, b_gf, b_bc, b_by, b_mout):
     """exp(g - b_j + i_j - m_out), each key's weight in the state leaving its chunk (0 where
-    masked). [BT]"""
-    return tl.exp((g_c - b_c) + ((g_f - b_mout) + b_y))
+    masked), from the chunk total's parts (_chunk_total). [BT]"""
+    return tl.exp((b_gc - b_bc) + ((b_gf - b_mout) + b_by))
 
 
 @triton.jit
@@ -165,13 +157,13 @@ def _pair(i_bh, i_c, NC, S, a, j, BT: tl.constexpr, NT: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC: tl.constexpr):
-    """A tile's rows as the backward weighs them: (c, x) for _weights (_row_gates), the
+def _row_stats(b_row, den, dn, i_bh, o_p, m_t, S, ACC: tl.constexpr):
+    """A tile's rows as the backward weighs them: (c, x) for _weights (_cumsum_rows), the
     normalizer den and its gradient dn (masked rows: 0, 0, 1, 0)."""
-    b_c, b_x, _ = _row_gates(b_row, m_row, i_bh, o_p, m_t, S, ACC)
+    b_bc, b_bx, b_by = _cumsum_rows(b_row, i_bh, o_p, m_t, S, ACC)
     b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
     b_dn = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    return b_c, b_x, b_den, b_dn
+    return b_bc, b_bx, b_den, b_dn
 
 
 @triton.jit
@@ -233,12 +225,12 @@ def _gates(p_i, p_f, o_p, m_t, L: tl.constexpr, ACC: tl.constexpr):
     b_l1p = tl.where(b_u == 1., b_x, tl.log(b_u) * (b_x / b_d))
     b_fl = tl.where(m_t, tl.minimum(b_f, 0.) - b_l1p, 0.)
     b_hi = tl.floor(b_fl * _GRID + 0.5) * _STEP                    # exact: a power of two
-    b_c = tl.cumsum(b_hi, axis=1)                                   # [chunks, L] exact
-    b_f = tl.cumsum(b_fl - b_hi, axis=1)                            # [chunks, L]
+    b_bc = tl.cumsum(b_hi, axis=1)                                  # [chunks, L] exact
+    b_bf = tl.cumsum(b_fl - b_hi, axis=1)                           # [chunks, L]
     last = tl.arange(0, L)[None, :] == L - 1
-    g_c = tl.sum(tl.where(last, b_c, 0.), axis=1)
-    g_f = tl.sum(tl.where(last, b_f, 0.), axis=1)
-    return tl.where(m_t, b_i - b_f, _NEG), b_c, b_f, g_c, g_f
+    b_gc = tl.sum(tl.where(last, b_bc, 0.), axis=1)
+    b_gf = tl.sum(tl.where(last, b_bf, 0.), axis=1)
+    return tl.where(m_t, b_i - b_bf, _NEG), b_bc, b_bf, b_gc, b_gf
 
 
 @triton.jit
@@ -276,7 +268,8 @@ def mlstm_fwd_gates_kernel(
     ms at S=16384 on an H200). A row's m and argmax: the larger of the carried state's
     (b + m_in, its argmax; it wins ties) and the chunk's keys up to the row (b + prefix max of
     i - b, the earliest index on ties), as the references' earliest-key rule. Every log-weight
-    here is formed from the cumsum's coarse and fine parts as _weights forms them."""
+    here is formed from the cumsum's coarse and fine parts as _weights forms them, and b_row
+    gets the parts the matmul kernels' weights take (_cumsum_rows)."""
     i_bh = tl.program_id(0).to(tl.int64)
     p_i, p_f = i + i_bh * S, f + i_bh * S
     if HAS_INIT:
@@ -289,9 +282,9 @@ def mlstm_fwd_gates_kernel(
         o_c = i_cb * BC + o_b                                       # [BC] chunks
         m_c = o_c < NC
         o_p, m_t = _physical(o_c[:, None] * L + o_j[None, :], S, REVERSE)      # [BC, L]
-        b_y, b_c, b_f, g_c, g_f = _gates(p_i, p_f, o_p, m_t, L, ACC)  # [BC, L] x 3, [BC] x 2
-        b_g = g_c + g_f
-        b_lw = (g_c[:, None] - b_c) + (g_f[:, None] + b_y)          # key log-weights
+        b_by, b_bc, b_bf, b_gc, b_gf = _gates(p_i, p_f, o_p, m_t, L, ACC)  # [BC, L], [BC]
+        b_g = b_gc + b_gf
+        b_lw = (b_gc[:, None] - b_bc) + (b_gf[:, None] + b_by)      # key log-weights
         b_mloc, b_jloc = tl.max(b_lw, axis=1, return_indices=True)  # [BC]
         b_jloc = (b_jloc + o_c * L).to(tl.int32)
         # every chunk's step from the block's start, then from the carried (m, argmax); chunks
@@ -306,23 +299,25 @@ def mlstm_fwd_gates_kernel(
         b_ain = tl.where(o_b == 0, b_a, tl.sum(tl.where(prev, b_aout[None, :], 0), axis=1))
         o_s = i_bh * NC + o_c
         tl.store(m_in + o_s, b_min.to(m_in.dtype.element_ty), mask=m_c)
-        tl.store(decay + o_s, tl.exp(g_c + (g_f + b_min - b_mout)).to(decay.dtype.element_ty),
+        tl.store(decay + o_s, tl.exp(b_gc + (b_gf + b_min - b_mout)).to(decay.dtype.element_ty),
                  mask=m_c)
         tl.store(gain + o_s[:, None] * L + o_j[None, :],
                  tl.exp(b_lw - b_mout[:, None]).to(gain.dtype.element_ty),
                  mask=m_c[:, None])                                 # 0 where masked
         # rows: the chunk's keys up to each row (a prefix max along the chunk) or the carry
         b_pc, b_py, b_pj = tl.associative_scan(
-            (b_c, b_y, tl.broadcast_to(o_j[None, :], (BC, L))), axis=1,
+            (b_bc, b_by, tl.broadcast_to(o_j[None, :], (BC, L))), axis=1,
             combine_fn=_key_max_combine)
-        b_carry = b_c + (b_f + b_min[:, None])
-        b_mintra = (b_c - b_pc) + (b_f + b_py)
+        b_carry = b_bc + (b_bf + b_min[:, None])
+        b_mintra = (b_bc - b_pc) + (b_bf + b_py)
         b_mrow = tl.maximum(b_carry, b_mintra)                      # [BC, L]
         b_arow = tl.where(b_carry >= b_mintra, b_ain[:, None], b_pj + (o_c * L)[:, None])
         o_x = i_bh * S + o_p
-        o_b2 = 2 * i_bh * S + o_p                                   # b_row [2, S] a head
-        tl.store(b_row + o_b2, b_c.to(b_row.dtype.element_ty), mask=m_t)
-        tl.store(b_row + o_b2 + S, b_f.to(b_row.dtype.element_ty), mask=m_t)
+        p_b = b_row + 4 * i_bh * S + o_p                            # b_row [4, S] a head
+        tl.store(p_b, b_bc.to(b_row.dtype.element_ty), mask=m_t)
+        tl.store(p_b + S, b_bf.to(b_row.dtype.element_ty), mask=m_t)
+        tl.store(p_b + 2 * S, (b_bf - b_mrow).to(b_row.dtype.element_ty), mask=m_t)
+        tl.store(p_b + 3 * S, b_by.to(b_row.dtype.element_ty), mask=m_t)
         tl.store(m_row + o_x, b_mrow.to(m_row.dtype.element_ty), mask=m_t)
         tl.store(a_row + o_x, b_arow.to(tl.int32), mask=m_t)
         last = o_b == BC - 1
@@ -503,20 +498,20 @@ def _pair_rows(i_r, i_u, a, j, S, REVERSE, BT: tl.constexpr):
 
 
 @triton.jit
-def _pair_scores(p_q, p_k, b_row, i, i_bh, o_p, m_t, b_c, b_x, o_pj, m_tj, see, S, DK, s_t,
+def _pair_scores(p_q, p_k, b_row, i_bh, o_p, m_t, b_bc, b_bx, o_pj, m_tj, see, S, DK, s_t,
                  scale, BT: tl.constexpr, BK: tl.constexpr, MMA: tl.constexpr,
                  ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
-    """A pair's weighted scores s q_a k_j^T * exp(log D - m) [BT, BT], rows (b, m) of tile a:
-    one expression for the forward pair kernel and the outputs kernel's SCORES, so that both
-    give the same bits. Rows as (c, x) (_row_gates)."""
-    b_cj, _, b_yj = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+    """A pair's weighted scores s q_a k_j^T * exp(log D - m) [BT, BT], rows (c, x) of tile a
+    (_cumsum_rows): one expression for the forward pair kernel and the outputs kernel's
+    SCORES, so that both give the same bits."""
+    b_bcj, b_bxj, b_byj = _cumsum_rows(b_row, i_bh, o_pj, m_tj, S, ACC)
     return _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK, MMA, ACC, PREC,
-                     INTERP) * scale * _weights(b_c, b_x, b_cj, b_yj, see)
+                     INTERP) * scale * _weights(b_bc, b_bx, b_bcj, b_byj, see)
 
 
 @triton.jit
 def mlstm_fwd_pair_kernel(
-    q, k, i, b_row, m_row, sc, rs, S, NC, DK, REVERSE, NH, s_b, s_h, s_t, scale,
+    q, k, b_row, sc, rs, S, NC, DK, REVERSE, NH, s_b, s_h, s_t, scale,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -530,9 +525,9 @@ def mlstm_fwd_pair_kernel(
     if live:
         o_i = tl.arange(0, BT)
         o_p, m_t, o_pj, m_tj, see = _pair_rows(i_r, i_u, a, j, S, REVERSE, BT)
-        b_c, b_x, _ = _row_gates(b_row, m_row, i_bh, o_p, m_t, S, ACC)
+        b_bc, b_bx, b_by = _cumsum_rows(b_row, i_bh, o_p, m_t, S, ACC)
         p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
-        b_s = _pair_scores(p_q, p_k, b_row, i, i_bh, o_p, m_t, b_c, b_x, o_pj, m_tj, see, S,
+        b_s = _pair_scores(p_q, p_k, b_row, i_bh, o_p, m_t, b_bc, b_bx, o_pj, m_tj, see, S,
                            DK, s_t, scale, BT, BK, MMA, ACC, PREC, INTERP)
         o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
         tl.store(sc + o_x + o_i[:, None] * BT + o_i[None, :], b_s.to(sc.dtype.element_ty))
@@ -541,7 +536,7 @@ def mlstm_fwd_pair_kernel(
 
 @triton.jit
 def mlstm_bwd_pair_kernel(
-    q, k, v, i, dh, b_row, m_row, den, dn, ps, ds,
+    q, k, v, dh, b_row, den, dn, ps, ds,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
@@ -556,9 +551,9 @@ def mlstm_bwd_pair_kernel(
     if live:
         o_i = tl.arange(0, BT)
         o_p, m_t, o_pj, m_tj, see = _pair_rows(i_r, i_u, a, j, S, REVERSE, BT)
-        b_c, b_x, b_den, b_dn = _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC)
-        b_cj, _, b_yj = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
-        b_w = _weights(b_c, b_x, b_cj, b_yj, see)                   # [BT, BT]
+        b_bc, b_bx, b_den, b_dn = _row_stats(b_row, den, dn, i_bh, o_p, m_t, S, ACC)
+        b_bcj, b_bxj, b_byj = _cumsum_rows(b_row, i_bh, o_pj, m_tj, S, ACC)
+        b_w = _weights(b_bc, b_bx, b_bcj, b_byj, see)               # [BT, BT]
         p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
         p_v, p_dh = _seq(v, i_bh, NH, sv_b, sv_h), dh + i_bh * S * DV
         b_qk = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK,
@@ -573,7 +568,7 @@ def mlstm_bwd_pair_kernel(
 
 @triton.jit
 def mlstm_bwd_flash_kernel(
-    q, k, v, i, dh, b_row, m_row, den, dn, ps, ds, dq, rq,
+    q, k, v, dh, b_row, den, dn, ps, ds, dq, rq,
     S, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, sd_b, sd_h, sd_t, scale,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
     BV: tl.constexpr, BV2: tl.constexpr,
@@ -605,7 +600,7 @@ def mlstm_bwd_flash_kernel(
         o_v2 = BV + tl.arange(0, BV2)
         m_v2 = o_v2 < DV
         b_dh2 = _load_tile(p_dh, o_p, m_t, DV, o_v2, m_v2)             # [BT, BV2]
-    b_c, b_x, b_den, b_dn = _row_stats(b_row, m_row, den, dn, i_bh, o_p, m_t, S, ACC)
+    b_bc, b_bx, b_den, b_dn = _row_stats(b_row, den, dn, i_bh, o_p, m_t, S, ACC)
     # this row tile's first pair slot (key tile 0), row by row: _pair's, in the one chunk of
     # cdiv(S, BT) tiles (so that the chunk's length is not compiled in); its slots hold the
     # keys before (i_r + 1) * BT
@@ -615,7 +610,7 @@ def mlstm_bwd_flash_kernel(
     end = (i_r + 1) * BT
     for j in range(0, tl.cdiv(end, BS)):
         o_tj, o_pj, m_tj = _rows(j, S, REVERSE, BS)
-        b_cj, _, b_yj = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+        b_bcj, b_bxj, b_byj = _cumsum_rows(b_row, i_bh, o_pj, m_tj, S, ACC)
         b_k = _load_tile(p_k, o_pj, m_tj, s_t, o_k, m_k)                # [BS, BK]
         b_s = _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)          # [BT, BS]
         b_dhv = _dot(b_dh, tl.trans(_load_tile(p_v, o_pj, m_tj, sv_t, o_v, m_v)), MMA, ACC,
@@ -626,7 +621,7 @@ def mlstm_bwd_flash_kernel(
         if BV2 > 0:
             b_dhv += _dot(b_dh2, tl.trans(_load_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2)), MMA,
                           ACC, PREC, INTERP)
-        b_w = _weights(b_c, b_x, b_cj, b_yj, m_t[:, None] & (o_t[:, None] >= o_tj[None, :]))
+        b_w = _weights(b_bc, b_bx, b_bcj, b_byj, m_t[:, None] & (o_t[:, None] >= o_tj[None, :]))
         b_ds = (b_dhv / b_den[:, None] + b_dn[:, None]) * b_w            # [BT, BS]
         # (a key tile may span several slots, or, longer than a row tile, pass the last)
         o_x = p_x + ((o_tj // BT) * (BT * BT) + o_tj % BT)[None, :]
@@ -674,7 +669,7 @@ def _load_tile(p_x, o_p, m_t, s_t, o_d, m_d):
 
 @triton.jit
 def mlstm_fwd_out_kernel(
-    q, k, v, i, c_in, n_in, m_in, b_row, m_row, h, n_row, sc, rs,
+    q, k, v, c_in, n_in, m_in, b_row, m_row, h, n_row, sc, rs,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale, eps,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BV2: tl.constexpr,
     QN_MMA: tl.constexpr, HAS_STATE: tl.constexpr, SCORES: tl.constexpr,
@@ -750,13 +745,11 @@ def mlstm_fwd_out_kernel(
                     b_qn += tl.sum(b_q.to(ACC) * b_n[None, :], axis=1)
     if QN_MMA and HAS_STATE:
         b_qn = tl.sum(b_qn16, axis=1)
-    b_c, b_f, b_y = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
-    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
-    b_x = b_f - b_m                                                  # rows' (c, x): _row_gates
+    b_bc, b_bx, b_by = _cumsum_rows(b_row, i_bh, o_p, m_t, S, ACC)
     p_v = _seq(v, i_bh, NH, sv_b, sv_h)
     if NT == 1:
         causal = o_i[:, None] >= o_i[None, :]
-        b_s = b_qk * scale * _weights(b_c, b_x, b_c, b_y, causal)  # [BT, BT]
+        b_s = b_qk * scale * _weights(b_bc, b_bx, b_bc, b_by, causal)  # [BT, BT]
         b_num = _dot(b_s, _load_tile(p_v, o_p, m_t, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
         if BV2 > 0:
             b_num2 = _dot(b_s, _load_tile(p_v, o_p, m_t, sv_t, o_v2, m_v2), MMA, ACC, PREC, INTERP)
@@ -768,7 +761,7 @@ def mlstm_fwd_out_kernel(
         b_nrow = tl.zeros([BT], dtype=ACC)
     if HAS_STATE:
         b_min = tl.load(m_in + o_s).to(ACC)
-        b_w = _entry_weight(b_c, b_x, b_min, m_t) * scale          # [BT] carried state's weight
+        b_w = _entry_weight(b_bc, b_bx, b_min, m_t) * scale        # [BT] carried state's weight
         b_num += b_w[:, None] * b_qc
         if BV2 > 0:
             b_num2 += b_w[:, None] * b_qc2
@@ -781,7 +774,7 @@ def mlstm_fwd_out_kernel(
         for j in range(0, a + 1):
             o_pj, m_tj = _rows(i_c * NT + j, S, REVERSE, BT)[1:]
             if SCORES:
-                b_sj = _pair_scores(p_q, p_k, b_row, i, i_bh, o_p, m_t, b_c, b_x, o_pj, m_tj,
+                b_sj = _pair_scores(p_q, p_k, b_row, i_bh, o_p, m_t, b_bc, b_bx, o_pj, m_tj,
                                     _sees(m_t, a, j, BT), S, DK, s_t, scale, BT, BK, MMA, ACC,
                                     PREC, INTERP)
                 b_nrow += tl.sum(b_sj, axis=1)
@@ -793,6 +786,7 @@ def mlstm_fwd_out_kernel(
             if BV2 > 0:
                 b_num2 += _dot(b_sj, _load_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2), MMA, ACC, PREC,
                                INTERP)
+    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     _store_tile(h, i_bh, S, DV, o_p, m_t, _normalized(b_num, b_nrow, b_m, eps), o_v, m_v)
     if BV2 > 0:
         _store_tile(h, i_bh, S, DV, o_p, m_t, _normalized(b_num2, b_nrow, b_m, eps), o_v2, m_v2)
@@ -801,7 +795,7 @@ def mlstm_fwd_out_kernel(
 
 @triton.jit
 def mlstm_fwd_flash_kernel(
-    q, k, v, i, b_row, m_row, h, n_row,
+    q, k, v, b_row, m_row, h, n_row,
     S, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale, eps,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BK2: tl.constexpr,
     BV: tl.constexpr, BV2: tl.constexpr,
@@ -833,23 +827,24 @@ def mlstm_fwd_flash_kernel(
         o_v2 = BV + tl.arange(0, BV2)
         m_v2 = o_v2 < DV
         b_num2 = tl.zeros([BT, BV2], dtype=ACC)
-    b_c, b_x, b_m = _row_gates(b_row, m_row, i_bh, o_p, m_t, S, ACC)
+    b_bc, b_bx, b_by = _cumsum_rows(b_row, i_bh, o_p, m_t, S, ACC)
     b_nrow = tl.zeros([BT], dtype=ACC)
     for j in range(0, tl.cdiv(tl.minimum(i_r * BT + BT, S), BS)):
         o_tj, o_pj, m_tj = _rows(j, S, REVERSE, BS)
-        b_cj, _, b_yj = _tile_gates(b_row, i, i_bh, o_pj, m_tj, S, ACC)
+        b_bcj, b_bxj, b_byj = _cumsum_rows(b_row, i_bh, o_pj, m_tj, S, ACC)
         b_s = _dot(b_q, tl.trans(_load_tile(p_k, o_pj, m_tj, s_t, o_k, m_k)), MMA, ACC, PREC,
                    INTERP)                                          # [BT, BS]
         if BK2 > 0:
             b_s += _dot(b_q2, tl.trans(_load_tile(p_k, o_pj, m_tj, s_t, o_k2, m_k2)), MMA, ACC,
                         PREC, INTERP)
         see = m_t[:, None] & (o_t[:, None] >= o_tj[None, :])
-        b_s = b_s * scale * _weights(b_c, b_x, b_cj, b_yj, see)
+        b_s = b_s * scale * _weights(b_bc, b_bx, b_bcj, b_byj, see)
         b_nrow += tl.sum(b_s, axis=1)
         b_num += _dot(b_s, _load_tile(p_v, o_pj, m_tj, sv_t, o_v, m_v), MMA, ACC, PREC, INTERP)
         if BV2 > 0:
             b_num2 += _dot(b_s, _load_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2), MMA, ACC, PREC,
                            INTERP)
+    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     _store_tile(h, i_bh, S, DV, o_p, m_t, _normalized(b_num, b_nrow, b_m, eps), o_v, m_v)
     if BV2 > 0:
         _store_tile(h, i_bh, S, DV, o_p, m_t, _normalized(b_num2, b_nrow, b_m, eps), o_v2, m_v2)
@@ -943,16 +938,16 @@ def mlstm_bwd_prologue_kernel(
     tl.store(dn + i_bh * S + o_p, b_dn.to(dn.dtype.element_ty), mask=m_t)
     tl.store(dm + i_bh * S + o_p, (eps * b_dden).to(dm.dtype.element_ty), mask=m_t)
 
-    b_c, b_x, _ = _row_gates(b_row, m_row, i_bh, o_p, m_t, S, ACC)
+    b_bc, b_bx, b_by = _cumsum_rows(b_row, i_bh, o_p, m_t, S, ACC)
     b_min = tl.load(m_in + o_s).to(ACC)
-    b_w = _entry_weight(b_c, b_x, b_min, m_t) * scale               # [BT]
+    b_w = _entry_weight(b_bc, b_bx, b_min, m_t) * scale             # [BT]
     o_w = i_bh * NC * (BT * NT) + o_t                               # [NC, L]: logical positions
     tl.store(wa + o_w, (b_w / b_den).to(wa.dtype.element_ty))
     tl.store(wb + o_w, (b_w * b_dn).to(wb.dtype.element_ty))
     if i_r % NT == 0:
-        g_c, g_f = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
+        b_gc, b_gf = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
         b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
-        tl.store(decay + o_s, tl.exp(g_c + (g_f + b_min - b_mout)).to(decay.dtype.element_ty))
+        tl.store(decay + o_s, tl.exp(b_gc + (b_gf + b_min - b_mout)).to(decay.dtype.element_ty))
 
 
 @triton.jit
@@ -1003,7 +998,7 @@ def mlstm_bwd_state_kernel(
 
 @triton.jit
 def mlstm_bwd_dqk_kernel(
-    q, k, v, i, dh, b_row, m_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out, ds,
+    q, k, v, dh, b_row, den, dn, c_in, n_in, m_in, m_last, dc_out, dn_out, ds,
     dq, dk, rq, rk,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, sd_b, sd_h, sd_t, scale,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -1060,26 +1055,25 @@ def mlstm_bwd_dqk_kernel(
     if MMA != tl.float32:
         b_ds = b_ds / b_den[:, None]                                   # [BT, BT] dnum v^T
         b_dqc = b_dqc / b_den[:, None]                                 # [BT, BK] dnum C_in^T
-    b_c, b_f, b_y = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
-    b_x = b_f - tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)   # _row_gates
+    b_bc, b_bx, b_by = _cumsum_rows(b_row, i_bh, o_p, m_t, S, ACC)
     b_dnr = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
     b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
     b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
     if NT == 1:
         causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
-        b_ds = (b_ds + b_dnr[:, None]) * _weights(b_c, b_x, b_c, b_y, causal)  # dS * weights
+        b_ds = (b_ds + b_dnr[:, None]) * _weights(b_bc, b_bx, b_bc, b_by, causal)  # dS * W
         b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale
         b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale
     else:
         b_dq = tl.zeros([BT, BK], dtype=ACC)
         b_dk = tl.zeros([BT, BK], dtype=ACC)
     if HAS_STATE:
-        g_c, g_f = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
+        b_gc, b_gf = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
         b_min = tl.load(m_in + o_s).to(ACC)
         b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
-        b_wc = _entry_weight(b_c, b_x, b_min, m_t) * scale           # [BT] entry-state weight
-        b_gain = _exit_weight(g_c, g_f, b_c, b_y, b_mout)            # [BT] exit-state weight
+        b_wc = _entry_weight(b_bc, b_bx, b_min, m_t) * scale         # [BT] entry-state weight
+        b_gain = _exit_weight(b_gc, b_gf, b_bc, b_by, b_mout)        # [BT] exit-state weight
         b_nin = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
         b_dno = tl.load(dn_out + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
         b_dq += b_wc[:, None] * (b_dqc + b_dnr[:, None] * b_nin[None, :])
@@ -1114,7 +1108,7 @@ def mlstm_bwd_dqk_kernel(
 
 @triton.jit
 def mlstm_bwd_dv_kernel(
-    q, k, dh, i, b_row, m_row, den, m_in, m_last, dc_out, ps, dv,
+    q, k, dh, b_row, den, m_in, m_last, dc_out, ps, dv,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sd_b, sd_h, sd_t, scale,
     BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_STATE: tl.constexpr,
@@ -1153,21 +1147,20 @@ def mlstm_bwd_dv_kernel(
                 b_dco = tl.load(p_dc + o_k[:, None] * DV + o_v[None, :],
                                 mask=m_k[:, None] & m_v[None, :], other=0.)          # [BK, BV]
                 b_kdc += _dot(b_k, b_dco, MMA, ACC, PREC, INTERP)
-    b_c, b_f, b_y = _tile_gates(b_row, i, i_bh, o_p, m_t, S, ACC)
-    b_x = b_f - tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)   # _row_gates
+    b_bc, b_bx, b_by = _cumsum_rows(b_row, i_bh, o_p, m_t, S, ACC)
     b_den = tl.load(den + i_bh * S + o_p, mask=m_t, other=1.).to(ACC)
     if NT == 1:
         causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
         # scores over the row normalizer, so that dh enters the MMA as loaded (dnum = dh / den)
-        b_s = b_qk * scale * _weights(b_c, b_x, b_c, b_y, causal) / b_den[:, None]  # [BT, BT]
+        b_s = b_qk * scale * _weights(b_bc, b_bx, b_bc, b_by, causal) / b_den[:, None]  # [BT, BT]
         b_dh = tl.load(p_dh + o_p[:, None] * DV + o_v[None, :], mask=m_tv, other=0.)
         b_dv = _dot(tl.trans(b_s), b_dh, MMA, ACC, PREC, INTERP)
     else:
         b_dv = tl.zeros([BT, BV], dtype=ACC)
     if HAS_STATE:
-        g_c, g_f = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
+        b_gc, b_gf = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
         b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
-        b_dv += _exit_weight(g_c, g_f, b_c, b_y, b_mout)[:, None] * b_kdc  # exit-state weight
+        b_dv += _exit_weight(b_gc, b_gf, b_bc, b_by, b_mout)[:, None] * b_kdc  # exit weight
     if NT > 1:
         # the chunk's rows from this tile on, their scores over the normalizer from
         # mlstm_bwd_pair_kernel
