@@ -118,10 +118,12 @@ def _weights(b_ca, b_xa, b_cb, b_yb, see):
     """exp(log D - m) of a tile of rows a and a tile of keys b of the same chunk, up to a:
     exp(b_t - b_j + i_j - m_t) where row t sees key j (see [BT, BT]: every key of an earlier
     tile, its own tile's causal half), else 0. [BT, BT] From the rows' (c, x = f - m) and the
-    keys' (c, y = i - f) (_cumsum_rows): the coarse parts' difference is exact and the rest is
-    small, so the weight keeps float32's precision however large |b| (three additions an
-    element, as b_t - b_j + i_j - m_t takes)."""
-    return tl.exp(tl.where(see, (b_ca[:, None] - b_cb[None, :]) + (b_xa[:, None] + b_yb[None, :]),
+    keys' (c, y = i - f) (_cumsum_rows): the coarse parts' difference is exact, and where the
+    weight is not negligible every partial sum after it is moderate, so the weight keeps
+    float32's precision however large |b|. Three additions an element, as b_t - b_j + i_j -
+    m_t took, in the same order: ((c_t - c_j) + y_j) + x_t (ptxas spilled the flash backward
+    at D=384 with (c_t - c_j) + (x_t + y_j))."""
+    return tl.exp(tl.where(see, b_ca[:, None] - b_cb[None, :] + b_yb[None, :] + b_xa[:, None],
                            _NEG))
 
 
@@ -746,6 +748,8 @@ def mlstm_fwd_out_kernel(
     if QN_MMA and HAS_STATE:
         b_qn = tl.sum(b_qn16, axis=1)
     b_bc, b_bx, b_by = _cumsum_rows(b_row, i_bh, o_p, m_t, S, ACC)
+    # (m, only for the normalizer, loaded here: loaded at the store, DV=512 spilled 8 B)
+    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     p_v = _seq(v, i_bh, NH, sv_b, sv_h)
     if NT == 1:
         causal = o_i[:, None] >= o_i[None, :]
@@ -786,7 +790,6 @@ def mlstm_fwd_out_kernel(
             if BV2 > 0:
                 b_num2 += _dot(b_sj, _load_tile(p_v, o_pj, m_tj, sv_t, o_v2, m_v2), MMA, ACC, PREC,
                                INTERP)
-    b_m = tl.load(m_row + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     _store_tile(h, i_bh, S, DV, o_p, m_t, _normalized(b_num, b_nrow, b_m, eps), o_v, m_v)
     if BV2 > 0:
         _store_tile(h, i_bh, S, DV, o_p, m_t, _normalized(b_num2, b_nrow, b_m, eps), o_v2, m_v2)
