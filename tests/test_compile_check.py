@@ -40,6 +40,16 @@ def test_variants_cover_every_kernel_and_head_dim():
         assert {k[10] for k in todo if k[0] == name} == {2, 4, 8, 16, 32, 64}
 
 
+def test_wide_value_blocks_run_eight_warps():
+    """An outputs-kernel V block of more than 128 columns (the forced flash forward's, with
+    carried states) runs 8 warps: at 4, DV=256 and 512 as one tile spilled 64 B to 8 KB, in
+    builds the quick check (D=192) never makes (found by session 20's full check)."""
+    from vil_kernels import compile_check
+    wide = [k for k in compile_check.variants() if k.kernel == "fwd_out" and k.BV + k.BV2 > 128]
+    assert {k.BV + k.BV2 for k in wide} >= {256, 384, 512}
+    assert all(k.warps == 8 for k in wide), [k for k in wide if k.warps != 8]
+
+
 def test_compile_check_quick():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
