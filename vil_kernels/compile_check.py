@@ -24,8 +24,9 @@ FLASH_BACKWARD) are checked off, on and auto; --flash on / off / auto checks onl
 settings. Exits 1 on any spill, on shared memory over the arch's limit (sm_80: 163 KB, sm_90:
 227 KB), on registers x threads over the 64K register file, when a 16-bit build has no
 HMMA/HGMMA instruction, on a pipelined loop whose asynchronous wgmma reads a single-buffered
-tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile error. With --tile 128 (or a launch table naming tiles) chunks of several tiles are checked in
-the tiles bench/kernels.py --tile would run.
+tile (pipeline_hazards: a race Triton 3.6 creates), or on a compile error. With --tile 128 (or
+a launch table naming tiles) chunks of several tiles are checked in the tiles bench/kernels.py
+--tile would run.
 """
 
 import argparse

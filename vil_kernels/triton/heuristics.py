@@ -410,16 +410,14 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
         p["BV2"] = 0
         if FLASH_FORWARD is True and flash_applies(DK, DV, BT, NT, dtype, arch):
             # (forced on, with carried states) all of DV in one program: two V tiles from 129
-            # columns (launch_params runs them at 8 warps); one tile up to 128, and a power
-            # of two from 256 at 8 warps too (at 4 its [64, 256] accumulator spilled 64-144
-            # bytes, [64, 512] ~8 KB: compile_check)
+            # columns, else one tile; at 8 warps from 129 columns (two tiles at 4 gave wrong
+            # outputs, see launch_params; one of 256 spilled 64-144 bytes, of 512 ~8 KB)
             BV, BV2 = flash_tiles(DV)
-            if BV2 and BV + BV2 > 128:
-                p["BV"], p["BV2"] = BV, BV2
-            else:
-                p["BV"] = max(16, next_power_of_2(DV))
-                if p["BV"] > 128:
-                    p["num_warps"] = 8
+            if not (BV2 and BV + BV2 > 128):
+                BV, BV2 = max(16, next_power_of_2(DV)), 0
+            p["BV"], p["BV2"] = BV, BV2
+            if BV + BV2 > 128:
+                p["num_warps"] = 8
     if kernel in SCANS and NT == 1:
         # (chunks of several tiles: the chunk-boundary step holds more registers, and the
         # capped builds spill)
