@@ -1061,50 +1061,57 @@ def mlstm_bwd_dqk_kernel(
     b_bc, b_bx, b_by = _cumsum_rows(b_row, i_bh, o_p, m_t, S, ACC)
     b_dnr = tl.load(dn + i_bh * S + o_p, mask=m_t, other=0.).to(ACC)
     p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
-    b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
-    b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
+    o_d = o_p[:, None] * sd_t + o_k[None, :]
+    o_r = (i_k * tl.num_programs(2) + i_bh) * S + o_p
+    # dq is made and stored before dk, and the tile's own q and k are loaded where they are
+    # first needed (with several tiles a chunk: for the row sums, after the loops): no
+    # accumulator, state product or tile is held through the other half's work (bf16, sm_90:
+    # in one chunk at D=384 141 registers a thread instead of 188, 3 programs an SM; with
+    # states at one tile a chunk, up to 50 fewer).
     if NT == 1:
+        b_k = _load_tile(p_k, o_p, m_t, s_t, o_k, m_k)                 # [BT, BK]
         causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
         b_ds = (b_ds + b_dnr[:, None]) * _weights(b_bc, b_bx, b_bc, b_by, causal)  # dS * W
         b_dq = _dot(b_ds, b_k, MMA, ACC, PREC, INTERP) * scale
-        b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale
     else:
         b_dq = tl.zeros([BT, BK], dtype=ACC)
-        b_dk = tl.zeros([BT, BK], dtype=ACC)
     if HAS_STATE:
-        b_gc, b_gf = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
         b_min = tl.load(m_in + o_s).to(ACC)
-        b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
         b_wc = _entry_weight(b_bc, b_bx, b_min, m_t) * scale         # [BT] entry-state weight
-        b_gain = _exit_weight(b_gc, b_gf, b_bc, b_by, b_mout)        # [BT] exit-state weight
         b_nin = tl.load(n_in + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
-        b_dno = tl.load(dn_out + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
         b_dq += b_wc[:, None] * (b_dqc + b_dnr[:, None] * b_nin[None, :])
-        b_dk += b_gain[:, None] * (b_dkc + b_dno[None, :])
-    if NT > 1:
-        # the chunk's dS blocks (mlstm_bwd_pair_kernel): the tiles up to this one as keys for
-        # dq, from this one on (up to the sequence's last) as rows for dk
-        a = i_r - i_c * NT
-        o_ss = o_i[:, None] * BT + o_i[None, :]
-        if DQ:
+    # with several tiles a chunk, the chunk's dS blocks (mlstm_bwd_pair_kernel): the tiles up
+    # to this one as keys for dq, from this one on (up to the sequence's last) as rows for dk
+    a = i_r - i_c * NT
+    o_ss = o_i[:, None] * BT + o_i[None, :]
+    if DQ:
+        if NT > 1:
             for j in range(0, a + 1):
                 b_dsj = tl.load(ds + _pair(i_bh, i_c, NC, S, a, j, BT, NT) + o_ss)  # [BT, BT]
                 o_pj, m_tj = _rows(i_c * NT + j, S, REVERSE, BT)[1:]
-                b_kj = tl.load(p_k + o_pj[:, None] * s_t + o_k[None, :],
-                               mask=m_tj[:, None] & m_k[None, :], other=0.)  # [BT, BK]
+                b_kj = _load_tile(p_k, o_pj, m_tj, s_t, o_k, m_k)              # [BT, BK]
                 b_dq += _dot(b_dsj, b_kj, MMA, ACC, PREC, INTERP) * scale
-        for u in range(a, tl.minimum(NT, tl.cdiv(S, BT) - i_c * NT)):
-            b_dsu = tl.load(ds + _pair(i_bh, i_c, NC, S, u, a, BT, NT) + o_ss)    # rows u
-            o_pu, m_tu = _rows(i_c * NT + u, S, REVERSE, BT)[1:]
-            b_qu = tl.load(p_q + o_pu[:, None] * s_t + o_k[None, :],
-                           mask=m_tu[:, None] & m_k[None, :], other=0.)    # [BT, BK]
-            b_dk += _dot(tl.trans(b_dsu), b_qu, MMA, ACC, PREC, INTERP) * scale
-    o_d = o_p[:, None] * sd_t + o_k[None, :]
-    o_r = (i_k * tl.num_programs(2) + i_bh) * S + o_p
-    if DQ:
+        b_q = _load_tile(p_q, o_p, m_t, s_t, o_k, m_k)
         tl.store(_seq(dq, i_bh, NH, sd_b, sd_h) + o_d, b_dq.to(dq.dtype.element_ty), mask=m_tk)
         tl.store(rq + o_r, tl.sum(b_q.to(ACC) * b_dq, axis=1).to(rq.dtype.element_ty),
                  mask=m_t)
+    if NT == 1:
+        b_dk = _dot(tl.trans(b_ds), b_q, MMA, ACC, PREC, INTERP) * scale
+    else:
+        b_dk = tl.zeros([BT, BK], dtype=ACC)
+    if HAS_STATE:
+        b_gc, b_gf = _chunk_total(b_row, i_bh, i_c, S, REVERSE, BT * NT, ACC)
+        b_mout = _m_out(m_in, m_last, o_s, i_c, NC, i_bh, ACC)
+        b_gain = _exit_weight(b_gc, b_gf, b_bc, b_by, b_mout)        # [BT] exit-state weight
+        b_dno = tl.load(dn_out + o_s * DK + o_k, mask=m_k, other=0.).to(ACC)
+        b_dk += b_gain[:, None] * (b_dkc + b_dno[None, :])
+    if NT > 1:
+        for u in range(a, tl.minimum(NT, tl.cdiv(S, BT) - i_c * NT)):
+            b_dsu = tl.load(ds + _pair(i_bh, i_c, NC, S, u, a, BT, NT) + o_ss)    # rows u
+            o_pu, m_tu = _rows(i_c * NT + u, S, REVERSE, BT)[1:]
+            b_qu = _load_tile(p_q, o_pu, m_tu, s_t, o_k, m_k)                  # [BT, BK]
+            b_dk += _dot(tl.trans(b_dsu), b_qu, MMA, ACC, PREC, INTERP) * scale
+        b_k = _load_tile(p_k, o_p, m_t, s_t, o_k, m_k)
     tl.store(_seq(dk, i_bh, NH, sd_b, sd_h) + o_d, b_dk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(rk + o_r, tl.sum(b_k.to(ACC) * b_dk, axis=1).to(rk.dtype.element_ty), mask=m_t)
 
