@@ -51,17 +51,18 @@ def device_arch():
     return heuristics.device_arch(torch.device("cuda")) if torch.cuda.is_available() else 0
 
 
-def candidates(kernel, D, L, arch=None):
+def candidates(kernel, D, L, arch=None, state=None):
     """Configurations to try for one kernel besides the table's: head-dim tiles (for the scans
     both tiles own a program; elsewhere the tile a program owns in 32 / 64 / 128, the one it
     loops over in 32 / 64), 4 warps (and 8 before Hopper: on the H200 8 lost everywhere by
     1.5-2x), 1 or 2 pipeline stages (3 for the scans, whose loops run every chunk), and
-    register caps of 128 / 168 / none (255) for the scans, 168 or the table's elsewhere (caps
-    at which 4 / 3 / 2 programs of 4 warps share an SM's registers); for the scans also their
+    register caps of 128 / 168 / none (255) for every kernel (caps at which 4 / 3 / 2
+    programs of 4 warps share an SM's registers); for the scans also their
     split form (heuristics.launch_params), timed as the sum of its two launches. The flash
-    kernels: their key tile (16, 32, 64), warps (4, 8) and stages (2, 3)."""
+    kernels: their key tile (16, 32, 64), warps (4, 8) and stages (2, 3). state: whether a state
+    passes between chunks (heuristics.launch_params; the table's caps depend on it)."""
     arch = device_arch() if arch is None else arch
-    base = heuristics.launch_params(kernel, D, D, L, torch.bfloat16, arch)
+    base = heuristics.launch_params(kernel, D, D, L, torch.bfloat16, arch, state)
     if kernel in heuristics.FLASH_KERNELS:  # their head-dim tiles are the whole head dims
         return _new_configs([dict(base, BS=bs, num_warps=w, num_stages=st)
                              for bs, w, st in itertools.product((16, 32, 64), (4, 8), (2, 3))],
@@ -71,14 +72,14 @@ def candidates(kernel, D, L, arch=None):
         caps = (128, 168, 255)
     elif kernel == "bwd_dqk":                                # grid over K tiles, loop over V
         tiles = [(k, 64) for k in (32, 64, 128)] + [(base["BK"], 32)]
-        caps = (168, base["maxnreg"])
+        caps = (128, 168, heuristics.MAXNREG)
     elif kernel in heuristics.PAIR_KERNELS:     # a program a tile pair, loops over DK (and DV)
         vs = (base["BV"],) if kernel == "fwd_pair" else (32, 64, 128)
         tiles = [(k, v) for k in (32, 64, 128) for v in vs]
-        caps = (168, base["maxnreg"])
+        caps = (128, 168, heuristics.MAXNREG)
     else:                                                    # fwd_out, bwd_dv: grid over V
         tiles = [(64, v) for v in (32, 64, 128)] + [(32, base["BV"])]
-        caps = (168, base["maxnreg"])
+        caps = (128, 168, heuristics.MAXNREG)
     warps = (4,) if arch >= 90 or arch == 0 else (4, 8)
     if heuristics.tile_len(L, torch.bfloat16, D, D, arch) >= 128:
         warps = (8,)                        # (tiles of 128 positions: a warpgroup per 64 rows)
@@ -241,7 +242,7 @@ def sweep(D, args, result, save, t0, pool):
     tile = lambda L: heuristics.tile_len(L, torch.bfloat16, D, D, device_arch())
     jobs = [(None, None, D, L, args.NH, args.S, args.tile) for L in BASELINE_CHUNKS]
     jobs += [(k, c, D, L, args.NH, args.S, args.tile) for L in args.chunks for k in args.kernels
-             for c in candidates(k, D, L)]
+             for c in candidates(k, D, L, state=L < args.S)]
     t1 = time.time()
     errs = [e for e in pool.map(_warm, jobs) if e]
     result["errors"] += errs
@@ -274,7 +275,7 @@ def sweep(D, args, result, save, t0, pool):
                 print("time limit reached", flush=True)
                 return False
             rows = []
-            for cfg in candidates(kernel, D, L):
+            for cfg in candidates(kernel, D, L, state=L < args.S):
                 heuristics.OVERRIDES.clear()
                 heuristics.OVERRIDES[kernel] = cfg
                 try:
@@ -286,7 +287,9 @@ def sweep(D, args, result, save, t0, pool):
             heuristics.OVERRIDES.clear()
             good = [r for r in rows if r.get("ok")]
             best = min(good, key=lambda r: r["ms"]) if good else None
-            table = heuristics.launch_params(kernel, D, D, L, torch.bfloat16, device_arch())
+            # (ViL's pass: a state between chunks where there are several)
+            table = heuristics.launch_params(kernel, D, D, L, torch.bfloat16, device_arch(),
+                                             L < args.S)
             result["sweeps"].append(dict(D=D, chunk=L, BT=BT, kernel=kernel, table=table,
                                          table_ms=base[kernel], best=best, rows=rows))
             if best and best["ms"] < base[kernel]:

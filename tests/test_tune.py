@@ -35,7 +35,8 @@ def test_scan_register_caps():
     """The state scans on Hopper: capped so that 3 programs (168 registers) or, for tiles of at
     most 32 x 32 of 16-bit inputs, 4 (128) share an SM, except where that spills (the
     state-gradient scan at 64 x 128 tiles); compile_check proves the table spill-free. The
-    other kernels are not capped (they spill at 168)."""
+    outputs and dv kernels are not capped (they spill at 168); the backward pair and dq/dk
+    kernels are, below."""
     lp = heuristics.launch_params
     for kernel in ("fwd_state", "bwd_state"):
         assert lp(kernel, 384, 384, 64, torch.bfloat16, 90)["maxnreg"] == (
@@ -47,6 +48,29 @@ def test_scan_register_caps():
     assert lp("bwd_dqk", 384, 384, 64, torch.bfloat16, 90)["maxnreg"] == heuristics.MAXNREG
     for kernel in ("fwd_out", "bwd_dv"):
         assert lp(kernel, 384, 384, 64, torch.bfloat16, 90)["maxnreg"] == heuristics.MAXNREG
+
+
+def test_backward_register_caps():
+    """The backward pair kernel at 128 registers, the dq/dk kernel at 168, or 128 in chunks of
+    several tiles without a state (what compile_check builds without a spill), uncapped where
+    168 spills (one tile a chunk, K and V tiles of 64); by HAS_STATE where the caller knows
+    it, else the cap that fits both; Hopper with 16-bit inputs only."""
+    lp, bf16 = heuristics.launch_params, torch.bfloat16
+    assert lp("bwd_pair", 384, 384, 1024, bf16, 90)["maxnreg"] == 128
+    assert lp("bwd_dqk", 384, 384, 1024, bf16, 90, False)["maxnreg"] == 128   # ViL-B's cells
+    assert lp("bwd_dqk", 384, 384, 1024, bf16, 90, True)["maxnreg"] == 168
+    assert lp("bwd_dqk", 384, 384, 1024, bf16, 90)["maxnreg"] == 168
+    assert lp("bwd_dqk", 96, 96, 64, bf16, 90, True)["maxnreg"] == 168        # ViL-T's: 32 x 32
+    assert lp("bwd_dqk", 192, 192, 64, bf16, 90, True)["maxnreg"] == heuristics.MAXNREG
+    assert lp("bwd_dqk", 384, 384, 1024, torch.float16, 90, False)["maxnreg"] == 128
+    for dtype, arch in ((torch.float32, 90), (bf16, 80)):
+        for kernel in ("bwd_pair", "bwd_dqk"):
+            assert lp(kernel, 384, 384, 1024, dtype, arch, False)["maxnreg"] == heuristics.MAXNREG
+    from vil_kernels import compile_check
+    caps = {(v.flag, v.dq): v.maxnreg for v in compile_check.variants(
+        dims=[384], chunks=[1024], dtypes=["bfloat16"], flash="off") if v.kernel == "bwd_dqk"
+        and v.arch == 90}
+    assert caps == {(False, True): 128, (True, True): 168}
 
 
 def test_multi_tile_chunks_parameters():
@@ -72,7 +96,8 @@ def test_multi_tile_chunks_parameters():
     # the pair kernels: head-dim tiles of 64 (96: 32), 4 warps, two stages on Hopper
     for kernel in heuristics.PAIR_KERNELS:
         assert lp(kernel, 384, 96, 256, bf16, 90) == dict(
-            BK=64, BV=32, num_warps=4, num_stages=2, maxnreg=heuristics.MAXNREG)
+            BK=64, BV=32, num_warps=4, num_stages=2,
+            maxnreg=128 if kernel == "bwd_pair" else heuristics.MAXNREG)
         assert tune.candidates(kernel, 384, 256)
     # a measured table's entry for chunks of 128 is not one for chunks of 64
     assert heuristics.table_key("fwd_out", 384, 384, 128, bf16, 90) == \

@@ -210,14 +210,19 @@ def _variants(quick, dims, chunks, dtypes):
                                 extra = {}
                                 if name == "fwd_out":
                                     extra = dict(BV2=p["BV2"], scores=scores[arch])
+                                cap = p["maxnreg"]
+                                if name in STATE_FLAG_KERNELS:    # (by HAS_STATE, where given)
+                                    cap = heuristics.launch_params(name, DK, DV, L, dtype, arch,
+                                                                   has_init)["maxnreg"]
                                 key = Variant(name, dt, arch, BT, p["BK"], BV, p["num_warps"],
-                                              p["num_stages"], has_init, p["maxnreg"], NT,
-                                              **extra)
+                                              p["num_stages"], has_init, cap, NT, **extra)
                                 out.setdefault(key, set()).add((DK, DV))
                             if name == "bwd_dqk" and heuristics.flash_applies(
                                     DK, DV, BT, NT, dtype, arch, True):   # dk alone, no state
+                                cap = heuristics.launch_params(name, DK, DV, L, dtype, arch,
+                                                               False)["maxnreg"]
                                 key = Variant(name, dt, arch, BT, p["BK"], BV, p["num_warps"],
-                                              p["num_stages"], False, p["maxnreg"], NT, dq=False)
+                                              p["num_stages"], False, cap, NT, dq=False)
                                 out.setdefault(key, set()).add((DK, DV))
                             if name in heuristics.SCANS:  # their split form, same parameters
                                 key = Variant("chunk_local", dt, arch, BT, p["BK"], p["BV"],

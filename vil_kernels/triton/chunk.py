@@ -90,7 +90,7 @@ def hi_lo(x, dtype):
 def _launch(kernel, name, grid, args, DK, DV, L, dtype, arch, **extra):
     """Launch one of the matmul kernels (heuristics.KERNELS) in chunks of L (tiles of
     tile_len(L)) with the table's parameters."""
-    p = heuristics.launch_params(name, DK, DV, L, dtype, arch)
+    p = heuristics.launch_params(name, DK, DV, L, dtype, arch, extra.get("HAS_STATE"))
     BT = heuristics.tile_len(L, dtype, DK, DV, arch)
     meta = dict(BT=BT, NT=L // BT, **_dot_args(dtype), **extra)
     # the tiles a kernel takes (the forward pair kernel no BV, the flash kernel no NT)

@@ -268,22 +268,23 @@ _tuned = None                                                    # {key: params}
 _cache = {}
 
 
-def launch_params(kernel, DK, DV, L, dtype, arch):
+def launch_params(kernel, DK, DV, L, dtype, arch, state=None):
     """BK, BV, num_warps, num_stages, maxnreg for one kernel in chunks of L positions (tiles of
     tile_len(L): L itself up to 64), and for the two scans split: run
     the scan as a parallel pass of each chunk's own term and an elementwise chain linking them
     (mlstm_chunk_local_kernel, mlstm_chunk_chain_kernel; BK, BV, warps, stages and the cap
     then apply to the first) instead of one serial program per tile pair. Off in the built-in
     table: on the H200 at ViL-B's shape it ran about 5x slower. dtype: the inputs' torch
-    dtype."""
+    dtype. state: the HAS_STATE flag of the outputs, dq/dk and dv kernels where it is known
+    (None: parameters that fit either; see backward_maxnreg)."""
     assert kernel in KERNELS, kernel
-    key = (kernel, DK, DV, L, dtype, arch, FLASH_FORWARD, FLASH_BACKWARD)
+    key = (kernel, DK, DV, L, dtype, arch, FLASH_FORWARD, FLASH_BACKWARD, state)
     forced = OVERRIDES or TILE is not None
     cached = _cache.get(key) if not forced else None
     if cached is not None:
         return dict(cached)
     BT = tile_len(L, dtype, DK, DV, arch)
-    p = _table_params(kernel, DK, DV, BT, L // BT, dtype, arch)
+    p = _table_params(kernel, DK, DV, BT, L // BT, dtype, arch, state)
     if kernel in SCANS:
         p["split"] = False
     for given in (tuned_table().get(table_key(kernel, DK, DV, L, dtype, arch), {}),
@@ -351,7 +352,7 @@ def read_table(path):
     return entries
 
 
-def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
+def _table_params(kernel, DK, DV, BT, NT, dtype, arch, state=None):
     if kernel in FLASH_KERNELS:                   # (Hopper and the interpreter)
         return flash_params(DK, DV, kernel)
     BK, BV = head_block(DK), head_block(DV)
@@ -422,7 +423,31 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch):
         # (chunks of several tiles: the chunk-boundary step holds more registers, and the
         # capped builds spill)
         p["maxnreg"] = scan_maxnreg(kernel, BT, BK, BV, dtype)
+    if kernel in ("bwd_pair", "bwd_dqk") and sixteen:
+        p["maxnreg"] = backward_maxnreg(kernel, NT, BK, BV, warps, state)
     return p
+
+
+def backward_maxnreg(kernel, NT, BK, BV, warps, state=None):
+    """Register cap of the backward pair and dq/dk kernels on Hopper (16-bit inputs): the next
+    step of programs an SM that ptxas reaches without spilling (compile_check, sm_90, every
+    head dim and chunk it builds):
+    - the pair kernel: 128 at 4 warps, four programs an SM (149-157 registers uncapped: three;
+      in 8-warp tiles of 128 it needs 242-245, and 128 spills);
+    - the dq/dk kernel: 168, three (with carried states 131-230 uncapped: two where over 168),
+      except at one tile a chunk with K and V tiles of 64, where a cap of 168 spills 44-72
+      bytes; with several tiles a chunk and no state (state False: ViL-B's cells in one
+      chunk), 128, four (141 uncapped at K tiles of 64; with states a cap of 128 spills); in
+      8-warp tiles of 128 the same caps (no state: 124 registers instead of 197, two
+      programs an SM instead of one).
+    Not timed yet. The same kind of cap made the state scans 1.1-1.3x faster on an H200
+    (scan_maxnreg), and 168 made the outputs and dv kernels 8-14% faster there even where it
+    spilled (_table_params); bench/tune.py sweeps 128, 168 and none for every kernel."""
+    if kernel == "bwd_pair":
+        return 128 if warps == 4 else MAXNREG
+    if NT == 1 and BK >= 64 and BV >= 64:
+        return MAXNREG
+    return 128 if NT > 1 and state is False else 168
 
 
 def flash_params(DK, DV, kernel="fwd_flash"):
