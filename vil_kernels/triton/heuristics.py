@@ -434,12 +434,12 @@ def backward_maxnreg(kernel, NT, BK, BV, warps, state=None):
     head dim and chunk it builds):
     - the pair kernel: 128 at 4 warps, four programs an SM (149-157 registers uncapped: three;
       in 8-warp tiles of 128 it needs 242-245, and 128 spills);
-    - the dq/dk kernel: 168, three (with carried states 131-230 uncapped: two where over 168),
-      except at one tile a chunk with K and V tiles of 64, where a cap of 168 spills 44-72
-      bytes; with several tiles a chunk and no state (state False: ViL-B's cells in one
-      chunk), 128, four (141 uncapped at K tiles of 64; with states a cap of 128 spills); in
-      8-warp tiles of 128 the same caps (no state: 124 registers instead of 197, two
-      programs an SM instead of one).
+    - the dq/dk kernel: 168, three (with carried states 131-230 registers uncapped, two
+      programs where over 168; 152-164 capped), except at one tile a chunk with K and V
+      tiles of 64, where a cap of 168 spills 44-72 bytes; with several tiles a chunk and no
+      state (state False: ViL-B's cells in one chunk), 128, four (141 uncapped at K tiles of
+      64; with states a cap of 128 spills); in 8-warp tiles of 128 the same caps (no state:
+      124 registers instead of 197, two programs an SM instead of one).
     Not timed yet. The same kind of cap made the state scans 1.1-1.3x faster on an H200
     (scan_maxnreg), and 168 made the outputs and dv kernels 8-14% faster there even where it
     spilled (_table_params); bench/tune.py sweeps 128, 168 and none for every kernel."""
