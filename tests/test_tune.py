@@ -73,6 +73,31 @@ def test_backward_register_caps():
     assert caps == {(False, True): 128, (True, True): 168}
 
 
+@pytest.mark.parametrize("chunk, carried", [(128, False), (64, True)])
+def test_launches_say_whether_a_state_is_carried(monkeypatch, chunk, carried):
+    """The dq/dk kernel's cap depends on HAS_STATE: each launch asks launch_params with the
+    flag it runs (one chunk of two tiles and no state: False; two chunks: True)."""
+    import vil_kernels
+    from vil_kernels.triton import chunk as tchunk
+    seen = []
+    real = heuristics.launch_params
+
+    def spy(kernel, *a, **kw):
+        p = real(kernel, *a, **kw)
+        seen.append((kernel, a[5] if len(a) > 5 else kw.get("state"), p["maxnreg"]))
+        return p
+
+    monkeypatch.setattr(tchunk.heuristics, "launch_params", spy)
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(1, 1, 100, 16, generator=g).bfloat16().requires_grad_() for _ in range(3)]
+    gates = [torch.randn(1, 1, 100, generator=g).requires_grad_() for _ in range(2)]
+    vil_kernels.mlstm(*x, *gates, chunk_size=chunk, backend="triton").float().sum().backward()
+    dqk = {(state, cap) for kernel, state, cap in seen if kernel == "bwd_dqk" and state is not None}
+    # (the interpreter runs Hopper's table)
+    assert dqk == {(carried, 168 if carried else 128)}
+    assert all(x_.grad is not None and x_.grad.isfinite().all() for x_ in x)
+
+
 def test_multi_tile_chunks_parameters():
     """Chunks of several tiles: tiles of 64 (float32: 16), keyed on the chunk; the same
     parameters as one tile except where compile_check found spills (the scans uncapped),
