@@ -1067,7 +1067,7 @@ def mlstm_bwd_dqk_kernel(
     # first needed (with several tiles a chunk: for the row sums, after the loops): no
     # accumulator, state product or tile is held through the other half's work (bf16, sm_90:
     # in one chunk at D=384 141 registers a thread instead of 188, 3 programs an SM; with
-    # states at one tile a chunk, up to 50 fewer).
+    # states at one tile a chunk 10-20 fewer).
     if NT == 1:
         b_k = _load_tile(p_k, o_p, m_t, s_t, o_k, m_k)                 # [BT, BK]
         causal = (o_i[:, None] >= o_i[None, :]) & m_t[:, None]
