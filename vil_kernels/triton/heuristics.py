@@ -8,11 +8,14 @@ inputs: 32), any power of two up to 1024 on request; the kernels take them in ti
 positions (float32: 32). On Hopper (measured on an H200 and an H100 with bench/tune.py, see
 _table_params): 4 warps, two pipeline stages for 16-bit inputs (three in the scans where that keeps
 their register cap), the scans' registers capped for one more program an SM where that does not
-spill (see scan_maxnreg). On Ampere (not measured): 8 warps from 64 positions, one stage, V tiles
-of at most 32 in the outputs and dq/dk kernels there. Chunks of several tiles (not timed yet;
-chosen only on request) take the same parameters except where they would spill: the scans uncapped,
-float32 inputs in tiles of 16 positions; their two pair kernels (PAIR_KERNELS) take the head-dim
-tiles of the rules above (64, 32 or 16), 4 warps on Hopper and two stages for 16-bit inputs.
+spill (see scan_maxnreg), and, not timed yet, the backward pair and dq/dk kernels' the same way
+(backward_maxnreg). On Ampere (not measured): 8 warps from 64 positions, one stage, V tiles
+of at most 32 in the outputs and dq/dk kernels there. Chunks of several tiles (on request, and
+by default one chunk for 16-bit sequences up to 1024 at head dims from 384: ONE_CHUNK_UP_TO,
+timed on an H200; their launch parameters were not swept) take the same parameters except where
+they would spill: the scans uncapped, float32 inputs in tiles of 16 positions; their two pair
+kernels (PAIR_KERNELS) take the head-dim tiles of the rules above (64, 32 or 16), 4 warps on
+Hopper and two stages for 16-bit inputs.
 One chunk holding the sequence with no carried state may take FlashAttention's form
 (FLASH_FORWARD, FLASH_BACKWARD; off by default, slower at D=384 on an H200): the forward in one
 kernel (mlstm_fwd_flash_kernel, flash_params), the backward's pair products and dq in one kernel
