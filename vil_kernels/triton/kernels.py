@@ -723,10 +723,9 @@ def mlstm_fwd_out_kernel(
         for i_k in range(tl.cdiv(DK, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < DK
-            m_tk = m_t[:, None] & m_k[None, :]
-            b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
+            b_q = _load_tile(p_q, o_p, m_t, s_t, o_k, m_k)                  # [BT, BK]
             if NT == 1:
-                b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
+                b_k = _load_tile(p_k, o_p, m_t, s_t, o_k, m_k)
                 b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)        # [BT, BT]
             if HAS_STATE:
                 p_c = c_in + o_s * DK * DV + o_k[:, None] * DV
@@ -1147,10 +1146,9 @@ def mlstm_bwd_dv_kernel(
         for i_k in range(tl.cdiv(DK, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < DK
-            m_tk = m_t[:, None] & m_k[None, :]
             if NT == 1:
-                b_q = tl.load(p_q + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
-            b_k = tl.load(p_k + o_p[:, None] * s_t + o_k[None, :], mask=m_tk, other=0.)
+                b_q = _load_tile(p_q, o_p, m_t, s_t, o_k, m_k)              # [BT, BK]
+            b_k = _load_tile(p_k, o_p, m_t, s_t, o_k, m_k)
             if NT == 1:
                 b_qk += _dot(b_q, tl.trans(b_k), MMA, ACC, PREC, INTERP)        # [BT, BT]
             if HAS_STATE:
