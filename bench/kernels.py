@@ -5,6 +5,7 @@
     python bench/kernels.py --paths triton --chunk-size 64,256   # chunks of 64, then 256
     python bench/kernels.py --paths triton --chunk-size 1024 --tile 64,128   # tiles of 64, 128
     python bench/kernels.py --paths triton --chunk-size 1024 --flash off,fwd,bwd,on  # flash forms
+    python bench/kernels.py --paths triton --set bwd_dqk.BK=128 --set bwd_dqk.num_warps=8
     python bench/kernels.py --results-file bench/results/kernels-cpu.json
 
 On CPU it compares the PyTorch chunkwise path against the parallel form (the published
@@ -19,6 +20,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -258,6 +260,44 @@ def triton_settings(tile, flash):
         heuristics.TILE, heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD = was
 
 
+def launch_overrides(parser, texts):
+    """--set's KERNEL.PARAM=VALUE words (bwd_dqk.BK=128, bwd_dqk.maxnreg=None) as
+    {kernel: {param: value}} for heuristics.OVERRIDES, or the parser's usage error."""
+    from vil_kernels.triton import heuristics
+    out = {}
+    for text in texts:
+        m = re.fullmatch(r"(\w+)\.(\w+)=(\w+)", text)
+        if not m or m[1] not in heuristics.KERNELS or m[2] not in heuristics._PARAMS:
+            parser.error(f"--set takes KERNEL.PARAM=VALUE, a kernel of "
+                         f"{', '.join(sorted(heuristics.KERNELS))} and a parameter of "
+                         f"{', '.join(sorted(heuristics._PARAMS))}, got {text!r}")
+        value = {"None": None, "True": True, "False": False}.get(m[3], m[3])
+        if isinstance(value, str):
+            if not value.isdigit():
+                parser.error(f"--set {text!r}: the value is an integer, None, True or False")
+            value = int(value)
+        out.setdefault(m[1], {})[m[2]] = value
+    return out
+
+
+@contextlib.contextmanager
+def forced_params(overrides):
+    """Launch parameters forced over the table's for the block (heuristics.OVERRIDES, as
+    bench/tune.py forces its candidates); nothing imported or changed when there are none."""
+    if not overrides:
+        yield
+        return
+    from vil_kernels.triton import heuristics
+    was = {k: dict(v) for k, v in heuristics.OVERRIDES.items()}
+    for kernel, params in overrides.items():
+        heuristics.OVERRIDES.setdefault(kernel, {}).update(params)
+    try:
+        yield
+    finally:
+        heuristics.OVERRIDES.clear()
+        heuristics.OVERRIDES.update(was)
+
+
 def _time_row(row, fn, device, dtype, warmup, iters, mem, peaks):
     """Forward and forward+backward time and peak memory of one path into row."""
     B, NH, S, D, name = row["B"], row["NH"], row["S"], row["D"], row["path"]
@@ -362,8 +402,13 @@ def parse_args(argv=None):
                         "(FLASH_BACKWARD: the pair products and dq in one kernel), on both, "
                         "off neither, auto each where its build takes 4 warps; several: a "
                         "row for each; default: the environment's setting (off unless set)")
+    p.add_argument("--set", action="append", default=[], metavar="KERNEL.PARAM=VALUE",
+                   help="a Triton kernel's launch parameter forced over the table's for every "
+                        "row (bench/tune.py's names, e.g. bwd_dqk.BK=128 bwd_dqk.num_warps=8 "
+                        "bwd_dqk.maxnreg=None); repeatable")
     p.add_argument("--results-file", default=None)
     args = p.parse_args(argv)
+    args.set = launch_overrides(p, args.set) if args.set else {}
     if args.flash is not None:
         args.flash = flash_words(p, args.flash)
     if args.tile is not None:
@@ -406,12 +451,13 @@ def main(argv=None):
     print(f"# device: {device_name(device)} | torch {torch.__version__} | dtype {dtype}", flush=True)
     meta = dict(device=device_name(device), torch=torch.__version__, dtype=str(dtype),
                 warmup=warm, iters=iters, chunk_size=args.chunk_size, tile=args.tile,
-                flash=args.flash)
+                flash=args.flash, launch_overrides=args.set)
     rows = []
     for shape in shapes:
-        rows += bench_shape(shape, device, dtype, warm, iters, mem, args.paths,
-                            args.chunk_size or (None,), args.tile or (None,),
-                            args.flash or (None,))
+        with forced_params(args.set):
+            rows += bench_shape(shape, device, dtype, warm, iters, mem, args.paths,
+                                args.chunk_size or (None,), args.tile or (None,),
+                                args.flash or (None,))
         print(f"  done {shape}", file=sys.stderr, flush=True)
         if args.results_file:                  # after every shape: a run cut short keeps them
             Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)

@@ -3,15 +3,18 @@
     python bench/profile_op.py                       # ViL-B's shape: B=64, NH=4, S=784, D=384
     python bench/profile_op.py --shape 64,4,784,96 --results-file prof.json
     python bench/profile_op.py --chunk-size 64,1024 --flash off,on --peer-chunks   # a row each
+    python bench/profile_op.py --chunk-size 1024 --tile 64,128 --set bwd_dqk.BK=128 --peer-chunks
 
 Runs the op (and NX-AI's mlstm_kernels chunkwise--triton_xl_chunk when installed) forward and
 backward under torch.profiler after a warm-up, and prints every GPU kernel's time per pass
 (device time, summed over its launches in a pass), the sum of the kernels and the wall time of a
 pass (CUDA events, outside the profiler). The loss is ``(h * w).sum()`` with a fixed bfloat16
-``w``, so no float32 copy of h and no expanded gradient enters the numbers. --chunk-size and
---flash (bench/kernels.py's words) give the op a row per chunk length and flash setting: device
-time per kernel, which host-timed medians at these sizes blur (repeats of one configuration
-moved by up to 1.7x on an H200, bench/results/kernels-nvidia-h200-bf16-chunk64-repeat-*).
+``w``, so no float32 copy of h and no expanded gradient enters the numbers. --chunk-size,
+--tile and --flash (bench/kernels.py's words) give the op a row per chunk length, tile and
+flash setting, and --set forces launch parameters in all of them: device time per kernel,
+which host-timed medians at these sizes blur (repeats of one configuration moved by up to 1.7x
+on an H200, bench/results/kernels-nvidia-h200-bf16-chunk64-repeat-*). bench/traffic.py
+--profile turns a results file into each kernel's achieved bandwidth and TFLOP/s.
 """
 
 import argparse
@@ -27,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 import vil_kernels  # noqa: E402
-from kernels import flash_words, make_inputs, triton_settings  # noqa: E402
+from kernels import flash_words, forced_params, launch_overrides, make_inputs, triton_settings  # noqa: E402
 from machine import device_name  # noqa: E402
 from vil_kernels.triton import chunk as tchunk  # noqa: E402
 
@@ -97,10 +100,18 @@ def main(argv=None):
                     help="the op's chunk lengths, a row each (default: its own choice)")
     ap.add_argument("--flash", default=None, metavar="off|fwd|bwd|on|auto[,...]",
                     help="the op's flash settings, a row each (bench/kernels.py --flash)")
+    ap.add_argument("--tile", default=None, metavar="N[,N...]",
+                    help="the op's tiles of positions in chunks of several tiles, a row each "
+                         "(bench/kernels.py --tile)")
+    ap.add_argument("--set", action="append", default=[], metavar="KERNEL.PARAM=VALUE",
+                    help="a launch parameter forced over the table's for the op's rows "
+                         "(bench/kernels.py --set); repeatable")
     ap.add_argument("--results-file")
     args = ap.parse_args(argv)
     chunks = [None] if args.chunk_size is None else [int(c) for c in args.chunk_size.split(",")]
+    tiles = [None] if args.tile is None else [int(t) for t in args.tile.split(",")]
     flashes = [None] if args.flash is None else flash_words(ap, args.flash)
+    overrides = launch_overrides(ap, args.set) if args.set else {}
     B, NH, S, D = (int(s) for s in args.shape.split(","))
     dev = torch.device(args.device)
     x = make_inputs(B, NH, S, D, torch.bfloat16, dev, requires_grad=True)
@@ -108,10 +119,12 @@ def main(argv=None):
     backend = "triton" if dev.type == "cuda" or tchunk.INTERPRETED else "torch"
     paths = []
     for chunk in chunks:
-        for flash in flashes:
-            name = backend + (f"-chunk{chunk}" if chunk else "") + (f"-{flash}" if flash else "")
-            paths.append((name, lambda x, chunk=chunk: vil_kernels.mlstm(
-                **x, backend=backend, chunk_size=chunk), (None, flash)))
+        for tile in tiles:
+            for flash in flashes:
+                name = (backend + (f"-chunk{chunk}" if chunk else "")
+                        + (f"-tile{tile}" if tile else "") + (f"-{flash}" if flash else ""))
+                paths.append((name, lambda x, chunk=chunk: vil_kernels.mlstm(
+                    **x, backend=backend, chunk_size=chunk), (tile, flash)))
     for chunk in args.peer_chunks:
         peer = peers.mlstm_kernels_chunkwise(chunk)
         if peer is not None:
@@ -120,13 +133,15 @@ def main(argv=None):
     rows = []
     for name, fn, settings in paths:
         try:
-            rows.append(profile_path(name, fn, x, w, args.reps, settings))
+            with forced_params(overrides if name.startswith(backend) else None):
+                rows.append(profile_path(name, fn, x, w, args.reps, settings))
         except Exception as e:  # noqa: BLE001 - the peer may fail to build; report, go on
             rows.append(dict(path=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
             print(f"\n{name}: {rows[-1]['error']}", flush=True)
     if args.results_file:
         meta = dict(device=device_name(dev), torch=torch.__version__,
-                    shape=dict(B=B, NH=NH, S=S, D=D), dtype="bfloat16")
+                    shape=dict(B=B, NH=NH, S=S, D=D), dtype="bfloat16",
+                    launch_overrides=overrides)
         Path(args.results_file).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     return rows
 

@@ -1,7 +1,9 @@
 """bench/kernels.py: its roofline arithmetic and a run on this CPU at a tiny shape; a dry run of
-bench/profile_op.py."""
+bench/profile_op.py; bench/traffic.py's counts."""
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -9,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
 import kernels  # noqa: E402
 
 
@@ -240,3 +243,91 @@ def test_host_overhead_needs_cuda(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         host_overhead.main(["--shapes", "1,4,196,96"])
     assert e.value.code == 2 and "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_traffic_counts_the_kernels_own_loads_stores_and_products(tmp_path):
+    """bench/traffic.py (its own process: the interpreter must be on before triton is
+    imported): one head's counts times B x NH. The backward pair kernel in one chunk of two
+    tiles of 64 (S=128, D=32) runs three (row tile, key tile <= it) pairs: two products of
+    64 x 64 x 32 each, two 64 x 64 bf16 tiles stored each, and at least q, k, dh and v's
+    64 x 32 bf16 tiles loaded each."""
+    out = tmp_path / "t.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, str(BENCH / "traffic.py"), "--shape", "2,3,128,32",
+                    "--chunk-size", "128", "--set", "bwd_dqk.BK=16", "--bandwidth", "2",
+                    "--results-file", str(out)], check=True, env=env, capture_output=True)
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["overrides"] == {"bwd_dqk": {"BK": 16}}
+    (setting,) = saved["tables"]
+    assert (setting["chunk"], setting["tile"]) == (128, 64)
+    rows = {r["kernel"]: r for r in setting["rows"]}
+    pair, heads = rows["mlstm_bwd_pair_kernel"], 6
+    assert pair["gflop"] * 1e9 == pytest.approx(heads * 3 * 2 * (2 * 64 * 64 * 32))
+    assert pair["stored_gb"] * 1e9 == pytest.approx(heads * 3 * 2 * 64 * 64 * 2)
+    assert heads * 3 * 4 * 64 * 32 * 2 <= pair["loaded_gb"] * 1e9 < heads * 3 * 5 * 64 * 32 * 2
+    # the forced K tile: two programs a row tile (DK = 32), each loading its 16 columns
+    assert rows["mlstm_bwd_dqk_kernel"]["programs"] == heads * 2 * 2
+    moved = pair["loaded_gb"] + pair["stored_gb"]
+    assert pair["floor_ms"] == pytest.approx(moved / 2)
+    assert rows["total"]["gflop"] == pytest.approx(sum(
+        r["gflop"] for k, r in rows.items() if k != "total"))
+
+
+def test_traffic_with_a_profile_gives_achieved_rates(tmp_path):
+    """traffic.table with measured ms (bench/profile_op.py's kernels): achieved TB/s and
+    TFLOP/s per kernel and in total; kernels the profile lacks get none."""
+    import traffic
+    counts = {"a": dict(launches=1, programs=4, loaded=3e6, stored=1e6, flops=8e9),
+              "b": dict(launches=2, programs=2, loaded=1e6, stored=0, flops=0)}
+    rows = {r["kernel"]: r for r in traffic.table(counts, heads=2, measured={"a": 0.5})}
+    assert rows["a"]["tb_per_s"] == pytest.approx(2 * 4e6 / 1e9 / 0.5)
+    assert rows["a"]["tflop_per_s"] == pytest.approx(2 * 8e9 / 1e9 / 0.5)
+    assert rows["a"]["flop_per_byte"] == pytest.approx(8e9 / 3e6)
+    assert "ms" not in rows["b"] and rows["b"]["programs"] == 4
+    assert rows["total"]["loaded_gb"] == pytest.approx(2 * 4e6 / 1e9)
+    profile = tmp_path / "p.json"
+    profile.write_text(json.dumps(dict(rows=[dict(path="triton", kernels={"a": 0.5})])))
+    assert traffic.measured_kernels(profile, None) == {"a": 0.5}
+    with pytest.raises(SystemExit, match="not in"):
+        traffic.measured_kernels(profile, "torch")
+
+
+def test_set_forces_launch_parameters_for_the_run_only(monkeypatch):
+    """--set KERNEL.PARAM=VALUE: heuristics.OVERRIDES holds them while the benchmark runs and
+    what it held before afterwards; bad words are usage errors."""
+    import argparse
+    from vil_kernels.triton import heuristics
+    seen = []
+    monkeypatch.setattr(kernels, "bench_shape",
+                        lambda *a, **k: seen.append({n: dict(p) for n, p in
+                                                     heuristics.OVERRIDES.items()}) or [])
+    before = dict(heuristics.OVERRIDES)
+    kernels.main(["--device", "cpu", "--shapes", "1,1,16,16", "--set", "bwd_dqk.BK=128",
+                  "--set", "bwd_dqk.maxnreg=None", "--set", "fwd_state.split=True"])
+    assert seen == [{"bwd_dqk": {"BK": 128, "maxnreg": None}, "fwd_state": {"split": True}}]
+    assert heuristics.OVERRIDES == before
+    p = argparse.ArgumentParser()
+    for bad in ("bwd_dqk.BK", "nope.BK=1", "bwd_dqk.tile=1", "bwd_dqk.BK=x"):
+        with pytest.raises(SystemExit):
+            kernels.launch_overrides(p, [bad])
+
+
+def test_profile_op_rows_per_tile_with_forced_parameters(monkeypatch):
+    """profile_op --tile and --set: a row per tile, run with heuristics.TILE at it and the
+    forced parameters in OVERRIDES, both restored after."""
+    import profile_op
+    from vil_kernels.triton import heuristics
+    seen = []
+    real = profile_op.vil_kernels.mlstm
+
+    def spy(**kw):
+        seen.append((heuristics.TILE, dict(heuristics.OVERRIDES.get("bwd_dqk", {}))))
+        return real(**kw)
+
+    monkeypatch.setattr(profile_op.vil_kernels, "mlstm", spy)
+    rows = profile_op.main(["--device", "cpu", "--shape", "1,1,40,16", "--reps", "1",
+                            "--peer-chunks", "--chunk-size", "64", "--tile", "16,32",
+                            "--set", "bwd_dqk.BK=16"])
+    assert [r["path"].split("-", 1)[1] for r in rows] == ["chunk64-tile16", "chunk64-tile32"]
+    assert {t for t, _ in seen} == {16, 32} and all(o == {"BK": 16} for _, o in seen)
+    assert heuristics.TILE is None and "bwd_dqk" not in heuristics.OVERRIDES
