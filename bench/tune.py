@@ -55,7 +55,9 @@ def candidates(kernel, D, L, arch=None, state=None):
     """Configurations to try for one kernel besides the table's: head-dim tiles (for the scans
     both tiles own a program; elsewhere the tile a program owns in 32 / 64 / 128, the one it
     loops over in 32 / 64), 4 warps (and 8 before Hopper: on the H200 8 lost everywhere by
-    1.5-2x), 1 or 2 pipeline stages (3 for the scans, whose loops run every chunk), and
+    1.5-2x; 8 also for wide tiles: the dq/dk kernel's K tiles of 128 and 256, the outputs
+    and dv kernels' V tiles of 256), 1 or 2 pipeline stages (3 for the scans, whose loops run
+    every chunk), and
     register caps of 128 / 168 / none (255) for every kernel (caps at which 4 / 3 / 2
     programs of 4 warps share an SM's registers); for the scans also their
     split form (heuristics.launch_params), timed as the sum of its two launches. The flash
@@ -85,6 +87,17 @@ def candidates(kernel, D, L, arch=None, state=None):
         warps = (8,)                        # (tiles of 128 positions: a warpgroup per 64 rows)
     out = [dict(base, BK=BK, BV=BV, num_warps=w, num_stages=st, maxnreg=cap)
            for (BK, BV), w, st, cap in itertools.product(tiles, warps, (1, 2), caps)]
+    if 8 not in warps and kernel in ("bwd_dqk", "fwd_out", "bwd_dv"):
+        # wide head-dim tiles at 8 warps too (two warpgroups share the columns): a program
+        # then loads each pair tile (dS, the scores) for more columns. At ViL-B's shape in one
+        # chunk (bench/traffic.py) the dq/dk kernel's K tiles of 128 reload dS 3 times
+        # instead of 6 (4.8 -> 3.6 GB); at 4 warps they take 252 registers, at 8 116
+        # (compile_check, sm_90, no state). V tiles of 256: 0.2 GB less in each of the
+        # outputs and dv kernels, 115-124 registers at 8 warps
+        wide = [(BK, 64) for BK in (128, 256)] if kernel == "bwd_dqk" else [(64, 256)]
+        out += [dict(base, BK=BK, BV=BV, num_warps=8, num_stages=st, maxnreg=cap)
+                for (BK, BV), st, cap in itertools.product(wide, (1, 2),
+                                                           (168, heuristics.MAXNREG))]
     if kernel in heuristics.SCANS:
         out += [dict(base, num_stages=3, maxnreg=cap) for cap in caps]
         # the split form: its parallel pass's tiles (no loop there to pipeline; the chain's

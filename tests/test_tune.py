@@ -29,6 +29,15 @@ def test_candidates_vary_one_kernel_and_never_repeat_the_table():
     assert {c["num_warps"] for c in scans} == {4}                # 8 lost everywhere on Hopper
     assert {c["num_warps"] for c in tune.candidates("fwd_state", 384, 64, arch=80)} == {4, 8}
     assert 168 in {c["maxnreg"] for c in tune.candidates("bwd_dqk", 96, 64, arch=90)}
+    # wide head-dim tiles also at 8 warps on Hopper (4-warp BK=128 needs 252 registers in the
+    # dq/dk kernel at D=384); the other tiles and the pair kernels at 4
+    dqk = tune.candidates("bwd_dqk", 384, 1024, arch=90, state=False)
+    assert {c["BK"] for c in dqk if c["num_warps"] == 8} == {128, 256}
+    for k in ("fwd_out", "bwd_dv"):
+        assert {c["BV"] for c in tune.candidates(k, 384, 1024, arch=90)
+                if c["num_warps"] == 8} == {256}
+    assert all(c["num_warps"] == 4 for k in heuristics.PAIR_KERNELS
+               for c in tune.candidates(k, 384, 1024, arch=90))
 
 
 def test_scan_register_caps():
