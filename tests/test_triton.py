@@ -140,6 +140,26 @@ def test_tuner_tile_overrides(overrides, monkeypatch):
     _check(x, torch.bfloat16, reverse=True)
 
 
+# The wide head-dim tiles bench/tune.py sweeps at 8 warps in chunks of several tiles (K tiles of
+# 128 and 256 for the dq/dk kernel, V tiles of 256 for the outputs and dv kernels; D = 96 masks
+# most of them), with and without a carried state: the same function.
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
+@pytest.mark.parametrize("BK,init", [(128, False), (256, True)])
+def test_wide_head_dim_tiles_in_chunks_of_several_tiles(BK, init, monkeypatch):
+    from vil_kernels.triton import heuristics
+    wide = dict(num_warps=8, maxnreg=None)
+    monkeypatch.setattr(heuristics, "OVERRIDES", {"bwd_dqk": dict(wide, BK=BK),
+                                                  "fwd_out": dict(wide, BV=256),
+                                                  "bwd_dv": dict(wide, BV=256)})
+    x = make_inputs(NH=1, S=150, DK=96, DV=80, init=init, seed=BK)
+    got, names = launched(lambda: run(x, "triton", reverse=init, chunk_size=256,
+                                      last_states=init))
+    assert {"bwd_pair", "bwd_dqk", "bwd_dv"} <= names, names
+    ref = run(x, "parallel", reverse=init, last_states=init)
+    errs = {n: rel_err(got[n], ref[n]) for n in ref}
+    assert max(errs.values()) < 1e-9, errs
+
+
 # A software-pipelined outputs kernel (num_stages > 1, chosen by a tuned table) computes q . n
 # on the tensor cores (n as hi + lo pairs of the MMA dtype, chunk.hi_lo) to avoid a Triton
 # pipelining race; the interpreter ignores stages but runs that arithmetic: as exact in
