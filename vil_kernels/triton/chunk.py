@@ -217,7 +217,7 @@ def _pair_buffers(q, S, NC, BT, NT, dtypes):
     B, NH = q.shape[:2]
     bufs = tuple(q.new_empty(B, NH, NC, NP, BT, *((BT,) if shaped else ()), dtype=dt)
                  for dt, shaped in dtypes)
-    return bufs, (B * NH * NC * NTE * NTE,)
+    return bufs, (B * NH * NC * NP,)               # a program a pair (kernels._pair_program)
 
 
 def _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse, states=True):

@@ -469,17 +469,23 @@ def _tile_dot(p_a, p_b, o_pa, m_a, o_pb, m_b, sa_t, sb_t, D, BT: tl.constexpr, B
 
 @triton.jit
 def _pair_program(S, NC, BT: tl.constexpr, NT: tl.constexpr):
-    """A pair kernel's program: grid (B * NH * NC * NTE * NTE,) (_pair_tiles), one chunk's
-    pairs adjacent (their tiles are read by several: from L2). Returns batch-head, chunk, the
-    row and key tiles in the chunk (a, j), their tile indices in the sequence, and whether the
-    pair exists (j <= a, row tile inside the sequence); the others exit."""
-    NTE = _pair_tiles(S, BT, NT)[0]
+    """A pair kernel's program: grid (B * NH * NC * NP,) (_pair_tiles), a program a pair, in
+    the pair buffer's triangular order (_pair: one chunk's pairs adjacent, their tiles read by
+    several from L2). Returns batch-head, chunk, the row and key tiles in the chunk (a, j), their
+    tile indices in the sequence, and whether the row tile is inside the sequence (in the last
+    of several chunks it may not be; those programs exit)."""
+    NP = _pair_tiles(S, BT, NT)[1]
     i_p = tl.program_id(0).to(tl.int64)
-    i_bc, i_aj = i_p // (NTE * NTE), (i_p % (NTE * NTE)).to(tl.int32)
-    a, j = i_aj // NTE, i_aj % NTE
+    i_bc, t = i_p // NP, (i_p % NP).to(tl.int32)
+    # t = a (a + 1) / 2 + j with 0 <= j <= a: a from the root of the triangular number,
+    # corrected by one either way for float32's rounding of the root
+    a = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.) * 0.5).to(tl.int32)
+    a = tl.where((a + 1) * (a + 2) // 2 <= t, a + 1, a)
+    a = tl.where(a * (a + 1) // 2 > t, a - 1, a)
+    j = t - a * (a + 1) // 2
     i_bh, i_c = i_bc // NC, (i_bc % NC).to(tl.int32)
     i_r, i_u = i_c * NT + a, i_c * NT + j
-    return i_bh, i_c, a, j, i_r, i_u, (j <= a) & (i_r * BT < S)
+    return i_bh, i_c, a, j, i_r, i_u, i_r * BT < S
 
 
 @triton.jit
