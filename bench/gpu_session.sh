@@ -14,11 +14,12 @@
 #               the kernels that chunks of several tiles run differently: the two pair kernels,
 #               the outputs, dq/dk and dv kernels' loops over the pairs; table file of its own
 #   roofline    ViL-B's shape in one chunk (B=64, NH=4, S=784, D=384), device time per kernel
-#               (profile_op) in tiles of 64 and 128, with the table's dq/dk kernel and with
-#               its K tiles of 128 at 8 warps; then the sweep of the dq/dk, outputs and dv
-#               kernels there (their wide tiles at 8 warps among the candidates, outputs
-#               checked). bench/traffic.py --profile FILE --row ROW (--tile, --set as run)
-#               turns each row into the bandwidth and TFLOP/s each kernel reached
+#               (profile_op) in tiles of 64 and 128, with the table's parameters and with the
+#               wide ones at 8 warps (the dq/dk kernel's K tiles of 128, the pair kernels' two
+#               key tiles a program); then the sweep of the five matmul kernels there (wide
+#               tiles at 8 warps among the candidates, outputs checked). bench/traffic.py
+#               --profile FILE --row ROW (--tile, --set as run) turns each row into the
+#               bandwidth and TFLOP/s each kernel reached
 #   tests       the Triton and torch.func tests on CUDA (pytest-xdist when there); after tune, with its table
 #   gatetests   tests/test_gates.py and tests/test_random_configs.py on CUDA
 #   diag        bench/diag/gates32.py (where float32 loses precision with several resets in a
@@ -142,11 +143,12 @@ for s in $STEPS; do
     roofline)
         ROOF="python bench/profile_op.py --shape 64,4,784,384 --chunk-size 1024 --tile 64,128"
         step roofline-profile 180 $ROOF --peer-chunks --results-file "$OUT/profile-roofline.json"
-        step roofline-profile-dqk128 180 $ROOF --peer-chunks --set bwd_dqk.BK=128 \
-            --set bwd_dqk.num_warps=8 --set bwd_dqk.maxnreg=None \
-            --results-file "$OUT/profile-roofline-dqk128.json"
+        step roofline-profile-wide 180 $ROOF --peer-chunks --set bwd_dqk.BK=128 \
+            --set bwd_dqk.num_warps=8 --set bwd_dqk.maxnreg=None --set fwd_pair.KT=2 \
+            --set fwd_pair.num_warps=8 --set bwd_pair.KT=2 --set bwd_pair.num_warps=8 \
+            --results-file "$OUT/profile-roofline-wide.json"
         step roofline-tune 150 python bench/tune.py --dims 384 --chunks 1024 \
-            --kernels bwd_dqk fwd_out bwd_dv --time-limit 130 \
+            --kernels bwd_dqk bwd_pair fwd_pair fwd_out bwd_dv --time-limit 130 \
             --results-file "$OUT/tune-roofline.json" ;;
     tests)
         step tests 100 python -m pytest tests/test_triton.py tests/test_func.py -q $XDIST ;;

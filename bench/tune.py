@@ -56,8 +56,8 @@ def candidates(kernel, D, L, arch=None, state=None):
     both tiles own a program; elsewhere the tile a program owns in 32 / 64 / 128, the one it
     loops over in 32 / 64), 4 warps (and 8 before Hopper: on the H200 8 lost everywhere by
     1.5-2x; 8 also for wide tiles: the dq/dk kernel's K tiles of 128 and 256, the outputs
-    and dv kernels' V tiles of 256), 1 or 2 pipeline stages (3 for the scans, whose loops run
-    every chunk), and
+    and dv kernels' V tiles of 256, the pair kernels' programs of 2 and 4 key tiles, KT), 1 or
+    2 pipeline stages (3 for the scans, whose loops run every chunk), and
     register caps of 128 / 168 / none (255) for every kernel (caps at which 4 / 3 / 2
     programs of 4 warps share an SM's registers); for the scans also their
     split form (heuristics.launch_params), timed as the sum of its two launches. The flash
@@ -98,6 +98,14 @@ def candidates(kernel, D, L, arch=None, state=None):
         out += [dict(base, BK=BK, BV=BV, num_warps=8, num_stages=st, maxnreg=cap)
                 for (BK, BV), st, cap in itertools.product(wide, (1, 2),
                                                            (168, heuristics.MAXNREG))]
+    if kernel in heuristics.PAIR_KERNELS and 8 not in warps:
+        # two and four key tiles a program at 8 warps (the two warpgroups share them): the
+        # row tile's q (and dh) loaded once for that many pairs (bench/traffic.py at ViL-B's
+        # shape in one chunk: the two pair kernels 7.1 -> 5.7 GB at two, 5.0 GB at four). At
+        # two 116-128 registers, two programs an SM (compile_check, sm_90, D=96 and 384); at
+        # four the forward's 247-255 (one), the backward's spill at a cap of 128
+        out += [dict(base, KT=kt, num_warps=8, num_stages=st, maxnreg=cap)
+                for kt, st, cap in itertools.product((2, 4), (1, 2), caps)]
     if kernel in heuristics.SCANS:
         out += [dict(base, num_stages=3, maxnreg=cap) for cap in caps]
         # the split form: its parallel pass's tiles (no loop there to pipeline; the chain's

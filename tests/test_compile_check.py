@@ -139,6 +139,24 @@ def test_tiles_of_128_build_without_spills():
     assert len({r[0] for r in rows}) == 5 and "0 failed" in out, out
 
 
+def test_two_key_tiles_a_pair_program_build_without_spills():
+    """`compile_check --key-tiles 2` (what bench/tune.py sweeps, opt-in until timed): the pair
+    kernels at 8 warps with two key tiles a program, ViL-B's and ViL-T's head dims in one chunk
+    on sm_90, without a spill and at two programs an SM (the 16 warps the 4-warp builds have)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "vil_kernels.compile_check", "--key-tiles", "2", "--dims",
+           "384", "96", "--chunks", "1024", "--dtype", "bfloat16", "--arch", "90",
+           "--kernel", "fwd_pair", "--kernel", "bwd_pair"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    rows = [line.split() for line in out.splitlines() if line.endswith(" ok")]
+    assert {r[0] for r in rows} == {"fwd_pair", "bwd_pair"} and "0 failed" in out, out
+    # (columns: kernel dtype arch BT NT BK BV w st regs spill smem mma occ DK{} DV{} ok)
+    assert all(r[3] == "64x128" and r[7] == "8" and r[-4] == "2" for r in rows), out
+
+
 def test_outputs_kernel_computing_the_scores_builds_without_spills():
     """Chunks of several tiles at head dim 96 (one V tile of 128 holds it on sm_90): the
     outputs kernel that computes the pairs' scores itself (flags Fs / Ts) in tiles of 64,

@@ -160,6 +160,35 @@ def test_wide_head_dim_tiles_in_chunks_of_several_tiles(BK, init, monkeypatch):
     assert max(errs.values()) < 1e-9, errs
 
 
+# The pair kernels with 2 and 4 key tiles a program (KT, bench/tune.py's candidates): chunks of
+# several tiles where the row tile count is not a multiple of KT (dead key tiles past the
+# diagonal: not loaded, not stored), the last chunk partly outside the sequence, one chunk
+# for the whole sequence, both directions, states; DV = 72 runs the forward pair kernel (two
+# V tiles), DV = 40 the outputs kernel's own scores. KT is clamped to the chunk's tiles.
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 compute path is for the interpreter")
+@pytest.mark.parametrize("KT", [2, 4])
+@pytest.mark.parametrize("chunk,S,reverse,init,last_states,DV", [
+    (256, 300, True, True, True, 72),
+    (1024, 150, False, False, False, 40),
+    (128, 200, False, True, True, 72),
+])
+def test_pair_programs_of_several_key_tiles(KT, chunk, S, reverse, init, last_states, DV,
+                                            monkeypatch):
+    from vil_kernels.triton import heuristics
+    monkeypatch.setattr(heuristics, "OVERRIDES", {"fwd_pair": dict(KT=KT, num_warps=8),
+                                                  "bwd_pair": dict(KT=KT, num_warps=8)})
+    L = heuristics.chunk_len(S, 24, DV, torch.float64, 0, chunk)
+    assert heuristics.launch_params("bwd_pair", 24, DV, L, torch.float64, 0)["KT"] == min(
+        KT, L // heuristics.tile_len(L, torch.float64, 24, DV, 0))
+    x = make_inputs(NH=2, S=S, DK=24, DV=DV, init=init, seed=S + KT)
+    got, names = launched(lambda: run(x, "triton", reverse=reverse, chunk_size=chunk,
+                                      last_states=last_states))
+    assert "bwd_pair" in names and ("fwd_pair" in names) == (DV == 72), names
+    ref = run(x, "parallel", reverse=reverse, last_states=last_states)
+    errs = {n: rel_err(got[n], ref[n]) for n in ref}
+    assert max(errs.values()) < 1e-9, errs
+
+
 # A software-pipelined outputs kernel (num_stages > 1, chosen by a tuned table) computes q . n
 # on the tensor cores (n as hi + lo pairs of the MMA dtype, chunk.hi_lo) to avoid a Triton
 # pipelining race; the interpreter ignores stages but runs that arithmetic: as exact in

@@ -36,8 +36,11 @@ def test_candidates_vary_one_kernel_and_never_repeat_the_table():
     for k in ("fwd_out", "bwd_dv"):
         assert {c["BV"] for c in tune.candidates(k, 384, 1024, arch=90)
                 if c["num_warps"] == 8} == {256}
-    assert all(c["num_warps"] == 4 for k in heuristics.PAIR_KERNELS
-               for c in tune.candidates(k, 384, 1024, arch=90))
+    # the pair kernels: one key tile a program at 4 warps, two and four at 8
+    for k in heuristics.PAIR_KERNELS:
+        cands = tune.candidates(k, 384, 1024, arch=90)
+        assert {(c["KT"], c["num_warps"]) for c in cands} == {(1, 4), (2, 8), (4, 8)}
+        assert heuristics.launch_params(k, 384, 384, 1024, torch.bfloat16, 90)["KT"] == 1
 
 
 def test_scan_register_caps():
@@ -130,7 +133,7 @@ def test_multi_tile_chunks_parameters():
     # the pair kernels: head-dim tiles of 64 (96: 32), 4 warps, two stages on Hopper
     for kernel in heuristics.PAIR_KERNELS:
         assert lp(kernel, 384, 96, 256, bf16, 90) == dict(
-            BK=64, BV=32, num_warps=4, num_stages=2,
+            BK=64, BV=32, num_warps=4, num_stages=2, KT=1,
             maxnreg=128 if kernel == "bwd_pair" else heuristics.MAXNREG)
         assert tune.candidates(kernel, 384, 256)
     # a measured table's entry for chunks of 128 is not one for chunks of 64
@@ -196,8 +199,13 @@ def test_launch_table_file(tmp_path, monkeypatch):
         path.write_text(json.dumps({"entries": {scan: {"split": True}}}))
         heuristics.tuned_table(reload=True)
         assert heuristics.launch_params("bwd_state", 96, 96, 64, torch.bfloat16, 90)["split"]
+        pair = heuristics.table_key("bwd_pair", 96, 96, 256, torch.bfloat16, 90)
+        path.write_text(json.dumps({"entries": {pair: {"KT": 4, "num_warps": 8}}}))
+        heuristics.tuned_table(reload=True)
+        assert heuristics.launch_params("bwd_pair", 96, 96, 256, torch.bfloat16, 90)["KT"] == 4
         for bad in ({"fwd_out/96": {}}, {key: {"BV": 48}}, {key: {"warps": 4}},
-                    {key: {"split": True}}, {scan: {"split": 1}}):
+                    {key: {"split": True}}, {scan: {"split": 1}}, {key: {"KT": 2}},
+                    {pair: {"KT": 3}}):
             path.write_text(json.dumps({"entries": bad}))
             with pytest.raises(ValueError, match="t.json"):
                 heuristics.tuned_table(reload=True)
@@ -234,7 +242,9 @@ def test_tile_sweep_writes_its_tile(tmp_path, monkeypatch):
     tile, which keep theirs)."""
     monkeypatch.setattr(heuristics, "TILE", 128)
     assert {c["num_warps"] for c in tune.candidates("fwd_pair", 384, 1024, arch=90)} == {8}
-    assert {c["num_warps"] for c in tune.candidates("fwd_out", 384, 64, arch=90)} == {4}
+    # (chunks of one tile keep 4 warps, but for the wide V tiles of 256)
+    assert {(c["num_warps"], c["BV"] == 256) for c in tune.candidates(
+        "fwd_out", 384, 64, arch=90)} == {(4, False), (8, True)}
     monkeypatch.setattr(tune, "device_arch", lambda: 90)
     best = dict(BK=64, BV=64, num_warps=8, num_stages=2, maxnreg=255, ms=0.5)
     sweeps = [dict(D=384, chunk=L, kernel="fwd_out", table={k: best[k] for k in best if k != "ms"},

@@ -64,7 +64,8 @@ class Variant(NamedTuple):
     its chunks a block in the BV slot, the gate epilogue its block in the BV slot. BV2: the
     outputs kernel's (and the flash kernels') second V tile; scores: the outputs kernel
     computes the pairs' scores; BK2, BS: the flash kernels' second K tile and key tile; dq:
-    the dq/dk kernel makes dq too (DQ; not beside the flash backward)."""
+    the dq/dk kernel makes dq too (DQ; not beside the flash backward); KT: the pair kernels'
+    key tiles a program."""
     kernel: str
     dtype: str
     arch: int
@@ -81,6 +82,7 @@ class Variant(NamedTuple):
     BK2: int = 0
     BS: int = 0
     dq: bool = True
+    KT: int = 1
 
 
 def _signature(name, dt, qn_mma=False):
@@ -214,6 +216,8 @@ def _variants(quick, dims, chunks, dtypes):
                                 if name in STATE_FLAG_KERNELS:    # (by HAS_STATE, where given)
                                     cap = heuristics.launch_params(name, DK, DV, L, dtype, arch,
                                                                    has_init)["maxnreg"]
+                                if name in heuristics.PAIR_KERNELS:
+                                    extra = dict(KT=p["KT"])
                                 key = Variant(name, dt, arch, BT, p["BK"], BV, p["num_warps"],
                                               p["num_stages"], has_init, cap, NT, **extra)
                                 out.setdefault(key, set()).add((DK, DV))
@@ -318,6 +322,8 @@ def compile_one(key, constexprs=None):
             tiles = {"BT": BT, "BS": key.BS, "BK": BK, "BK2": key.BK2, "BV": BV, "BV2": key.BV2}
         if name == "fwd_pair":                  # (no V tiles: it never reads v)
             del tiles["BV"]
+        if name in ("fwd_pair", "bwd_pair"):
+            tiles["KT"] = key.KT
         const_names = list(tiles) + list(flags) + ["MMA", "ACC", "PREC", "INTERP"]
         const_vals = list(tiles.values()) + list(flags.values()) + \
             [tl_of[mma], tl_of[acc], prec, False]
@@ -340,7 +346,7 @@ def compile_one(key, constexprs=None):
     attrs.update({(len(ptrs) + j,): [["tt.divisibility", 16]] for j in divisible})
     src = ASTSource(fn, sig, consts, attrs)
     row = dict(kernel=name, dtype=dt, arch=arch, BT=BT, NT=NT, BK=BK, BV=BV, BV2=key.BV2,
-               BK2=key.BK2, BS=key.BS, dq=key.dq,
+               BK2=key.BK2, BS=key.BS, dq=key.dq, KT=key.KT,
                warps=warps, stages=stages, has_init=has_init, scores=key.scores,
                maxnreg=maxnreg, error=None)
     t0 = time.time()
@@ -468,6 +474,10 @@ def main(argv=None):
                     help="positions a tile in chunks of several tiles, as bench/kernels.py "
                          "--tile forces it (heuristics.TILE: one of 16, 32, 64, 128); a launch "
                          "table's tiles are checked where $VIL_KERNELS_LAUNCH_TABLE names it")
+    ap.add_argument("--key-tiles", type=int, default=None,
+                    help="the pair kernels' key tiles a program (heuristics.PAIR_KEY_TILES: "
+                         "1, 2 or 4; above 1 at 8 warps, two warpgroups sharing the key "
+                         "tiles), as bench/tune.py sweeps them; default: the table's, 1")
     ap.add_argument("--flash", choices=tuple(FLASH_CHOICES), default=None,
                     help="only with the flash forms on (what VIL_KERNELS_FLASH_FORWARD=1 "
                          "and VIL_KERNELS_FLASH_BACKWARD=1 run), off (the default), or auto "
@@ -478,6 +488,12 @@ def main(argv=None):
         if args.tile not in heuristics.TUNABLE_TILES:
             ap.error(f"--tile takes one of {heuristics.TUNABLE_TILES}, got {args.tile}")
         heuristics.TILE = args.tile
+    if args.key_tiles is not None:
+        if args.key_tiles not in heuristics.PAIR_KEY_TILES:
+            ap.error(f"--key-tiles takes one of {heuristics.PAIR_KEY_TILES}, got "
+                     f"{args.key_tiles}")
+        wide = dict(KT=args.key_tiles, **({"num_warps": 8} if args.key_tiles > 1 else {}))
+        heuristics.OVERRIDES.update({k: dict(wide) for k in heuristics.PAIR_KERNELS})
     t0 = time.time()
     todo = variants(args.quick, args.dims, args.chunks, args.dtype,
                     flash=args.flash)
@@ -485,7 +501,7 @@ def main(argv=None):
             if (not args.arch or k[2] in args.arch) and (not args.kernel or k[0] in args.kernel)
             and (not args.dtype or k[1] in args.dtype)}
     keys = sorted(todo, key=lambda k: (k.kernel, k.dtype, k.arch, k.BT, k.NT, k.BK, k.BV, k.BV2,
-                                       k.scores, k.dq, str(k.flag)))
+                                       k.scores, k.dq, k.KT, str(k.flag)))
     env_had = os.environ.pop("TRITON_INTERPRET", None)
     try:
         if args.jobs > 1:
@@ -511,7 +527,9 @@ def main(argv=None):
         init += "" if row["dq"] else "dk"
         bv = f"{row['BV']}+{row['BV2']}" if row["BV2"] else str(row["BV"])
         bk = f"{row['BK']}+{row['BK2']}" if row["BK2"] else str(row["BK"])
-        bt = f"{row['BT']}x{row['BS']}" if row["BS"] else str(row["BT"])   # (rows x keys)
+        # (rows x keys: the flash kernels' key tiles, the pair kernels' KT key tiles)
+        bt = (f"{row['BT']}x{row['BS']}" if row["BS"] else
+              f"{row['BT']}x{row['BT'] * row['KT']}" if row.get("KT", 1) > 1 else str(row["BT"]))
         config = (f"{row['kernel']:<12} {row['dtype']:<8} sm{row['arch']:<3} {bt:>5} "
                   f"{row['NT']:>2} {bk:>7} {bv:>7} {row['warps']:>2} "
                   f"{row['stages']:>2} {init:<5}")

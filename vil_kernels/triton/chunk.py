@@ -94,11 +94,12 @@ def _launch(kernel, name, grid, args, DK, DV, L, dtype, arch, **extra):
     BT = heuristics.tile_len(L, dtype, DK, DV, arch)
     meta = dict(BT=BT, NT=L // BT, **_dot_args(dtype), **extra)
     # the tiles a kernel takes (the forward pair kernel no BV, the flash kernel no NT)
-    meta.update({t: p[t] for t in ("BK", "BV", "BK2", "BV2", "BS") if t in kernel.arg_names})
+    meta.update({t: p[t] for t in ("BK", "BV", "BK2", "BV2", "BS", "KT")
+                 if t in kernel.arg_names})
     if "NT" not in kernel.arg_names:
         del meta["NT"]
-    # (grids take the columns a program covers: BV, or BV + BV2)
-    grid = grid(p["BK"], p["BV"] + p.get("BV2", 0)) if callable(grid) else grid
+    # (grids that depend on the parameters take them)
+    grid = grid(p) if callable(grid) else grid
     opts = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
     if not INTERPRETED and p["maxnreg"]:
         opts["maxnreg"] = p["maxnreg"]
@@ -124,7 +125,7 @@ def _split_scan(name, x, y, x_strides, y_strides, wc, wn, decay, c, n, start, en
     Both launches are timed under the scan's name."""
     BH = c.shape[0] * c.shape[1]
     _launch(mlstm_chunk_local_kernel, name,
-            lambda BK, BV: (NC * BH * cdiv(DK, BK) * cdiv(DV, BV),),
+            lambda p: (NC * BH * cdiv(DK, p["BK"]) * cdiv(DV, p["BV"]),),
             (x, y, wc, wn, c, n, S, NC, DK, DV, rev, NH, *x_strides, *y_strides),
             DK, DV, L, dtype, arch)
     _run(mlstm_chunk_chain_kernel, name,
@@ -208,7 +209,8 @@ def _dims(q, v, L):
 def _pair_buffers(q, S, NC, BT, NT, dtypes):
     """Chunks of several tiles: one (B, NH, NC, NP, BT, BT) buffer (or (..., NP, BT) where
     shaped is false) per (dtype, shaped) in dtypes for the (row tile, key tile up to it) pairs
-    of every chunk (kernels._pair), and the pair kernels' grid; with one tile a chunk,
+    of every chunk (kernels._pair), and the pair kernels' grid (of their launch parameters: a
+    program a row tile and KT key tiles, kernels._pair_program); with one tile a chunk,
     (None, ...) and no grid (the matmul kernels compute the tile's own block themselves)."""
     if NT == 1:
         return (None,) * len(dtypes), None
@@ -217,7 +219,13 @@ def _pair_buffers(q, S, NC, BT, NT, dtypes):
     B, NH = q.shape[:2]
     bufs = tuple(q.new_empty(B, NH, NC, NP, BT, *((BT,) if shaped else ()), dtype=dt)
                  for dt, shaped in dtypes)
-    return bufs, (B * NH * NC * NP,)               # a program a pair (kernels._pair_program)
+    return bufs, lambda p: (B * NH * NC * pair_programs(NTE, p["KT"]),)
+
+
+def pair_programs(NTE, KT):
+    """Programs of a pair kernel a chunk of NTE tiles at KT key tiles a program: a row tile's
+    key tiles up to it in groups of KT (kernels._pair_groups)."""
+    return sum(cdiv(a + 1, KT) for a in range(NTE))
 
 
 def _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse, states=True):
@@ -253,7 +261,7 @@ def _fwd_states(q, k, v, i, f, c0, n0, m0, L, reverse, states=True):
                     S, NC, DK, DV, rev, NH, L, q.dtype, arch)
     elif states:
         _launch(mlstm_fwd_state_kernel, "fwd_state",
-                lambda BK, BV: (cdiv(DK, BK), cdiv(DV, BV), B * NH),
+                lambda p: (cdiv(DK, p["BK"]), cdiv(DV, p["BV"]), B * NH),
                 (k, v, gain, decay, c_init, n_init, c_in, n_in, c_last, n_last,
                  S, NC, DK, DV, rev, NH, *_strides(k), *_strides(v)), DK, DV, L, q.dtype, arch,
                 HAS_INIT=has_init)
@@ -308,7 +316,7 @@ def mlstm_fwd(q, k, v, i, f, c0, n0, m0, eps, L, reverse, last_states=True):
     # pipelined, the outputs kernel takes n as (hi, lo) MMA-dtype pairs (see the kernel)
     qn_mma = p["num_stages"] > 1
     _launch(mlstm_fwd_out_kernel, "fwd_out",
-            lambda BK, BV: (cdiv(DV, BV), cdiv(S, BT), B * NH),
+            lambda p: (cdiv(DV, p["BV"] + p["BV2"]), cdiv(S, BT), B * NH),
             (q, k, v, c_in, hi_lo(n_in, c_in.dtype) if qn_mma else n_in, m_in, b_row, m_row,
              h, n_row, sc, rs, S, NC, DK, DV, rev, NH, *_strides(q), *_strides(v), scale, eps),
             DK, DV, L, q.dtype, arch, QN_MMA=qn_mma, HAS_STATE=states, SCORES=scores)
@@ -362,7 +370,7 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
                         q.dtype, arch)
         else:
             _launch(mlstm_bwd_state_kernel, "bwd_state",
-                    lambda BK, BV: (cdiv(DK, BK), cdiv(DV, BV), B * NH),
+                    lambda p: (cdiv(DK, p["BK"]), cdiv(DV, p["BV"]), B * NH),
                     (q, dh, wa, wb, decay, *dlast, dc_out, dn_out, dc0, dn0,
                      S, NC, DK, DV, rev, NH, *_strides(q)), DK, DV, L, q.dtype, arch,
                     HAS_DLAST=has_dlast)
@@ -390,7 +398,7 @@ def mlstm_bwd(q, k, v, i, f, c0, n0, m0, h, dh, dc_last, dn_last, dm_last,
              *_strides(dq), scale),
             DK, DV, L, q.dtype, arch, HAS_STATE=carried, DQ=not flash)
     _launch(mlstm_bwd_dv_kernel, "bwd_dv",
-            lambda BK, BV: (cdiv(DV, BV), NTS, B * NH),
+            lambda p: (cdiv(DV, p["BV"]), NTS, B * NH),
             (q, k, dh, b_row, den, m_in, m_last, dc_out, ps, dv,
              S, NC, DK, DV, rev, NH, *_strides(q), *_strides(dv), scale),
             DK, DV, L, q.dtype, arch, HAS_STATE=carried)

@@ -15,7 +15,8 @@ by default one chunk for 16-bit sequences up to 1024 at head dims from 384: ONE_
 timed on an H200; their launch parameters were not swept) take the same parameters except where
 they would spill: the scans uncapped, float32 inputs in tiles of 16 positions; their two pair
 kernels (PAIR_KERNELS) take the head-dim tiles of the rules above (64, 32 or 16), 4 warps on
-Hopper and two stages for 16-bit inputs.
+Hopper and two stages for 16-bit inputs, and one key tile a program (KT; 2 or 4 at 8 warps
+load a row tile's q and dh once for that many pairs: opt-in, PAIR_KEY_TILES, until timed).
 One chunk holding the sequence with no carried state may take FlashAttention's form
 (FLASH_FORWARD, FLASH_BACKWARD; off by default, slower at D=384 on an H200): the forward in one
 kernel (mlstm_fwd_flash_kernel, flash_params), the backward's pair products and dq in one kernel
@@ -260,10 +261,17 @@ TILE = None
 # A launch table measured on one's own GPU (bench/tune.py --write-table FILE), used over the
 # built-in one for the entries it has: opt-in autotuning.
 TABLE_ENV = "VIL_KERNELS_LAUNCH_TABLE"
-_PARAMS = {"BK", "BV", "BK2", "BV2", "BS", "num_warps", "num_stages", "maxnreg", "split"}
+_PARAMS = {"BK", "BV", "BK2", "BV2", "BS", "KT", "num_warps", "num_stages", "maxnreg",
+           "split"}
 # parameters only some kernels take
 _OWN_PARAMS = {"split": SCANS, "BK2": FLASH_KERNELS, "BS": FLASH_KERNELS,
-               "BV2": ("fwd_out",) + FLASH_KERNELS}
+               "BV2": ("fwd_out",) + FLASH_KERNELS, "KT": PAIR_KERNELS}
+# Key tiles a pair kernel's program may take (KT): its row tile's q (and dh) are loaded once
+# for that many pairs, the same products and bits (bench/traffic.py at ViL-B's shape in one
+# chunk: the two pair kernels move 7.1 GB at one, 5.7 at two, 5.0 at four). At two and 8 warps
+# they build at 116-128 registers, two programs an SM (compile_check --key-tiles 2). 1 in the
+# built-in table until a GPU has timed them; bench/tune.py sweeps 2 and 4 at 8 warps.
+PAIR_KEY_TILES = (1, 2, 4)
 TILE_ENTRY = "tile"             # a table's entry for the tile of positions: {"BT": n}
 _tuned = None                                                    # {key: params}, loaded once
 # launch_params' answers while OVERRIDES is empty (emptied when the table is reloaded): the
@@ -290,12 +298,17 @@ def launch_params(kernel, DK, DV, L, dtype, arch, state=None):
     p = _table_params(kernel, DK, DV, BT, L // BT, dtype, arch, state)
     if kernel in SCANS:
         p["split"] = False
+    if kernel in PAIR_KERNELS:
+        p["KT"] = 1                     # (a key tile a program: PAIR_KEY_TILES)
     for given in (tuned_table().get(table_key(kernel, DK, DV, L, dtype, arch), {}),
                   OVERRIDES.get(kernel, {})):
         p.update(given)
         for tile, second in (("BK", "BK2"), ("BV", "BV2")):
             if tile in given and second not in given and second in p:
                 p[second] = 0            # a head-dim tile named alone is the whole block
+    if kernel in PAIR_KERNELS:
+        # (at most the chunk's tiles: a program's key tiles are one block of KT * BT positions)
+        p["KT"] = min(p["KT"], max(1, L // BT))
     if kernel == "fwd_out" and p.get("BV2") and p["num_warps"] < 8:
         # two V tiles run 8 warps, the built-in rule's and any table's or sweep's. At 4, on
         # an H200, 64 + 32 columns (Triton 3.6, sm_90) gave wrong second-tile columns, or an
@@ -337,6 +350,7 @@ def read_table(path):
               "num_warps": lambda v: v in (1, 2, 4, 8, 16),
               "num_stages": lambda v: v in (1, 2, 3, 4),
               "maxnreg": lambda v: v is None or isinstance(v, int) and 32 <= v <= 255,
+              "KT": lambda v: v in PAIR_KEY_TILES,
               "split": lambda v: isinstance(v, bool)}
     for key, params in entries.items():
         name = key.split("/")[0]

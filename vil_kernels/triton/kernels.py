@@ -452,126 +452,185 @@ def mlstm_chunk_chain_kernel(
 
 @triton.jit
 def _tile_dot(p_a, p_b, o_pa, m_a, o_pb, m_b, sa_t, sb_t, D, BT: tl.constexpr, BD: tl.constexpr,
-              MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
-    """a b^T of a tile of rows of a (physical positions o_pa, row stride sa_t) and a tile of
-    rows of b (o_pb, sb_t) over a head dim D in blocks of BD: q k^T, or dh v^T. [BT, BT]"""
-    b_ab = tl.zeros([BT, BT], dtype=ACC)
+              MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+              BJ: tl.constexpr = 0):
+    """a b^T of a tile of rows of a (physical positions o_pa, row stride sa_t) and a block of
+    BJ rows of b (o_pb, sb_t; 0: BT) over a head dim D in blocks of BD: q k^T, or dh v^T.
+    [BT, BJ]"""
+    BB: tl.constexpr = BT if BJ == 0 else BJ
+    b_ab = tl.zeros([BT, BB], dtype=ACC)
     for i_d in range(tl.cdiv(D, BD)):
         o_d = i_d * BD + tl.arange(0, BD)
         m_d = o_d < D
         b_a = tl.load(p_a + o_pa[:, None] * sa_t + o_d[None, :], mask=m_a[:, None] & m_d[None, :],
                       other=0.)                                     # [BT, BD]
         b_b = tl.load(p_b + o_pb[:, None] * sb_t + o_d[None, :], mask=m_b[:, None] & m_d[None, :],
-                      other=0.)                                     # [BT, BD]
+                      other=0.)                                     # [BB, BD]
         b_ab += _dot(b_a, tl.trans(b_b), MMA, ACC, PREC, INTERP)
     return b_ab
 
 
 @triton.jit
-def _pair_program(S, NC, BT: tl.constexpr, NT: tl.constexpr):
-    """A pair kernel's program: grid (B * NH * NC * NP,) (_pair_tiles), a program a pair, in
-    the pair buffer's triangular order (_pair: one chunk's pairs adjacent, their tiles read by
-    several from L2). Returns batch-head, chunk, the row and key tiles in the chunk (a, j), their
-    tile indices in the sequence, and whether the row tile is inside the sequence (in the last
-    of several chunks it may not be; those programs exit)."""
-    NP = _pair_tiles(S, BT, NT)[1]
+def _pair_groups(a, KT: tl.constexpr):
+    """Programs of a pair kernel before row tile a of a chunk when a program takes KT key tiles
+    (a row tile's keys up to it in groups of KT: sum over m = 1..a of cdiv(m, KT))."""
+    g, r = a // KT, a % KT
+    return KT * g * (g + 1) // 2 + r * (g + 1)
+
+
+@triton.jit
+def _pair_program(S, NC, BT: tl.constexpr, NT: tl.constexpr, KT: tl.constexpr):
+    """A pair kernel's program: grid (B * NH * NC * _pair_groups(NTE, KT),) (_pair_tiles), a
+    program a row tile a and KT key tiles j .. j + KT - 1 of its chunk from j <= a (KT = 1: a
+    pair), in the pair buffer's triangular order (_pair: one chunk's pairs adjacent, their
+    tiles read by several from L2). Returns batch-head, chunk, the row tile and first key tile
+    in the chunk (a, j), their tile indices in the sequence, and whether the row tile is inside
+    the sequence (in the last of several chunks it may not be; those programs exit)."""
+    NTE = _pair_tiles(S, BT, NT)[0]
+    NG = _pair_groups(NTE, KT)
     i_p = tl.program_id(0).to(tl.int64)
-    i_bc, t = i_p // NP, (i_p % NP).to(tl.int32)
-    # t = a (a + 1) / 2 + j with 0 <= j <= a: a from the root of the triangular number,
-    # corrected by one either way for float32's rounding of the root
-    a = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.) * 0.5).to(tl.int32)
-    a = tl.where((a + 1) * (a + 2) // 2 <= t, a + 1, a)
-    a = tl.where(a * (a + 1) // 2 > t, a - 1, a)
-    j = t - a * (a + 1) // 2
+    i_bc, t = i_p // NG, (i_p % NG).to(tl.int32)
+    # a from t >= _pair_groups(a), about (a + 1)^2 / 2KT: the float32 root, then corrected
+    # (by one either way for KT = 1, at most two for KT <= 4; checked for every t below
+    # 200,000)
+    if KT == 1:
+        a = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.) * 0.5).to(tl.int32)
+        a = tl.where((a + 1) * (a + 2) // 2 <= t, a + 1, a)
+        a = tl.where(a * (a + 1) // 2 > t, a - 1, a)
+    else:
+        a = tl.sqrt((2 * KT * t + 1).to(tl.float32)).to(tl.int32)
+        for _ in tl.static_range(3):
+            a = tl.where(_pair_groups(a + 1, KT) <= t, a + 1, a)
+            a = tl.where(_pair_groups(a, KT) > t, a - 1, a)
+    j = (t - _pair_groups(a, KT)) * KT
     i_bh, i_c = i_bc // NC, (i_bc % NC).to(tl.int32)
     i_r, i_u = i_c * NT + a, i_c * NT + j
     return i_bh, i_c, a, j, i_r, i_u, i_r * BT < S
 
 
 @triton.jit
-def _sees(m_t, a, j, BT: tl.constexpr):
-    """Which keys of tile j each row of tile a of the same chunk (j <= a) sees: every key of an
-    earlier tile, its own tile's causal half; no masked row. [BT, BT]"""
+def _sees(m_t, a, j, BT: tl.constexpr, KT: tl.constexpr = 1):
+    """Which keys of tiles j .. j + KT - 1 each row of tile a of the same chunk (j <= a) sees:
+    every key of an earlier tile, its own tile's causal half, none of a later one; no masked
+    row. [BT, KT * BT]"""
     o_i = tl.arange(0, BT)
-    return m_t[:, None] & ((o_i[:, None] >= o_i[None, :]) | (j < a))
+    if KT == 1:
+        return m_t[:, None] & ((o_i[:, None] >= o_i[None, :]) | (j < a))
+    o_j = tl.arange(0, KT * BT)
+    jt = j + o_j // BT
+    return m_t[:, None] & (((o_i[:, None] >= (o_j % BT)[None, :]) & (jt == a)[None, :])
+                           | (jt < a)[None, :])
 
 
 @triton.jit
-def _pair_rows(i_r, i_u, a, j, S, REVERSE, BT: tl.constexpr):
-    """A pair's row and key tiles (physical positions and masks) and which keys each row sees
-    (_sees). [BT, BT]"""
+def _pair_rows(i_r, i_u, a, j, S, REVERSE, BT: tl.constexpr, KT: tl.constexpr = 1):
+    """A program's row tile and its KT key tiles (physical positions and masks; keys past the
+    row tile masked: not loaded) and which keys each row sees (_sees). [BT, KT * BT]"""
     o_p, m_t = _rows(i_r, S, REVERSE, BT)[1:]
-    o_pj, m_tj = _rows(i_u, S, REVERSE, BT)[1:]
-    return o_p, m_t, o_pj, m_tj, _sees(m_t, a, j, BT)
+    # (i_u is a multiple of KT: the KT tiles are one tile of KT * BT positions)
+    o_pj, m_tj = _rows(i_u // KT, S, REVERSE, KT * BT)[1:]
+    if KT > 1:
+        m_tj = m_tj & (j + tl.arange(0, KT * BT) // BT <= a)
+    return o_p, m_t, o_pj, m_tj, _sees(m_t, a, j, BT, KT)
+
+
+@triton.jit
+def _pair_slots(i_bh, i_c, NC, S, a, j, BT: tl.constexpr, NT: tl.constexpr,
+                KT: tl.constexpr):
+    """Offsets of a program's [BT, KT * BT] block in the pair buffer: the slots of pairs
+    (a, j) .. (a, j + KT - 1), adjacent (_store_slots leaves out those past a)."""
+    o_i, o_j = tl.arange(0, BT), tl.arange(0, KT * BT)
+    return (_pair(i_bh, i_c, NC, S, a, j, BT, NT) + (o_j // BT * (BT * BT))[None, :]
+            + o_i[:, None] * BT + (o_j % BT)[None, :])
+
+
+@triton.jit
+def _store_slots(p_x, o_x, b_x, a, j, BT: tl.constexpr, KT: tl.constexpr):
+    """Store a program's block b_x at its slots o_x (_pair_slots), in p_x's dtype; columns of
+    key tiles past a (no slot) left out."""
+    if KT == 1:
+        tl.store(p_x + o_x, b_x.to(p_x.dtype.element_ty))
+    else:
+        o_j = tl.arange(0, KT * BT)
+        tl.store(p_x + o_x, b_x.to(p_x.dtype.element_ty), mask=(j + o_j // BT <= a)[None, :])
 
 
 @triton.jit
 def _pair_scores(p_q, p_k, b_row, i_bh, o_p, m_t, b_bc, b_bx, o_pj, m_tj, see, S, DK, s_t,
                  scale, BT: tl.constexpr, BK: tl.constexpr, MMA: tl.constexpr,
-                 ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
-    """A pair's weighted scores s q_a k_j^T * exp(log D - m) [BT, BT], rows (c, x) of tile a
-    (_cumsum_rows): one expression for the forward pair kernel and the outputs kernel's
-    SCORES, so that both give the same bits."""
+                 ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+                 KT: tl.constexpr = 1):
+    """A pair's weighted scores s q_a k_j^T * exp(log D - m) [BT, KT * BT] (KT key tiles from
+    j), rows (c, x) of tile a (_cumsum_rows): one expression for the forward pair kernel and
+    the outputs kernel's SCORES, so that both give the same bits."""
     b_bcj, b_bxj, b_byj = _cumsum_rows(b_row, i_bh, o_pj, m_tj, S, ACC)
     return _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK, MMA, ACC, PREC,
-                     INTERP) * scale * _weights(b_bc, b_bx, b_bcj, b_byj, see)
+                     INTERP, KT * BT) * scale * _weights(b_bc, b_bx, b_bcj, b_byj, see)
 
 
 @triton.jit
 def mlstm_fwd_pair_kernel(
     q, k, b_row, sc, rs, S, NC, DK, REVERSE, NH, s_b, s_h, s_t, scale,
-    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr,
+    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, KT: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """Chunks of several tiles, forward: the weighted scores of a tile of rows and a tile of
+    """Chunks of several tiles, forward: the weighted scores of a tile of rows and KT tiles of
     keys of its chunk up to it (its own: the causal half), once (grid _pair_program's):
         sc = s q_a k_j^T * exp(log D - m)   (in the MMA dtype: what the outputs' dot takes)
         rs = its row sums (ACC, for the normalizer)
     so that the outputs kernel, a program per V tile, loads them instead of recomputing q k^T
-    over the whole of DK per V tile and pair."""
-    i_bh, i_c, a, j, i_r, i_u, live = _pair_program(S, NC, BT, NT)
+    over the whole of DK per V tile and pair. KT key tiles a program load q_a once for KT
+    pairs (the pair buffer's slots are the same)."""
+    i_bh, i_c, a, j, i_r, i_u, live = _pair_program(S, NC, BT, NT, KT)
     if live:
         o_i = tl.arange(0, BT)
-        o_p, m_t, o_pj, m_tj, see = _pair_rows(i_r, i_u, a, j, S, REVERSE, BT)
+        o_p, m_t, o_pj, m_tj, see = _pair_rows(i_r, i_u, a, j, S, REVERSE, BT, KT)
         b_bc, b_bx, b_by = _cumsum_rows(b_row, i_bh, o_p, m_t, S, ACC)
         p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
         b_s = _pair_scores(p_q, p_k, b_row, i_bh, o_p, m_t, b_bc, b_bx, o_pj, m_tj, see, S,
-                           DK, s_t, scale, BT, BK, MMA, ACC, PREC, INTERP)
-        o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT)
-        tl.store(sc + o_x + o_i[:, None] * BT + o_i[None, :], b_s.to(sc.dtype.element_ty))
-        tl.store(rs + o_x // BT + o_i, tl.sum(b_s, axis=1).to(rs.dtype.element_ty))
+                           DK, s_t, scale, BT, BK, MMA, ACC, PREC, INTERP, KT)
+        o_x = _pair_slots(i_bh, i_c, NC, S, a, j, BT, NT, KT)
+        _store_slots(sc, o_x, b_s, a, j, BT, KT)
+        o_r = _pair(i_bh, i_c, NC, S, a, j, BT, NT) // BT + o_i
+        if KT == 1:
+            tl.store(rs + o_r, tl.sum(b_s, axis=1).to(rs.dtype.element_ty))
+        else:
+            o_j = tl.arange(0, KT * BT)
+            for u in tl.static_range(KT):
+                b_su = tl.sum(tl.where((o_j // BT == u)[None, :], b_s, 0.), axis=1)
+                tl.store(rs + o_r + u * BT, b_su.to(rs.dtype.element_ty),
+                         mask=(j + u <= a) & (o_i >= 0))
 
 
 @triton.jit
 def mlstm_bwd_pair_kernel(
     q, k, v, dh, b_row, den, dn, ps, ds,
     S, NC, DK, DV, REVERSE, NH, s_b, s_h, s_t, sv_b, sv_h, sv_t, scale,
-    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, NT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, KT: tl.constexpr,
     MMA: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """Chunks of several tiles, backward: a (row tile a, key tile j <= a) pair's two products,
-    once (grid _pair_program's), in the MMA dtype:
+    """Chunks of several tiles, backward: the two products of a row tile a and KT key tiles
+    from j <= a (KT pairs), once (grid _pair_program's), in the MMA dtype:
         ps = s q_a k_j^T * W / den_a           (dv_j += ps^T dh_a)
         ds = (dh_a v_j^T / den_a + dn_a) * W   (dq_a += ds k_j s, dk_j += ds^T q_a s)
     with W = exp(log D - m); the dq/dk and dv kernels, a program per head-dim tile, load them
-    instead of recomputing dh v^T over all of DV per K tile (or q k^T over DK per V tile)."""
-    i_bh, i_c, a, j, i_r, i_u, live = _pair_program(S, NC, BT, NT)
+    instead of recomputing dh v^T over all of DV per K tile (or q k^T over DK per V tile).
+    KT key tiles a program load q_a and dh_a once for KT pairs."""
+    i_bh, i_c, a, j, i_r, i_u, live = _pair_program(S, NC, BT, NT, KT)
     if live:
-        o_i = tl.arange(0, BT)
-        o_p, m_t, o_pj, m_tj, see = _pair_rows(i_r, i_u, a, j, S, REVERSE, BT)
+        o_p, m_t, o_pj, m_tj, see = _pair_rows(i_r, i_u, a, j, S, REVERSE, BT, KT)
         b_bc, b_bx, b_den, b_dn = _row_stats(b_row, den, dn, i_bh, o_p, m_t, S, ACC)
         b_bcj, b_bxj, b_byj = _cumsum_rows(b_row, i_bh, o_pj, m_tj, S, ACC)
-        b_w = _weights(b_bc, b_bx, b_bcj, b_byj, see)               # [BT, BT]
+        b_w = _weights(b_bc, b_bx, b_bcj, b_byj, see)               # [BT, KT * BT]
         p_q, p_k = _seq(q, i_bh, NH, s_b, s_h), _seq(k, i_bh, NH, s_b, s_h)
         p_v, p_dh = _seq(v, i_bh, NH, sv_b, sv_h), dh + i_bh * S * DV
         b_qk = _tile_dot(p_q, p_k, o_p, m_t, o_pj, m_tj, s_t, s_t, DK, BT, BK,
-                         MMA, ACC, PREC, INTERP)
+                         MMA, ACC, PREC, INTERP, KT * BT)
         b_dhv = _tile_dot(p_dh, p_v, o_p, m_t, o_pj, m_tj, DV, sv_t, DV, BT, BV,
-                          MMA, ACC, PREC, INTERP)
-        o_x = _pair(i_bh, i_c, NC, S, a, j, BT, NT) + o_i[:, None] * BT + o_i[None, :]
-        tl.store(ps + o_x, (b_qk * scale * b_w / b_den[:, None]).to(ps.dtype.element_ty))
-        tl.store(ds + o_x, ((b_dhv / b_den[:, None] + b_dn[:, None]) * b_w)
-                 .to(ds.dtype.element_ty))
+                          MMA, ACC, PREC, INTERP, KT * BT)
+        o_x = _pair_slots(i_bh, i_c, NC, S, a, j, BT, NT, KT)
+        _store_slots(ps, o_x, b_qk * scale * b_w / b_den[:, None], a, j, BT, KT)
+        _store_slots(ds, o_x, (b_dhv / b_den[:, None] + b_dn[:, None]) * b_w, a, j, BT, KT)
 
 
 @triton.jit
