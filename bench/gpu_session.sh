@@ -147,8 +147,8 @@ for s in $STEPS; do
             --set bwd_dqk.num_warps=8 --set bwd_dqk.maxnreg=None --set fwd_pair.KT=2 \
             --set fwd_pair.num_warps=8 --set bwd_pair.KT=2 --set bwd_pair.num_warps=8 \
             --results-file "$OUT/profile-roofline-wide.json"
-        step roofline-tune 150 python bench/tune.py --dims 384 --chunks 1024 \
-            --kernels bwd_dqk bwd_pair fwd_pair fwd_out bwd_dv --time-limit 130 \
+        step roofline-tune 120 python bench/tune.py --dims 384 --chunks 1024 \
+            --kernels bwd_dqk bwd_pair fwd_pair fwd_out bwd_dv --time-limit 100 \
             --results-file "$OUT/tune-roofline.json" ;;
     tests)
         step tests 100 python -m pytest tests/test_triton.py tests/test_func.py -q $XDIST ;;
