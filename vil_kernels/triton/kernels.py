@@ -599,7 +599,7 @@ def mlstm_fwd_pair_kernel(
             for u in tl.static_range(KT):
                 b_su = tl.sum(tl.where((o_j // BT == u)[None, :], b_s, 0.), axis=1)
                 tl.store(rs + o_r + u * BT, b_su.to(rs.dtype.element_ty),
-                         mask=(j + u <= a) & (o_i >= 0))
+                         mask=(j + u <= a) & (o_i >= 0))       # (the scalar as a [BT] mask)
 
 
 @triton.jit
