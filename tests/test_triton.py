@@ -189,6 +189,21 @@ def test_pair_programs_of_several_key_tiles(KT, chunk, S, reverse, init, last_st
     assert max(errs.values()) < 1e-9, errs
 
 
+# What gpu_session.sh's roofline step times as "wide" (two key tiles a pair program, dq/dk K
+# tiles of 128, outputs and dv V tiles of 256, all at 8 warps), in bfloat16 at ViL-B's head
+# dim in one chunk: on CUDA this is the check that the 8-warp builds compute the function.
+@pytest.mark.parametrize("KT,last_states", [(2, False), (4, True)])
+def test_wide_parameters_bfloat16_vil_b_head_dim(KT, last_states, monkeypatch):
+    from vil_kernels.triton import heuristics
+    wide = dict(num_warps=8, maxnreg=None)
+    monkeypatch.setattr(heuristics, "OVERRIDES", {
+        "fwd_pair": dict(wide, KT=KT), "bwd_pair": dict(wide, KT=KT),
+        "bwd_dqk": dict(wide, BK=128), "fwd_out": dict(wide, BV=256),
+        "bwd_dv": dict(wide, BV=256)})
+    x = make_inputs(NH=1, S=200, DK=384, DV=384, init=last_states, seed=24 + KT)
+    _check(x, torch.bfloat16, reverse=KT == 2, chunk_size=1024, last_states=last_states)
+
+
 # A software-pipelined outputs kernel (num_stages > 1, chosen by a tuned table) computes q . n
 # on the tensor cores (n as hi + lo pairs of the MMA dtype, chunk.hi_lo) to avoid a Triton
 # pipelining race; the interpreter ignores stages but runs that arithmetic: as exact in
