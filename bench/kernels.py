@@ -241,6 +241,30 @@ def flash_words(parser, text):
     return words
 
 
+def _int_words(parser, text, flag, ok, what):
+    """A flag's comma-separated integers, each passing ok, or the parser's usage error."""
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        parser.error(f"{flag} takes {what}, got {text!r}")
+    bad = [v for v in values if not ok(v)]
+    if bad:
+        parser.error(f"{flag} takes {what}, got {bad[0]}")
+    return values
+
+
+def chunk_words(parser, text):
+    """--chunk-size's comma-separated chunk lengths (powers of two >= 16)."""
+    return _int_words(parser, text, "--chunk-size", lambda c: c >= 16 and not c & (c - 1),
+                      "powers of two >= 16")
+
+
+def tile_words(parser, text):
+    """--tile's comma-separated tiles of positions (16, 32, 64 or 128)."""
+    return _int_words(parser, text, "--tile", lambda t: t in (16, 32, 64, 128),
+                      "16, 32, 64 or 128")
+
+
 @contextlib.contextmanager
 def triton_settings(tile, flash):
     """The Triton kernels' tile of positions forced to ``tile`` and their flash forms to
@@ -412,21 +436,9 @@ def parse_args(argv=None):
     if args.flash is not None:
         args.flash = flash_words(p, args.flash)
     if args.tile is not None:
-        try:
-            args.tile = [int(t) for t in args.tile.split(",")]
-        except ValueError:
-            p.error(f"--tile takes 16, 32, 64 or 128, got {args.tile!r}")
-        bad = [t for t in args.tile if t not in (16, 32, 64, 128)]
-        if bad:
-            p.error(f"--tile takes 16, 32, 64 or 128, got {bad[0]}")
+        args.tile = tile_words(p, args.tile)
     if args.chunk_size is not None:
-        try:
-            args.chunk_size = [int(c) for c in args.chunk_size.split(",")]
-        except ValueError:
-            p.error(f"--chunk-size takes powers of two >= 16, got {args.chunk_size!r}")
-        bad = [c for c in args.chunk_size if c < 16 or c & (c - 1)]
-        if bad:
-            p.error(f"--chunk-size takes powers of two >= 16, got {bad[0]}")
+        args.chunk_size = chunk_words(p, args.chunk_size)
     args.paths = set(args.paths.split(",")) if args.paths else None
     if args.paths and args.paths - set(PATHS):
         p.error(f"--paths: unknown {sorted(args.paths - set(PATHS))}; known: {', '.join(PATHS)}")

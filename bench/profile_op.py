@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 import vil_kernels  # noqa: E402
-from kernels import flash_words, forced_params, launch_overrides, make_inputs, triton_settings  # noqa: E402
+from kernels import (chunk_words, flash_words, forced_params, launch_overrides,  # noqa: E402
+                     make_inputs, tile_words, triton_settings)
 from machine import device_name  # noqa: E402
 from vil_kernels.triton import chunk as tchunk  # noqa: E402
 
@@ -108,8 +109,8 @@ def main(argv=None):
                          "(bench/kernels.py --set); repeatable")
     ap.add_argument("--results-file")
     args = ap.parse_args(argv)
-    chunks = [None] if args.chunk_size is None else [int(c) for c in args.chunk_size.split(",")]
-    tiles = [None] if args.tile is None else [int(t) for t in args.tile.split(",")]
+    chunks = [None] if args.chunk_size is None else chunk_words(ap, args.chunk_size)
+    tiles = [None] if args.tile is None else tile_words(ap, args.tile)
     flashes = [None] if args.flash is None else flash_words(ap, args.flash)
     overrides = launch_overrides(ap, args.set) if args.set else {}
     B, NH, S, D = (int(s) for s in args.shape.split(","))

@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import flash_words, forced_params, launch_overrides, triton_settings  # noqa: E402
+from kernels import (chunk_words, flash_words, forced_params, launch_overrides,  # noqa: E402
+                     tile_words, triton_settings)
 import vil_kernels  # noqa: E402
 from vil_kernels.triton import heuristics  # noqa: E402
 
@@ -239,8 +240,8 @@ def main(argv=None):
         ap.error("--shape takes B,NH,S,D or B,NH,S,DK,DV")
     B, NH, S, DK = dims[:4]
     DV = dims[4] if len(dims) == 5 else DK
-    chunks = [None] if args.chunk_size is None else [int(c) for c in args.chunk_size.split(",")]
-    tiles = [None] if args.tile is None else [int(t) for t in args.tile.split(",")]
+    chunks = [None] if args.chunk_size is None else chunk_words(ap, args.chunk_size)
+    tiles = [None] if args.tile is None else tile_words(ap, args.tile)
     flashes = [None] if args.flash is None else flash_words(ap, args.flash)
     measured = measured_kernels(args.profile, args.row) if args.profile else None
     dtype = getattr(torch, args.dtype)

@@ -492,7 +492,8 @@ def _pair_program(S, NC, BT: tl.constexpr, NT: tl.constexpr, KT: tl.constexpr):
     i_bc, t = i_p // NG, (i_p % NG).to(tl.int32)
     # a from t >= _pair_groups(a), about (a + 1)^2 / 2KT: the float32 root, then corrected
     # (by one either way for KT = 1, at most two for KT <= 4; checked for every t below
-    # 200,000)
+    # 200,000). KT = 1 keeps its own, shorter form: with the general one the backward pair
+    # kernel spilled 8 bytes at its 128-register cap (sm_90, compile_check)
     if KT == 1:
         a = ((tl.sqrt((8 * t + 1).to(tl.float32)) - 1.) * 0.5).to(tl.int32)
         a = tl.where((a + 1) * (a + 2) // 2 <= t, a + 1, a)
