@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 import vil_kernels  # noqa: E402
-from machine import PeakMemory, device_name  # noqa: E402
+from machine import PeakMemory, device_name, kernel_settings  # noqa: E402
 
 CPU_SHAPES = [(8, 4, 196, 96), (8, 4, 784, 96), (8, 4, 196, 192), (8, 4, 784, 192),
               (1, 4, 16384, 96)]
@@ -460,10 +460,12 @@ def main(argv=None):
     warm = args.num_warm_iter if args.num_warm_iter is not None else (3 if cuda else 1)
     iters = args.num_bench_iter if args.num_bench_iter is not None else (10 if cuda else 3)
     mem = PeakMemory(device)
-    print(f"# device: {device_name(device)} | torch {torch.__version__} | dtype {dtype}", flush=True)
+    settings = kernel_settings()
+    print(f"# device: {device_name(device)} | torch {torch.__version__} | dtype {dtype}"
+          + "".join(f" | {k}={v}" for k, v in settings["env"].items()), flush=True)
     meta = dict(device=device_name(device), torch=torch.__version__, dtype=str(dtype),
                 warmup=warm, iters=iters, chunk_size=args.chunk_size, tile=args.tile,
-                flash=args.flash, launch_overrides=args.set)
+                flash=args.flash, launch_overrides=args.set, settings=settings)
     rows = []
     for shape in shapes:
         with forced_params(args.set):

@@ -4,6 +4,7 @@ Shared by bench/throughput.py and bench/kernels.py.
 """
 
 import ctypes
+import json
 import os
 import platform
 from pathlib import Path
@@ -34,6 +35,21 @@ def device_slug(device):
     slug = "".join(c if c.isalnum() else "-" for c in name.lower())
     slug = "-".join(filter(None, slug.split("-")))
     return ("cuda-" if device.type == "cuda" else "cpu-") + slug
+
+
+def kernel_settings():
+    """The $VIL_KERNELS_* settings of this process, for a results file: the same code runs other
+    kernels or launch parameters under them (a launch table, the flash forms, ...). A launch
+    table's entries are copied in, so that the file says what ran even if the table is gone."""
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("VIL_KERNELS_")}
+    out = {"env": env}
+    path = env.get("VIL_KERNELS_LAUNCH_TABLE")
+    if path:
+        try:
+            out["launch_table"] = json.loads(Path(path).read_text())["entries"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            out["launch_table"] = f"unreadable: {type(e).__name__}"
+    return out
 
 
 def versions():

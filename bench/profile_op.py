@@ -32,7 +32,7 @@ import peers  # noqa: E402
 import vil_kernels  # noqa: E402
 from kernels import (chunk_words, flash_words, forced_params, launch_overrides,  # noqa: E402
                      make_inputs, tile_words, triton_settings)
-from machine import device_name  # noqa: E402
+from machine import device_name, kernel_settings  # noqa: E402
 from vil_kernels.triton import chunk as tchunk  # noqa: E402
 
 
@@ -142,7 +142,7 @@ def main(argv=None):
     if args.results_file:
         meta = dict(device=device_name(dev), torch=torch.__version__,
                     shape=dict(B=B, NH=NH, S=S, D=D), dtype="bfloat16",
-                    launch_overrides=overrides)
+                    launch_overrides=overrides, settings=kernel_settings())
         Path(args.results_file).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     return rows
 

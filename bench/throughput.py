@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import vil_kernels  # noqa: E402
 import peers  # noqa: E402
 from machine import (ALLOCATOR_NOTE, PeakMemory, device_name, device_slug,  # noqa: E402,F401
-                     versions)
+                     kernel_settings, versions)
 
 PATCH = 16
 # ViL names (and short aliases) -> (vil name, DeiT peer, short label)
@@ -796,6 +796,7 @@ def main(argv=None):
                       else "torch caching allocator"),
         "gflops": "forward per image; FlopCounterMode + analytic mLSTM cell / attention",
         "load_avg_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "kernel_settings": kernel_settings(),
     }
     v = header["versions"]
     print(f"device: {header['device']}")
@@ -804,6 +805,9 @@ def main(argv=None):
     print(f"precision: {header['dtype']}{' (autocast)' if args.amp else ''} | bench: {args.bench}"
           f" | warm-up {args.num_warm_iter}, timed {args.num_bench_iter} steps"
           f"{' | torch.compile' if args.compile else ''}")
+    if header["kernel_settings"]["env"]:
+        print("vil_kernels settings: " + " ".join(
+            f"{k}={v}" for k, v in header["kernel_settings"]["env"].items()))
     if header["load_avg_before"] and device.type == "cpu" and \
             header["load_avg_before"][0] > 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {header['load_avg_before'][0]:.1f} on "

@@ -43,13 +43,35 @@ def test_roofline_fractions():
     assert "fwd_roofline" not in kernels.roofline_fields("fwd", 1.0, 1, 1, 128, 64, 2, None)
 
 
+def test_kernel_settings_of_the_process(tmp_path, monkeypatch):
+    """What a results file records of $VIL_KERNELS_*: the variables, and a launch table's
+    entries (or why it could not be read)."""
+    import machine
+    for k in [k for k in os.environ if k.startswith("VIL_KERNELS_")]:
+        monkeypatch.delenv(k)
+    assert machine.kernel_settings() == {"env": {}}
+    monkeypatch.setenv("VIL_KERNELS_FLASH_FORWARD", "auto")
+    table = tmp_path / "t.json"
+    table.write_text('{"entries": {"fwd_out/96/96/64/bfloat16/sm90": {"BV": 64}}}')
+    monkeypatch.setenv("VIL_KERNELS_LAUNCH_TABLE", str(table))
+    got = machine.kernel_settings()
+    assert got["env"] == {"VIL_KERNELS_FLASH_FORWARD": "auto",
+                          "VIL_KERNELS_LAUNCH_TABLE": str(table)}
+    assert got["launch_table"] == {"fwd_out/96/96/64/bfloat16/sm90": {"BV": 64}}
+    table.write_text("not json")
+    assert machine.kernel_settings()["launch_table"] == "unreadable: JSONDecodeError"
+
+
 def test_cpu_run(tmp_path):
     out = tmp_path / "k.json"
     rows = kernels.main(["--device", "cpu", "--shapes", "1,2,40,16", "--num-bench-iter", "1",
                          "--results-file", str(out)])
     assert {r["path"] for r in rows} == {"torch-chunkwise", "parallel"}
     assert all(r["fwd_ms"] > 0 and r["fwd+bwd_ms"] > 0 for r in rows)
-    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(rows))
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert saved["meta"]["settings"]["env"] == {k: v for k, v in sorted(os.environ.items())
+                                                if k.startswith("VIL_KERNELS_")}
 
 
 def test_chunk_size_option():
@@ -166,6 +188,7 @@ def test_profile_op_dry_run_on_cpu(tmp_path):
     assert row["wall_ms"] > 0 and row["kernels"] and row["kernels_ms"] > 0
     saved = json.loads(out.read_text())
     assert saved["meta"]["shape"] == {"B": 1, "NH": 1, "S": 20, "D": 16}
+    assert "env" in saved["meta"]["settings"]
     assert saved["rows"][0]["path"] == row["path"]
 
 

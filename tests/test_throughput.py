@@ -62,7 +62,9 @@ def test_malloc_modes(tmp_path, malloc):
 
 def test_smoke_sweep_json_and_plot(tmp_path):
     results = tmp_path / "r.json"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # (a launch table's settings go into the header: its sm90 keys change nothing on a CPU)
+    table = ROOT / "bench" / "tables" / "vil-b-wide-sm90.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), VIL_KERNELS_LAUNCH_TABLE=str(table))
     r = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "throughput.py"), "--model", "vil2-test",
          "--sweep", "32,64", "--batch-size", "2", "--num-warm-iter", "0", "--num-bench-iter", "1",
@@ -76,6 +78,10 @@ def test_smoke_sweep_json_and_plot(tmp_path):
     header, rows = data["header"], data["results"]
     assert header["device_type"] == "cpu" and header["versions"]["torch"] == torch.__version__
     assert header["dtype"] == "float32" and header["interleave"] is True   # CPU default
+    settings = header["kernel_settings"]
+    assert settings["env"]["VIL_KERNELS_LAUNCH_TABLE"] == str(table)
+    assert settings["launch_table"] == json.loads(table.read_text())["entries"]
+    assert f"vil_kernels settings: VIL_KERNELS_LAUNCH_TABLE={table}" in out
     assert [(x["row"], x["resolution"]) for x in rows] == [
         (k, res) for res in (32, 64) for k in ("ours", "parallel", "deit", "mlstm_kernels")]
     for row in rows:

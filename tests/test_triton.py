@@ -10,6 +10,7 @@ in float64 on the same (rounded) inputs.
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -202,6 +203,47 @@ def test_wide_parameters_bfloat16_vil_b_head_dim(KT, last_states, monkeypatch):
         "bwd_dv": dict(wide, BV=256)})
     x = make_inputs(NH=1, S=200, DK=384, DV=384, init=last_states, seed=24 + KT)
     _check(x, torch.bfloat16, reverse=KT == 2, chunk_size=1024, last_states=last_states)
+
+
+# The candidate launch tables of bench/tables/ (what gpu_session.sh's tables step times): each
+# reads as a launch table, its entries are what the launches at their keys take, and the op
+# computes the function with them in bfloat16 at ViL-B's head dim in one chunk, both
+# directions. Their keys are Hopper's (sm90); elsewhere (the interpreter: arch 0) the test
+# runs a copy keyed for this device.
+TABLES = sorted((Path(__file__).resolve().parents[1] / "bench" / "tables").glob("*.json"))
+
+
+def test_candidate_tables_exist():
+    assert {p.stem for p in TABLES} >= {"vil-b-wide-sm90", "vil-b-tile128-sm90"}
+
+
+@pytest.mark.parametrize("path", TABLES, ids=lambda p: p.stem)
+def test_candidate_launch_table(path, tmp_path, monkeypatch):
+    from vil_kernels.triton import heuristics as h
+    arch = h.device_arch(torch.device(DEVICE))
+    entries = h.read_table(path)
+    assert entries and all(k.endswith("/sm90") for k in entries), list(entries)
+    here = tmp_path / "table.json"
+    here.write_text(json.dumps({"entries": {k[:-len("sm90")] + f"sm{arch}": v
+                                            for k, v in entries.items()}}))
+    monkeypatch.setenv(h.TABLE_ENV, str(here))
+    try:
+        h.tuned_table(reload=True)
+        for key, params in entries.items():
+            name, DK, DV, L, dt = key.split("/")[:5]
+            dims = (int(DK), int(DV), int(L), getattr(torch, dt), arch)
+            if name == h.TILE_ENTRY:       # (on sm_80 a tile of 128 never applies)
+                BT = params["BT"] if h.tile_applies(params["BT"], *dims[2:4], arch) else 64
+                assert h.tile_len(dims[2], dims[3], *dims[:2], arch) == BT, key
+            else:
+                got = h.launch_params(name, *dims)
+                assert {p: got[p] for p in params} == params, (key, got)
+        for reverse in (False, True):
+            x = make_inputs(NH=1, S=200, DK=384, DV=384, init=reverse, seed=31 + reverse)
+            _check(x, torch.bfloat16, reverse=reverse, chunk_size=1024, last_states=reverse)
+    finally:
+        monkeypatch.delenv(h.TABLE_ENV)
+        h.tuned_table(reload=True)
 
 
 # A software-pipelined outputs kernel (num_stages > 1, chosen by a tuned table) computes q . n
