@@ -15,11 +15,17 @@
 #               the outputs, dq/dk and dv kernels' loops over the pairs; table file of its own
 #   roofline    ViL-B's shape in one chunk (B=64, NH=4, S=784, D=384), device time per kernel
 #               (profile_op) in tiles of 64 and 128, with the table's parameters and with the
-#               wide ones at 8 warps (the dq/dk kernel's K tiles of 128, the pair kernels' two
-#               key tiles a program); then the sweep of the five matmul kernels there (wide
-#               tiles at 8 warps among the candidates, outputs checked). bench/traffic.py
-#               --profile FILE --row ROW (--tile, --set as run) turns each row into the
-#               bandwidth and TFLOP/s each kernel reached
+#               wide ones at 8 warps (bench/tables/vil-b-wide-sm90.json: the dq/dk kernel's K
+#               tiles of 128, the pair kernels' two key tiles a program); then the sweep of the
+#               five matmul kernels there (wide tiles at 8 warps among the candidates, outputs
+#               checked). bench/traffic.py --profile FILE --row ROW (--tile as run, and the
+#               same $VIL_KERNELS_LAUNCH_TABLE) turns each row into the bandwidth and TFLOP/s
+#               each kernel reached
+#   tables      bench/tables/'s candidate launch tables (TABLES: file stems, default the wide
+#               and the tiles-of-128 tables for ViL-B's head dim in one chunk) against the
+#               built-in table, each through $VIL_KERNELS_LAUNCH_TABLE: the operator at ViL-B's
+#               shape at 448 and 224 px (S=784, 196), then ViL-B's inference and training at
+#               448 px (our row); two files a table. A table that wins becomes built-in rules
 #   tests       the Triton and torch.func tests on CUDA (pytest-xdist when there); after tune, with its table
 #   gatetests   tests/test_gates.py and tests/test_random_configs.py on CUDA
 #   diag        bench/diag/gates32.py (where float32 loses precision with several resets in a
@@ -141,15 +147,25 @@ for s in $STEPS; do
             --time-limit $TUNE_LIMIT --results-file "$OUT/tune-chunk.json" \
             --write-table "$OUT/launch-table-chunk.json" ;;
     roofline)
-        ROOF="python bench/profile_op.py --shape 64,4,784,384 --chunk-size 1024 --tile 64,128"
-        step roofline-profile 180 $ROOF --peer-chunks --results-file "$OUT/profile-roofline.json"
-        step roofline-profile-wide 180 $ROOF --peer-chunks --set bwd_dqk.BK=128 \
-            --set bwd_dqk.num_warps=8 --set bwd_dqk.maxnreg=None --set fwd_pair.KT=2 \
-            --set fwd_pair.num_warps=8 --set bwd_pair.KT=2 --set bwd_pair.num_warps=8 \
+        ROOF="python bench/profile_op.py --shape 64,4,784,384 --chunk-size 1024"
+        step roofline-profile 180 $ROOF --tile 64,128 --peer-chunks \
+            --results-file "$OUT/profile-roofline.json"
+        VIL_KERNELS_LAUNCH_TABLE=bench/tables/vil-b-wide-sm90.json \
+            step roofline-profile-wide 120 $ROOF --tile 64 --peer-chunks \
             --results-file "$OUT/profile-roofline-wide.json"
         step roofline-tune 120 python bench/tune.py --dims 384 --chunks 1024 \
             --kernels bwd_dqk bwd_pair fwd_pair fwd_out bwd_dv --time-limit 100 \
             --results-file "$OUT/tune-roofline.json" ;;
+    tables)                                    # bench/tables/'s candidates, built-in first
+        for t in builtin ${TABLES:-vil-b-wide-sm90 vil-b-tile128-sm90}; do
+            T=""; [ "$t" = builtin ] || T="bench/tables/$t.json"
+            VIL_KERNELS_LAUNCH_TABLE="$T" step "table-$t-op" 60 python bench/kernels.py \
+                --paths triton --shapes 64,4,784,384 --shapes 64,4,196,384 --num-bench-iter 10 \
+                --results-file "$OUT/kernels-table-$t.json"
+            VIL_KERNELS_LAUNCH_TABLE="$T" step "table-$t-vil" 120 python bench/throughput.py \
+                --resolution 448 --model vil2-base --rows ours --bench both --num-warm-iter 3 \
+                --num-bench-iter 10 --no-progress --results-file "$OUT/throughput-448-table-$t.json"
+        done ;;
     tests)
         step tests 100 python -m pytest tests/test_triton.py tests/test_func.py -q $XDIST ;;
     gatetests)                                 # infinite gates and the random configurations

@@ -203,6 +203,10 @@ def test_launch_table_file(tmp_path, monkeypatch):
         path.write_text(json.dumps({"entries": {pair: {"KT": 4, "num_warps": 8}}}))
         heuristics.tuned_table(reload=True)
         assert heuristics.launch_params("bwd_pair", 96, 96, 256, torch.bfloat16, 90)["KT"] == 4
+        # (in tiles of 128 one key tile a program, whatever the table: two spill)
+        monkeypatch.setattr(heuristics, "TILE", 128)
+        assert heuristics.launch_params("bwd_pair", 96, 96, 256, torch.bfloat16, 90)["KT"] == 1
+        monkeypatch.setattr(heuristics, "TILE", None)
         for bad in ({"fwd_out/96": {}}, {key: {"BV": 48}}, {key: {"warps": 4}},
                     {key: {"split": True}}, {scan: {"split": 1}}, {key: {"KT": 2}},
                     {pair: {"KT": 3}}):

@@ -307,8 +307,9 @@ def launch_params(kernel, DK, DV, L, dtype, arch, state=None):
             if tile in given and second not in given and second in p:
                 p[second] = 0            # a head-dim tile named alone is the whole block
     if kernel in PAIR_KERNELS:
-        # (at most the chunk's tiles: a program's key tiles are one block of KT * BT positions)
-        p["KT"] = min(p["KT"], max(1, L // BT))
+        # (at most the chunk's tiles: a program's key tiles are one block of KT * BT positions;
+        # one in tiles of 128, where two spill 1.5 KB forward and 6.5 KB backward on sm_90)
+        p["KT"] = min(p["KT"], max(1, L // BT)) if BT <= MAX_TILE else 1
     if kernel == "fwd_out" and p.get("BV2") and p["num_warps"] < 8:
         # two V tiles run 8 warps, the built-in rule's and any table's or sweep's. At 4, on
         # an H200, 64 + 32 columns (Triton 3.6, sm_90) gave wrong second-tile columns, or an
