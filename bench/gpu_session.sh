@@ -26,6 +26,10 @@
 #               built-in table, each through $VIL_KERNELS_LAUNCH_TABLE: the operator at ViL-B's
 #               shape at 448 and 224 px (S=784, 196), then ViL-B's inference and training at
 #               448 px (our row); two files a table. A table that wins becomes built-in rules
+#   tunemodel   the sweep at ViL-T's and ViL-S's cells as the main job runs them (B=256, NH=4,
+#               S=784, D=96 and 192, their default chunks of 64; the built-in table was swept
+#               at B=64, four times fewer programs), into a table of its own; then ViL-T's and
+#               ViL-S's inference and training at 448 px (our row) with it and without
 #   tests       the Triton and torch.func tests on CUDA (pytest-xdist when there); after tune, with its table
 #   gatetests   tests/test_gates.py and tests/test_random_configs.py on CUDA
 #   diag        bench/diag/gates32.py (where float32 loses precision with several resets in a
@@ -156,6 +160,18 @@ for s in $STEPS; do
         step roofline-tune 120 python bench/tune.py --dims 384 --chunks 1024 \
             --kernels bwd_dqk bwd_pair fwd_pair fwd_out bwd_dv --time-limit 100 \
             --results-file "$OUT/tune-roofline.json" ;;
+    tunemodel)                                 # the sweep at the main job's batch
+        step tunemodel $((TUNE_LIMIT + 20)) python bench/tune.py --dims 96 192 --B 256 \
+            --chunks 64 --kernels fwd_state fwd_out bwd_state bwd_dqk bwd_dv \
+            --time-limit $TUNE_LIMIT --results-file "$OUT/tune-model.json" \
+            --write-table "$OUT/launch-table-model.json"
+        for T in "" "$OUT/launch-table-model.json"; do
+            [ -z "$T" ] || [ -f "$T" ] || continue
+            VIL_KERNELS_LAUNCH_TABLE="$T" step "tunemodel-job${T:+-table}" 150 \
+                python bench/throughput.py --resolution 448 --model vil2-tiny,vil2-small \
+                --rows ours --bench both --num-warm-iter 3 --num-bench-iter 10 --no-progress \
+                --results-file "$OUT/throughput-448-model${T:+-table}.json"
+        done ;;
     tables)                                    # bench/tables/'s candidates, built-in first
         for t in builtin ${TABLES:-vil-b-wide-sm90 vil-b-tile128-sm90}; do
             T=""; [ "$t" = builtin ] || T="bench/tables/$t.json"
