@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels import (chunk_words, flash_words, forced_params, launch_overrides,  # noqa: E402
                      tile_words, triton_settings)
+from machine import kernel_settings  # noqa: E402
 import vil_kernels  # noqa: E402
 from vil_kernels.triton import heuristics  # noqa: E402
 
@@ -246,6 +247,7 @@ def main(argv=None):
     measured = measured_kernels(args.profile, args.row) if args.profile else None
     dtype = getattr(torch, args.dtype)
     overrides = launch_overrides(ap, args.set) if args.set else {}
+    settings = kernel_settings()        # (a launch table's sm_90 keys apply here: as_arch)
     out = []
     for chunk in chunks:
         for tile in tiles:
@@ -261,14 +263,15 @@ def main(argv=None):
                 print(f"\nB={B} NH={NH} S={S} DK={DK} DV={DV} {args.dtype} sm_{args.arch}: "
                       f"chunk {L}, tile {BT}" + (f", flash {flash}" if flash else "")
                       + (", forward only" if args.forward_only else ", forward and backward")
-                      + "".join(f", {k} {v}" for k, v in overrides.items()))
+                      + "".join(f", {k} {v}" for k, v in overrides.items())
+                      + "".join(f", {k}={v}" for k, v in settings["env"].items()))
                 print_table(rows)
                 out.append(dict(setting, rows=rows))
     if args.results_file:
         meta = dict(shape=dict(B=B, NH=NH, S=S, DK=DK, DV=DV), dtype=args.dtype,
                     arch=args.arch, backward=not args.forward_only, reverse=args.reverse,
                     bandwidth=args.bandwidth, profile=args.profile, row=args.row,
-                    overrides=overrides)
+                    overrides=overrides, settings=settings)
         Path(args.results_file).write_text(json.dumps(dict(meta=meta, tables=out), indent=1))
     return out
 

@@ -296,6 +296,29 @@ def test_traffic_counts_the_kernels_own_loads_stores_and_products(tmp_path):
         r["gflop"] for k, r in rows.items() if k != "total"))
 
 
+def test_traffic_takes_a_launch_table(tmp_path):
+    """bench/traffic.py under $VIL_KERNELS_LAUNCH_TABLE counts the kernels as the table launches
+    them (its sm_90 keys: traffic.py runs sm_90's parameters) and records the table: ViL-B's
+    wide candidate at S=200 (one chunk of four tiles of 64) runs pair programs of two key
+    tiles (1 + 1 + 2 + 2 for the four row tiles, against ten pairs) and dq/dk K tiles of 128
+    (three a row tile, against six)."""
+    out = tmp_path / "t.json"
+    table = BENCH / "tables" / "vil-b-wide-sm90.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
+               VIL_KERNELS_LAUNCH_TABLE=str(table))
+    r = subprocess.run([sys.executable, str(BENCH / "traffic.py"), "--shape", "1,1,200,384",
+                        "--chunk-size", "1024", "--results-file", str(out)], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"VIL_KERNELS_LAUNCH_TABLE={table}" in r.stdout
+    saved = json.loads(out.read_text())
+    assert saved["meta"]["settings"]["launch_table"] == json.loads(table.read_text())["entries"]
+    rows = {x["kernel"]: x for x in saved["tables"][0]["rows"]}
+    assert rows["mlstm_fwd_pair_kernel"]["programs"] == rows["mlstm_bwd_pair_kernel"][
+        "programs"] == 6
+    assert rows["mlstm_bwd_dqk_kernel"]["programs"] == 3 * 4
+
+
 def test_traffic_with_a_profile_gives_achieved_rates(tmp_path):
     """traffic.table with measured ms (bench/profile_op.py's kernels): achieved TB/s and
     TFLOP/s per kernel and in total; kernels the profile lacks get none."""
