@@ -13,6 +13,9 @@ same grid), and every load, store and tensor-core dot is counted:
   included: that is what the SMs ask of L2 when nothing is served from L1 (the kernels' tiles
   go through shared memory by cp.async, which bypasses L1). HBM traffic is lower where L2
   holds what several programs read.
+- uniq: the bytes of the distinct addresses each launch loads and stores: its compulsory
+  traffic to HBM (a floor, had L2 kept nothing from the launch before); loaded + stored over
+  uniq is how often, on average, each byte a launch touches is asked of L2.
 - GFLOP: 2 M N K of every tl.dot (the tensor-core work, the rest is elementwise).
 - FLOP/B: GFLOP over the bytes loaded, the arithmetic intensity against L2.
 
@@ -20,7 +23,9 @@ Every head does the same work, so the counts of one head are multiplied by B x N
 --bandwidth TB/s each row also gets the time that moving its bytes takes at that bandwidth (a
 floor for a kernel bound by it). With --profile (a bench/profile_op.py results file, measured
 on a GPU at the same shape and settings) each kernel gets its measured ms and the bandwidth and
-TFLOP/s that implies. The counts are the kernels' own, not a model: a change to a kernel or to
+TFLOP/s that implies, and uniq/s: the HBM bandwidth its compulsory bytes alone took (a
+kernel whose TB/s is near L2's rate while uniq/s is well below HBM's is bound by what it asks
+of L2, not by HBM). The counts are the kernels' own, not a model: a change to a kernel or to
 the launch table changes them.
 """
 
@@ -45,16 +50,19 @@ from machine import kernel_settings  # noqa: E402
 import vil_kernels  # noqa: E402
 from vil_kernels.triton import heuristics  # noqa: E402
 
-FIELDS = ("launches", "programs", "loaded", "stored", "flops")
+FIELDS = ("launches", "programs", "loaded", "stored", "flops", "unique")
 
 
 class Counter:
     """Per-kernel counts of what the interpreter's programs load, store and multiply, while
-    active (a context manager: the interpreter's builder is patched inside only)."""
+    active (a context manager: the interpreter's builder is patched inside only). unique:
+    the bytes of the distinct addresses a launch loads or stores (its compulsory traffic to
+    DRAM, had L2 kept nothing from an earlier launch and lost nothing it fetched)."""
 
     def __init__(self):
         self.kernels = {}
         self._current = None
+        self._addresses = []          # the current launch's (addresses, bytes an element)
 
     def _row(self):
         return self.kernels.setdefault(self._current or "(outside a kernel)",
@@ -71,7 +79,9 @@ class Counter:
 
         def nbytes(ptrs, mask):
             width = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
-            return int(np.count_nonzero(np.broadcast_to(mask.data, ptrs.data.shape))) * width
+            live = np.broadcast_to(mask.data, ptrs.data.shape)
+            counter._addresses.append((ptrs.data[live].astype(np.uint64), width))
+            return int(np.count_nonzero(live)) * width
 
         def create_masked_load(self, ptrs, mask, *args):
             counter._row()["loaded"] += nbytes(ptrs, mask)
@@ -97,14 +107,25 @@ class Counter:
                 return call(self, *args, **kwargs)
             finally:
                 counter._current = None
+                row["unique"] += counter._unique_bytes()
 
         (builder.create_masked_load, builder.create_masked_store, builder.create_dot,
          grid.__call__) = create_masked_load, create_masked_store, create_dot, __call__
+        self._addresses = []
         try:
             yield self
         finally:
             (builder.create_masked_load, builder.create_masked_store, builder.create_dot,
              grid.__call__) = saved
+
+
+    def _unique_bytes(self):
+        """Bytes of the distinct addresses of the launch that just ended (then forgotten)."""
+        by_width = {}
+        for addresses, width in self._addresses:
+            by_width.setdefault(width, []).append(addresses)
+        self._addresses = []
+        return sum(len(np.unique(np.concatenate(a))) * w for w, a in by_width.items())
 
 
 @contextlib.contextmanager
@@ -154,7 +175,7 @@ def table(kernels, heads, bandwidth=None, measured=None):
     for name, c in kernels.items():
         r = dict(kernel=name, launches=c["launches"], programs=c["programs"] * heads,
                  loaded_gb=c["loaded"] * heads / 1e9, stored_gb=c["stored"] * heads / 1e9,
-                 gflop=c["flops"] * heads / 1e9)
+                 gflop=c["flops"] * heads / 1e9, unique_gb=c["unique"] * heads / 1e9)
         r["flop_per_byte"] = r["gflop"] / r["loaded_gb"] if r["loaded_gb"] else 0.
         moved = r["loaded_gb"] + r["stored_gb"]
         if bandwidth:
@@ -162,33 +183,37 @@ def table(kernels, heads, bandwidth=None, measured=None):
         if measured is not None and name in measured:
             r["ms"] = measured[name]
             r["tb_per_s"] = moved / r["ms"]
+            r["unique_tb_per_s"] = r["unique_gb"] / r["ms"]
             r["tflop_per_s"] = r["gflop"] / r["ms"]
         rows.append(r)
     rows.sort(key=lambda r: -(r["loaded_gb"] + r["stored_gb"]))
     total = dict(kernel="total", launches=sum(r["launches"] for r in rows),
                  programs=sum(r["programs"] for r in rows))
-    for f in ("loaded_gb", "stored_gb", "gflop", "floor_ms", "ms"):
+    for f in ("loaded_gb", "stored_gb", "gflop", "unique_gb", "floor_ms", "ms"):
         if any(f in r for r in rows):
             total[f] = sum(r.get(f, 0.) for r in rows)
     total["flop_per_byte"] = total["gflop"] / total["loaded_gb"] if total["loaded_gb"] else 0.
     if "ms" in total and total["ms"]:
         total["tb_per_s"] = (total["loaded_gb"] + total["stored_gb"]) / total["ms"]
+        total["unique_tb_per_s"] = total["unique_gb"] / total["ms"]
         total["tflop_per_s"] = total["gflop"] / total["ms"]
     return rows + [total]
 
 
 COLUMNS = (("kernel", "{:<26}", "kernel"), ("launches", "{:>3}", "n"),
            ("programs", "{:>9,}", "programs"), ("loaded_gb", "{:>9.3f}", "load GB"),
-           ("stored_gb", "{:>9.3f}", "store GB"), ("gflop", "{:>8.1f}", "GFLOP"),
+           ("stored_gb", "{:>9.3f}", "store GB"), ("unique_gb", "{:>9.3f}", "uniq GB"),
+           ("gflop", "{:>8.1f}", "GFLOP"),
            ("flop_per_byte", "{:>6.1f}", "FLOP/B"), ("floor_ms", "{:>8.3f}", "floor ms"),
            ("ms", "{:>8.3f}", "meas ms"), ("tb_per_s", "{:>6.2f}", "TB/s"),
+           ("unique_tb_per_s", "{:>6.2f}", "uniq/s"),
            ("tflop_per_s", "{:>7.1f}", "TFLOP/s"))
 
 
 def print_table(rows):
     """The rows as a table; bytes in MB where the whole is under a GB (small shapes)."""
     mb = rows[-1]["loaded_gb"] < 1
-    scale = {"loaded_gb": 1e3, "stored_gb": 1e3} if mb else {}
+    scale = {"loaded_gb": 1e3, "stored_gb": 1e3, "unique_gb": 1e3} if mb else {}
     cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
     width = lambda k, fmt: 26 if k == "kernel" else len(fmt.format(0))      # noqa: E731
     head = lambda h: h.replace("GB", "MB") if mb else h                     # noqa: E731

@@ -294,6 +294,12 @@ def test_traffic_counts_the_kernels_own_loads_stores_and_products(tmp_path):
     assert pair["floor_ms"] == pytest.approx(moved / 2)
     assert rows["total"]["gflop"] == pytest.approx(sum(
         r["gflop"] for k, r in rows.items() if k != "total"))
+    # distinct bytes: the pair kernel reads q, k, dh and v once each (64 x 32 bf16 tiles of
+    # two row tiles; plus its rows' statistics) and writes its six slots once
+    tiles = heads * 4 * 128 * 32 * 2
+    assert tiles + pair["stored_gb"] * 1e9 <= pair["unique_gb"] * 1e9 < (
+        1.1 * tiles + pair["stored_gb"] * 1e9)
+    assert all(r["unique_gb"] <= r["loaded_gb"] + r["stored_gb"] for r in rows.values())
 
 
 def test_traffic_takes_a_launch_table(tmp_path):
@@ -323,10 +329,12 @@ def test_traffic_with_a_profile_gives_achieved_rates(tmp_path):
     """traffic.table with measured ms (bench/profile_op.py's kernels): achieved TB/s and
     TFLOP/s per kernel and in total; kernels the profile lacks get none."""
     import traffic
-    counts = {"a": dict(launches=1, programs=4, loaded=3e6, stored=1e6, flops=8e9),
-              "b": dict(launches=2, programs=2, loaded=1e6, stored=0, flops=0)}
+    counts = {"a": dict(launches=1, programs=4, loaded=3e6, stored=1e6, flops=8e9, unique=2e6),
+              "b": dict(launches=2, programs=2, loaded=1e6, stored=0, flops=0, unique=1e6)}
     rows = {r["kernel"]: r for r in traffic.table(counts, heads=2, measured={"a": 0.5})}
     assert rows["a"]["tb_per_s"] == pytest.approx(2 * 4e6 / 1e9 / 0.5)
+    assert rows["a"]["unique_tb_per_s"] == pytest.approx(2 * 2e6 / 1e9 / 0.5)
+    assert rows["total"]["unique_gb"] == pytest.approx(2 * 3e6 / 1e9)
     assert rows["a"]["tflop_per_s"] == pytest.approx(2 * 8e9 / 1e9 / 0.5)
     assert rows["a"]["flop_per_byte"] == pytest.approx(8e9 / 3e6)
     assert "ms" not in rows["b"] and rows["b"]["programs"] == 4
