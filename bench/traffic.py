@@ -118,7 +118,6 @@ class Counter:
             (builder.create_masked_load, builder.create_masked_store, builder.create_dot,
              grid.__call__) = saved
 
-
     def _unique_bytes(self):
         """Bytes of the distinct addresses of the launch that just ended (then forgotten)."""
         by_width = {}
