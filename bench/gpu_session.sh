@@ -175,10 +175,10 @@ for s in $STEPS; do
     tables)                                    # bench/tables/'s candidates, built-in first
         for t in builtin ${TABLES:-vil-b-wide-sm90 vil-b-tile128-sm90}; do
             T=""; [ "$t" = builtin ] || T="bench/tables/$t.json"
-            VIL_KERNELS_LAUNCH_TABLE="$T" step "table-$t-op" 60 python bench/kernels.py \
+            VIL_KERNELS_LAUNCH_TABLE="$T" step "table-$t-op" 90 python bench/kernels.py \
                 --paths triton --shapes 64,4,784,384 --shapes 64,4,196,384 --num-bench-iter 10 \
                 --results-file "$OUT/kernels-table-$t.json"
-            VIL_KERNELS_LAUNCH_TABLE="$T" step "table-$t-vil" 120 python bench/throughput.py \
+            VIL_KERNELS_LAUNCH_TABLE="$T" step "table-$t-vil" 150 python bench/throughput.py \
                 --resolution 448 --model vil2-base --rows ours --bench both --num-warm-iter 3 \
                 --num-bench-iter 10 --no-progress --results-file "$OUT/throughput-448-table-$t.json"
         done ;;
