@@ -21,6 +21,10 @@
 #               checked). bench/traffic.py --profile FILE --row ROW (--tile as run, and the
 #               same $VIL_KERNELS_LAUNCH_TABLE) turns each row into the bandwidth and TFLOP/s
 #               each kernel reached
+#   goal        issue 3's measure, whose goals are set on an H100: the operator at ViL-B's shape
+#               (B=64, NH=4, S=784, D=384, bf16), ours and mlstm_kernels (when carried), then
+#               ours with each of TABLES; kernels.py prints each goal's verdict (1.3x the peer,
+#               half the roofline) and keeps it in the file's "goals"
 #   tables      bench/tables/'s candidate launch tables (TABLES: file stems, default the wide
 #               and the tiles-of-128 tables for ViL-B's head dim in one chunk) against the
 #               built-in table, each through $VIL_KERNELS_LAUNCH_TABLE: the operator at ViL-B's
@@ -171,6 +175,14 @@ for s in $STEPS; do
                 python bench/throughput.py --resolution 448 --model vil2-tiny,vil2-small \
                 --rows ours --bench both --num-warm-iter 3 --num-bench-iter 10 --no-progress \
                 --results-file "$OUT/throughput-448-model${T:+-table}.json"
+        done ;;
+    goal)                                      # issue 3's measure at ViL-B's shape
+        step goal 90 python bench/kernels.py --paths triton,mlstm_kernels-xl_chunk \
+            --shapes 64,4,784,384 --num-bench-iter 10 --results-file "$OUT/kernels-goal.json"
+        for t in ${TABLES:-vil-b-wide-sm90 vil-b-tile128-sm90}; do
+            VIL_KERNELS_LAUNCH_TABLE="bench/tables/$t.json" step "goal-$t" 60 \
+                python bench/kernels.py --paths triton --shapes 64,4,784,384 \
+                --num-bench-iter 10 --results-file "$OUT/kernels-goal-$t.json"
         done ;;
     tables)                                    # bench/tables/'s candidates, built-in first
         for t in builtin ${TABLES:-vil-b-wide-sm90 vil-b-tile128-sm90}; do

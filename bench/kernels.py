@@ -394,6 +394,53 @@ def chunk_choice(rows):
     return out
 
 
+# Issue 3's goals, at ViL-B's shape in 16-bit inputs, set on an H100: fwd+bwd at least GOAL_SPEEDUP
+# times faster than mlstm_kernels' xl_chunk, and at least GOAL_ROOFLINE of the roofline
+GOAL_SHAPE = (64, 4, 784, 384)
+GOAL_SPEEDUP, GOAL_ROOFLINE = 1.3, 0.5
+
+
+def goal_report(rows, device):
+    """Issue 3's goals against the triton rows at GOAL_SHAPE (each chunk, tile and flash setting
+    timed): fwd+bwd ms, the speed-up over mlstm_kernels' xl_chunk when it ran, and both
+    fractions of the roofline; one dict a row, each goal's verdict beside it ([] without such
+    a row, e.g. on CPU, where there is no roofline)."""
+    at_goal = [r for r in rows if (r["B"], r["NH"], r["S"], r["D"]) == GOAL_SHAPE
+               and r["dtype"] in ("bfloat16", "float16") and "fwd+bwd_roofline" in r]
+    peer = next((r.get("fwd+bwd_ms") for r in at_goal if r["path"] == "mlstm_kernels-xl_chunk"),
+                None)
+    out = []
+    for r in at_goal:
+        if r["path"] != "triton" or "fwd+bwd_ms" not in r:
+            continue
+        g = dict(device=device, **{k: r[k] for k in ("chunk_size", "tile", "flash") if k in r},
+                 fwd_bwd_ms=r["fwd+bwd_ms"], roofline=r["fwd+bwd_roofline"],
+                 chunkwise_roofline=r["fwd+bwd_chunkwise_roofline"],
+                 chunkwise_roofline_met=r["fwd+bwd_chunkwise_roofline"] >= GOAL_ROOFLINE,
+                 roofline_met=r["fwd+bwd_roofline"] >= GOAL_ROOFLINE)
+        if peer:
+            g.update(speedup=peer / r["fwd+bwd_ms"], speedup_met=peer / r["fwd+bwd_ms"] >= GOAL_SPEEDUP)
+        out.append(g)
+    return out
+
+
+def print_goals(goals):
+    if not goals:
+        return
+    B, NH, S, D = GOAL_SHAPE
+    yes = lambda ok: "met" if ok else "not met"  # noqa: E731
+    print(f"\n# issue 3's goals at ViL-B's shape (B={B}, NH={NH}, S={S}, D={D}), set on an H100"
+          f"; this is {goals[0]['device']}")
+    for g in goals:
+        setting = ", ".join(f"{k} {g[k]}" for k in ("chunk_size", "tile", "flash") if k in g)
+        speed = (f"{g['speedup']:.2f}x mlstm_kernels (goal {GOAL_SPEEDUP}x: "
+                 f"{yes(g['speedup_met'])})" if "speedup" in g else "mlstm_kernels not timed")
+        print(f"triton{' (' + setting + ')' if setting else ''}: fwd+bwd {g['fwd_bwd_ms']:.3f} ms"
+              f", {speed}, {g['chunkwise_roofline']:.0%} of the chunkwise roofline (goal "
+              f"{GOAL_ROOFLINE:.0%}: {yes(g['chunkwise_roofline_met'])}), {g['roofline']:.0%} "
+              f"of the classic one ({yes(g['roofline_met'])})")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -484,9 +531,12 @@ def main(argv=None):
         print_table(choice, ["path", "B", "NH", "S", "D", "mode", "first_chunk", "first_tile",
                              "first_flash", "first_ms", "best_chunk", "best_tile",
                              "best_flash", "best_ms", "speedup"])
-        if args.results_file:
-            Path(args.results_file).write_text(json.dumps(dict(meta=meta, rows=rows,
-                                                               chunk_choice=choice), indent=1))
+    goals = goal_report(rows, meta["device"])
+    print_goals(goals)
+    if args.results_file and (choice or goals):
+        extra = {k: v for k, v in (("chunk_choice", choice), ("goals", goals)) if v}
+        Path(args.results_file).write_text(json.dumps(dict(meta=meta, rows=rows, **extra),
+                                                      indent=1))
     return rows
 
 
