@@ -22,14 +22,14 @@
 #               same $VIL_KERNELS_LAUNCH_TABLE) turns each row into the bandwidth and TFLOP/s
 #               each kernel reached
 #   goal        issue 3's measure, whose goals are set on an H100: the operator at ViL-B's shape
-#               (B=64, NH=4, S=784, D=384, bf16), ours and mlstm_kernels (when carried), then
-#               ours with each of TABLES; kernels.py prints each goal's verdict (1.3x the peer,
-#               half the roofline) and keeps it in the file's "goals"
-#   tables      bench/tables/'s candidate launch tables (TABLES: file stems, default the wide
-#               and the tiles-of-128 tables for ViL-B's head dim in one chunk) against the
-#               built-in table, each through $VIL_KERNELS_LAUNCH_TABLE: the operator at ViL-B's
-#               shape at 448 and 224 px (S=784, 196), then ViL-B's inference and training at
-#               448 px (our row); two files a table. A table that wins becomes built-in rules
+#               at 448 px (B=64, NH=4, S=784, D=384, bf16) and at 224 px (S=196), ours and
+#               mlstm_kernels (when carried), then ours with each of TABLES (file stems in
+#               bench/tables/, default the wide and the tiles-of-128 tables for ViL-B's head
+#               dim in one chunk); kernels.py prints each goal's verdict (1.3x the peer, half
+#               the roofline) and keeps it in the file's "goals"; a file a table
+#   tables      ViL-B's inference and training at 448 px (our row) with the built-in table and
+#               with each of TABLES through $VIL_KERNELS_LAUNCH_TABLE (the operator with them:
+#               the goal step); a file a table. A table that wins both becomes built-in rules
 #   tunemodel   the sweep at ViL-T's and ViL-S's cells as the main job runs them (B=256, NH=4,
 #               S=784, D=96 and 192, their default chunks of 64; the built-in table was swept
 #               at B=64, four times fewer programs), into a table of its own; then ViL-T's and
@@ -104,6 +104,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results/gpu-run}"
 STEPS="${STEPS:-profile tune tests kernels}"
 TUNE_DIMS="${TUNE_DIMS:-384}"
+TABLES="${TABLES:-vil-b-wide-sm90 vil-b-tile128-sm90}"   # bench/tables/ stems
 TUNE_LIMIT="${TUNE_LIMIT:-150}"                # seconds of sweeping (the step's box: 20 more)
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
@@ -177,19 +178,17 @@ for s in $STEPS; do
                 --results-file "$OUT/throughput-448-model${T:+-table}.json"
         done ;;
     goal)                                      # issue 3's measure at ViL-B's shape
-        step goal 90 python bench/kernels.py --paths triton,mlstm_kernels-xl_chunk \
-            --shapes 64,4,784,384 --num-bench-iter 10 --results-file "$OUT/kernels-goal.json"
-        for t in ${TABLES:-vil-b-wide-sm90 vil-b-tile128-sm90}; do
-            VIL_KERNELS_LAUNCH_TABLE="bench/tables/$t.json" step "goal-$t" 60 \
+        step goal 150 python bench/kernels.py --paths triton,mlstm_kernels-xl_chunk \
+            --shapes 64,4,784,384 --shapes 64,4,196,384 --num-bench-iter 10 \
+            --results-file "$OUT/kernels-goal.json"
+        for t in $TABLES; do
+            VIL_KERNELS_LAUNCH_TABLE="bench/tables/$t.json" step "goal-$t" 90 \
                 python bench/kernels.py --paths triton --shapes 64,4,784,384 \
-                --num-bench-iter 10 --results-file "$OUT/kernels-goal-$t.json"
+                --shapes 64,4,196,384 --num-bench-iter 10 --results-file "$OUT/kernels-goal-$t.json"
         done ;;
-    tables)                                    # bench/tables/'s candidates, built-in first
-        for t in builtin ${TABLES:-vil-b-wide-sm90 vil-b-tile128-sm90}; do
+    tables)                                    # ViL-B's steps with each candidate, built-in first
+        for t in builtin $TABLES; do
             T=""; [ "$t" = builtin ] || T="bench/tables/$t.json"
-            VIL_KERNELS_LAUNCH_TABLE="$T" step "table-$t-op" 90 python bench/kernels.py \
-                --paths triton --shapes 64,4,784,384 --shapes 64,4,196,384 --num-bench-iter 10 \
-                --results-file "$OUT/kernels-table-$t.json"
             VIL_KERNELS_LAUNCH_TABLE="$T" step "table-$t-vil" 150 python bench/throughput.py \
                 --resolution 448 --model vil2-base --rows ours --bench both --num-warm-iter 3 \
                 --num-bench-iter 10 --no-progress --results-file "$OUT/throughput-448-table-$t.json"

@@ -205,7 +205,7 @@ def test_wide_parameters_bfloat16_vil_b_head_dim(KT, last_states, monkeypatch):
     _check(x, torch.bfloat16, reverse=KT == 2, chunk_size=1024, last_states=last_states)
 
 
-# The candidate launch tables of bench/tables/ (what gpu_session.sh's tables step times): each
+# The candidate launch tables of bench/tables/ (gpu_session.sh's goal and tables steps): each
 # reads as a launch table, its entries are what the launches at their keys take, and the op
 # computes the function with them in bfloat16 at ViL-B's head dim in one chunk, both
 # directions. Their keys are Hopper's (sm90); elsewhere (the interpreter: arch 0) the test
