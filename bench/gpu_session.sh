@@ -23,10 +23,11 @@
 #               each kernel reached
 #   goal        issue 3's measure, whose goals are set on an H100: the operator at ViL-B's shape
 #               at 448 px (B=64, NH=4, S=784, D=384, bf16) and at 224 px (S=196), ours and
-#               mlstm_kernels (when carried), then ours with each of TABLES (file stems in
-#               bench/tables/, default the wide and the tiles-of-128 tables for ViL-B's head
-#               dim in one chunk); kernels.py prints each goal's verdict (1.3x the peer, half
-#               the roofline) and keeps it in the file's "goals"; a file a table
+#               mlstm_kernels (when carried), ours with the built-in table and with each of
+#               TABLES (file stems in bench/tables/, default the wide and the tiles-of-128
+#               tables for ViL-B's head dim in one chunk), all in one process (kernels.py
+#               --table), 448 px first; kernels.py prints each row's verdicts (1.3x the peer,
+#               half the roofline) and keeps them in the file's "goals"
 #   tables      ViL-B's inference and training at 448 px (our row) with the built-in table and
 #               with each of TABLES through $VIL_KERNELS_LAUNCH_TABLE (the operator with them:
 #               the goal step); a file a table. A table that wins both becomes built-in rules
@@ -178,14 +179,11 @@ for s in $STEPS; do
                 --results-file "$OUT/throughput-448-model${T:+-table}.json"
         done ;;
     goal)                                      # issue 3's measure at ViL-B's shape
-        step goal 150 python bench/kernels.py --paths triton,mlstm_kernels-xl_chunk \
-            --shapes 64,4,784,384 --shapes 64,4,196,384 --num-bench-iter 10 \
-            --results-file "$OUT/kernels-goal.json"
-        for t in $TABLES; do
-            VIL_KERNELS_LAUNCH_TABLE="bench/tables/$t.json" step "goal-$t" 90 \
-                python bench/kernels.py --paths triton --shapes 64,4,784,384 \
-                --shapes 64,4,196,384 --num-bench-iter 10 --results-file "$OUT/kernels-goal-$t.json"
-        done ;;
+        words=builtin
+        for t in $TABLES; do words="$words,$t"; done
+        step goal 330 python bench/kernels.py --paths triton,mlstm_kernels-xl_chunk \
+            --table "$words" --shapes 64,4,784,384 --shapes 64,4,196,384 --num-bench-iter 10 \
+            --results-file "$OUT/kernels-goal.json" ;;
     tables)                                    # ViL-B's steps with each candidate, built-in first
         for t in builtin $TABLES; do
             T=""; [ "$t" = builtin ] || T="bench/tables/$t.json"

@@ -6,6 +6,7 @@
     python bench/kernels.py --paths triton --chunk-size 1024 --tile 64,128   # tiles of 64, 128
     python bench/kernels.py --paths triton --chunk-size 1024 --flash off,fwd,bwd,on  # flash forms
     python bench/kernels.py --paths triton --set bwd_dqk.BK=128 --set bwd_dqk.num_warps=8
+    python bench/kernels.py --paths triton --table builtin,vil-b-wide-sm90   # launch tables
     python bench/kernels.py --results-file bench/results/kernels-cpu.json
 
 On CPU it compares the PyTorch chunkwise path against the parallel form (the published
@@ -44,6 +45,10 @@ GPU_SHAPES = [(64, 4, S, D) for S in (196, 784, 3136) for D in (96, 192, 384)] +
 PEAKS = {"H100 PCIe": (756.0, 2.0), "H100 NVL": (835.0, 3.9), "H100": (989.0, 3.35),
          "H200": (989.0, 4.8), "A100-SXM4-40GB": (312.0, 1.555), "A100": (312.0, 2.039)}
 ROOF_CHUNK = 64   # the chunk length of the FLOP count and of the chunkwise traffic floor
+# what a triton row may vary (a row holds each that was asked for): its settings
+SETTINGS = ("chunk_size", "tile", "flash", "table")
+TABLES_DIR = Path(__file__).resolve().parent / "tables"     # candidate launch tables
+BUILTIN = "builtin"             # --table's word for the built-in table (no table file)
 
 
 def device_peaks(name):
@@ -197,20 +202,23 @@ def candidates(device, dtype, chunk=None):
 
 
 def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunks=(None,),
-                tiles=(None,), flashes=(None,)):
+                tiles=(None,), flashes=(None,), tables=(None,)):
     """Rows of one shape: every path, the chunkwise ones once per chunk length in ``chunks``
     (None: their default), the Triton one once per tile of positions in ``tiles`` (None: the
-    default; else heuristics.TILE, set for the forward and the backward alike) and per setting
+    default; else heuristics.TILE, set for the forward and the backward alike), per setting
     of the flash forms in ``flashes`` (None: the default; else FLASH_SETTINGS' words: which of
-    heuristics.FLASH_FORWARD and FLASH_BACKWARD are on)."""
+    heuristics.FLASH_FORWARD and FLASH_BACKWARD are on) and per launch table in ``tables``
+    (None: the process's; else table_words' (name, path): one after the other, so that
+    candidate tables and the peer are timed side by side)."""
     B, NH, S, D = shape
     rows = []
     peaks = device_peaks(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    runs = [(name, chunk, tile, flash, fn) for n, chunk in enumerate(chunks)
+    runs = [(name, chunk, tile, flash, table, fn) for n, chunk in enumerate(chunks)
             for name, fn in candidates(device, dtype, chunk) if n == 0 or name in CHUNKED
             for tile in (tiles if name == "triton" else (None,))
-            for flash in (flashes if name == "triton" else (None,))]
-    for name, chunk, tile, flash, fn in runs:
+            for flash in (flashes if name == "triton" else (None,))
+            for table in (tables if name == "triton" else (None,))]
+    for name, chunk, tile, flash, table, fn in runs:
         if paths and name not in paths:
             continue
         row = dict(path=name, B=B, NH=NH, S=S, D=D, dtype=str(dtype).replace("torch.", ""))
@@ -220,7 +228,9 @@ def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunks=(No
             row["tile"] = tile
         if flash is not None:
             row["flash"] = flash
-        with triton_settings(tile, flash):
+        if table is not None:
+            row["table"] = table[0]
+        with triton_settings(tile, flash), launch_table(table):
             _time_row(row, fn, device, dtype, warmup, iters, mem, peaks)
         rows.append(row)
     return rows
@@ -282,6 +292,57 @@ def triton_settings(tile, flash):
         yield
     finally:
         heuristics.TILE, heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD = was
+
+
+def table_words(parser, text):
+    """--table's comma-separated launch tables as [(name, path)]: BUILTIN (path None: no table
+    file), a file's stem in bench/tables/ or a file's path (name: its stem), each read and
+    checked here (heuristics.read_table); or the parser's usage error."""
+    from vil_kernels.triton import heuristics
+    out = []
+    for word in text.split(","):
+        if word == BUILTIN:
+            out.append((BUILTIN, None))
+            continue
+        path = Path(word) if Path(word).is_file() else TABLES_DIR / f"{word}.json"
+        if not word or not path.is_file():
+            stems = ", ".join(sorted(t.stem for t in TABLES_DIR.glob("*.json")))
+            parser.error(f"--table takes {BUILTIN}, a launch table file or a stem of "
+                         f"bench/tables/ ({stems}), got {word!r}")
+        try:
+            heuristics.read_table(path)
+        except ValueError as e:
+            parser.error(f"--table: {e}")
+        out.append((path.stem, str(path)))
+    names = [name for name, _ in out]
+    if len(set(names)) < len(names):
+        parser.error(f"--table names a table twice: {text!r}")
+    return out
+
+
+@contextlib.contextmanager
+def launch_table(table):
+    """$VIL_KERNELS_LAUNCH_TABLE at ``table``'s path for the block (BUILTIN: unset) and the
+    table read again (heuristics.tuned_table), the process's own restored after; None: nothing
+    changed (nor the Triton package imported)."""
+    if table is None:
+        yield
+        return
+    from vil_kernels.triton import heuristics
+
+    def use(path):
+        if path is None:
+            os.environ.pop(heuristics.TABLE_ENV, None)
+        else:
+            os.environ[heuristics.TABLE_ENV] = path
+        heuristics.tuned_table(reload=True)
+
+    was = os.environ.get(heuristics.TABLE_ENV)
+    use(table[1])
+    try:
+        yield
+    finally:
+        use(was)
 
 
 def launch_overrides(parser, texts):
@@ -353,9 +414,9 @@ def _time_row(row, fn, device, dtype, warmup, iters, mem, peaks):
 
 
 def print_table(rows, cols=None):
-    cols = cols or ["path", "chunk_size", "tile", "flash", "B", "NH", "S", "D", "fwd_ms", "fwd+bwd_ms",
-                    "fwd_peak_mib", "fwd+bwd_peak_mib", "fwd+bwd_tflops", "fwd+bwd_roofline",
-                    "fwd+bwd_chunkwise_roofline", "note"]
+    cols = cols or ["path", "chunk_size", "tile", "flash", "table", "B", "NH", "S", "D", "fwd_ms",
+                    "fwd+bwd_ms", "fwd_peak_mib", "fwd+bwd_peak_mib", "fwd+bwd_tflops",
+                    "fwd+bwd_roofline", "fwd+bwd_chunkwise_roofline", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]
     fmt = lambda v: (f"{v:.1f}" if v >= 0.95 else f"{v:.3f}") if isinstance(v, float) else str(v)
     table = [[fmt(r.get(c, "")) for c in cols] for r in rows]
@@ -366,11 +427,11 @@ def print_table(rows, cols=None):
 
 
 def chunk_choice(rows):
-    """With several chunk lengths (or tiles, or flash settings): per shape and path, each
-    pass's fastest chunk length (and tile and flash setting) and its time against the first
-    given (rows of bench_shape; [] with one of each)."""
+    """With several chunk lengths (or tiles, flash settings or launch tables): per shape and
+    path, each pass's fastest chunk length (and tile, flash setting and table) and its time
+    against the first given (rows of bench_shape; [] with one of each)."""
     out = []
-    varied = [r for r in rows if "chunk_size" in r or "tile" in r or "flash" in r]
+    varied = [r for r in rows if any(k in r for k in SETTINGS)]
     shape = lambda r: (r["path"], r["B"], r["NH"], r["S"], r["D"])  # noqa: E731
     for key in sorted({shape(r) for r in varied}, key=lambda k: (k[0], k[3], k[4], k[1])):
         runs = [r for r in varied if shape(r) == key]
@@ -386,7 +447,7 @@ def chunk_choice(rows):
                        best_chunk=best.get("chunk_size"), best_ms=best[f"{mode}_ms"],
                        first_chunk=runs[0].get("chunk_size"), first_ms=first,
                        speedup=first / best[f"{mode}_ms"] if first else None)
-            for setting in ("tile", "flash"):
+            for setting in SETTINGS[1:]:
                 if any(setting in r for r in runs):
                     row.update({f"first_{setting}": runs[0].get(setting),
                                 f"best_{setting}": best.get(setting)})
@@ -401,10 +462,10 @@ GOAL_SPEEDUP, GOAL_ROOFLINE = 1.3, 0.5
 
 
 def goal_report(rows, device):
-    """Issue 3's goals against the triton rows at GOAL_SHAPE (each chunk, tile and flash setting
-    timed): fwd+bwd ms, the speed-up over mlstm_kernels' xl_chunk when it ran, and both
-    fractions of the roofline; one dict a row, each goal's verdict beside it ([] without such
-    a row, e.g. on CPU, where there is no roofline)."""
+    """Issue 3's goals against the triton rows at GOAL_SHAPE (each chunk, tile, flash setting
+    and launch table timed): fwd+bwd ms, the speed-up over mlstm_kernels' xl_chunk when it
+    ran, and both fractions of the roofline; one dict a row, each goal's verdict beside it
+    ([] without such a row, e.g. on CPU, where there is no roofline)."""
     at_goal = [r for r in rows if (r["B"], r["NH"], r["S"], r["D"]) == GOAL_SHAPE
                and r["dtype"] in ("bfloat16", "float16") and "fwd+bwd_roofline" in r]
     peer = next((r.get("fwd+bwd_ms") for r in at_goal if r["path"] == "mlstm_kernels-xl_chunk"),
@@ -413,7 +474,7 @@ def goal_report(rows, device):
     for r in at_goal:
         if r["path"] != "triton" or "fwd+bwd_ms" not in r:
             continue
-        g = dict(device=device, **{k: r[k] for k in ("chunk_size", "tile", "flash") if k in r},
+        g = dict(device=device, **{k: r[k] for k in SETTINGS if k in r},
                  fwd_bwd_ms=r["fwd+bwd_ms"], roofline=r["fwd+bwd_roofline"],
                  chunkwise_roofline=r["fwd+bwd_chunkwise_roofline"],
                  chunkwise_roofline_met=r["fwd+bwd_chunkwise_roofline"] >= GOAL_ROOFLINE,
@@ -433,13 +494,22 @@ def print_goals(goals):
     print(f"\n# issue 3's goals at ViL-B's shape (B={B}, NH={NH}, S={S}, D={D}), set on an H100"
           f"; this is {goals[0]['device']}")
     for g in goals:
-        setting = ", ".join(f"{k} {g[k]}" for k in ("chunk_size", "tile", "flash") if k in g)
+        setting = ", ".join(f"{k} {g[k]}" for k in SETTINGS if k in g)
         speed = (f"{g['speedup']:.2f}x mlstm_kernels (goal {GOAL_SPEEDUP}x: "
                  f"{yes(g['speedup_met'])})" if "speedup" in g else "mlstm_kernels not timed")
         print(f"triton{' (' + setting + ')' if setting else ''}: fwd+bwd {g['fwd_bwd_ms']:.3f} ms"
               f", {speed}, {g['chunkwise_roofline']:.0%} of the chunkwise roofline (goal "
               f"{GOAL_ROOFLINE:.0%}: {yes(g['chunkwise_roofline_met'])}), {g['roofline']:.0%} "
               f"of the classic one ({yes(g['roofline_met'])})")
+
+
+def table_entries(tables):
+    """--table's tables as {name: entries} for the results file ({} for the built-in one;
+    None without --table: the process's table is in its settings)."""
+    if tables is None:
+        return None
+    from vil_kernels.triton import heuristics
+    return {name: heuristics.read_table(path) if path else {} for name, path in tables}
 
 
 def parse_args(argv=None):
@@ -474,6 +544,12 @@ def parse_args(argv=None):
                         "(FLASH_BACKWARD: the pair products and dq in one kernel), on both, "
                         "off neither, auto each where its build takes 4 warps; several: a "
                         "row for each; default: the environment's setting (off unless set)")
+    p.add_argument("--table", default=None, metavar="builtin|STEM|FILE[,...]",
+                   help="the triton path's launch table: builtin (none), a stem of bench/tables/ "
+                        "(e.g. vil-b-wide-sm90) or a table file; several: a row for each, "
+                        "timed one after the other in this process, the other paths after "
+                        "them (so every table's speed-up over the peer is read off one run); "
+                        "default: $VIL_KERNELS_LAUNCH_TABLE as set")
     p.add_argument("--set", action="append", default=[], metavar="KERNEL.PARAM=VALUE",
                    help="a Triton kernel's launch parameter forced over the table's for every "
                         "row (bench/tune.py's names, e.g. bwd_dqk.BK=128 bwd_dqk.num_warps=8 "
@@ -485,6 +561,8 @@ def parse_args(argv=None):
         args.flash = flash_words(p, args.flash)
     if args.tile is not None:
         args.tile = tile_words(p, args.tile)
+    if args.table is not None:
+        args.table = table_words(p, args.table)
     if args.chunk_size is not None:
         args.chunk_size = chunk_words(p, args.chunk_size)
     args.paths = set(args.paths.split(",")) if args.paths else None
@@ -513,13 +591,14 @@ def main(argv=None):
           + "".join(f" | {k}={v}" for k, v in settings["env"].items()), flush=True)
     meta = dict(device=device_name(device), torch=torch.__version__, dtype=str(dtype),
                 warmup=warm, iters=iters, chunk_size=args.chunk_size, tile=args.tile,
-                flash=args.flash, launch_overrides=args.set, settings=settings)
+                flash=args.flash, launch_overrides=args.set, settings=settings,
+                tables=table_entries(args.table))
     rows = []
     for shape in shapes:
         with forced_params(args.set):
             rows += bench_shape(shape, device, dtype, warm, iters, mem, args.paths,
                                 args.chunk_size or (None,), args.tile or (None,),
-                                args.flash or (None,))
+                                args.flash or (None,), args.table or (None,))
         print(f"  done {shape}", file=sys.stderr, flush=True)
         if args.results_file:                  # after every shape: a run cut short keeps them
             Path(args.results_file).parent.mkdir(parents=True, exist_ok=True)
@@ -527,11 +606,11 @@ def main(argv=None):
     print_table(rows)
     choice = chunk_choice(rows)
     if choice:
-        print("\n# fastest chunk length (and tile, flash form) a shape and pass (speed-up "
+        print("\n# fastest chunk length (and tile, flash form, table) a shape and pass (speed-up "
               "over the first one given)")
         print_table(choice, ["path", "B", "NH", "S", "D", "mode", "first_chunk", "first_tile",
-                             "first_flash", "first_ms", "best_chunk", "best_tile",
-                             "best_flash", "best_ms", "speedup"])
+                             "first_flash", "first_table", "first_ms", "best_chunk",
+                             "best_tile", "best_flash", "best_table", "best_ms", "speedup"])
     goals = goal_report(rows, meta["device"])
     print_goals(goals)
     if args.results_file and (choice or goals):

@@ -424,3 +424,46 @@ def test_profile_op_rows_per_tile_with_forced_parameters(monkeypatch):
     assert [r["path"].split("-", 1)[1] for r in rows] == ["chunk64-tile16", "chunk64-tile32"]
     assert {t for t, _ in seen} == {16, 32} and all(o == {"BK": 16} for _, o in seen)
     assert heuristics.TILE is None and "bwd_dqk" not in heuristics.OVERRIDES
+
+
+def test_table_option(monkeypatch, tmp_path):
+    """--table builtin,STEM,FILE: a triton row a launch table, each timed with
+    $VIL_KERNELS_LAUNCH_TABLE at it and the table read again (the candidate's parameters are
+    what launch_params gives while it runs), the process's own table restored after; the other
+    paths once; the tables' entries in the results file; bad words are usage errors."""
+    from vil_kernels.triton import heuristics
+    own = tmp_path / "own.json"
+    own.write_text('{"entries": {"bwd_dqk/384/384/1024/bfloat16/sm90": {"BK": 32}}}')
+    monkeypatch.setenv(heuristics.TABLE_ENV, str(own))
+    heuristics.tuned_table(reload=True)
+    seen = []
+    dqk_bk = lambda: heuristics.launch_params("bwd_dqk", 384, 384, 1024, torch.bfloat16, 90,
+                                              state=False)["BK"]
+    record = lambda x: seen.append((os.environ.get(heuristics.TABLE_ENV), dqk_bk())) or x["q"] * 1
+    fake = lambda device, dtype, chunk=None: [("triton", record), ("parallel", lambda x: x["q"])]
+    monkeypatch.setattr(kernels, "candidates", fake)
+    out = tmp_path / "k.json"
+    try:
+        rows = kernels.main(["--device", "cpu", "--shapes", "1,1,20,16", "--num-bench-iter", "1",
+                             "--num-warm-iter", "0", "--table", f"builtin,vil-b-wide-sm90,{own}",
+                             "--results-file", str(out)])
+        assert [(r["path"], r.get("table")) for r in rows] == [
+            ("triton", "builtin"), ("triton", "vil-b-wide-sm90"), ("triton", "own"),
+            ("parallel", None)]
+        wide = str(kernels.TABLES_DIR / "vil-b-wide-sm90.json")
+        assert set(seen) == {(None, 64), (wide, 128), (str(own), 32)}
+        assert os.environ[heuristics.TABLE_ENV] == str(own) and dqk_bk() == 32
+        choice = kernels.chunk_choice(rows)
+        assert {c["first_table"] for c in choice} == {"builtin"} and len(choice) == 2
+        tables = json.loads(out.read_text())["meta"]["tables"]
+        assert tables["builtin"] == {} and tables["own"] == {
+            "bwd_dqk/384/384/1024/bfloat16/sm90": {"BK": 32}}
+        assert tables["vil-b-wide-sm90"]["bwd_dqk/384/384/1024/bfloat16/sm90"]["BK"] == 128
+        bad = tmp_path / "bad.json"
+        bad.write_text('{"entries": {"bwd_dqk/384/384/1024/bfloat16/sm90": {"BK": 48}}}')
+        for words in ("nope", "builtin,", "builtin,builtin", str(bad), str(tmp_path / "x.json")):
+            with pytest.raises(SystemExit):
+                kernels.parse_args(["--table", words])
+    finally:
+        monkeypatch.delenv(heuristics.TABLE_ENV)
+        heuristics.tuned_table(reload=True)
