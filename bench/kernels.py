@@ -294,11 +294,21 @@ def triton_settings(tile, flash):
         heuristics.TILE, heuristics.FLASH_FORWARD, heuristics.FLASH_BACKWARD = was
 
 
+def _heuristics(parser, flag):
+    """The Triton path's launch heuristics for a flag that sets them, or the parser's usage
+    error where the triton package is missing."""
+    try:
+        from vil_kernels.triton import heuristics
+    except ImportError as e:
+        parser.error(f"{flag} sets the Triton kernels' launches and needs triton ({e})")
+    return heuristics
+
+
 def table_words(parser, text):
     """--table's comma-separated launch tables as [(name, path)]: BUILTIN (path None: no table
     file), a file's stem in bench/tables/ or a file's path (name: its stem), each read and
     checked here (heuristics.read_table); or the parser's usage error."""
-    from vil_kernels.triton import heuristics
+    heuristics = _heuristics(parser, "--table")
     out = []
     for word in text.split(","):
         if word == BUILTIN:
@@ -348,7 +358,7 @@ def launch_table(table):
 def launch_overrides(parser, texts):
     """--set's KERNEL.PARAM=VALUE words (bwd_dqk.BK=128, bwd_dqk.maxnreg=None) as
     {kernel: {param: value}} for heuristics.OVERRIDES, or the parser's usage error."""
-    from vil_kernels.triton import heuristics
+    heuristics = _heuristics(parser, "--set")
     out = {}
     for text in texts:
         m = re.fullmatch(r"(\w+)\.(\w+)=(\w+)", text)

@@ -467,3 +467,12 @@ def test_table_option(monkeypatch, tmp_path):
     finally:
         monkeypatch.delenv(heuristics.TABLE_ENV)
         heuristics.tuned_table(reload=True)
+
+
+def test_launch_flags_without_triton(monkeypatch, capsys):
+    """--table and --set need the Triton package: without it, a usage error that says so."""
+    monkeypatch.setitem(sys.modules, "vil_kernels.triton", None)       # (import fails)
+    for flags in (["--table", "builtin"], ["--set", "bwd_dqk.BK=128"]):
+        with pytest.raises(SystemExit):
+            kernels.parse_args(flags)
+        assert "needs triton" in capsys.readouterr().err
