@@ -208,7 +208,7 @@ def bench_shape(shape, device, dtype, warmup, iters, mem, paths=None, chunks=(No
     default; else heuristics.TILE, set for the forward and the backward alike), per setting
     of the flash forms in ``flashes`` (None: the default; else FLASH_SETTINGS' words: which of
     heuristics.FLASH_FORWARD and FLASH_BACKWARD are on) and per launch table in ``tables``
-    (None: the process's; else table_words' (name, path): one after the other, so that
+    (None: the process's; else table_words' (name, path, entries): one after the other, so that
     candidate tables and the peer are timed side by side)."""
     B, NH, S, D = shape
     rows = []
@@ -270,9 +270,10 @@ def chunk_words(parser, text):
 
 
 def tile_words(parser, text):
-    """--tile's comma-separated tiles of positions (16, 32, 64 or 128)."""
-    return _int_words(parser, text, "--tile", lambda t: t in (16, 32, 64, 128),
-                      "16, 32, 64 or 128")
+    """--tile's comma-separated tiles of positions (heuristics.TUNABLE_TILES: 16, 32, 64, 128)."""
+    tiles = _heuristics(parser, "--tile").TUNABLE_TILES
+    return _int_words(parser, text, "--tile", lambda t: t in tiles,
+                      ", ".join(map(str, tiles[:-1])) + f" or {tiles[-1]}")
 
 
 @contextlib.contextmanager
@@ -305,14 +306,14 @@ def _heuristics(parser, flag):
 
 
 def table_words(parser, text):
-    """--table's comma-separated launch tables as [(name, path)]: BUILTIN (path None: no table
-    file), a file's stem in bench/tables/ or a file's path (name: its stem), each read and
-    checked here (heuristics.read_table); or the parser's usage error."""
+    """--table's comma-separated launch tables as [(name, path, entries)]: BUILTIN (path None,
+    no entries: no table file), a file's stem in bench/tables/ or a file's path (name: its
+    stem), each read and checked here (heuristics.read_table); or the parser's usage error."""
     heuristics = _heuristics(parser, "--table")
     out = []
     for word in text.split(","):
         if word == BUILTIN:
-            out.append((BUILTIN, None))
+            out.append((BUILTIN, None, {}))
             continue
         path = Path(word) if Path(word).is_file() else TABLES_DIR / f"{word}.json"
         if not word or not path.is_file():
@@ -320,11 +321,11 @@ def table_words(parser, text):
             parser.error(f"--table takes {BUILTIN}, a launch table file or a stem of "
                          f"bench/tables/ ({stems}), got {word!r}")
         try:
-            heuristics.read_table(path)
+            entries = heuristics.read_table(path)
         except ValueError as e:
             parser.error(f"--table: {e}")
-        out.append((path.stem, str(path)))
-    names = [name for name, _ in out]
+        out.append((path.stem, str(path), entries))
+    names = [name for name, _, _ in out]
     if len(set(names)) < len(names):
         parser.error(f"--table names a table twice: {text!r}")
     return out
@@ -513,15 +514,6 @@ def print_goals(goals):
               f"of the classic one ({yes(g['roofline_met'])})")
 
 
-def table_entries(tables):
-    """--table's tables as {name: entries} for the results file ({} for the built-in one;
-    None without --table: the process's table is in its settings)."""
-    if tables is None:
-        return None
-    from vil_kernels.triton import heuristics
-    return {name: heuristics.read_table(path) if path else {} for name, path in tables}
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -602,7 +594,7 @@ def main(argv=None):
     meta = dict(device=device_name(device), torch=torch.__version__, dtype=str(dtype),
                 warmup=warm, iters=iters, chunk_size=args.chunk_size, tile=args.tile,
                 flash=args.flash, launch_overrides=args.set, settings=settings,
-                tables=table_entries(args.table))
+                tables=args.table and {name: entries for name, _, entries in args.table})
     rows = []
     for shape in shapes:
         with forced_params(args.set):
