@@ -2,10 +2,19 @@
 interpreter detection, one interpreter fix, and one launcher. Imports no Triton at module level,
 so that ``vil`` (whose fused-kernel modules import this) loads on machines without Triton.
 
-Interpreter (TRITON_INTERPRET=1): triton's interpreter (3.2 to 3.6) turns a tensor into a
-Python int (``range(n)`` over a runtime loop bound) with ``int(array_of_shape_(1,))``, which
-numpy >= 2.4 rejects. We re-register that one conversion with ``.reshape(-1)[0]`` while
-kernels run under the interpreter; nothing changes on a GPU.
+Interpreter (TRITON_INTERPRET=1), two fixes while kernels run under it; nothing changes on a
+GPU. Triton's interpreter (3.2 to 3.6) turns a tensor into a Python int (``range(n)`` over a
+runtime loop bound) with ``int(array_of_shape_(1,))``, which numpy >= 2.4 rejects: that one
+conversion is re-registered with ``.reshape(-1)[0]``. From 3.8 it reduces ``tl.max(x,
+return_indices=True)`` with numpy's nanargmax, which raises on a row of NaNs (a GPU returns
+NaN and an index): such rows get NaN and index 0. Its comparisons tag their boolean results
+with the operands' type, so a mask such as ``m_k & (i_v == 0)`` (a block and a scalar
+condition) is splat to int32; 3.9's loads and stores refuse a mask that is not bool: masks
+are made bool (nonzero: true) before they reach them.
+
+FP fusion: every launch asks for it (``enable_fp_fusion=True``, a*b+c as one FMA), the
+default the kernels were written, checked and timed with. Triton 3.9 warns when a launch
+leaves it to the default, whose value changes in 3.10.
 
 Launcher: ``launch(kernel, grid, args, **meta)`` is ``kernel[grid](*args, **meta)``, except that
 a repeat launch goes straight to the compiled kernel of an earlier launch with the same
@@ -47,7 +56,47 @@ def patch_interpreter():
             tensor.__index__ = index
 
     interpreter._patch_lang_tensor = _patch_lang_tensor
+    builder = interpreter.InterpreterBuilder
+    builder.create_masked_load = _bool_mask(builder.create_masked_load, 1)
+    builder.create_masked_store = _bool_mask(builder.create_masked_store, 2)
+    reduce_ops = getattr(interpreter, "ReduceOps", None)
+    if reduce_ops is not None and hasattr(reduce_ops, "min_max"):
+        reduce_ops.min_max = _nan_rows_safe(reduce_ops.min_max)
     interpreter._vil_kernels_patched = True
+
+
+def _bool_mask(create, at):
+    """A builder's masked load or store whose mask (argument ``at`` after self) is made bool."""
+    from triton.runtime.interpreter import TensorHandle
+
+    def wrapped(self, *args):
+        mask = args[at]
+        if mask.data.dtype != bool:
+            args = (*args[:at], TensorHandle(mask.data != 0, mask.dtype), *args[at + 1:])
+        return create(self, *args)
+    return wrapped
+
+
+def _nan_rows_safe(min_max):
+    """ReduceOps.min_max whose nanargmax/nanargmin give index 0 on a row of NaNs (numpy
+    raises there); the value reduction (nanmax: NaN there) is left as it is."""
+    import warnings
+
+    import numpy as np
+
+    def safe(op):
+        def arg(a, axis=None, keepdims=False):
+            rows = np.isnan(a).all(axis=axis, keepdims=True)
+            return op(np.where(rows, 0, a), axis=axis, keepdims=keepdims)
+        return arg
+
+    def wrapped(self, input, val_reduce_op, idx_reduce_op=None):
+        if idx_reduce_op in (np.nanargmax, np.nanargmin):
+            idx_reduce_op = safe(idx_reduce_op)
+        with warnings.catch_warnings():             # nanmax's "All-NaN slice" warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return min_max(self, input, val_reduce_op, idx_reduce_op)
+    return wrapped
 
 
 # Triton releases the fast path was checked against (it calls a compiled kernel the way their
@@ -62,6 +111,16 @@ def _triton_version():
         return metadata.version("triton")
     except metadata.PackageNotFoundError:
         return ""
+
+
+def triton_release():
+    """(major, minor) of the installed triton, (0, 0) when it is not installed: for the few
+    launch settings whose builds differ between releases (each says why where it is set)."""
+    parts = _triton_version().split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return 0, 0
 
 
 FAST_LAUNCH = (os.environ.get("VIL_KERNELS_FAST_LAUNCH", "1") != "0"
@@ -96,17 +155,20 @@ def _launch_key(kernel, args, meta):
 
 def launch(kernel, grid, args, **meta):
     """Launch ``kernel`` on ``grid`` (a tuple) with runtime ``args`` (positional, in order) and
-    the constexprs and launch options in ``meta``."""
+    the constexprs and launch options in ``meta`` (FP fusion on unless it says otherwise)."""
     if INTERPRETED:
         patch_interpreter()            # here, so that no launch site can run without it
+        meta.setdefault("enable_fp_fusion", True)
         kernel[grid](*args, **meta)
         return
     if not FAST_LAUNCH:
+        meta.setdefault("enable_fp_fusion", True)
         kernel[grid](*args, **meta)
         return
-    key = _launch_key(kernel, args, meta)
+    key = _launch_key(kernel, args, meta)       # the caller's meta: the option is the same
     hit = _compiled.get(key)
     if hit is None:
+        meta.setdefault("enable_fp_fusion", True)
         compiled = kernel[grid](*args, **meta)
         names = kernel.arg_names[len(args):]            # the constexprs, after the runtime args
         if compiled is not None and all(n in meta for n in names):

@@ -356,7 +356,8 @@ def compile_one(key, constexprs=None):
         knobs.nvidia.dump_ptxas_log = True
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            opts = dict(num_warps=warps, num_stages=stages)
+            # FP fusion as every launch asks for it (vil_kernels._triton_runtime.launch)
+            opts = dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True)
             if maxnreg:
                 opts["maxnreg"] = maxnreg
             ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
