@@ -102,7 +102,8 @@ def build(module, kernel, constexprs, warps, arch):
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             ck = triton.compile(ASTSource(fn, sig, constexprs, attrs),
-                                target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, enable_fp_fusion=True))
+                                target=GPUTarget("cuda", arch, 32),
+                                options=dict(num_warps=warps, enable_fp_fusion=True))
         row["regs"], row["spill"] = ptxas_usage(buf.getvalue())
         row["smem"] = int(ck.metadata.shared)
     except Exception as e:  # noqa: BLE001 - reported in the table

@@ -1,9 +1,10 @@
 """Triton's runtime around the package's kernels (the mLSTM kernels and ViL's fused ones):
-interpreter detection, one interpreter fix, and one launcher. Imports no Triton at module level,
-so that ``vil`` (whose fused-kernel modules import this) loads on machines without Triton.
+interpreter detection, fixes to the interpreter, and one launcher. Imports no Triton at module
+level, so that ``vil`` (whose fused-kernel modules import this) loads on machines without
+Triton.
 
-Interpreter (TRITON_INTERPRET=1), two fixes while kernels run under it; nothing changes on a
-GPU. Triton's interpreter (3.2 to 3.6) turns a tensor into a Python int (``range(n)`` over a
+Interpreter (TRITON_INTERPRET=1): three fixes while kernels run under it; nothing changes on
+a GPU. Triton's interpreter (3.2 to 3.6) turns a tensor into a Python int (``range(n)`` over a
 runtime loop bound) with ``int(array_of_shape_(1,))``, which numpy >= 2.4 rejects: that one
 conversion is re-registered with ``.reshape(-1)[0]``. From 3.8 it reduces ``tl.max(x,
 return_indices=True)`` with numpy's nanargmax, which raises on a row of NaNs (a GPU returns
