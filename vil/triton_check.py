@@ -76,6 +76,7 @@ def build(module, kernel, constexprs, warps, arch):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from vil_kernels._triton_runtime import OPTIONS
     from vil_kernels.compile_check import ptxas_usage
     fn = getattr(importlib.import_module(f"vil.{module}"), kernel)
     sig = {}
@@ -103,7 +104,7 @@ def build(module, kernel, constexprs, warps, arch):
         with contextlib.redirect_stdout(buf):
             ck = triton.compile(ASTSource(fn, sig, constexprs, attrs),
                                 target=GPUTarget("cuda", arch, 32),
-                                options=dict(num_warps=warps, enable_fp_fusion=True))
+                                options=dict(OPTIONS, num_warps=warps))
         row["regs"], row["spill"] = ptxas_usage(buf.getvalue())
         row["smem"] = int(ck.metadata.shared)
     except Exception as e:  # noqa: BLE001 - reported in the table

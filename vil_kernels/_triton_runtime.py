@@ -29,6 +29,7 @@ kernel's launch took 13-27 us through Triton 3.6's path and 8-20 us through this
 the interpreter it is always the plain call.
 """
 
+import functools
 import os
 
 import torch
@@ -92,11 +93,11 @@ def _nan_rows_safe(min_max):
         return arg
 
     def wrapped(self, input, val_reduce_op, idx_reduce_op=None):
-        if idx_reduce_op in (np.nanargmax, np.nanargmin):
-            idx_reduce_op = safe(idx_reduce_op)
+        if idx_reduce_op not in (np.nanargmax, np.nanargmin):
+            return min_max(self, input, val_reduce_op, idx_reduce_op)
         with warnings.catch_warnings():             # nanmax's "All-NaN slice" warning
             warnings.simplefilter("ignore", RuntimeWarning)
-            return min_max(self, input, val_reduce_op, idx_reduce_op)
+            return min_max(self, input, val_reduce_op, safe(idx_reduce_op))
     return wrapped
 
 
@@ -105,6 +106,7 @@ def _nan_rows_safe(min_max):
 FAST_LAUNCH_TRITON = ("3.6.",)
 
 
+@functools.cache
 def _triton_version():
     """The installed triton's version without importing it ("" when it is not installed)."""
     from importlib import metadata
@@ -123,6 +125,10 @@ def triton_release():
     except (IndexError, ValueError):
         return 0, 0
 
+
+# Options every launch asks for unless it says otherwise, and every ahead-of-time build
+# (compile_check, vil.triton_check) with it: FP fusion, see above.
+OPTIONS = {"enable_fp_fusion": True}
 
 FAST_LAUNCH = (os.environ.get("VIL_KERNELS_FAST_LAUNCH", "1") != "0"
                and _triton_version().startswith(FAST_LAUNCH_TRITON))
@@ -159,17 +165,13 @@ def launch(kernel, grid, args, **meta):
     the constexprs and launch options in ``meta`` (FP fusion on unless it says otherwise)."""
     if INTERPRETED:
         patch_interpreter()            # here, so that no launch site can run without it
-        meta.setdefault("enable_fp_fusion", True)
-        kernel[grid](*args, **meta)
+    if INTERPRETED or not FAST_LAUNCH:
+        kernel[grid](*args, **{**OPTIONS, **meta})
         return
-    if not FAST_LAUNCH:
-        meta.setdefault("enable_fp_fusion", True)
-        kernel[grid](*args, **meta)
-        return
-    key = _launch_key(kernel, args, meta)       # the caller's meta: the option is the same
+    key = _launch_key(kernel, args, meta)       # the caller's meta: OPTIONS are the same
     hit = _compiled.get(key)
     if hit is None:
-        meta.setdefault("enable_fp_fusion", True)
+        meta = {**OPTIONS, **meta}
         compiled = kernel[grid](*args, **meta)
         names = kernel.arg_names[len(args):]            # the constexprs, after the runtime args
         if compiled is not None and all(n in meta for n in names):

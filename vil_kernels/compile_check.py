@@ -281,6 +281,7 @@ def compile_one(key, constexprs=None):
     from triton.compiler import ASTSource
     from triton import knobs
 
+    from ._triton_runtime import OPTIONS
     from .triton import kernels
     from .triton.heuristics import FLASH_KERNELS, dot_config
 
@@ -356,8 +357,7 @@ def compile_one(key, constexprs=None):
         knobs.nvidia.dump_ptxas_log = True
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            # FP fusion as every launch asks for it (vil_kernels._triton_runtime.launch)
-            opts = dict(num_warps=warps, num_stages=stages, enable_fp_fusion=True)
+            opts = dict(OPTIONS, num_warps=warps, num_stages=stages)    # as launches ask
             if maxnreg:
                 opts["maxnreg"] = maxnreg
             ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
