@@ -2,7 +2,8 @@
 
 Installed with ``with fake_cuda_driver() as drv:``, Triton's JIT binds, specializes, caches and
 compiles (for sm_90 by default, ptxas included) exactly as on a GPU; only the last step is
-replaced: loading the cubin and ``cuLaunchKernel``. Every launch is recorded instead, as
+replaced: loading the cubin (its registers and spills are read with cuobjdump, as the driver
+would report them) and ``cuLaunchKernel``. Every launch is recorded instead, as
 ``drv.calls``: (grid, stream, function handle, packed metadata, the argument list handed to the
 launcher). Tensors are CPU tensors; the kernels never run, so outputs are whatever the buffers
 held (integer buffers are zeroed, so index tensors stay in range for the host code after them).
@@ -20,13 +21,35 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.driver import driver
 
 
+def cubin_usage(cubin):
+    """(registers, local memory bytes a thread) of a cubin's kernel, from cuobjdump
+    -res-usage: what the CUDA driver reports for a loaded function (local memory: the spill
+    stack, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                             check=True).stdout
+    usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
+    return int(usage["REG"]), int(usage["STACK"]) + int(usage["LOCAL"])
+
+
 class _Utils:
     def __init__(self):
         self._handles = itertools.count(1)
 
     def load_binary(self, name, kernel, shared, device):
-        # (module, function, registers, spills, max threads a block)
-        return next(self._handles), next(self._handles), 0, 0, 1024
+        # (module, function, registers, spills, max threads a block); spills as Triton's
+        # driver gives them: local bytes a thread / 4
+        regs, local = cubin_usage(kernel)
+        return next(self._handles), next(self._handles), regs, local // 4, 1024
 
     def get_device_properties(self, device):
         return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,

@@ -85,6 +85,24 @@ def test_pipeline_hazard_detected():
     assert racy.startswith("['%b_q") and fixed == "[]", res.stdout
 
 
+def test_a_cap_that_spills_is_checked_uncapped():
+    """The spill guard as compile_check applies it: the outputs kernel (ViL-B's V tiles of 128)
+    capped at 96 registers spills; its row is the uncapped build's, which does not, and says
+    which cap spilled how much."""
+    code = (
+        "from vil_kernels.compile_check import compile_one\n"
+        "row = compile_one(('fwd_out', 'bfloat16', 90, 64, 64, 128, 4, 2, True, 96, 1))\n"
+        "print(row['maxnreg'], row['regs'], row['spill'], row['lifted'])\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cap, regs, spill, lifted = res.stdout.strip().splitlines()[-1].split(" ", 3)
+    assert (cap, spill) == ("255", "0") and int(regs) > 96, res.stdout
+    assert lifted.startswith("(96, ") and int(lifted[5:-1]) > 0, res.stdout
+
+
 def test_programs_per_sm():
     from vil_kernels.compile_check import programs_per_sm
     # the scans on sm_90 at 4 warps: uncapped (181 registers), capped at 168 (159), at 128

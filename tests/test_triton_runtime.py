@@ -75,3 +75,55 @@ def test_every_launch_asks_for_fp_fusion(monkeypatch):
 def test_triton_release(monkeypatch, version, release):
     monkeypatch.setattr(_triton_runtime, "_triton_version", lambda: version)
     assert _triton_runtime.triton_release() == release
+
+
+# The spill guard, through Triton's real JIT and ptxas against bench/fake_driver's stand-in
+# CUDA driver (which reads a build's registers and spills from its cubin). In a fresh
+# interpreter: this one may have TRITON_INTERPRET set, and the fast path is fixed at import.
+SPILL_GUARD = """
+import torch, triton, triton.language as tl
+from fake_driver import fake_cuda_driver
+from vil_kernels import _triton_runtime as rt
+
+@triton.jit
+def normalize_rows_kernel(x, y, BM: tl.constexpr, BN: tl.constexpr):
+    o = tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :]
+    b_x = tl.load(x + o)                                  # [BM, BN]: 128 values a thread
+    tl.store(y + o, b_x / tl.sum(b_x * b_x, axis=1)[:, None])
+
+x = torch.randn(64, 256)
+y = torch.empty_like(x)
+with fake_cuda_driver() as drv:
+    for cap in (32, 32, 32, 255):
+        rt.launch(normalize_rows_kernel, (1,), (x, y), BM=64, BN=256, num_warps=4, maxnreg=cap)
+    for _ in range(2):                                    # 32 values a thread: fits
+        rt.launch(normalize_rows_kernel, (1,), (x, y), BM=16, BN=256, num_warps=4, maxnreg=128)
+    kernels = [k for cache in normalize_rows_kernel.device_caches.values() for k in cache[0].values()]
+    usage = {k.function: (k.metadata.maxnreg, k.n_regs, k.n_spills) for k in kernels}
+    print("launched", [usage[c[2]] for c in drv.calls])
+    print("lifted", len(rt._lifted))
+"""
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_spill_guard_lifts_a_cap_that_spills(fast, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(VIL_KERNELS_FAST_LAUNCH=fast, PYTHONPATH=str(root))
+    script = tmp_path / "spill_guard.py"               # (Triton reads a kernel's source file)
+    script.write_text(SPILL_GUARD)
+    env["PYTHONPATH"] += os.pathsep + str(root / "bench")
+    out = subprocess.run([sys.executable, str(script)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    launched = eval(out.stdout.split("launched ")[1].split("\n")[0])
+    (cap, regs, spills), lifted = launched[0], launched[1]
+    assert cap == 32 and regs <= 32 and spills > 0           # the capped build spilled, once
+    assert lifted[0] == 255 and lifted[1] > 32 and lifted[2] == 0
+    assert launched[1:4] == [lifted] * 3     # then the uncapped one, also asked for directly
+    assert launched[4] == launched[5] and launched[4][0] == 128 and launched[4][2] == 0
+    assert "lifted 1" in out.stdout

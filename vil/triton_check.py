@@ -4,6 +4,10 @@ Triton's own ptxas: registers, spill bytes, shared memory. No GPU needed.
 
     python -m vil.triton_check            # exits 1 when a kernel spills or fails to build
 
+A build that spills at ptxas's own register choice is checked as a launch runs it: again, with
+the register cap lifted (the spill guard in vil_kernels._triton_runtime; Triton 3.8's and 3.9's
+ptxas chose 64 registers for the output-norm backward at ViL-B's heads and spilled 16 bytes).
+
 16-bit activations (bfloat16; float16 builds alike), float32 parameters where the launchers
 pass them. The mLSTM kernels have their own check: python -m vil_kernels.compile_check.
 """
@@ -19,6 +23,7 @@ import tempfile
 WIDTHS = {"ViL-T": 192, "ViL-S": 384, "ViL-B": 768}       # inner = 2x, 4 heads
 FP32_PARAMS = {"w", "b", "bias", "skip", "pw", "pb", "ps"}  # float32 pointers (conv: see below)
 FLOATS = {"eps"}
+WIDE_SIZES = {"C", "DH", "N"}          # channels, head width, norm width: multiples of 16 in ViL
 
 
 def _pow2(n):
@@ -68,7 +73,21 @@ def variants():
 
 
 def build(module, kernel, constexprs, warps, arch):
-    """One kernel's row: registers, spill bytes, shared memory (or the build error)."""
+    """One kernel's row: registers, spill bytes, shared memory (or the build error). A build
+    that spills at ptxas's own register choice is built again with the cap lifted (UNCAPPED),
+    as a launch runs it (the spill guard in vil_kernels._triton_runtime): where that one
+    spills less, the row is its and says so."""
+    from vil_kernels._triton_runtime import UNCAPPED
+    row = _build(module, kernel, constexprs, warps, arch)
+    if not row["error"] and row["spill"]:
+        uncapped = _build(module, kernel, constexprs, warps, arch, maxnreg=UNCAPPED)
+        if not uncapped["error"] and uncapped["spill"] < row["spill"]:
+            uncapped["lifted"] = row["spill"]
+            row = uncapped
+    return row
+
+
+def _build(module, kernel, constexprs, warps, arch, maxnreg=None):
     import importlib
 
     import triton
@@ -91,9 +110,10 @@ def build(module, kernel, constexprs, warps, arch):
             sig[a] = "*fp32"
         else:
             sig[a] = "*bf16"
-    # pointers 16-byte aligned, as the JIT specializes on at launch
-    attrs = {(j,): [["tt.divisibility", 16]] for j, t in enumerate(sig.values())
-             if t.startswith("*")}
+    # pointers 16-byte aligned, and the widths and strides multiples of 16, as the JIT
+    # specializes on at launch with ViL's shapes (the token grid's sides and lengths are not)
+    attrs = {(j,): [["tt.divisibility", 16]] for j, (a, t) in enumerate(sig.items())
+             if t.startswith("*") or t == "i32" and (a in WIDE_SIZES or a.startswith("s"))}
     row = dict(kernel=kernel, arch=arch, warps=warps,
                tiles=" ".join(f"{k}={v}" for k, v in constexprs.items() if k.isupper()),
                error=None)
@@ -104,7 +124,8 @@ def build(module, kernel, constexprs, warps, arch):
         with contextlib.redirect_stdout(buf):
             ck = triton.compile(ASTSource(fn, sig, constexprs, attrs),
                                 target=GPUTarget("cuda", arch, 32),
-                                options=dict(OPTIONS, num_warps=warps))
+                                options=dict(OPTIONS, num_warps=warps,
+                                             **({"maxnreg": maxnreg} if maxnreg else {})))
         row["regs"], row["spill"] = ptxas_usage(buf.getvalue())
         row["smem"] = int(ck.metadata.shared)
     except Exception as e:  # noqa: BLE001 - reported in the table
@@ -123,8 +144,10 @@ def main(argv=None):
         if r["error"]:
             print(f"{r['kernel']:28s} {r['arch']:4d} {r['warps']:5d}  FAILED {r['error']}")
         else:
+            lifted = (f" (uncapped: at ptxas's own register count it spilled {r['lifted']} B)"
+                      if r.get("lifted") else "")
             print(f"{r['kernel']:28s} {r['arch']:4d} {r['warps']:5d} {r['regs']:4d} "
-                  f"{r['spill']:5d} {r['smem']:6d}  {r['tiles']}")
+                  f"{r['spill']:5d} {r['smem']:6d}  {r['tiles']}{lifted}")
     print(f"{len(rows)} builds, {len(bad)} with a spill or an error")
     return 1 if bad else 0
 

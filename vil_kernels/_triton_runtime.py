@@ -27,6 +27,10 @@ real JIT against a stand-in CUDA driver that records the launches, and compares 
 (tests/test_fast_launch.py). On a 2-core AMD EPYC host (same tool) an mLSTM
 kernel's launch took 13-27 us through Triton 3.6's path and 8-20 us through this one. Under
 the interpreter it is always the plain call.
+
+Spill guard: where a build spills under its register cap (a cap tuned with another release's
+ptxas, or ptxas's own choice), later launches of it take the cap off if that spills less
+(UNCAPPED, below).
 """
 
 import functools
@@ -165,19 +169,59 @@ def launch(kernel, grid, args, **meta):
     the constexprs and launch options in ``meta`` (FP fusion on unless it says otherwise)."""
     if INTERPRETED:
         patch_interpreter()            # here, so that no launch site can run without it
-    if INTERPRETED or not FAST_LAUNCH:
         kernel[grid](*args, **{**OPTIONS, **meta})
         return
-    key = _launch_key(kernel, args, meta)       # the caller's meta: OPTIONS are the same
-    hit = _compiled.get(key)
-    if hit is None:
-        meta = {**OPTIONS, **meta}
-        compiled = kernel[grid](*args, **meta)
+    if FAST_LAUNCH:
+        key = _launch_key(kernel, args, meta)   # the caller's meta: OPTIONS are the same
+        hit = _compiled.get(key)
+        if hit is not None:
+            compiled, consts = hit
+            compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *consts)
+            return
+    meta = {**OPTIONS, **meta}
+    run_meta = _guarded.get(_spill_key(kernel, args, meta), meta) if _guarded else meta
+    compiled = kernel[grid](*args, **run_meta)
+    if run_meta is meta and spilled(compiled, meta):
+        key_s = _spill_key(kernel, args, meta)
+        if key_s not in _guarded:
+            run_meta, compiled = _spill_free(kernel, grid, args, meta, compiled)
+            _guarded[key_s] = run_meta
+    if FAST_LAUNCH:
         names = kernel.arg_names[len(args):]            # the constexprs, after the runtime args
         if compiled is not None and all(n in meta for n in names):
             if len(_compiled) >= MAX_KEYS:
                 _compiled.clear()
             _compiled[key] = (compiled, tuple(meta[n] for n in names))
-        return
-    compiled, consts = hit
-    compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *consts)
+
+
+# Spill guard: a register cap (``maxnreg``, or none: ptxas's own choice) is a tuning choice
+# checked with one ptxas (compile_check); another release's ptxas can meet it only by spilling
+# (triton 3.8's and 3.9's spilled 8-24 bytes at some of the caps chosen on 3.6). A build that
+# has run with local memory under a cap below UNCAPPED is built again at UNCAPPED; where that
+# one uses less, every later launch of the same kernel, options and tensor dtypes runs it (fewer
+# programs an SM instead of local-memory traffic), and otherwise the capped build (local memory
+# is also a stack frame that is no spill: ptxas gave one kernel 8 bytes of it at any cap).
+# compile_check and vil.triton_check report the same lifts.
+UNCAPPED = 255                      # the most registers a thread can have
+_guarded = {}                       # _spill_key -> the meta its launches run with
+
+
+def _spill_key(kernel, args, meta):
+    return (kernel, *meta.items(), *(a.dtype for a in args if isinstance(a, _Tensor)))
+
+
+def _spill_free(kernel, grid, args, meta, compiled):
+    """(meta, compiled kernel) that launches of a build that spilled (``compiled``, built from
+    ``meta``) run from now on: uncapped where that build has less local memory."""
+    lifted = {**meta, "maxnreg": UNCAPPED}
+    uncapped = kernel.warmup(*args, grid=grid, **lifted)       # built, not run
+    uncapped._init_handles()                                    # (the driver's spill count)
+    if uncapped.n_spills < compiled.n_spills:
+        return lifted, uncapped
+    return meta, compiled
+
+
+def spilled(compiled, meta):
+    """Whether a build that has run (``kernel[grid](...)``'s result, whose ``n_spills`` the
+    driver sets: local memory a thread / 4) has local memory under a cap that can be lifted."""
+    return bool(getattr(compiled, "n_spills", 0)) and meta.get("maxnreg") != UNCAPPED

@@ -32,6 +32,7 @@ import os
 
 import torch
 
+from .._triton_runtime import UNCAPPED
 from ..utils import next_power_of_2
 
 # Largest tile of positions the matmul kernels take (16-bit and float64 inputs; float32: 32):
@@ -57,7 +58,7 @@ ONE_CHUNK_UP_TO = 1024
 ONE_CHUNK_HEAD_DIM = 384
 # ptxas otherwise sometimes settles on 128 registers and spills a few bytes (compile_check
 # caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
-MAXNREG = 255
+MAXNREG = UNCAPPED
 KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv", "fwd_pair", "bwd_pair",
            "fwd_flash", "bwd_flash")
 FLASH_KERNELS = ("fwd_flash", "bwd_flash")
@@ -424,6 +425,10 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch, state=None):
     warps = 8 if BT >= 128 else 4          # (TUNABLE_TILES: a warpgroup per 64 rows)
     if kernel == "bwd_dqk" and sixteen and BT >= 64 and NT == 1 and BK >= 64 and BV < 64:
         BK = 32             # (64 x 32 tiles, DK a multiple of 64 and DV = 96: a 264-byte spill)
+    if kernel == "fwd_out" and sixteen and BT == 32 and BK >= 64 and BV <= 64:
+        # (32-position chunks, 64 x 64 tiles with the carried state: 255 registers from
+        # Triton 3.6's ptxas, an 80-byte spill from 3.9's; 188 at K tiles of 32)
+        BK = 32
     p = dict(BK=BK, BV=BV, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
     if kernel == "fwd_out":                    # (BV2: its second V tile, none by default)
         p["BV2"] = 0
