@@ -281,8 +281,9 @@ def main(argv=None):
     if args.check:
         problems, checked = check()
         print("launches checked:", ", ".join(f"{k} x{v}" for k, v in sorted(checked.items())))
-        lifted = sorted({getattr(k[0], "__name__", None) or k[0].fn.__name__
-                         for k, m in rt._guarded.items() if m.get("maxnreg") == rt.UNCAPPED})
+        lifted = sorted(getattr(k, "__name__", None) or k.fn.__name__
+                        for k, runs in rt._guarded.items()
+                        if any(m.get("maxnreg") == rt.UNCAPPED for m in runs.values()))
         print("uncapped by the spill guard (built for sm_90 by this triton):",
               ", ".join(lifted) or "none")
         for line in problems:

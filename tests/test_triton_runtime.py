@@ -101,7 +101,7 @@ with fake_cuda_driver() as drv:
     kernels = [k for cache in normalize_rows_kernel.device_caches.values() for k in cache[0].values()]
     usage = {k.function: (k.metadata.maxnreg, k.n_regs, k.n_spills) for k in kernels}
     print("launched", [usage[c[2]] for c in drv.calls])
-    print("lifted", len(rt._lifted))
+    print("guarded", sum(len(runs) for runs in rt._guarded.values()))
 """
 
 
@@ -126,4 +126,4 @@ def test_spill_guard_lifts_a_cap_that_spills(fast, tmp_path):
     assert lifted[0] == 255 and lifted[1] > 32 and lifted[2] == 0
     assert launched[1:4] == [lifted] * 3     # then the uncapped one, also asked for directly
     assert launched[4] == launched[5] and launched[4][0] == 128 and launched[4][2] == 0
-    assert "lifted 1" in out.stdout
+    assert "guarded 1" in out.stdout

@@ -179,13 +179,15 @@ def launch(kernel, grid, args, **meta):
             compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *consts)
             return
     meta = {**OPTIONS, **meta}
-    run_meta = _guarded.get(_spill_key(kernel, args, meta), meta) if _guarded else meta
+    guarded = _guarded.get(kernel)
+    run_meta = guarded.get(_spill_key(args, meta), meta) if guarded else meta
     compiled = kernel[grid](*args, **run_meta)
     if run_meta is meta and spilled(compiled, meta):
-        key_s = _spill_key(kernel, args, meta)
-        if key_s not in _guarded:
+        guarded = _guarded.setdefault(kernel, {})
+        key_s = _spill_key(args, meta)
+        if key_s not in guarded:
             run_meta, compiled = _spill_free(kernel, grid, args, meta, compiled)
-            _guarded[key_s] = run_meta
+            guarded[key_s] = run_meta
     if FAST_LAUNCH:
         names = kernel.arg_names[len(args):]            # the constexprs, after the runtime args
         if compiled is not None and all(n in meta for n in names):
@@ -203,11 +205,11 @@ def launch(kernel, grid, args, **meta):
 # is also a stack frame that is no spill: ptxas gave one kernel 8 bytes of it at any cap).
 # compile_check and vil.triton_check report the same lifts.
 UNCAPPED = 255                      # the most registers a thread can have
-_guarded = {}                       # _spill_key -> the meta its launches run with
+_guarded = {}                       # kernel -> {_spill_key: the meta its launches run with}
 
 
-def _spill_key(kernel, args, meta):
-    return (kernel, *meta.items(), *(a.dtype for a in args if isinstance(a, _Tensor)))
+def _spill_key(args, meta):
+    return (*meta.items(), *(a.dtype for a in args if isinstance(a, _Tensor)))
 
 
 def _spill_free(kernel, grid, args, meta, compiled):
