@@ -70,13 +70,6 @@ def test_every_launch_asks_for_fp_fusion(monkeypatch):
     assert seen == [dict(BN=16, enable_fp_fusion=True), dict(BN=16, enable_fp_fusion=False)]
 
 
-@pytest.mark.parametrize("version, release", [("3.6.0", (3, 6)), ("3.10.1", (3, 10)),
-                                              ("3.8.0+git1234", (3, 8)), ("", (0, 0))])
-def test_triton_release(monkeypatch, version, release):
-    monkeypatch.setattr(_triton_runtime, "_triton_version", lambda: version)
-    assert _triton_runtime.triton_release() == release
-
-
 # The spill guard, through Triton's real JIT and ptxas against bench/fake_driver's stand-in
 # CUDA driver (which reads a build's registers and spills from its cubin). In a fresh
 # interpreter: this one may have TRITON_INTERPRET set, and the fast path is fixed at import.

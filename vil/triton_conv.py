@@ -15,7 +15,7 @@ in a fixed order (deterministic). On the CPU it runs only under TRITON_INTERPRET
 
 import torch
 
-from vil_kernels._triton_runtime import launch, triton_release
+from vil_kernels._triton_runtime import launch
 from vil_kernels.utils import cdiv, first_order_only
 
 from ._triton import SECOND_ORDER, available, tl, triton
@@ -29,12 +29,11 @@ __all__ = ["available", "conv_silu_triton"]
 # which loads each input row once for the three output rows it feeds (KW loads an output row
 # instead of 3 KW), at rows_warps warps (at 2 its five [16, 128] float32 tiles spill); not
 # timed on a GPU yet, so 1. Module state so that bench/model_kernels.py --sweep can try
-# others; python -m vil.triton_check checks for spills. From Triton 3.8 a 2-warp tile (32
-# values a thread, nine taps) takes 255 registers and spills 450-610 bytes on sm_90; 4 warps
-# halve a thread's share and build clean on 3.8 and 3.9 (160-190 registers). On 3.6, 4 warps
-# were 11% slower than 2 on the H200; on 3.8 and later neither has been timed.
-CONFIG = dict(BW=16, BC=128, num_warps=2 if triton_release() < (3, 8) else 4, bwd_BW=16, RB=1,
-              rows_warps=4)
+# others; python -m vil.triton_check checks for spills. (At 2 warps, 32 values a thread and
+# nine taps, the sm_90 builds take 168-255 registers on Triton 3.6 to 3.9 without a spill, at
+# the launch's specialization: widths and strides multiples of 16. Built unspecialized, 3.8
+# and 3.9 spilled 450-610 bytes, which once made them run 4 warps.)
+CONFIG = dict(BW=16, BC=128, num_warps=2, bwd_BW=16, RB=1, rows_warps=4)
 
 
 if triton is not None:

@@ -120,16 +120,6 @@ def _triton_version():
         return ""
 
 
-def triton_release():
-    """(major, minor) of the installed triton, (0, 0) when it is not installed: for the few
-    launch settings whose builds differ between releases (each says why where it is set)."""
-    parts = _triton_version().split(".")
-    try:
-        return int(parts[0]), int(parts[1])
-    except (IndexError, ValueError):
-        return 0, 0
-
-
 # Options every launch asks for unless it says otherwise, and every ahead-of-time build
 # (compile_check, vil.triton_check) with it: FP fusion, see above.
 OPTIONS = {"enable_fp_fusion": True}
