@@ -18,7 +18,9 @@ compiles every kernel for sm_90 (about ten seconds; cached on disk after).
 initial states, with a loss on the last states), and ViL's fused conv + SiLU, output norm +
 gating and layer norm, forward and backward; each launch three times (Triton's path; the fast
 path's first call, which goes through Triton and keeps its compiled kernel; the fast path from
-that cache) and compares the recorded launches, tensors by identity.
+that cache) after one untimed call through Triton's path (where a build spills, the spill
+guard settles on the uncapped one there), and compares the recorded launches, tensors by
+identity. It names the kernels the spill guard ran uncapped.
 """
 
 import argparse

@@ -4,9 +4,11 @@ Triton's own ptxas: registers, spill bytes, shared memory. No GPU needed.
 
     python -m vil.triton_check            # exits 1 when a kernel spills or fails to build
 
-A build that spills at ptxas's own register choice is checked as a launch runs it: again, with
-the register cap lifted (the spill guard in vil_kernels._triton_runtime; Triton 3.8's and 3.9's
-ptxas chose 64 registers for the output-norm backward at ViL-B's heads and spilled 16 bytes).
+Widths and strides are specialized as multiples of 16, as the JIT does at ViL's shapes (the
+unspecialized builds differ: 3.8's and 3.9's output-norm backward spilled there and not at the
+launch's). A build that spills at ptxas's own register choice is checked as a launch runs it:
+again, with the register cap lifted (the spill guard in vil_kernels._triton_runtime; Triton
+3.6's ptxas spills 8 bytes in the conv's weight-gradient kernel on sm_90 at its own 72).
 
 16-bit activations (bfloat16; float16 builds alike), float32 parameters where the launchers
 pass them. The mLSTM kernels have their own check: python -m vil_kernels.compile_check.

@@ -106,8 +106,10 @@ def _nan_rows_safe(min_max):
 
 
 # Triton releases the fast path was checked against (it calls a compiled kernel the way their
-# JIT does; the check reads their driver internals). Others take Triton's own path.
-FAST_LAUNCH_TRITON = ("3.6.",)
+# JIT does; the check reads their driver internals): 3.6 in CI, 3.8 and 3.9 by hand
+# (2026-11-28; their JIT specializes tensors and ints as 3.6's does, by the same backend
+# rules). Others take Triton's own path.
+FAST_LAUNCH_TRITON = ("3.6.", "3.8.", "3.9.")
 
 
 @functools.cache
@@ -192,7 +194,7 @@ def launch(kernel, grid, args, **meta):
 # has run with local memory under a cap below UNCAPPED is built again at UNCAPPED; where that
 # one uses less, every later launch of the same kernel, options and tensor dtypes runs it (fewer
 # programs an SM instead of local-memory traffic), and otherwise the capped build (local memory
-# is also a stack frame that is no spill: ptxas gave one kernel 8 bytes of it at any cap).
+# can also be a stack frame that no cap removes).
 # compile_check and vil.triton_check report the same lifts.
 UNCAPPED = 255                      # the most registers a thread can have
 _guarded = {}                       # kernel -> {_spill_key: the meta its launches run with}

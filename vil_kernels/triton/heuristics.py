@@ -429,6 +429,11 @@ def _table_params(kernel, DK, DV, BT, NT, dtype, arch, state=None):
         # (32-position chunks, 64 x 64 tiles with the carried state: 255 registers from
         # Triton 3.6's ptxas, an 80-byte spill from 3.9's; 188 at K tiles of 32)
         BK = 32
+    if kernel == "bwd_dqk" and sixteen and BT == 32 and BK < 64 <= BV:
+        # (32-position chunks, 32 x 64 tiles with the carried state: 168 registers from
+        # Triton 3.6's ptxas at the 168 cap, a 36-byte spill from 3.9's, 40 uncapped; 152 at V
+        # tiles of 32)
+        BV = 32
     p = dict(BK=BK, BV=BV, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
     if kernel == "fwd_out":                    # (BV2: its second V tile, none by default)
         p["BV2"] = 0
