@@ -57,7 +57,9 @@ MAX_CHUNK = 1024
 ONE_CHUNK_UP_TO = 1024
 ONE_CHUNK_HEAD_DIM = 384
 # ptxas otherwise sometimes settles on 128 registers and spills a few bytes (compile_check
-# caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255.
+# caught 8-byte spills at exactly 128 registers in four variants): let it use up to 255. The
+# caps below it in this table were checked with Triton 3.6's ptxas; where another release's
+# ptxas spills under one, the launcher runs that build uncapped (_triton_runtime's spill guard).
 MAXNREG = UNCAPPED
 KERNELS = ("fwd_state", "fwd_out", "bwd_state", "bwd_dqk", "bwd_dv", "fwd_pair", "bwd_pair",
            "fwd_flash", "bwd_flash")
