@@ -295,6 +295,7 @@ def main(argv=None):
     rows = measure(shapes, args.reps)
     import platform
     meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "triton": rt._triton_version(),
             "threads": torch.get_num_threads(), "note": "host time only, fake CUDA driver"}
     print(f"# host microseconds a call, best of {args.reps}; {meta}")
     print(f"{'workload':<34} {'shape':<16} {'launches':>8} {'triton':>9} {'fast':>9} "

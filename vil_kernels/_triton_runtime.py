@@ -190,7 +190,7 @@ def launch(kernel, grid, args, **meta):
 
 # Spill guard: a register cap (``maxnreg``, or none: ptxas's own choice) is a tuning choice
 # checked with one ptxas (compile_check); another release's ptxas can meet it only by spilling
-# (triton 3.8's and 3.9's spilled 8-24 bytes at some of the caps chosen on 3.6). A build that
+# (3.9's spilled 8-44 bytes in 25 of 1660 default-path builds at caps chosen on 3.6). A build that
 # has run with local memory under a cap below UNCAPPED is built again at UNCAPPED; where that
 # one uses less, every later launch of the same kernel, options and tensor dtypes runs it (fewer
 # programs an SM instead of local-memory traffic), and otherwise the capped build (local memory
