@@ -16,6 +16,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _built(*args):
+    """``python *args`` in a subprocess from the repository root without TRITON_INTERPRET,
+    so that Triton builds for real (this process may interpret)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
 def test_variants_cover_every_kernel_and_head_dim():
     from vil_kernels import compile_check
     from vil_kernels.triton import heuristics, kernels
@@ -51,10 +60,7 @@ def test_wide_value_blocks_run_eight_warps():
 
 
 def test_compile_check_quick():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-m", "vil_kernels.compile_check", "--quick"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    res = _built("-m", "vil_kernels.compile_check", "--quick")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     rows = [line for line in out.splitlines() if line.endswith(" ok")]
@@ -76,10 +82,7 @@ def test_pipeline_hazard_detected():
         "key = ('fwd_out', 'bfloat16', 90, 64, 64, 128, 4, 2, True, 255, 1)\n"
         "print(compile_one(key, {'QN_MMA': False})['hazards'])\n"
         "print(compile_one(key)['hazards'])\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = _built("-c", code)
     assert res.returncode == 0, res.stdout + res.stderr
     racy, fixed = res.stdout.strip().splitlines()[-2:]
     assert racy.startswith("['%b_q") and fixed == "[]", res.stdout
@@ -93,10 +96,7 @@ def test_a_cap_that_spills_is_checked_uncapped():
         "from vil_kernels.compile_check import compile_one\n"
         "row = compile_one(('fwd_out', 'bfloat16', 90, 64, 64, 128, 4, 2, True, 96, 1))\n"
         "print(row['maxnreg'], row['regs'], row['spill'], row['lifted'])\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+    res = _built("-c", code)
     assert res.returncode == 0, res.stdout + res.stderr
     cap, regs, spill, lifted = res.stdout.strip().splitlines()[-1].split(" ", 3)
     assert (cap, spill) == ("255", "0") and int(regs) > 96, res.stdout
@@ -116,10 +116,7 @@ def test_model_fused_kernels_build_without_spills():
     """`python -m vil.triton_check`: the ViL model's fused kernels (conv + SiLU, gating,
     pre-norm; forward and backward) at the tiles their launchers pick for ViL-T/S/B, for sm_80
     and sm_90, without a spill."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run([sys.executable, "-m", "vil.triton_check"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = _built("-m", "vil.triton_check")
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     assert "38 builds, 0 with a spill or an error" in out, out[-3000:]
@@ -142,13 +139,11 @@ def test_tiles_of_128_build_without_spills():
     a GPU): ViL-B's one chunk in tiles of 128 at 8 warps on sm_90 (two warpgroups of 64 rows),
     every kernel the one-chunk pass launches, without a spill; sm_80 keeps tiles of 64 (its
     backward pair kernel spills at 128)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "vil_kernels.compile_check", "--tile", "128", "--dims", "384",
+    cmd = ["-m", "vil_kernels.compile_check", "--tile", "128", "--dims", "384",
            "--chunks", "1024", "--dtype", "bfloat16"]
     for name in ("fwd_pair", "fwd_out", "bwd_pair", "bwd_dqk", "bwd_dv"):
         cmd += ["--kernel", name]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    res = _built(*cmd)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     rows = [line.split() for line in out.splitlines() if line.endswith(" ok")]
@@ -161,12 +156,10 @@ def test_two_key_tiles_a_pair_program_build_without_spills():
     """`compile_check --key-tiles 2` (what bench/tune.py sweeps, opt-in until timed): the pair
     kernels at 8 warps with two key tiles a program, ViL-B's and ViL-T's head dims in one chunk
     on sm_90, without a spill and at two programs an SM (the 16 warps the 4-warp builds have)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "vil_kernels.compile_check", "--key-tiles", "2", "--dims",
+    cmd = ["-m", "vil_kernels.compile_check", "--key-tiles", "2", "--dims",
            "384", "96", "--chunks", "1024", "--dtype", "bfloat16", "--arch", "90",
            "--kernel", "fwd_pair", "--kernel", "bwd_pair"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    res = _built(*cmd)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     rows = [line.split() for line in out.splitlines() if line.endswith(" ok")]
@@ -180,15 +173,12 @@ def test_outputs_kernel_computing_the_scores_builds_without_spills():
     outputs kernel that computes the pairs' scores itself (flags Fs / Ts) in tiles of 64,
     without a spill; in tiles of 128, and on sm_80 (V tiles of 32), the forward pair kernel
     runs."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     rows = []
     for tile in ([], ["--tile", "128"]):
-        cmd = [sys.executable, "-m", "vil_kernels.compile_check", "--dims", "96", "--chunks",
+        cmd = ["-m", "vil_kernels.compile_check", "--dims", "96", "--chunks",
                "1024", "--dtype", "bfloat16", "--kernel", "fwd_out", "--kernel", "fwd_pair",
                *tile]
-        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=900)
+        res = _built(*cmd)
         out = res.stdout + res.stderr
         assert res.returncode == 0 and "0 failed" in out, out[-3000:]
         rows += [line.split() for line in out.splitlines() if line.endswith(" ok")]
@@ -222,12 +212,10 @@ def test_flash_forms_build_without_spills():
     assert {"fwd_flash", "bwd_flash"} <= served(96), served(96)       # D=96's, not D=384's
     assert not {"fwd_flash", "bwd_flash"} & served(384), served(384)
     assert not any(k.BV2 for k in auto if k.kernel == "fwd_out")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "vil_kernels.compile_check", "--flash", "on", "--dims", "96",
+    cmd = ["-m", "vil_kernels.compile_check", "--flash", "on", "--dims", "96",
            "192", "384", "--chunks", "1024", "--dtype", "bfloat16", "--kernel", "fwd_out",
            "--kernel", "fwd_flash", "--kernel", "bwd_flash", "--kernel", "bwd_dqk"]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    res = _built(*cmd)
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "0 failed" in out, out[-3000:]
     rows = [line.split() for line in out.splitlines() if line.endswith(" ok")]
