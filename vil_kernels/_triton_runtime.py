@@ -190,18 +190,20 @@ def launch(kernel, grid, args, **meta):
 
 # Spill guard: a register cap (``maxnreg``, or none: ptxas's own choice) is a tuning choice
 # checked with one ptxas (compile_check); another release's ptxas can meet it only by spilling
-# (3.9's spilled 8-44 bytes in 25 of 1660 default-path builds at caps chosen on 3.6). A build that
-# has run with local memory under a cap below UNCAPPED is built again at UNCAPPED; where that
-# one uses less, every later launch of the same kernel, options and tensor dtypes runs it (fewer
-# programs an SM instead of local-memory traffic), and otherwise the capped build (local memory
-# can also be a stack frame that no cap removes).
-# compile_check and vil.triton_check report the same lifts.
+# (3.9's spilled 8-44 bytes in 25 of 1660 default-path builds at caps chosen on 3.6). A build
+# that has run with local memory under a cap below UNCAPPED is built again at UNCAPPED. Where
+# that one uses less, every later launch of the same kernel, device, options and tensor dtypes
+# runs it (fewer programs an SM instead of local-memory traffic); otherwise the capped build
+# (local memory can also be a stack frame that no cap removes). compile_check and
+# vil.triton_check report the same lifts.
 UNCAPPED = 255                      # the most registers a thread can have
 _guarded = {}                       # kernel -> {_spill_key: the meta its launches run with}
 
 
 def _spill_key(args, meta):
-    return (*meta.items(), *(a.dtype for a in args if isinstance(a, _Tensor)))
+    # (the device: GPUs of two architectures build differently)
+    return (args[0].device.index, *meta.items(),
+            *(a.dtype for a in args if isinstance(a, _Tensor)))
 
 
 def _spill_free(kernel, grid, args, meta, compiled):
