@@ -25,18 +25,16 @@ def cubin_usage(cubin):
     """(registers, local memory bytes a thread) of a cubin's kernel, from cuobjdump
     -res-usage: what the CUDA driver reports for a loaded function (local memory: the spill
     stack, CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES)."""
-    import os
     import re
     import subprocess
     import tempfile
 
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    from vil_kernels.compile_check import triton_tool
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run([triton_tool("cuobjdump"), "-res-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
     usage = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
     return int(usage["REG"]), int(usage["STACK"]) + int(usage["LOCAL"])
 

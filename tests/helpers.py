@@ -1,8 +1,15 @@
 """Shared test utilities: random inputs, one forward+backward through any backend, error metric."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 import vil_kernels
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STATE_NAMES = ("c", "n", "m")
 
@@ -155,3 +162,16 @@ def check_first_order_only(backend, device="cpu", chunk_size=16):
     penalty = sum(g.square().sum() for g in graphed) + leaves["q"].sum()
     with pytest.raises(RuntimeError, match="first-order gradients only"):
         penalty.backward()
+
+
+def run_built(args, cwd=ROOT, env=None, timeout=900):
+    """``python *args`` in a fresh process without TRITON_INTERPRET, so that Triton builds for
+    real (this one may interpret, and Triton reads the variable once, at import), with the
+    repository and bench/ on PYTHONPATH and ``env`` added."""
+    run_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run_env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), str(ROOT / "bench")] + ([run_env["PYTHONPATH"]]
+                                            if run_env.get("PYTHONPATH") else []))
+    run_env.update(env or {})
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=run_env, capture_output=True,
+                          text=True, timeout=timeout)

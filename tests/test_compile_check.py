@@ -7,22 +7,7 @@ compile error, a register spill, shared memory over the arch limit or a bfloat16
 tensor-core MMA. The full matrix is `python -m vil_kernels.compile_check`.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _built(*args):
-    """``python *args`` in a subprocess from the repository root without TRITON_INTERPRET,
-    so that Triton builds for real (this process may interpret)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+from helpers import run_built
 
 
 def test_variants_cover_every_kernel_and_head_dim():
@@ -60,7 +45,7 @@ def test_wide_value_blocks_run_eight_warps():
 
 
 def test_compile_check_quick():
-    res = _built("-m", "vil_kernels.compile_check", "--quick")
+    res = run_built(["-m", "vil_kernels.compile_check", "--quick"])
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
     rows = [line for line in out.splitlines() if line.endswith(" ok")]
@@ -82,7 +67,7 @@ def test_pipeline_hazard_detected():
         "key = ('fwd_out', 'bfloat16', 90, 64, 64, 128, 4, 2, True, 255, 1)\n"
         "print(compile_one(key, {'QN_MMA': False})['hazards'])\n"
         "print(compile_one(key)['hazards'])\n")
-    res = _built("-c", code)
+    res = run_built(["-c", code], timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     racy, fixed = res.stdout.strip().splitlines()[-2:]
     assert racy.startswith("['%b_q") and fixed == "[]", res.stdout
@@ -96,7 +81,7 @@ def test_a_cap_that_spills_is_checked_uncapped():
         "from vil_kernels.compile_check import compile_one\n"
         "row = compile_one(('fwd_out', 'bfloat16', 90, 64, 64, 128, 4, 2, True, 96, 1))\n"
         "print(row['maxnreg'], row['regs'], row['spill'], row['lifted'])\n")
-    res = _built("-c", code)
+    res = run_built(["-c", code], timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     cap, regs, spill, lifted = res.stdout.strip().splitlines()[-1].split(" ", 3)
     assert (cap, spill) == ("255", "0") and int(regs) > 96, res.stdout
@@ -116,7 +101,7 @@ def test_model_fused_kernels_build_without_spills():
     """`python -m vil.triton_check`: the ViL model's fused kernels (conv + SiLU, gating,
     pre-norm; forward and backward) at the tiles their launchers pick for ViL-T/S/B, for sm_80
     and sm_90, without a spill."""
-    res = _built("-m", "vil.triton_check")
+    res = run_built(["-m", "vil.triton_check"], timeout=600)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     assert "38 builds, 0 with a spill or an error" in out, out[-3000:]
@@ -143,7 +128,7 @@ def test_tiles_of_128_build_without_spills():
            "--chunks", "1024", "--dtype", "bfloat16"]
     for name in ("fwd_pair", "fwd_out", "bwd_pair", "bwd_dqk", "bwd_dv"):
         cmd += ["--kernel", name]
-    res = _built(*cmd)
+    res = run_built(cmd)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     rows = [line.split() for line in out.splitlines() if line.endswith(" ok")]
@@ -159,7 +144,7 @@ def test_two_key_tiles_a_pair_program_build_without_spills():
     cmd = ["-m", "vil_kernels.compile_check", "--key-tiles", "2", "--dims",
            "384", "96", "--chunks", "1024", "--dtype", "bfloat16", "--arch", "90",
            "--kernel", "fwd_pair", "--kernel", "bwd_pair"]
-    res = _built(*cmd)
+    res = run_built(cmd)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     rows = [line.split() for line in out.splitlines() if line.endswith(" ok")]
@@ -178,7 +163,7 @@ def test_outputs_kernel_computing_the_scores_builds_without_spills():
         cmd = ["-m", "vil_kernels.compile_check", "--dims", "96", "--chunks",
                "1024", "--dtype", "bfloat16", "--kernel", "fwd_out", "--kernel", "fwd_pair",
                *tile]
-        res = _built(*cmd)
+        res = run_built(cmd)
         out = res.stdout + res.stderr
         assert res.returncode == 0 and "0 failed" in out, out[-3000:]
         rows += [line.split() for line in out.splitlines() if line.endswith(" ok")]
@@ -215,7 +200,7 @@ def test_flash_forms_build_without_spills():
     cmd = ["-m", "vil_kernels.compile_check", "--flash", "on", "--dims", "96",
            "192", "384", "--chunks", "1024", "--dtype", "bfloat16", "--kernel", "fwd_out",
            "--kernel", "fwd_flash", "--kernel", "bwd_flash", "--kernel", "bwd_dqk"]
-    res = _built(*cmd)
+    res = run_built(cmd)
     out = res.stdout + res.stderr
     assert res.returncode == 0 and "0 failed" in out, out[-3000:]
     rows = [line.split() for line in out.splitlines() if line.endswith(" ok")]

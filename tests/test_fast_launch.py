@@ -7,10 +7,9 @@ may have TRITON_INTERPRET=1 set by test_triton.py, under which the kernels are i
 the check needs a fresh interpreter without it).
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from helpers import run_built
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -25,10 +24,8 @@ CompiledKernel.__getitem__ = _bad
 
 
 def _check(prelude=""):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = prelude + "\nimport sys, launch_overhead\nsys.exit(launch_overhead.main(['--check']))\n"
-    return subprocess.run([sys.executable, "-c", code], cwd=BENCH, env=env, capture_output=True,
-                          text=True, timeout=900)
+    return run_built(["-c", code], cwd=BENCH)
 
 
 def test_fast_launch_matches_triton_launches():

@@ -16,6 +16,8 @@ import triton.language as tl  # noqa: E402
 from vil_kernels import _triton_runtime  # noqa: E402
 from vil_kernels._triton_runtime import launch  # noqa: E402
 
+from helpers import run_built  # noqa: E402
+
 interpreted = pytest.mark.skipif(not _triton_runtime.interpreting(),
                                  reason="an interpreter test (a CUDA machine runs the kernels)")
 
@@ -100,18 +102,9 @@ with fake_cuda_driver() as drv:
 
 @pytest.mark.parametrize("fast", ["1", "0"])
 def test_spill_guard_lifts_a_cap_that_spills(fast, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(VIL_KERNELS_FAST_LAUNCH=fast, PYTHONPATH=str(root))
     script = tmp_path / "spill_guard.py"               # (Triton reads a kernel's source file)
     script.write_text(SPILL_GUARD)
-    env["PYTHONPATH"] += os.pathsep + str(root / "bench")
-    out = subprocess.run([sys.executable, str(script)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = run_built([str(script)], env={"VIL_KERNELS_FAST_LAUNCH": fast}, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     launched = eval(out.stdout.split("launched ")[1].split("\n")[0])
     (cap, regs, spills), lifted = launched[0], launched[1]

@@ -76,17 +76,10 @@ def variants():
 
 def build(module, kernel, constexprs, warps, arch):
     """One kernel's row: registers, spill bytes, shared memory (or the build error). A build
-    that spills at ptxas's own register choice is built again with the cap lifted (UNCAPPED),
-    as a launch runs it (the spill guard in vil_kernels._triton_runtime): where that one
-    spills less, the row is its and says so."""
-    from vil_kernels._triton_runtime import UNCAPPED
-    row = _build(module, kernel, constexprs, warps, arch)
-    if not row["error"] and row["spill"]:
-        uncapped = _build(module, kernel, constexprs, warps, arch, maxnreg=UNCAPPED)
-        if not uncapped["error"] and uncapped["spill"] < row["spill"]:
-            uncapped["lifted"] = row["spill"]
-            row = uncapped
-    return row
+    that spills at ptxas's own register choice is checked as a launch runs it
+    (compile_check.spill_guarded)."""
+    from vil_kernels.compile_check import spill_guarded
+    return spill_guarded(lambda cap: _build(module, kernel, constexprs, warps, arch, cap), None)
 
 
 def _build(module, kernel, constexprs, warps, arch, maxnreg=None):
@@ -138,6 +131,7 @@ def _build(module, kernel, constexprs, warps, arch, maxnreg=None):
 
 
 def main(argv=None):
+    from vil_kernels.compile_check import lift_note
     os.environ.pop("TRITON_INTERPRET", None)      # real builds (before triton is imported)
     rows = [build(*v, arch) for arch in (90, 80) for v in variants()]
     bad = [r for r in rows if r["error"] or r["spill"]]
@@ -146,10 +140,10 @@ def main(argv=None):
         if r["error"]:
             print(f"{r['kernel']:28s} {r['arch']:4d} {r['warps']:5d}  FAILED {r['error']}")
         else:
-            lifted = (f" (uncapped: at ptxas's own register count it spilled {r['lifted']} B)"
-                      if r.get("lifted") else "")
             print(f"{r['kernel']:28s} {r['arch']:4d} {r['warps']:5d} {r['regs']:4d} "
-                  f"{r['spill']:5d} {r['smem']:6d}  {r['tiles']}{lifted}")
+                  f"{r['spill']:5d} {r['smem']:6d}  {r['tiles']}")
+            if r.get("lifted"):
+                print(lift_note(r["lifted"]))
     print(f"{len(rows)} builds, {len(bad)} with a spill or an error")
     return 1 if bad else 0
 

@@ -259,7 +259,8 @@ def _variants(quick, dims, chunks, dtypes):
     return out
 
 
-def _bin(tool):
+def triton_tool(tool):
+    """The path of one of the CUDA tools bundled with triton (ptxas, cuobjdump, nvdisasm)."""
     import triton
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
@@ -274,21 +275,34 @@ def ptxas_usage(log):
             (int(spill_st[-1]) if spill_st else 0) + (int(spill_ld[-1]) if spill_ld else 0))
 
 
+def spill_guarded(build, maxnreg):
+    """The row (a dict with error and spill) of ``build(maxnreg)``, the build at a register
+    cap (None: ptxas's own choice), as a launch runs it (_triton_runtime's spill guard): where
+    it spills under a cap below UNCAPPED, ``build(UNCAPPED)``'s row if that spills less, with
+    lifted = (the cap, its spill bytes). Also vil.triton_check's."""
+    from ._triton_runtime import UNCAPPED
+    row = build(maxnreg)
+    if not row["error"] and row["spill"] and maxnreg != UNCAPPED:
+        uncapped = build(UNCAPPED)
+        if not uncapped["error"] and uncapped["spill"] < row["spill"]:
+            uncapped["lifted"] = (maxnreg, row["spill"])
+            return uncapped
+    return row
+
+
+def lift_note(lifted):
+    """What a row's lifted = (cap, spill bytes) says, on a line under the row."""
+    cap, spill = lifted
+    at = f"a cap of {cap} registers" if cap else "ptxas's own register count"
+    return f"  ^ uncapped: at {at} it spilled {spill} B"
+
+
 def compile_one(key, constexprs=None):
     """Compile one variant (a Variant, or a tuple of its fields); returns a result row (dict).
-    constexprs: overrides (tests). A build that spills under a register cap below UNCAPPED (or
-    under none) is built again uncapped, as a launch would run it (_triton_runtime's spill
-    guard): where that one spills less, the row is its, with lifted = (the cap, its spill
-    bytes)."""
-    from ._triton_runtime import UNCAPPED
-    row = _build(key, constexprs)
+    constexprs: overrides (tests). Spill-guarded (spill_guarded)."""
     key = Variant(*key)
-    if not row["error"] and row["spill"] and key.maxnreg != UNCAPPED:
-        uncapped = _build(key._replace(maxnreg=UNCAPPED), constexprs)
-        if not uncapped["error"] and uncapped["spill"] < row["spill"]:
-            uncapped["lifted"] = (row["maxnreg"], row["spill"])
-            row = uncapped
-    return row
+    return spill_guarded(lambda cap: _build(key._replace(maxnreg=cap), constexprs),
+                         key.maxnreg)
 
 
 def _build(key, constexprs=None):
@@ -391,7 +405,7 @@ def _build(key, constexprs=None):
         fh.write(ck.asm["cubin"])
         path = fh.name
     try:
-        sass = subprocess.run([_bin("cuobjdump"), "-sass", path], capture_output=True, text=True,
+        sass = subprocess.run([triton_tool("cuobjdump"), "-sass", path], capture_output=True, text=True,
                               check=True).stdout
     finally:
         os.remove(path)
@@ -562,10 +576,8 @@ def main(argv=None):
               f"{programs_per_sm(row['regs'], row['warps'], row['smem'], row['arch']):>3}  "
               f"{_dims_str(todo[key])} {status}")
         if row.get("lifted"):               # (a line of its own: the row's columns stay)
-            cap, spill = row["lifted"]
             lifted += 1
-            at = f"a cap of {cap} registers" if cap else "ptxas's own register count"
-            print(f"  ^ uncapped: at {at} it spilled {spill} B")
+            print(lift_note(row["lifted"]))
     print(f"\n{len(rows)} variants compiled in {time.time() - t0:.0f} s with {args.jobs} "
           f"process(es); {failed} failed; {lifted} uncapped where their register cap "
           f"spilled (the spill guard, vil_kernels._triton_runtime)")
