@@ -720,15 +720,18 @@ def test_flash_forward_choice(tmp_path, monkeypatch):
     assert (p["BV"], p["BV2"], p["num_warps"]) == (128, 0, 4)      # was wrong on an H200
     flash = lambda D: {k: v for k, v in h.launch_params("fwd_flash", D, D, 1024, bf, 90).items()
                        if k != "maxnreg"}
-    assert flash(384) == dict(BK=256, BK2=128, BV=256, BV2=128, BS=32, num_warps=8,
+    assert flash(384) == dict(BK=256, BK2=128, BV=256, BV2=128, BS=16, num_warps=8,
                               num_stages=2)
+    assert flash(256)["BS"] == 32
     assert flash(192) == dict(BK=128, BK2=64, BV=128, BV2=64, BS=32, num_warps=4, num_stages=2)
     assert flash(96) == dict(BK=64, BK2=32, BV=64, BV2=32, BS=64, num_warps=4, num_stages=2)
     assert h.scores_in_outputs(384, 256 + 128, 64, 16)
     for args in ((384, 384, 64, 1, bf, 90), (384, 384, 64, 16, torch.float32, 90),
                  (384, 384, 64, 16, bf, 80), (384, 384, 128, 8, bf, 90),
-                 (1024, 384, 64, 16, bf, 90), (384, 1024, 64, 16, bf, 90)):
+                 (1024, 384, 64, 16, bf, 90), (384, 1024, 64, 16, bf, 90),
+                 (512, 512, 64, 16, bf, 90)):          # (q and h past FLASH_MAX_BOTH_COLUMNS)
         assert not h.flash_applies(*args), args
+    assert h.flash_applies(384, 512, 64, 16, bf, 90) and h.flash_applies(512, 384, 64, 16, bf, 90)
     assert h.flash_applies(384, 384, 64, 16, torch.float64, 0)
     assert h.launch_params("fwd_out", 384, 384, 64, bf, 90)["BV2"] == 0      # one tile a chunk
     assert h.launch_params("fwd_out", 384, 384, 1024, bf, 80)["BV2"] == 0    # Ampere
@@ -820,10 +823,10 @@ def test_flash_backward(tile, S, reverse, init, last_states, DK, DV, flash, monk
     assert ("bwd_flash" in names) == flash and ("bwd_pair" in names) != flash, names
 
 
-@pytest.mark.parametrize("D", [96, 384])
+@pytest.mark.parametrize("D", [96, 192])
 def test_flash_backward_bfloat16(D, monkeypatch):
-    """bfloat16 (two pipeline stages) in the flash backward at ViL-T's and ViL-B's head dims
-    (dq over 64 + 32 and 256 + 128 columns, key tiles of 32 and 16 inside row tiles of 64):
+    """bfloat16 (two pipeline stages) in the flash backward at ViL-T's and ViL-S's head dims
+    (dq over 64 + 32 and 128 + 64 columns, key tiles of 32 and 16 inside row tiles of 64):
     within bfloat16's bound of the float64 reference, every gradient; and against the pair
     kernel's path, from which the gradients differ by the roundings of dq's sums (over key
     tiles of BS instead of 64) and of q k^T's (over two K tiles)."""
@@ -846,35 +849,38 @@ def test_flash_backward_bfloat16(D, monkeypatch):
 
 def test_flash_backward_choice(tmp_path, monkeypatch):
     """Where the flash backward applies (FLASH_BACKWARD on): the forward's conditions and dq
-    over at most FLASH_BWD_MAX_COLUMNS; its tiles (key tiles of 32, or 16 where dq passes 256
-    columns), warps by dq's columns; a launch table may name its tiles."""
+    over at most FLASH_BWD_MAX_COLUMNS, q, dh and dq over at most FLASH_BWD_MAX_BOTH_COLUMNS;
+    its tiles (key tiles of 32 at 4 warps, 16 at 8), warps by dq's columns;
+    a launch table may name its tiles."""
     from vil_kernels.triton import heuristics as h
     bf = torch.bfloat16
     monkeypatch.setattr(h, "FLASH_BACKWARD", False)
-    assert not h.flash_applies(384, 384, 64, 16, bf, 90, True)
+    assert not h.flash_applies(192, 192, 64, 16, bf, 90, True)
     monkeypatch.setattr(h, "FLASH_BACKWARD", True)
     monkeypatch.setattr(h, "FLASH_FORWARD", False)
-    assert h.flash_applies(384, 384, 64, 16, bf, 90, True)
-    assert not h.flash_applies(384, 384, 64, 16, bf, 90)          # (the forward's own flag)
-    for args in ((512, 384, 64, 16, bf, 90), (384, 384, 64, 1, bf, 90),
-                 (384, 384, 64, 16, torch.float32, 90), (384, 384, 64, 16, bf, 80)):
+    assert h.flash_applies(192, 192, 64, 16, bf, 90, True)
+    assert not h.flash_applies(192, 192, 64, 16, bf, 90)          # (the forward's own flag)
+    for args in ((384, 384, 64, 16, bf, 90), (384, 96, 64, 16, bf, 90),      # dq of 384
+                 (192, 384, 64, 16, bf, 90), (128, 512, 64, 16, bf, 90),      # 576, 640 in all
+                 (192, 192, 64, 1, bf, 90), (192, 192, 64, 16, torch.float32, 90),
+                 (192, 192, 64, 16, bf, 80)):
         assert not h.flash_applies(*args, True), args
-    assert h.flash_applies(384, 512, 64, 16, bf, 90, True)
+    for DK, DV in ((256, 256), (128, 384), (96, 384), (192, 256)):
+        assert h.flash_applies(DK, DV, 64, 16, bf, 90, True), (DK, DV)
     flash = lambda DK, DV: {k: v for k, v in h.launch_params("bwd_flash", DK, DV, 1024, bf,
                                                              90).items() if k != "maxnreg"}
-    assert flash(384, 384) == dict(BK=256, BK2=128, BV=256, BV2=128, BS=16, num_warps=8,
-                                   num_stages=2)
-    assert flash(192, 192) == dict(BK=128, BK2=64, BV=128, BV2=64, BS=32, num_warps=8,
+    assert flash(192, 192) == dict(BK=128, BK2=64, BV=128, BV2=64, BS=16, num_warps=8,
                                    num_stages=2)
     assert flash(96, 96) == dict(BK=64, BK2=32, BV=64, BV2=32, BS=32, num_warps=4, num_stages=2)
-    assert flash(96, 384)["num_warps"] == 4 and flash(384, 96)["num_warps"] == 8
-    key = h.table_key("bwd_flash", 384, 384, 1024, bf, 90)
+    assert flash(128, 384)["BS"] == 32 and flash(256, 256)["BS"] == 16
+    assert flash(96, 384)["num_warps"] == 4 and flash(256, 96)["num_warps"] == 8
+    key = h.table_key("bwd_flash", 192, 192, 1024, bf, 90)
     path = tmp_path / "table.json"
     path.write_text(json.dumps({"entries": {key: {"BS": 32, "num_warps": 4}}}))
     monkeypatch.setenv(h.TABLE_ENV, str(path))
     try:
         h.tuned_table(reload=True)
-        assert flash(384, 384)["BS"] == 32 and flash(384, 384)["num_warps"] == 4
+        assert flash(192, 192)["BS"] == 32 and flash(192, 192)["num_warps"] == 4
     finally:
         monkeypatch.delenv(h.TABLE_ENV)
         h.tuned_table(reload=True)

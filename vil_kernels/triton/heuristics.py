@@ -138,9 +138,16 @@ FLASH_BACKWARD = flash_setting("backward")
 # widest V block of the flash form: a [64, 512] float32 accumulator is 128 registers a thread
 # at 8 warps (compile_check: 252 in all at sm_90, no spill)
 FLASH_MAX_COLUMNS = 512
-# widest dq of the flash backward: its sm_90 builds spilled at DK = 512 with key tiles of 16,
-# 32 or 64 (376-1,272 bytes)
-FLASH_BWD_MAX_COLUMNS = 384
+# widest q and h together (the forward), widest dq (the backward) and widest q, dh and dq
+# together (the backward), in the columns of their tiles (flash_tiles): past these the sm_90
+# builds spill at every key tile with some Triton release. The forward at 512 + 512 (Triton
+# 3.9: 256-408 bytes at key tiles of 16 and 32); the backward's dq at 384 (3.6: from 512,
+# 376-1,272 bytes at key tiles of 16 to 64; 3.9: from 384, 168-628 bytes at 16), and at
+# 192 + 384 or 256 + 384 (3.8, float16: 192-264 bytes at 16), 192 + 512 or 256 + 512 (3.9:
+# 48-96 bytes at 16)
+FLASH_MAX_BOTH_COLUMNS = 896
+FLASH_BWD_MAX_COLUMNS = 256
+FLASH_BWD_MAX_BOTH_COLUMNS = 512
 
 
 def flash_tiles(DV):
@@ -170,12 +177,15 @@ def flash_applies(DK, DV, BT, NT, dtype, arch, backward=False):
     takes the flash form (as flash_wanted says): chunks of several tiles of at most 64
     positions, 16-bit (and float64) inputs (float32's tf32x3 operands double the registers),
     Hopper (and the interpreter; on sm_80 the flash kernel spills and the outputs kernel keeps
-    V tiles of 32, compile_check), head dims up to FLASH_MAX_COLUMNS. (The backward's form is
-    for one chunk without carried state only: the caller checks that.)"""
+    V tiles of 32, compile_check), head dims up to FLASH_MAX_COLUMNS and FLASH_MAX_BOTH_COLUMNS
+    (the backward: FLASH_BWD_MAX_COLUMNS and FLASH_BWD_MAX_BOTH_COLUMNS). (The backward's form
+    is for one chunk without carried state only: the caller checks that.)"""
+    K, V = sum(flash_tiles(DK)), sum(flash_tiles(DV))
+    if backward and (K > FLASH_BWD_MAX_COLUMNS or K + V > FLASH_BWD_MAX_BOTH_COLUMNS):
+        return False
     return (flash_wanted(DK, DV, backward) and NT > 1 and BT <= 64
             and dtype != torch.float32 and not 0 < arch < 90
-            and max(sum(flash_tiles(DK)), sum(flash_tiles(DV))) <= FLASH_MAX_COLUMNS
-            and not (backward and sum(flash_tiles(DK)) > FLASH_BWD_MAX_COLUMNS))
+            and max(K, V) <= FLASH_MAX_COLUMNS and K + V <= FLASH_MAX_BOTH_COLUMNS)
 
 
 def device_arch(device):
@@ -272,8 +282,9 @@ _OWN_PARAMS = {"split": SCANS, "BK2": FLASH_KERNELS, "BS": FLASH_KERNELS,
 # Key tiles a pair kernel's program may take (KT): its row tile's q (and dh) are loaded once
 # for that many pairs, the same products and bits (bench/traffic.py at ViL-B's shape in one
 # chunk: the two pair kernels move 7.1 GB at one, 5.7 at two, 5.0 at four). At two and 8 warps
-# they build at 116-128 registers, two programs an SM (compile_check --key-tiles 2). 1 in the
-# built-in table until a GPU has timed them; bench/tune.py sweeps 2 and 4 at 8 warps.
+# they build at 96-128 registers under a cap of 128 (_pair_key_tiles_fit), two programs an SM
+# (compile_check --key-tiles 2). 1 in the built-in table until a GPU has timed them;
+# bench/tune.py sweeps 2 and 4 at 8 warps.
 PAIR_KEY_TILES = (1, 2, 4)
 TILE_ENTRY = "tile"             # a table's entry for the tile of positions: {"BT": n}
 _tuned = None                                                    # {key: params}, loaded once
@@ -303,9 +314,11 @@ def launch_params(kernel, DK, DV, L, dtype, arch, state=None):
         p["split"] = False
     if kernel in PAIR_KERNELS:
         p["KT"] = 1                     # (a key tile a program: PAIR_KEY_TILES)
+    named = set()
     for given in (tuned_table().get(table_key(kernel, DK, DV, L, dtype, arch), {}),
                   OVERRIDES.get(kernel, {})):
         p.update(given)
+        named |= set(given)
         for tile, second in (("BK", "BK2"), ("BV", "BV2")):
             if tile in given and second not in given and second in p:
                 p[second] = 0            # a head-dim tile named alone is the whole block
@@ -313,6 +326,8 @@ def launch_params(kernel, DK, DV, L, dtype, arch, state=None):
         # (at most the chunk's tiles: a program's key tiles are one block of KT * BT positions;
         # one in tiles of 128, where two spill 1.5 KB forward and 6.5 KB backward on sm_90)
         p["KT"] = min(p["KT"], max(1, L // BT)) if BT <= MAX_TILE else 1
+        if p["KT"] == 2 and arch >= 90 and dtype in (torch.float16, torch.bfloat16):
+            _pair_key_tiles_fit(kernel, p, named)
     if kernel == "fwd_out" and p.get("BV2") and p["num_warps"] < 8:
         # two V tiles run 8 warps, the built-in rule's and any table's or sweep's. At 4, on
         # an H200, 64 + 32 columns (Triton 3.6, sm_90) gave wrong second-tile columns, or an
@@ -323,6 +338,19 @@ def launch_params(kernel, DK, DV, L, dtype, arch, state=None):
     if not forced:
         _cache[key] = dict(p)
     return p
+
+
+def _pair_key_tiles_fit(kernel, p, named):
+    """Two key tiles a pair program (KT, 8 warps), 16-bit on Hopper: a register cap of 128,
+    two programs an SM, and in the backward K tiles no wider than its V tiles, unless a table
+    or sweep names them. Triton 3.6's ptxas took 96-128 registers without them; 3.9's took
+    130-146 in the forward (one program an SM), and the backward's 64 x 32 tiles (DK 384, DV
+    96) spilled 24 bytes at 128 (compile_check --key-tiles 2). (At four key tiles the
+    backward spills at 128 and the forward takes more: left to ptxas and the spill guard.)"""
+    if "maxnreg" not in named:
+        p["maxnreg"] = 128
+    if kernel == "bwd_pair" and "BK" not in named and p["BK"] > p["BV"]:
+        p["BK"] = p["BV"]
 
 
 def table_key(kernel, DK, DV, L, dtype, arch):
@@ -484,7 +512,8 @@ def flash_params(DK, DV, kernel="fwd_flash"):
     """The flash kernels' tiles (compiled for sm_90 with 16-bit inputs): the
     head dims as flash_tiles, key tiles of 64 positions, or of 32 where the head dims' tiles add
     up to more than 256 columns (at 64, D=384 spills and needs 240 KB of shared memory, and
-    D=192 takes 254 registers a thread against 187), and 8 warps where the accumulated columns
+    D=192 takes 254 registers a thread against 187), of 16 from 768 (the forward) or in 8-warp
+    builds (the backward), and 8 warps where the accumulated columns
     pass what 4 warps hold without spilling (a [64, 384] float32 accumulator is 96 registers a
     thread at 8 warps), two pipeline stages. The forward's h: up to 192 columns at 4 warps,
     key tiles of 32 from 128 columns (at 8 warps, a 64-row tile's scores are computed on both
@@ -497,12 +526,17 @@ def flash_params(DK, DV, kernel="fwd_flash"):
     cols = BV + BV2 if kernel == "fwd_flash" else BK + BK2
     wide = cols > (192 if kernel == "fwd_flash" else 128)
     BS = 32 if BK + BK2 + BV + BV2 > 256 or cols > 128 else 64
+    if kernel == "fwd_flash" and BK + BK2 + BV + BV2 >= 768:
+        # (Triton 3.9 at key tiles of 32: 384 + 384 spilled 80 bytes, 384 + 512 168, 512 + 384
+        # 72; at 16 none of them)
+        BS = 16
     if kernel == "bwd_flash":
         # the backward holds q and dh and stores two [BT, BS] products a key tile: key tiles of
-        # 64 spilled at every head dim from 96 (sm_90, bf16), of 32 at D=384 (204 bytes); at
+        # 64 spilled at every head dim from 96 (sm_90, bf16), of 32 at D=384 (204 bytes) and,
+        # with Triton 3.9, in most 8-warp builds (dq of 192 or 256 columns: 8-332 bytes); at
         # 16 the score products are half as wide, which costs wgmma throughput (shared-memory
         # reads of q a product), so 32 wherever it fits
-        BS = 32 if BK + BK2 <= 256 and BK + BK2 + BV + BV2 <= 512 else 16
+        BS = 16 if wide else 32
     return dict(BK=BK, BK2=BK2, BV=BV, BV2=BV2, BS=BS, num_warps=8 if wide else 4,
                 num_stages=2, maxnreg=MAXNREG)
 
