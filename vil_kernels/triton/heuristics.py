@@ -513,9 +513,9 @@ def flash_params(DK, DV, kernel="fwd_flash"):
     head dims as flash_tiles, key tiles of 64 positions, or of 32 where the head dims' tiles add
     up to more than 256 columns (at 64, D=384 spills and needs 240 KB of shared memory, and
     D=192 takes 254 registers a thread against 187), of 16 from 768 (the forward) or in 8-warp
-    builds (the backward), and 8 warps where the accumulated columns
-    pass what 4 warps hold without spilling (a [64, 384] float32 accumulator is 96 registers a
-    thread at 8 warps), two pipeline stages. The forward's h: up to 192 columns at 4 warps,
+    builds (the backward), and 8 warps where the accumulated columns pass what 4 warps hold
+    without spilling (a [64, 384] float32 accumulator is 96 registers a thread at 8 warps),
+    two pipeline stages. The forward's h: up to 192 columns at 4 warps,
     key tiles of 32 from 128 columns (at 8 warps, a 64-row tile's scores are computed on both
     warpgroups, compile_check's doubled_dots; at 4, D=192 takes 243 registers, two programs
     an SM). The backward's dq: up to 128 columns at 4 warps (192 spilled 8-16 bytes beside
