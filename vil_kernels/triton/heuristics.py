@@ -91,20 +91,22 @@ def scores_in_outputs(DV, BV, BT, NT):
 # the whole sequence with no carried state (ViL's cells), mlstm_fwd_flash_kernel replaces the
 # pair and outputs kernels: a program holds a row tile of q over all of DK and walks the key
 # tiles (BS positions: 32 at head dims of 192 and more, where two stages of [BS, DK + DV] tiles
-# and q must fit shared memory) in one software-pipelined loop, every value column in its
-# accumulators; head dims that are not a power of two are two tiles (flash_tiles: 384 =
-# 256 + 128). No forward pair kernel, no [BT, BT] scores through memory, q and k read once a
-# pair instead of once a pair and V tile.
+# and q must fit shared memory; 16 from 768 columns, flash_params) in one software-pipelined
+# loop, every value column in its accumulators; head dims that are not a power of two are two
+# tiles (flash_tiles: 384 = 256 + 128). No forward pair kernel, no [BT, BT] scores through
+# memory, q and k read once a pair instead of once a pair and V tile.
 # The backward's counterpart, for one chunk without carried state: mlstm_bwd_flash_kernel takes
 # a row tile of q and dh over all of DK and DV and walks the key tiles in one pipelined loop,
 # making each pair's products (the backward pair kernel's, stored for the dk and dv kernels)
 # and dq over all of DK; the dq/dk kernel then makes dk alone. By count at ViL-B's shape it
-# loads about 4 GB fewer between L2 or HBM and the SMs.
+# loads about 4 GB fewer between L2 or HBM and the SMs (it no longer runs there:
+# FLASH_BWD_MAX_COLUMNS).
 # Their price is the 8-warp builds that wide head dims need (flash_params): Triton lays out a
 # dot that feeds a dot across all warps along the rows, so a 64-row tile's scores are computed
 # on both warpgroups (compile_check's "d"). Timed on an H200 (bf16, B=64, NH=4, S=784, one
 # chunk of 1024; bench/results/kernels-nvidia-h200-bf16-flash-s19.json; host-timed medians,
-# one run each), both forms on against both off:
+# one run each; key tiles of 32 in the forward at D=384 and the backward at 192, and the
+# backward's form at 384, as they no longer run), both forms on against both off:
 #   D=384 (8-warp builds)   forward 0.811 -> 1.3 ms, forward and backward 3.8 -> 6.3 ms
 #   D=192 (backward 8 warps) forward 0.661 -> 0.560 ms, forward and backward 2.7 -> 3.5 ms
 #   D=96  (4 warps)         forward 0.708 -> 0.513 ms, forward and backward 2.4 -> 1.9 ms
