@@ -190,6 +190,32 @@ def test_pair_programs_of_several_key_tiles(KT, chunk, S, reverse, init, last_st
     assert max(errs.values()) < 1e-9, errs
 
 
+def test_two_key_tiles_take_a_register_cap_on_hopper(monkeypatch):
+    """Two key tiles a pair program in 16-bit on Hopper: both pair kernels capped at 128
+    registers (two 8-warp programs an SM; Triton 3.9's ptxas took 130-146 in the forward
+    uncapped), the backward's K tiles no wider than its V tiles (64 x 32 spilled on 3.9);
+    what a table or sweep names stays; one or four key tiles, float32 and Ampere unchanged."""
+    from vil_kernels.triton import heuristics as h
+    bf = torch.bfloat16
+    two = {k: dict(KT=2, num_warps=8) for k in h.PAIR_KERNELS}
+    monkeypatch.setattr(h, "OVERRIDES", two)
+    p = lambda kernel, DK, DV, dtype=bf, arch=90: h.launch_params(kernel, DK, DV, 1024, dtype,
+                                                                 arch)
+    assert {k: p(k, 384, 384)["maxnreg"] for k in h.PAIR_KERNELS} == dict.fromkeys(
+        h.PAIR_KERNELS, 128)
+    assert (p("bwd_pair", 384, 96)["BK"], p("bwd_pair", 384, 96)["BV"]) == (32, 32)
+    assert p("bwd_pair", 96, 384)["BK"] == 32 and p("bwd_pair", 384, 384)["BK"] == 64
+    assert p("fwd_pair", 384, 384, torch.float32)["maxnreg"] == h.MAXNREG
+    assert p("fwd_pair", 384, 384, arch=80)["maxnreg"] == h.MAXNREG
+    monkeypatch.setattr(h, "OVERRIDES", {k: dict(v, maxnreg=None, BK=64) for k, v in two.items()})
+    assert p("fwd_pair", 384, 384)["maxnreg"] is None and p("bwd_pair", 384, 96)["BK"] == 64
+    monkeypatch.setattr(h, "OVERRIDES", {})
+    assert p("fwd_pair", 384, 384)["maxnreg"] == h.MAXNREG                   # one key tile
+    four = {k: dict(KT=4, num_warps=8) for k in h.PAIR_KERNELS}
+    monkeypatch.setattr(h, "OVERRIDES", four)
+    assert p("fwd_pair", 384, 384)["maxnreg"] == h.MAXNREG
+
+
 # What gpu_session.sh's roofline step times as "wide" (two key tiles a pair program, dq/dk K
 # tiles of 128, outputs and dv V tiles of 256, all at 8 warps), in bfloat16 at ViL-B's head
 # dim in one chunk: on CUDA this is the check that the 8-warp builds compute the function.
