@@ -405,8 +405,8 @@ def _build(key, constexprs=None):
         fh.write(ck.asm["cubin"])
         path = fh.name
     try:
-        sass = subprocess.run([triton_tool("cuobjdump"), "-sass", path], capture_output=True, text=True,
-                              check=True).stdout
+        sass = subprocess.run([triton_tool("cuobjdump"), "-sass", path], capture_output=True,
+                              text=True, check=True).stdout
     finally:
         os.remove(path)
     row["hmma"] = len(re.findall(r"\bHMMA\b", sass))

@@ -517,21 +517,16 @@ def flash_params(DK, DV, kernel="fwd_flash"):
     D=192 takes 254 registers a thread against 187), of 16 from 768 (the forward) or in 8-warp
     builds (the backward), and 8 warps where the accumulated columns pass what 4 warps hold
     without spilling (a [64, 384] float32 accumulator is 96 registers a thread at 8 warps),
-    two pipeline stages. The forward's h: up to 192 columns at 4 warps,
-    key tiles of 32 from 128 columns (at 8 warps, a 64-row tile's scores are computed on both
-    warpgroups, compile_check's doubled_dots; at 4, D=192 takes 243 registers, two programs
-    an SM). The backward's dq: up to 128 columns at 4 warps (192 spilled 8-16 bytes beside
-    value head dims of 96 and 256). Set to auto (flash_wanted), the forms run where these
-    parameters say 4 warps."""
+    two pipeline stages. The forward's h: up to 192 columns at 4 warps, key tiles of 32 from
+    128 columns (at 8 warps, a 64-row tile's scores are computed on both warpgroups,
+    compile_check's doubled_dots; at 4, D=192 takes 243 registers, two programs an SM). The
+    backward's dq: up to 128 columns at 4 warps (192 spilled 8-16 bytes beside value head dims
+    of 96 and 256). Set to auto (flash_wanted), the forms run where these parameters say 4
+    warps."""
     BK, BK2 = flash_tiles(DK)
     BV, BV2 = flash_tiles(DV)
     cols = BV + BV2 if kernel == "fwd_flash" else BK + BK2
     wide = cols > (192 if kernel == "fwd_flash" else 128)
-    BS = 32 if BK + BK2 + BV + BV2 > 256 or cols > 128 else 64
-    if kernel == "fwd_flash" and BK + BK2 + BV + BV2 >= 768:
-        # (Triton 3.9 at key tiles of 32: 384 + 384 spilled 80 bytes, 384 + 512 168, 512 + 384
-        # 72; at 16 none of them)
-        BS = 16
     if kernel == "bwd_flash":
         # the backward holds q and dh and stores two [BT, BS] products a key tile: key tiles of
         # 64 spilled at every head dim from 96 (sm_90, bf16), of 32 at D=384 (204 bytes) and,
@@ -539,6 +534,12 @@ def flash_params(DK, DV, kernel="fwd_flash"):
         # 16 the score products are half as wide, which costs wgmma throughput (shared-memory
         # reads of q a product), so 32 wherever it fits
         BS = 16 if wide else 32
+    elif BK + BK2 + BV + BV2 >= 768:
+        # (Triton 3.9 at key tiles of 32: 384 + 384 spilled 80 bytes, 384 + 512 168, 512 + 384
+        # 72; at 16 none of them)
+        BS = 16
+    else:
+        BS = 32 if BK + BK2 + BV + BV2 > 256 or cols > 128 else 64
     return dict(BK=BK, BK2=BK2, BV=BV, BV2=BV2, BS=BS, num_warps=8 if wide else 4,
                 num_stages=2, maxnreg=MAXNREG)
 
