@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     # A bare torch requirement would pull a multi-GB CUDA build onto CPU machines: any torch
     # already installed that is new enough is kept (install the build you want first). The
-    # floors are the oldest releases the test suite was run on (README, "Versions"): torch 2.6
+    # floors are the oldest releases the test suite was run on (docs/versions.md): torch 2.6
     # with triton 3.2 failed torch.compile of the PyTorch cell and FSDP; torch 2.8 passed.
     install_requires=[
         "torch>=2.8",

@@ -323,7 +323,7 @@ for s in $STEPS; do
         fi ;;
     modeltests)
         step modeltests 120 python -m pytest tests/test_model.py -q $XDIST
-        # alone, without xdist: its gradient mismatch on torch 2.11 (README) is order-dependent
+        # alone, without xdist: its gradient mismatch on torch 2.11 (docs/versions.md) is order-dependent
         # or not
         step modeltests-compile 60 python -m pytest tests/test_model.py -q \
             -k compile_fullgraph_matches_eager ;;

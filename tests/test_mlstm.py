@@ -320,7 +320,7 @@ def test_torch_chunkwise_under_torch_compile(reverse, init, last):
 
 @pytest.mark.xfail(torch.__version__.startswith("2.11."), raises=AssertionError, strict=True,
                    reason="torch 2.11's dynamo fails tracing the PyTorch cell's autograd.Function "
-                          "with symbolic shapes when it returns the last states (README)")
+                          "with symbolic shapes when it returns the last states (docs/versions.md)")
 def test_torch_chunkwise_compiled_with_dynamic_shapes_and_last_states():
     """torch.compile's automatic dynamic shapes (the recompile for a new S traces it
     symbolically) through the PyTorch cell with the last states returned: outputs and every
