@@ -579,7 +579,7 @@ def test_forward_features_and_intermediates():
         assert rel(nlc[0], blocks[3]) < 1e-4
         final, last2 = m.forward_intermediates(x, indices=2)
         assert len(last2) == 2 and final.shape == (2, 10)
-    with pytest.raises(IndexError):
+    with pytest.raises(ValueError, match="block index 4 out of range for 4 blocks"):
         m.forward_features(x, return_intermediates=True, out_indices=(4,))
 
 
@@ -639,15 +639,29 @@ def test_torch_compile_fullgraph_matches_eager():
 
 # ---------------------------------------------------------------------------- misc
 
-def test_bad_arguments():
-    with pytest.raises(ValueError):
-        VisionLSTM(dim=32, depth=1, img_size=64, mlstm_backend="cuda-magic")
-    with pytest.raises(ValueError):
-        VisionLSTM(dim=32, depth=1, img_size=64, conv_kernel_size=4)   # 2d needs odd kernels
-    with pytest.raises(ValueError):
-        VisionLSTM(dim=32, depth=1, img_size=60)                       # not a multiple of 16
-    with pytest.raises(ValueError):
-        VisionLSTM(dim=32, depth=1, img_size=64, pooling="cls")
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mlstm_backend="cuda-magic"), "mlstm_backend must be one of"),
+    (dict(conv_kernel_size=4), "odd positive conv_kernel_size, got 4"),
+    (dict(conv_kernel_size=-1), "odd positive conv_kernel_size, got -1"),
+    (dict(conv_kind="causal1d", conv_kernel_size=0), "positive conv_kernel_size, got 0"),
+    (dict(img_size=60), "not divisible by the patch"),
+    (dict(pooling="cls"), "pooling must be one of"),
+    (dict(patch_size=0), r"patch size must be positive, got \(0, 0\)"),
+    (dict(patch_size=-4), r"patch size must be positive"),
+    (dict(patch_size=16, stride=0), r"stride must be positive"),
+    (dict(img_size=0), r"resolution must be positive"),
+    (dict(depth=0), "depth must be a positive int, got 0"),
+    (dict(dim=0), "dim must be a positive int, got 0"),
+    (dict(dim=32.0), "dim must be a positive int, got 32.0"),
+    (dict(in_chans=0), "channels must be a positive int, got 0"),
+    (dict(num_classes=-1), r"number of classes must be >= 0, got \(-1,\)"),
+    (dict(out_indices=(2,)), "block index 2 out of range for 2 blocks"),
+])
+def test_bad_arguments(kwargs, match):
+    """Constructor arguments that would crash deep inside torch (a zero patch divided by, a
+    negative tensor size) or at the first forward get a ValueError that names them."""
+    with pytest.raises(ValueError, match=match):
+        VisionLSTM(**{**dict(dim=32, depth=1, img_size=64), **kwargs})
 
 
 @pytest.mark.parametrize("x,exc,match", [

@@ -24,6 +24,7 @@ How a layer runs (``ViLLayer.forward``); ``inner = 2 * dim``, cell heads NH = 4,
 """
 
 import math
+import numbers
 import warnings
 from enum import Enum
 
@@ -123,10 +124,14 @@ class ViLLayer(nn.Module):
         self.k_proj = LinearHeadwiseExpand(inner, nb, bias=proj_bias)
         self.v_proj = LinearHeadwiseExpand(inner, nb, bias=proj_bias)
         if conv_kind == "causal1d":
+            if conv_kernel_size < 1:
+                raise ValueError(f"conv_kind='causal1d' needs a positive conv_kernel_size, "
+                                 f"got {conv_kernel_size}")
             self.conv = CausalConv1d(inner, kernel_size=conv_kernel_size, bias=conv_bias)
         elif conv_kind == "2d":
-            if conv_kernel_size % 2 != 1:
-                raise ValueError(f"conv_kind='2d' needs an odd conv_kernel_size, got {conv_kernel_size}")
+            if conv_kernel_size % 2 != 1 or conv_kernel_size < 1:
+                raise ValueError(f"conv_kind='2d' needs an odd positive conv_kernel_size, "
+                                 f"got {conv_kernel_size}")
             self.conv = SequenceConv2d(inner, inner, kernel_size=conv_kernel_size,
                                        padding=conv_kernel_size // 2, groups=inner, bias=conv_bias)
         else:
@@ -466,6 +471,10 @@ class PatchEmbed(nn.Module):
         self.resolution = to_2tuple(resolution)
         self.patch_size = to_2tuple(patch_size)
         self.stride = to_2tuple(stride) if stride is not None else self.patch_size
+        for name, pair in (("patch size", self.patch_size), ("stride", self.stride),
+                           ("resolution", self.resolution)):
+            if min(pair) < 1:
+                raise ValueError(f"{name} must be positive, got {pair}")
         for r, p in zip(self.resolution, self.patch_size):
             if r % p:
                 raise ValueError(f"resolution {self.resolution} is not divisible by the patch "
@@ -627,6 +636,11 @@ class VisionLSTM(nn.Module):
             output_shape = (num_classes,)
         if len(input_shape) != 3:
             raise ValueError(f"input_shape must be (channels, height, width), got {input_shape}")
+        for name, value in (("dim", dim), ("depth", depth), ("channels", input_shape[0])):
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if output_shape is not None and min(tuple(output_shape), default=0) < 0:
+            raise ValueError(f"the number of classes must be >= 0, got {tuple(output_shape)}")
         if mode not in ("classifier", "features"):
             raise ValueError(f"mode must be 'classifier' or 'features', got {mode!r}")
         if pooling not in _POOLINGS:
@@ -691,6 +705,8 @@ class VisionLSTM(nn.Module):
             nn.init.trunc_normal_(self.head.weight, std=2e-5)
             nn.init.zeros_(self.head.bias)
         self.num_classes = self.output_shape[0] if mode == "classifier" else 0
+        if self.out_indices is not None:
+            self._resolve_indices(self.out_indices)         # fail here, not at the first forward
 
     # ----------------------------------------------------------------------------------- utils
     @torch.jit.ignore
@@ -762,7 +778,7 @@ class VisionLSTM(nn.Module):
         for i in indices:
             j = i + n if i < 0 else i
             if not 0 <= j < n:
-                raise IndexError(f"block index {i} out of range for {n} blocks")
+                raise ValueError(f"block index {i} out of range for {n} blocks")
             out.append(j)
         return sorted(set(out))
 
