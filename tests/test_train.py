@@ -238,6 +238,18 @@ def test_bad_arguments_fail_before_the_run_folder_is_made(tmp_path):
     assert not out.exists()
 
 
+def test_a_data_folder_without_classes_or_images_is_named(tmp_path):
+    """A train/ folder with no class folders, or class folders with no images, ends the run with
+    one line that names the folder and the layout, not a traceback."""
+    (tmp_path / "train").mkdir()
+    with pytest.raises(SystemExit, match=r"--data .*: .*(no class folders|find any class folder)"):
+        vt.main(["--data", str(tmp_path), "--out", str(tmp_path / "run")])
+    (tmp_path / "train" / "cat").mkdir()
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    with pytest.raises(SystemExit, match=r"--data .*: .*(no images|Found no valid file)"):
+        vt.main(["--data", str(tmp_path), "--out", str(tmp_path / "run")])
+
+
 def test_signals_checkpoint_and_stop(data, tmp_path):
     """SIGUSR1 writes a checkpoint and training goes on; SIGTERM writes one and stops cleanly."""
     import signal

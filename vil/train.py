@@ -562,10 +562,13 @@ def _run(args, rank, world, device, runlog, signals):
     train_tf = build_transform(True, args.img_size, augment=not args.no_augment,
                                crop_pct=args.crop_pct, scale=(args.min_scale, 1.0))
     eval_tf = build_transform(False, args.img_size, crop_pct=args.crop_pct)
-    train_set = ImageFolder(train_dir, train_tf, seed=args.seed)
+    try:                               # an empty folder: a one-line message, not a traceback
+        train_set = ImageFolder(train_dir, train_tf, seed=args.seed)
+        val_set = (ImageFolder(val_dir, eval_tf, seed=args.seed, classes=train_set.classes)
+                   if os.path.isdir(val_dir) else None)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--data {args.data}: {e}") from None
     num_classes = len(train_set.classes)
-    val_set = (ImageFolder(val_dir, eval_tf, seed=args.seed, classes=train_set.classes)
-               if os.path.isdir(val_dir) else None)
     if val_set is None:
         log.warning(f"no {val_dir}: no evaluation")
     workers = args.workers
