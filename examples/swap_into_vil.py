@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import vil_kernels
 from vil_kernels.compat import parallel_stabilized_simple as fast_cell
 
 
