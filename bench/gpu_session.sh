@@ -323,8 +323,8 @@ for s in $STEPS; do
         fi ;;
     modeltests)
         step modeltests 120 python -m pytest tests/test_model.py -q $XDIST
-        # alone, without xdist: its gradient mismatch on torch 2.11 (docs/versions.md) is order-dependent
-        # or not
+        # alone, without xdist: its gradient mismatch on torch 2.11 (docs/versions.md) is
+        # order-dependent or not
         step modeltests-compile 60 python -m pytest tests/test_model.py -q \
             -k compile_fullgraph_matches_eager ;;
     modelk)                                    # MODELK_SWEEP="" skips the sweep
