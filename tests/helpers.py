@@ -30,15 +30,31 @@ def make_inputs(B=1, NH=2, S=65, DK=16, DV=24, dtype=torch.float64, init=False, 
     return {name: t.to(dtype) for name, t in x.items()}
 
 
+# where (B, NH, S, D) tensors may live in memory: the operator's own order, a projection's
+# (B, S, NH, D) and a head-major (NH, B, S, D); each a view with the operator's shape
+LAYOUTS = {"contiguous": (0, 1, 2, 3), "bsnd": (0, 2, 1, 3), "nbsd": (1, 0, 2, 3)}
+
+
+def in_layout(t, layout):
+    """``t`` (B, NH, S, D) as a view of a tensor stored in ``layout``'s dimension order."""
+    order = LAYOUTS[layout]
+    return t.permute(order).contiguous().permute(order)  # each order is its own inverse
+
+
 def run(inputs, backend, reverse=False, chunk_size=None, eps=1e-6, compute=torch.float64,
-        last_states=True, weights=None, **kw):
+        last_states=True, weights=None, layout="contiguous", grad_of=None, **kw):
     """Forward and backward of a fixed random loss over h (and the last states, if asked for).
 
     Inputs are cast to `compute` first; returns {name: tensor} of outputs and gradients in float64.
     ``weights``: the loss's weights of h, c, n, m instead of seeded random ones (None for an
-    output: no term). ``kw``: more keywords of vil_kernels.mlstm (recompute_states).
+    output: no term). ``layout``: q, k, v as views of tensors stored in that order (LAYOUTS).
+    ``grad_of``: the names of the inputs that require a gradient (default: all); only their
+    gradients are returned. ``kw``: more keywords of vil_kernels.mlstm (recompute_states).
     """
-    leaves = {n: t.detach().to(compute).requires_grad_() for n, t in inputs.items()}
+    grad_of = set(inputs if grad_of is None else grad_of)
+    leaves = {n: (in_layout(t.detach().to(compute), layout) if n in ("q", "k", "v") else
+                  t.detach().to(compute)).requires_grad_(n in grad_of)
+              for n, t in inputs.items()}
     res = vil_kernels.mlstm(**leaves, return_last_states=last_states, eps=eps, reverse=reverse,
                             chunk_size=chunk_size, backend=backend, **kw)
     out = {"h": res[0], "c": res[1][0], "n": res[1][1], "m": res[1][2]} if last_states else {"h": res}
@@ -47,8 +63,9 @@ def run(inputs, backend, reverse=False, chunk_size=None, eps=1e-6, compute=torch
         weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in out.values()]
     loss = sum((t.double() * w.to(t.device)).sum() for t, w in zip(out.values(), weights)
                if w is not None)
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    out.update({"d" + name: gr for name, gr in zip(leaves, grads)})
+    wanted = [n for n in leaves if n in grad_of]
+    grads = torch.autograd.grad(loss, [leaves[n] for n in wanted])
+    out.update({"d" + name: gr for name, gr in zip(wanted, grads)})
     return {name: t.detach().double() for name, t in out.items()}
 
 
