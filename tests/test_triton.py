@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from helpers import (check_first_order_only, launch_log, make_inputs,  # noqa: E402
+from helpers import (check_first_order_only, in_layout, launch_log, make_inputs,  # noqa: E402
                      replay_in_cuda_graph, run)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1113,7 +1113,7 @@ def test_gates_4d_and_noncontiguous():
     x = make_inputs(NH=2, S=20, DK=16, DV=16, seed=9, dtype=torch.float32)
     x = {n: t.to(DEVICE) for n, t in x.items()}
     ref = vil_kernels.mlstm(**x, backend="parallel")
-    q = x["q"].transpose(1, 2).contiguous().transpose(1, 2)       # (B, NH, S, D) view, strided
+    q = in_layout(x["q"], "bsnd")                                  # (B, NH, S, D) view, strided
     assert not q.is_contiguous()
     got = vil_kernels.mlstm(q, x["k"], x["v"], x["i"][..., None], x["f"][..., None],
                             backend="triton")
